@@ -1,0 +1,95 @@
+"""The KV cache as plain data owned by the caller.
+
+All rows of a batch share one write position (``length``): prompts of different lengths are
+left-padded, and ``valid`` marks which slots hold real tokens. Model slices read and write
+``keys[i]`` / ``values[i]`` for their own global layer indices ``i`` and never change ``length``;
+the runner advances it once per step after every slice has run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class KVCache:
+    keys: dict[int, torch.Tensor]  # layer -> (B, n_kv, capacity, head_dim)
+    values: dict[int, torch.Tensor]  # layer -> (B, n_kv, capacity, head_dim)
+    valid: torch.Tensor  # (B, capacity) bool: slot holds a real (non-padding) token
+    length: int = 0  # slots written so far, same for every row
+    window: int | None = field(default=None)  # sliding-window attention span, if any
+
+    @classmethod
+    def allocate(
+        cls,
+        layers: list[int] | tuple[int, ...],
+        batch: int,
+        capacity: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        window: int | None = None,
+    ) -> KVCache:
+        """Preallocate the cache: no allocation happens per step afterwards."""
+        shape = (batch, num_kv_heads, capacity, head_dim)
+        keys = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
+        values = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
+        valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        return cls(keys, values, valid, 0, window)
+
+    @property
+    def batch(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
+
+    def begin(self, token_mask: torch.Tensor) -> AttentionStep:
+        """Mark the next T slots (``token_mask`` (B, T), False = padding) and return the step's
+        attention description; call ``advance`` after every slice has run."""
+        T = token_mask.shape[1]
+        start, end = self.length, self.length + T
+        if end > self.capacity:
+            raise ValueError(f"KV cache full: {end} tokens > capacity {self.capacity}")
+        self.valid[:, start:end] = token_mask
+        return AttentionStep(start, end, attention_mask(self.valid[:, :end], start, self.window))
+
+    def advance(self, step: AttentionStep) -> None:
+        self.length = step.end
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` of the batch (drop finished sequences)."""
+        for d in (self.keys, self.values):
+            for i in d:
+                d[i] = d[i].index_select(0, rows)
+        self.valid = self.valid.index_select(0, rows)
+
+
+@dataclass(frozen=True)
+class AttentionStep:
+    """Where this step's T tokens go in the cache, and which keys each query may see."""
+
+    start: int
+    end: int
+    mask: torch.Tensor  # (B, 1, T, end) bool, True = may attend
+
+
+def attention_mask(valid: torch.Tensor, start: int, window: int | None = None) -> torch.Tensor:
+    """Causal mask over cache slots [0, end) for queries in slots [start, end).
+
+    A query always sees itself, even when it is padding: a row with no visible key would give NaN,
+    and NaN values of a padding slot would then leak into real rows through 0 * NaN.
+    """
+    end = valid.shape[1]
+    q = torch.arange(start, end, device=valid.device)[:, None]  # (T, 1)
+    k = torch.arange(end, device=valid.device)[None, :]  # (1, end)
+    causal = k <= q
+    if window is not None:
+        causal = causal & (q - k < window)
+    mask = causal[None] & valid[:, None, :]  # (B, T, end)
+    mask = mask | (k == q)[None]
+    return mask[:, None]  # (B, 1, T, end)

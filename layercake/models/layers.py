@@ -1,0 +1,94 @@
+"""Building blocks shared by the model families: norms, rotary embeddings, cached attention.
+
+Everything here is stateless apart from weights; the KV cache comes in as tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layercake.kv_cache import AttentionStep
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32, weight applied in the input dtype (as transformers does)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), with linear or llama3 scaling applied."""
+    # explicit device: models are built under a meta-device context, this table must be real
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv = 1.0 / (theta**exponents)
+    if scaling is None:
+        return inv
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return inv / factor
+    # llama3: long wavelengths divided by factor, short kept, the band between interpolated
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_ctx = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+class Rotary:
+    """cos/sin tables for a batch of positions; built once per forward, shared by all layers."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None) -> None:
+        self.inv_freq = rope_inv_freq(head_dim, theta, scaling)  # plain tensor, not a buffer
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        inv = self.inv_freq.to(positions.device)
+        freqs = positions[..., None].float() * inv  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x (B, heads, T, hd)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def cached_attention(
+    q: torch.Tensor,  # (B, H, T, hd)
+    k: torch.Tensor,  # (B, n_kv, T, hd)
+    v: torch.Tensor,  # (B, n_kv, T, hd)
+    cache_k: torch.Tensor,  # (B, n_kv, capacity, hd)
+    cache_v: torch.Tensor,
+    step: AttentionStep,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Write this step's keys/values into the cache and attend over slots [0, end).
+
+    Returns (B, T, H * hd).
+    """
+    cache_k[:, :, step.start : step.end] = k
+    cache_v[:, :, step.start : step.end] = v
+    keys, values = cache_k[:, :, : step.end], cache_v[:, :, : step.end]
+    out = F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=step.mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )  # (B, H, T, hd)
+    B, H, T, hd = out.shape
+    return out.transpose(1, 2).reshape(B, T, H * hd)

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random checkpoints written by transformers itself (the oracle)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+def make_hf_checkpoint(path: Path, model_type: str, seed: int = 0, **cfg) -> Path:
+    """Save a random-weight HF model of ``model_type`` (fp32 safetensors) into ``path``."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(model_type, **cfg)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # random init scales are tiny: widen them so mistakes show in logits
+        for p in model.parameters():
+            p.normal_(0, 0.2 if p.dim() > 1 else 0.5).add_(1.0 if p.dim() == 1 else 0.0)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def hf_model(path: Path):
+    import transformers
+
+    m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return m.eval()
+
+
+LLAMA_TINY = dict(
+    vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=128,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_hf_checkpoint(tmp_path_factory.mktemp("llama"), "llama", **LLAMA_TINY)
