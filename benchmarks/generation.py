@@ -1,0 +1,157 @@
+"""In-memory generation: layercake vs transformers ``generate`` on the same checkpoint, same run.
+
+Each (model, batch, engine) case runs in its own process (so peak RSS is its own) and prints one
+JSON line. Throughput is FlexGen's: generated tokens / (prefill + decode wall time).
+
+  python benchmarks/generation.py                          # SmolLM2 and Llama-1B-shaped, B=1 and 32
+  python benchmarks/generation.py --models smollm2 --batches 1 --gen-len 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+MATMUL_PEAK_GFLOPS = 180.0  # fp32 matmul on this machine (developers' guide)
+
+
+def model_path(name: str) -> Path:
+    if name == "smollm2":
+        from layercake.llm import embedded_model_path
+
+        return embedded_model_path()
+    if name == "llama1b":
+        sys.path.insert(0, str(HERE))
+        from checkpoints import llama_1b
+
+        return llama_1b()
+    return Path(name)
+
+
+def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, min(vocab, 32000), (batch, length), generator=g)
+
+
+def run_layercake(path: Path, ids: torch.Tensor, gen: int, compile: bool) -> dict:
+    import layercake
+
+    t0 = time.perf_counter()
+    llm = layercake.load(path, compile=compile)
+    load_s = time.perf_counter() - t0
+    out = llm.generate(ids.tolist(), max_new_tokens=gen, ignore_eos=True)
+    s = llm.last_stats
+    return dict(load_s=load_s, prefill_s=s.prefill_s, decode_s=s.decode_s,
+                params=sum(p.numel() for sl in llm.runner.slices for p in sl.parameters()),
+                tokens=[r.token_ids for r in out])
+
+
+def run_transformers(path: Path, ids: torch.Tensor, gen: int, compile: bool) -> dict:
+    import transformers
+    from transformers.generation.streamers import BaseStreamer
+
+    t0 = time.perf_counter()
+    kw = dict(gguf_file=path.name) if path.suffix == ".gguf" else {}
+    src = path.parent if path.suffix == ".gguf" else path
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw).eval()
+    load_s = time.perf_counter() - t0
+
+    class Clock(BaseStreamer):  # put() is called with the prompt, then with each new token
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value) -> None:
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    clock = Clock()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen,
+                             min_new_tokens=gen, do_sample=False, streamer=clock, pad_token_id=0)
+    end = time.perf_counter()
+    first = clock.times[1]  # the first generated token
+    return dict(load_s=load_s, prefill_s=first - t0, decode_s=end - first,
+                params=sum(p.numel() for p in model.parameters()),
+                tokens=out[:, ids.shape[1]:].tolist())
+
+
+def worker(a: argparse.Namespace) -> None:
+    torch.set_num_threads(a.threads)
+    path = model_path(a.model)
+    from layercake.checkpoint import open_checkpoint
+
+    vocab = open_checkpoint(path).config_dict()["vocab_size"]
+    ids = prompts(a.batch, a.prompt_len, vocab)
+    fn = run_layercake if a.engine == "layercake" else run_transformers
+    r = fn(path, ids, a.gen_len, a.compile)
+    B, gen = a.batch, a.gen_len
+    total = r["prefill_s"] + r["decode_s"]
+    flops = 2 * r["params"] * B * (a.prompt_len + gen)  # matmul FLOPs, attention ignored
+    rec = dict(
+        bench="generation", engine=a.engine, model=a.model, weights="real" if a.model == "smollm2" else "random",
+        batch=B, prompt_len=a.prompt_len, gen_len=gen, threads=a.threads, compile=a.compile,
+        load_s=round(r["load_s"], 3), ttft_s=round(r["prefill_s"], 3),
+        prefill_tok_s=round(B * a.prompt_len / r["prefill_s"], 2),
+        decode_tok_s=round(B * (gen - 1) / r["decode_s"], 2) if r["decode_s"] > 0 else None,
+        throughput_tok_s=round(B * gen / total, 2),
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        fraction_of_matmul_peak=round(flops / total / 1e9 / MATMUL_PEAK_GFLOPS, 3),
+    )
+    print(json.dumps(rec))
+    print(json.dumps({"tokens": r["tokens"]}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["smollm2", "llama1b"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    ap.add_argument("--engines", nargs="+", default=["layercake", "transformers"])
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--gen-len", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--engine", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        return worker(a)
+    for m in a.models:
+        model_path(m)  # write the random checkpoint once, outside the timed processes
+        for B in a.batches:
+            results = {}
+            for e in a.engines:
+                cmd = [sys.executable, __file__, "--worker", "--model", m, "--batch", str(B),
+                       "--engine", e, "--prompt-len", str(a.prompt_len), "--gen-len",
+                       str(a.gen_len), "--threads", str(a.threads)] + (["--compile"] * a.compile)
+                p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+                lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+                if p.returncode or len(lines) < 2:
+                    print(json.dumps(dict(bench="generation", engine=e, model=m, batch=B,
+                                          error=p.stderr.strip().splitlines()[-1:])))
+                    continue
+                rec, toks = json.loads(lines[0]), json.loads(lines[1])["tokens"]
+                results[e] = (rec, toks)
+                if e != "layercake" and "layercake" in results:
+                    lc, lt = results["layercake"]
+                    rec["layercake_speedup"] = round(lc["throughput_tok_s"] / rec["throughput_tok_s"], 3)
+                    rec["layercake_rss_ratio"] = round(lc["peak_rss_mb"] / rec["peak_rss_mb"], 3)
+                    rec["same_greedy_tokens"] = sum(x == y for x, y in zip(lt, toks)) / len(toks)
+                print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    main()
