@@ -6,6 +6,7 @@ Everything here is stateless apart from weights; the KV cache comes in as tensor
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,6 +29,28 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+# HF activation names (config "hidden_act" / "activation_function" / "activation") -> function
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,  # exact (erf) GELU, as transformers' "gelu"
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "swish": F.silu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation function for an HF activation name; clear error when unknown."""
+    if name not in ACTIVATIONS:
+        from layercake.errors import LayercakeError
+
+        supported = ", ".join(ACTIVATIONS)
+        raise LayercakeError(f"unsupported activation {name!r}; supported: {supported}")
+    return ACTIVATIONS[name]
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
