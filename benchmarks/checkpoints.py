@@ -69,7 +69,7 @@ def llama_1b(cache: Path = DEFAULT_CACHE) -> Path:
         weight_map.update(dict.fromkeys(tensors, name))
     (d / "config.json").write_text(json.dumps(LLAMA_1B, indent=1))
     _copy_tokenizer(d)
-    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return d
 
 

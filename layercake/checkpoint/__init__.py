@@ -13,6 +13,7 @@ from layercake.config import BaseConfig, load_config
 from layercake.errors import LayercakeError
 from layercake.models import family
 from layercake.models.base import DecoderSlice
+from layercake.models.layers import Embedding
 
 
 class Checkpoint(Protocol):
@@ -55,7 +56,7 @@ def build_slice(
     with torch.device("meta"):
         model = fam.Model(config, parts)
     names = set(ckpt.tensor_names())
-    loaded: dict[str, torch.Tensor] = {}
+    loaded: dict[tuple[str, torch.dtype], torch.Tensor] = {}
     state = {}
     for name, p in model.named_parameters():
         src = name
@@ -63,14 +64,29 @@ def build_slice(
             src = fam.Model.tied.get(name, name)
         if src not in names:
             raise LayercakeError(f"checkpoint has no tensor {name!r} (needed by part {parts})")
-        if src not in loaded:
-            t = ckpt.load(src, dtype)
+        owner = model.get_submodule(name.rpartition(".")[0])
+        want = _embedding_dtype(ckpt, src, dtype, device) if isinstance(owner, Embedding) else dtype
+        if want != dtype:
+            owner.compute_dtype = dtype
+        if (src, want) not in loaded:
+            t = ckpt.load(src, want)
             if tuple(t.shape) != tuple(p.shape):
                 raise LayercakeError(
                     f"tensor {src!r} has shape {tuple(t.shape)}, config says {tuple(p.shape)}"
                 )
-            loaded[src] = t.to(device)
-        state[name] = loaded[src]
+            loaded[src, want] = t.to(device)
+        state[name] = loaded[src, want]
     model.load_state_dict(state, assign=True, strict=True)
     model.requires_grad_(False)
     return model.eval()
+
+
+def _embedding_dtype(
+    ckpt: Checkpoint, name: str, dtype: torch.dtype, device: torch.device | str
+) -> torch.dtype:
+    """An embedding table stored narrower than the compute dtype (bf16/fp16 for fp32) stays a
+    view of the checkpoint on the CPU: rows are upcast on lookup, exactly, and the table (often
+    the biggest tensor) is neither converted nor held twice."""
+    stored = getattr(ckpt, "stored_dtype", lambda n: None)(name)
+    narrower = stored is not None and stored.is_floating_point and stored.itemsize < dtype.itemsize
+    return stored if narrower and torch.device(device).type == "cpu" else dtype

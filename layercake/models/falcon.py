@@ -23,7 +23,7 @@ from layercake.config import BaseConfig, rope_parameters
 from layercake.errors import LayercakeError
 from layercake.kv_cache import AttentionStep
 from layercake.models.base import DecoderSlice
-from layercake.models.layers import Rotary, activation, apply_rotary, cached_attention
+from layercake.models.layers import Embedding, Rotary, activation, apply_rotary, cached_attention
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ class Model(DecoderSlice):
         c = config
         self.transformer = nn.Module()
         if parts.embed:
-            self.transformer.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
+            self.transformer.word_embeddings = Embedding(c.vocab_size, c.hidden_size)
         self.transformer.h = nn.ModuleDict({str(i): Block(c) for i in parts.layers})
         if parts.head:
             self.transformer.ln_f = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_epsilon)

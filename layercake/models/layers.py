@@ -16,6 +16,18 @@ from torch import nn
 from layercake.kv_cache import AttentionStep
 
 
+class Embedding(nn.Embedding):
+    """An embedding table that may be stored narrower than the compute dtype (e.g. a bf16 view
+    of the checkpoint for fp32 compute): looked-up rows are upcast, which is exact, so the big
+    table is never converted or held twice."""
+
+    compute_dtype: torch.dtype | None = None  # set by the loader when storage differs
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(ids, self.weight)
+        return out if self.compute_dtype is None else out.to(self.compute_dtype)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32, weight applied in the input dtype (as transformers does)."""
 

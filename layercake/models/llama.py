@@ -16,7 +16,7 @@ from layercake.checkpoint.parts import Parts
 from layercake.config import BaseConfig, rope_parameters
 from layercake.kv_cache import AttentionStep
 from layercake.models.base import DecoderSlice
-from layercake.models.layers import RMSNorm, Rotary, apply_rotary, cached_attention
+from layercake.models.layers import Embedding, RMSNorm, Rotary, apply_rotary, cached_attention
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class Model(DecoderSlice):
         c = config
         self.model = nn.Module()
         if parts.embed:
-            self.model.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+            self.model.embed_tokens = Embedding(c.vocab_size, c.hidden_size)
         self.model.layers = nn.ModuleDict({str(i): Block(c) for i in parts.layers})
         if parts.head:
             self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)

@@ -18,7 +18,7 @@ from layercake.checkpoint.parts import Parts
 from layercake.config import BaseConfig
 from layercake.kv_cache import AttentionStep
 from layercake.models.base import DecoderSlice
-from layercake.models.layers import activation, cached_attention
+from layercake.models.layers import Embedding, activation, cached_attention
 
 # OPT's position table has two extra rows in front (a fairseq padding_idx leftover): position p
 # reads row p + 2
@@ -119,8 +119,8 @@ class Model(DecoderSlice):
         self.model = nn.Module()
         d = self.model.decoder = nn.Module()
         if parts.embed:
-            d.embed_tokens = nn.Embedding(c.vocab_size, c.word_embed_proj_dim)
-            d.embed_positions = nn.Embedding(
+            d.embed_tokens = Embedding(c.vocab_size, c.word_embed_proj_dim)
+            d.embed_positions = Embedding(
                 c.max_position_embeddings + POSITION_OFFSET, c.hidden_size
             )
             if projected:

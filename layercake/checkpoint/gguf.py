@@ -1,0 +1,336 @@
+"""GGUF checkpoints: an HF-style config, HF-named tensors dequantized on demand, and the tokenizer.
+
+A GGUF file (llama.cpp's format) holds everything a model needs: the config and the tokenizer as
+metadata under llama.cpp's key names, and the weights under llama.cpp's tensor names, often in
+block-quantized types. `GGUFCheckpoint` translates all three into what an HF checkpoint would hold,
+so the model code never learns that the weights came from a GGUF:
+
+    ckpt = GGUFCheckpoint("SmolLM2-135M-Instruct.Q4_1.gguf")
+    ckpt.config_dict()["num_key_value_heads"]                  # 3
+    ckpt.load("model.layers.0.self_attn.q_proj.weight")        # (576, 576) float32
+
+The file is memory-mapped by `gguf.GGUFReader`; `load` reads only the bytes of the tensor asked for.
+"""
+
+import math
+import mmap
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QType
+from gguf import GGUFValueType
+
+from layercake.errors import LayercakeError
+
+# Stored as plain values: their bytes are reinterpreted, never dequantized.
+_PLAIN = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
+# Block types that `gguf.quants.dequantize` implements in numpy and that real checkpoints use.
+_BLOCKS = (
+    QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
+    QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K,
+)  # fmt: skip
+SUPPORTED_TYPES = tuple(t.name for t in (*_PLAIN, *_BLOCKS))
+
+# llama.cpp tensor names -> HF names, per architecture family (only llama so far).
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# Tensors the file may carry that are not parameters: llama 3's rope frequency factors become
+# `rope_scaling` in the config instead.
+_NOT_PARAMETERS = {"rope_freqs.weight"}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM"}
+
+
+class GGUFCheckpoint:
+    """A GGUF file seen as an HF checkpoint: `config_dict`, `tensor_names`, `load`, `tokenizer_spec`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._reader = _open(self.path)
+        self.metadata = {
+            k: _value(f) for k, f in self._reader.fields.items() if not k.startswith("GGUF.")
+        }
+        self.architecture = self.metadata.get("general.architecture")
+        if self.architecture not in _ARCHITECTURES:
+            raise LayercakeError(
+                f"{self.path}: GGUF architecture {self.architecture!r} is not supported "
+                f"(supported: {', '.join(_ARCHITECTURES)})."
+            )
+        self._gguf = {t.name: t for t in self._reader.tensors}  # GGUF name -> ReaderTensor
+        self._map: mmap.mmap | None = None  # a private (copy-on-write) map for zero-copy views
+        self._hf_to_gguf = {}
+        unknown = []
+        for name in self._gguf:
+            if name in _NOT_PARAMETERS:
+                continue
+            if (hf_name := _hf_name(name)) is None:
+                unknown.append(name)
+            else:
+                self._hf_to_gguf[hf_name] = name
+        if unknown:
+            raise LayercakeError(
+                f"{self.path}: tensors with no known {self.architecture} parameter name: "
+                f"{', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}"
+            )
+
+    def _meta(self, key: str, default=None):
+        """An architecture-scoped metadata value, e.g. `block_count` -> `llama.block_count`."""
+        return self.metadata.get(f"{self.architecture}.{key}", default)
+
+    def config_dict(self) -> dict:
+        """An HF `config.json`-equivalent dict built from the GGUF metadata."""
+        required = (
+            "embedding_length",
+            "feed_forward_length",
+            "block_count",
+            "attention.head_count",
+        )
+        if missing := [f"{self.architecture}.{k}" for k in required if self._meta(k) is None]:
+            raise LayercakeError(f"{self.path}: the GGUF metadata lacks {', '.join(missing)}.")
+        heads, hidden = self._meta("attention.head_count"), self._meta("embedding_length")
+        vocab = self._meta("vocab_size") or len(self.metadata.get("tokenizer.ggml.tokens", ()))
+        if not vocab and "token_embd.weight" in self._gguf:
+            vocab = int(self._gguf["token_embd.weight"].shape[-1])  # ggml order: (hidden, vocab)
+        config = {
+            "architectures": [_ARCHITECTURES[self.architecture]],
+            "model_type": self.architecture,
+            "hidden_act": "silu",
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "intermediate_size": self._meta("feed_forward_length"),
+            "num_hidden_layers": self._meta("block_count"),
+            "num_attention_heads": heads,
+            "num_key_value_heads": self._meta("attention.head_count_kv", heads),
+            # key_length is the head width where llama.cpp states it; otherwise the rotary width,
+            # which equals the head width for llama (transformers reads it the same way).
+            "head_dim": self._meta("attention.key_length")
+            or self._meta("rope.dimension_count")
+            or hidden // heads,
+            "max_position_embeddings": self._meta("context_length", 2048),  # HF llama's default
+            "rms_norm_eps": self._meta("attention.layer_norm_rms_epsilon", 1e-5),
+            "rope_theta": self._meta("rope.freq_base", 10000.0),
+            "rope_scaling": self._rope_scaling(),
+            # llama.cpp writes `output.weight` only when it is not the embedding matrix.
+            "tie_word_embeddings": "output.weight" not in self._gguf,
+            "attention_bias": "model.layers.0.self_attn.q_proj.bias" in self._hf_to_gguf,
+            "mlp_bias": "model.layers.0.mlp.up_proj.bias" in self._hf_to_gguf,
+            "torch_dtype": self._dtype_name(),
+        }
+        for key, gguf_key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
+            if (token_id := self.metadata.get(f"tokenizer.ggml.{gguf_key}_token_id")) is not None:
+                config[f"{key}_token_id"] = token_id
+        return config
+
+    def _dtype_name(self) -> str:
+        """The half type the file's matrices are stored in; float32 for quantized files."""
+        types = {t.tensor_type for t in self._gguf.values() if len(t.shape) > 1}
+        if types == {QType.BF16}:
+            return "bfloat16"
+        return "float16" if types == {QType.F16} else "float32"
+
+    def _rope_scaling(self) -> dict | None:
+        """HF `rope_scaling` from `rope.scaling.*` metadata, or from llama 3's `rope_freqs` tensor."""
+        kind = self._meta("rope.scaling.type")
+        factor = self._meta("rope.scaling.factor")
+        if kind == "linear" and factor:
+            return {"rope_type": "linear", "factor": factor}
+        if kind == "yarn" and factor:
+            scaling = {"rope_type": "yarn", "factor": factor}
+            if original := self._meta("rope.scaling.original_context_length"):
+                scaling["original_max_position_embeddings"] = original
+            return scaling
+        if kind not in (None, "none"):
+            raise LayercakeError(f"{self.path}: rope scaling type {kind!r} is not supported.")
+        if "rope_freqs.weight" in self._gguf:
+            return self._llama3_rope_scaling()
+        return None
+
+    def _llama3_rope_scaling(self) -> dict:
+        """Recover llama 3's rope parameters from the per-frequency divisors llama.cpp stores.
+
+        The divisors are 1 for high frequencies, `factor` for low ones, and in between
+        1 / ((1 - s) / factor + s) with s = (old_ctx / wavelen - low) / (high - low). That fixes
+        `factor` and two ratios of (old_ctx, low, high), not all three; every llama 3 release uses
+        low_freq_factor = 1, so we assume it and then check the divisors come back exactly.
+        """
+        divisors = self._load(self._gguf["rope_freqs.weight"], torch.float64, "rope_freqs.weight")
+        head_dim = 2 * divisors.numel()
+        theta = self._meta("rope.freq_base", 10000.0)
+        wavelen = (
+            2 * math.pi * theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        )
+        factor = divisors.max().item()
+        middle = (divisors > 1 + 1e-4) & (divisors < factor * (1 - 1e-4))
+        low, high, old = 1.0, 4.0, 8192  # llama 3.1's values, used when too few points to fit
+        if middle.sum() >= 2:
+            smooth = (1 / divisors[middle] - 1 / factor) / (1 - 1 / factor)
+            slope, intercept = np.polyfit((1 / wavelen[middle]).numpy(), smooth.numpy(), 1)
+            if intercept < 0:  # intercept = -low / (high - low), slope = old / (high - low)
+                high = round(low - 1 / intercept, 4)
+                old = round(slope * (high - low))
+        scaling = {
+            "rope_type": "llama3",
+            "factor": round(factor, 4),
+            "low_freq_factor": low,
+            "high_freq_factor": high,
+            "original_max_position_embeddings": old,
+        }
+        if not torch.allclose(llama3_rope_divisors(wavelen, scaling), divisors, rtol=1e-4):
+            raise LayercakeError(
+                f"{self.path}: the rope_freqs tensor does not match llama 3 rope scaling; "
+                "this rope variant is not supported."
+            )
+        return scaling
+
+    def tensor_names(self) -> list[str]:
+        """HF parameter names of the tensors in the file, in file order."""
+        return list(self._hf_to_gguf)
+
+    def tensor_nbytes(self, name: str) -> int:
+        """Bytes the tensor occupies in the file (its quantized size)."""
+        return int(self._tensor(name).n_bytes)
+
+    def stored_dtype(self, name: str) -> torch.dtype | None:
+        """The torch dtype the tensor is stored in, or None for a block-quantized one."""
+        return _PLAIN.get(self._tensor(name).tensor_type)
+
+    def load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The HF-named tensor, dequantized, in HF layout and shape, as `dtype`.
+
+        Reads only this tensor's bytes of the file. A tensor stored as `dtype` (and not reordered)
+        is a zero-copy view of a private memory map, as the safetensors reader gives.
+        """
+        return self._load(self._tensor(name), dtype, name)
+
+    def _load(self, tensor: gguf.ReaderTensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+        qtype = tensor.tensor_type
+        shape = tuple(int(d) for d in reversed(tensor.shape))  # ggml lists dims fastest first
+        leaf = tensor.name.split(".")[-2]
+        if qtype in _PLAIN:
+            out = self._view(tensor)
+        elif qtype in _BLOCKS:
+            out = torch.from_numpy(gguf.quants.dequantize(tensor.data, qtype))
+        else:
+            raise LayercakeError(
+                f"{self.path}: tensor {name!r} ({tensor.name}) has type {qtype.name}, which "
+                f"layercake cannot read (supported: {', '.join(SUPPORTED_TYPES)})."
+            )
+        out = out.reshape(shape).to(dtype)  # a no-op on a view already in `dtype`: no copy
+        if self.architecture == "llama" and leaf in ("attn_q", "attn_k"):  # a copy, reordered
+            heads = self._meta("attention.head_count")
+            out = _unpermute_rows(
+                out, heads if leaf == "attn_q" else self._meta("attention.head_count_kv", heads)
+            )
+        return out
+
+    def _view(self, tensor: gguf.ReaderTensor) -> torch.Tensor:
+        """A plain tensor's bytes as a flat tensor, sharing memory with the file's pages."""
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        dtype = _PLAIN[tensor.tensor_type]
+        return torch.frombuffer(
+            self._map, dtype=dtype, count=int(tensor.n_elements), offset=tensor.data_offset
+        )
+
+    def _tensor(self, name: str) -> gguf.ReaderTensor:
+        if name not in self._hf_to_gguf:
+            raise LayercakeError(f"{self.path}: no tensor named {name!r} in this checkpoint.")
+        return self._gguf[self._hf_to_gguf[name]]
+
+    def tokenizer_spec(self) -> dict:
+        """What `layercake.tokenizer.Tokenizer.from_gguf` needs, from the `tokenizer.*` metadata.
+
+        `model` is llama.cpp's tokenizer kind ("gpt2": byte-level BPE, "llama": sentencepiece BPE),
+        `pre` its pre-tokenizer name; token ids are None when the file does not state them.
+        """
+        meta = self.metadata
+        spec = {
+            "model": meta.get("tokenizer.ggml.model"),
+            "pre": meta.get("tokenizer.ggml.pre"),
+            "tokens": meta.get("tokenizer.ggml.tokens"),
+            "token_types": meta.get("tokenizer.ggml.token_type"),
+            "scores": meta.get("tokenizer.ggml.scores"),
+            "merges": meta.get("tokenizer.ggml.merges"),
+            "add_bos_token": meta.get("tokenizer.ggml.add_bos_token"),
+            "add_eos_token": meta.get("tokenizer.ggml.add_eos_token"),
+            "add_space_prefix": meta.get("tokenizer.ggml.add_space_prefix"),
+            "chat_template": meta.get("tokenizer.chat_template"),
+        }
+        for key in ("bos", "eos", "unknown", "padding", "eot", "eom"):
+            spec[f"{key}_token_id"] = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if not spec["tokens"]:
+            raise LayercakeError(f"{self.path}: the GGUF metadata holds no tokenizer.")
+        return spec
+
+
+def llama3_rope_divisors(wavelen: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Per-frequency divisors of llama 3 rope scaling (what llama.cpp stores as `rope_freqs`)."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    smooth = (old / wavelen - low) / (high - low)
+    divisors = 1 / ((1 - smooth) / factor + smooth)
+    divisors = torch.where(wavelen < old / high, torch.ones_like(wavelen), divisors)
+    return torch.where(wavelen > old / low, torch.full_like(wavelen, factor), divisors)
+
+
+def _unpermute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation.
+
+    llama.cpp's converter reorders each head's rows from HF's rotate-half layout (first half, second
+    half) to interleaved pairs, `w.reshape(heads, 2, d, ...).swapaxes(1, 2)`; this is its inverse.
+    """
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None if unknown."""
+    parts = gguf_name.split(".")
+    if len(parts) == 2 and parts[0] in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[parts[0]]}.{parts[1]}"
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    return None
+
+
+def _open(path: Path) -> gguf.GGUFReader:
+    """Memory-map the file, turning every way it can be wrong into one clear LayercakeError."""
+    if not path.is_file():
+        raise LayercakeError(f"GGUF file not found: {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise LayercakeError(f"{path} is not a GGUF file (it does not start with b'GGUF').")
+    try:
+        reader = gguf.GGUFReader(path)
+    # The reader signals damage with assorted types (ValueError, IndexError, ...).
+    except Exception as e:
+        raise LayercakeError(f"{path} is a corrupt or truncated GGUF file ({e}).") from e
+    for t in reader.tensors:  # a tensor running past the end of the file maps fewer bytes
+        if t.data.nbytes != t.n_bytes:
+            raise LayercakeError(f"{path} is truncated: tensor {t.name!r} runs past the end.")
+    return reader
+
+
+def _value(field: gguf.ReaderField):
+    """A metadata value as plain Python; float32 scalars rounded to their shortest repr (1e-05)."""
+    value = field.contents()
+    if field.types == [GGUFValueType.FLOAT32]:
+        return float(str(np.float32(value)))
+    return value
