@@ -42,6 +42,12 @@ def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(100, min(vocab, 32000), (batch, length), generator=g)
 
 
+def linear_params(model: torch.nn.Module) -> int:
+    """Weights that take part in matmuls (every linear layer, the head included; embedding
+    lookups are not matmuls): 2 FLOPs per weight per token."""
+    return sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "in_features"))
+
+
 def run_layercake(path: Path, ids: torch.Tensor, gen: int, compile: bool) -> dict:
     import layercake
 
@@ -51,7 +57,7 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, compile: bool) -> dic
     out = llm.generate(ids.tolist(), max_new_tokens=gen, ignore_eos=True)
     s = llm.last_stats
     return dict(load_s=load_s, prefill_s=s.prefill_s, decode_s=s.decode_s,
-                params=sum(p.numel() for sl in llm.runner.slices for p in sl.parameters()),
+                params=sum(linear_params(sl) for sl in llm.runner.slices),
                 tokens=[r.token_ids for r in out])
 
 
@@ -83,7 +89,7 @@ def run_transformers(path: Path, ids: torch.Tensor, gen: int, compile: bool) -> 
     end = time.perf_counter()
     first = clock.times[1]  # the first generated token
     return dict(load_s=load_s, prefill_s=first - t0, decode_s=end - first,
-                params=sum(p.numel() for p in model.parameters()),
+                params=linear_params(model),
                 tokens=out[:, ids.shape[1]:].tolist())
 
 

@@ -100,6 +100,18 @@ class Tokenizer:
         eos_ids = list(dict.fromkeys(i for i in eos_ids if i is not None))
         return cls(backend, special_tokens=special, eos_token_ids=eos_ids, chat_template=template)
 
+    def save(self, path: str | os.PathLike) -> None:
+        """Write an HF tokenizer folder (tokenizer.json + tokenizer_config.json) that
+        `from_dir` reads back, e.g. to give a GGUF's tokenizer to a converted checkpoint."""
+        path = Path(path)
+        self.backend.save(str(path / "tokenizer.json"))
+        config = {k: v for k, v in self.special_tokens.items() if v is not None}
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+        if len(self.eos_token_ids) > 1:  # beyond eos_token: from_dir reads the rest from here
+            (path / "generation_config.json").write_text(json.dumps({"eos_token_id": self.eos_token_ids}))
+
     @classmethod
     def from_gguf(cls, ckpt: "GGUFCheckpoint") -> "Tokenizer":
         """Build the tokenizer a GGUF file describes in its `tokenizer.*` metadata.

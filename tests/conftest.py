@@ -40,3 +40,35 @@ LLAMA_TINY = dict(
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_hf_checkpoint(tmp_path_factory.mktemp("llama"), "llama", **LLAMA_TINY)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
+
+
+def write_word_tokenizer(path: Path, vocab_size: int) -> None:
+    """A word-level tokenizer (w0 .. wN, <s>, </s>, <unk>) with a chat template, so CLI and text
+    paths run on tiny random checkpoints."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(vocab_size - 3)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<s>", "</s>", "<unk>"])
+    tok.save(str(path / "tokenizer.json"))
+    cfg = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", chat_template=CHAT_TEMPLATE)
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory, tiny_llama) -> Path:
+    import shutil
+
+    d = tmp_path_factory.mktemp("chat") / "tiny-llama-chat"
+    shutil.copytree(tiny_llama, d)
+    write_word_tokenizer(d, LLAMA_TINY["vocab_size"])
+    return d
