@@ -12,7 +12,6 @@ import torch
 
 from layercake.checkpoint import build_slice, open_checkpoint
 from layercake.config import BaseConfig, load_config
-from layercake.cpu_linear import pack_linears
 from layercake.errors import LayercakeError
 from layercake.generate import (
     GenerationResult,
@@ -187,9 +186,7 @@ def load(model: str | os.PathLike | None = None, *, parts: str = "f", device: st
         torch.set_num_threads(threads)
     ckpt = open_checkpoint(path)
     config = load_config(ckpt.config_dict())
-    model_slice = build_slice(ckpt, parts, dev, dt, config)
-    if dev.type == "cpu" and dt == torch.float32:
-        pack_linears(model_slice)  # ~2x faster small-batch matmuls, same memory
+    model_slice = build_slice(ckpt, parts, dev, dt, config, pack=True)
     if compile:
         model_slice.compile(dynamic=True)
     runner = LocalRunner([model_slice], config, dev, dt)

@@ -116,20 +116,38 @@ def test_sharded_checkpoint_and_bf16_embedding(tmp_path):
 
 
 def test_packed_linears_match(tiny_llama):
-    from layercake.cpu_linear import PackedLinear, pack_linears, packing_available
+    from layercake.cpu_linear import PackedLinear, packing_available
 
     if not packing_available():
         pytest.skip("MKL packed GEMM not available in this PyTorch")
     ckpt = open_checkpoint(tiny_llama)
     config = load_config(ckpt.config_dict())
     plain = LocalRunner([build_slice(ckpt, "f", config=config)], config)
-    packed_model = build_slice(ckpt, "f", config=config)
-    assert pack_linears(packed_model) == 3 * 7 + 1
-    assert isinstance(packed_model.lm_head, PackedLinear)
+    packed_model = build_slice(ckpt, "f", config=config, pack=True)
+    n = sum(isinstance(m, PackedLinear) for m in packed_model.modules())
+    assert n == 3 * 7 + 1 and isinstance(packed_model.lm_head, PackedLinear)
     packed = LocalRunner([packed_model], config)
     for B in (1, 3):
         tokens = torch.randint(0, LLAMA_TINY["vocab_size"], (B, 6))
         torch.testing.assert_close(_run(packed, tokens), _run(plain, tokens), rtol=0, atol=1e-4)
+
+
+def test_packed_linear_blocks_and_bias(monkeypatch):
+    """Weights packed in several row blocks (a bf16 source through the scratch buffer, with a
+    bias) equal the plain linear."""
+    from layercake import cpu_linear
+
+    if not cpu_linear.packing_available():
+        pytest.skip("MKL packed GEMM not available in this PyTorch")
+    monkeypatch.setattr(cpu_linear, "BLOCK_BYTES", 4 * 24 * 10)  # 10 rows of 24 per block
+    w = torch.randn(37, 24).to(torch.bfloat16)
+    b = torch.randn(37)
+    m = cpu_linear.PackedLinear(w, b, torch.empty(240))
+    assert len(m.blocks) == 4
+    for shape in [(1, 24), (5, 24), (2, 3, 24)]:
+        x = torch.randn(shape)
+        ref = torch.nn.functional.linear(x, w.float(), b)
+        torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5)
 
 
 def _expect_error(path, match):

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from layercake.checkpoint.parts import Parts, parse_parts
 from layercake.config import BaseConfig, load_config
@@ -14,6 +15,7 @@ from layercake.errors import LayercakeError
 from layercake.models import family
 from layercake.models.base import DecoderSlice
 from layercake.models.layers import Embedding
+from layercake.cpu_linear import BLOCK_BYTES, PackedLinear, packing_available
 
 
 class Checkpoint(Protocol):
@@ -43,11 +45,13 @@ def build_slice(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     config: BaseConfig | None = None,
+    pack: bool = False,
 ) -> DecoderSlice:
     """Build the slice on the meta device, then assign each parameter from the checkpoint.
 
     Only the tensors the slice holds are read. A tensor already in ``dtype`` on the CPU stays a
-    view of the checkpoint's memory map: weights are never held twice.
+    view of the checkpoint's memory map: weights are never held twice. With ``pack`` (fp32 on
+    the CPU), linear weights are packed for MKL's GEMM straight from the checkpoint.
     """
     config = config or load_config(ckpt.config_dict())
     if isinstance(parts, str):
@@ -55,30 +59,47 @@ def build_slice(
     fam = family(config.model_type)
     with torch.device("meta"):
         model = fam.Model(config, parts)
+    pack = pack and dtype == torch.float32 and torch.device(device).type == "cpu"
+    pack = pack and packing_available()
     names = set(ckpt.tensor_names())
     loaded: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-    state = {}
+    state: dict[str, torch.Tensor] = {}
+    packed: list[tuple[str, str]] = []  # (linear module name, checkpoint tensor name)
     for name, p in model.named_parameters():
         src = name
         if src not in names and config.tie_word_embeddings:
             src = fam.Model.tied.get(name, name)
         if src not in names:
             raise LayercakeError(f"checkpoint has no tensor {name!r} (needed by part {parts})")
-        owner = model.get_submodule(name.rpartition(".")[0])
+        owner_name, _, pname = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if pack and type(owner) is nn.Linear and pname == "weight":
+            packed.append((owner_name, src))
+            continue
         want = _embedding_dtype(ckpt, src, dtype, device) if isinstance(owner, Embedding) else dtype
         if want != dtype:
             owner.compute_dtype = dtype
         if (src, want) not in loaded:
-            t = ckpt.load(src, want)
-            if tuple(t.shape) != tuple(p.shape):
-                raise LayercakeError(
-                    f"tensor {src!r} has shape {tuple(t.shape)}, config says {tuple(p.shape)}"
-                )
-            loaded[src, want] = t.to(device)
+            loaded[src, want] = _check_shape(ckpt.load(src, want), src, p).to(device)
         state[name] = loaded[src, want]
-    model.load_state_dict(state, assign=True, strict=True)
+    model.load_state_dict(state, assign=True, strict=not packed)
+    scratch = torch.empty(BLOCK_BYTES // 4) if packed else None
+    for owner_name, src in packed:
+        parent, _, child = owner_name.rpartition(".")
+        linear = model.get_submodule(owner_name)
+        stored = getattr(ckpt, "stored_dtype", lambda n: None)(src)
+        source = ckpt.load(src, stored or torch.float32)  # a view of the file where it can be
+        module = PackedLinear(_check_shape(source, src, linear.weight), linear.bias, scratch)
+        setattr(model.get_submodule(parent), child, module)
+        getattr(ckpt, "release", lambda n: None)(src)
     model.requires_grad_(False)
     return model.eval()
+
+
+def _check_shape(t: torch.Tensor, src: str, p: torch.Tensor) -> torch.Tensor:
+    if tuple(t.shape) != tuple(p.shape):
+        raise LayercakeError(f"tensor {src!r} has shape {tuple(t.shape)}, config says {tuple(p.shape)}")
+    return t
 
 
 def _embedding_dtype(
