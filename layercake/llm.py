@@ -186,9 +186,11 @@ def load(model: str | os.PathLike | None = None, *, parts: str = "f", device: st
         torch.set_num_threads(threads)
     ckpt = open_checkpoint(path)
     config = load_config(ckpt.config_dict())
-    model_slice = build_slice(ckpt, parts, dev, dt, config, pack=True)
+    model_slice = build_slice(ckpt, parts, dev, dt, config, pack=not compile)
     if compile:
-        model_slice.compile(dynamic=True)
+        for name, m in model_slice.named_modules():
+            if name.endswith(".mlp"):
+                m.compile(dynamic=True)
     runner = LocalRunner([model_slice], config, dev, dt)
     return LLM(runner, _load_tokenizer(ckpt, path), config, path)
 
