@@ -22,6 +22,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 MATMUL_PEAK_GFLOPS = 180.0  # fp32 matmul on this machine (developers' guide)
+RAM_GBPS = 27.0  # RAM bandwidth (GEMV) on this machine: the bound of a small-batch decode step
 
 
 def model_path(name: str) -> Path:
@@ -114,6 +115,11 @@ def worker(a: argparse.Namespace) -> None:
         throughput_tok_s=round(B * gen / total, 2),
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         fraction_of_matmul_peak=round(flops / total / 1e9 / MATMUL_PEAK_GFLOPS, 3),
+        # a decode step reads every fp32 weight once, whatever the batch: its time bound is
+        # max(weight bytes / RAM bandwidth, FLOPs / matmul peak)
+        decode_fraction_of_bound=round(
+            max(4 * r["params"] / (RAM_GBPS * 1e9), 2 * r["params"] * B / (MATMUL_PEAK_GFLOPS * 1e9))
+            * (gen - 1) / r["decode_s"], 3) if r["decode_s"] > 0 else None,
     )
     print(json.dumps(rec))
     print(json.dumps({"tokens": r["tokens"]}))

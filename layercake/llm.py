@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -172,6 +174,18 @@ def _as_list(prompts: Any) -> list[Any]:
     return list(prompts)
 
 
+def _return_freed_memory() -> None:
+    """Make glibc serve allocations of 1 MB and more from their own mappings, which go back to
+    the system when freed. By default glibc raises that threshold after the first big free, and
+    loading a model (dequantize, pack, free, many times over) then leaves hundreds of MB of freed
+    heap counted in the process's memory: 1.37 GB instead of 1.09 GB peak for SmolLM2."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):  # not glibc: nothing to tune
+            pass
+
+
 def load(model: str | os.PathLike | None = None, *, parts: str = "f", device: str = "cpu",
          dtype: str | torch.dtype | None = None, threads: int | None = None,
          compile: bool = False) -> LLM:
@@ -180,6 +194,7 @@ def load(model: str | os.PathLike | None = None, *, parts: str = "f", device: st
     on CPU by default); ``threads`` torch CPU threads; ``compile`` wraps the layers with
     torch.compile."""
     path = Path(model).expanduser() if model is not None else embedded_model_path()
+    _return_freed_memory()
     dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
     if threads:

@@ -179,3 +179,14 @@ def test_checkpoint_errors(tiny_llama, tmp_path):
     _expect_error(trunc, "truncated")
     f.write_bytes(struct.pack("<Q", 10) + b"not json!!" + b"\x00" * 64)
     _expect_error(trunc, "corrupt")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu(tiny_chat_llama):
+    import layercake
+
+    cpu = layercake.load(tiny_chat_llama)
+    gpu = layercake.load(tiny_chat_llama, device="cuda", dtype="float32")
+    ids = [[5, 6, 7, 8], [9, 10]]
+    torch.testing.assert_close(gpu.logits(ids).cpu(), cpu.logits(ids), rtol=0, atol=1e-3)
+    assert gpu.generate(ids, max_new_tokens=5)[0].token_ids == cpu.generate(ids, max_new_tokens=5)[0].token_ids

@@ -87,8 +87,10 @@ def build_slice(
     for owner_name, src in packed:
         parent, _, child = owner_name.rpartition(".")
         linear = model.get_submodule(owner_name)
-        stored = getattr(ckpt, "stored_dtype", lambda n: None)(src)
-        source = ckpt.load(src, stored or torch.float32)  # a view of the file where it can be
+        source = loaded.get((src, torch.float32))  # a tied head: the embedding, loaded already
+        if source is None:
+            stored = getattr(ckpt, "stored_dtype", lambda n: None)(src)
+            source = ckpt.load(src, stored or torch.float32)  # a view of the file where it can be
         module = PackedLinear(_check_shape(source, src, linear.weight), linear.bias, scratch)
         setattr(model.get_submodule(parent), child, module)
         getattr(ckpt, "release", lambda n: None)(src)

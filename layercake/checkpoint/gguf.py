@@ -9,7 +9,8 @@ so the model code never learns that the weights came from a GGUF:
     ckpt.config_dict()["num_key_value_heads"]                  # 3
     ckpt.load("model.layers.0.self_attn.q_proj.weight")        # (576, 576) float32
 
-The file is memory-mapped by `gguf.GGUFReader`; `load` reads only the bytes of the tensor asked for.
+The header is parsed by `gguf_format`. The tensor data stays in the memory-mapped file; `load`
+reads only the bytes of the tensor asked for, and dequantizes with `gguf.quants`.
 """
 
 import math
@@ -21,8 +22,8 @@ import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
-from gguf import GGUFValueType
 
+from layercake.checkpoint.gguf_format import TensorInfo, open_gguf
 from layercake.errors import LayercakeError
 
 # Stored as plain values: their bytes are reinterpreted, never dequantized.
@@ -62,17 +63,16 @@ class GGUFCheckpoint:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._reader = _open(self.path)
-        self.metadata = {
-            k: _value(f) for k, f in self._reader.fields.items() if not k.startswith("GGUF.")
-        }
+        # A read-only shared map: parsing the header and reading quantized bytes never writes, and
+        # unlike a private writable map it is not charged against memory, so a file larger than
+        # RAM + swap still opens.
+        self._file_map, self.metadata, self._gguf = open_gguf(self.path)  # _gguf: GGUF name -> TensorInfo
         self.architecture = self.metadata.get("general.architecture")
         if self.architecture not in _ARCHITECTURES:
             raise LayercakeError(
                 f"{self.path}: GGUF architecture {self.architecture!r} is not supported "
                 f"(supported: {', '.join(_ARCHITECTURES)})."
             )
-        self._gguf = {t.name: t for t in self._reader.tensors}  # GGUF name -> ReaderTensor
         self._map: mmap.mmap | None = None  # a private (copy-on-write) map for zero-copy views
         self._hf_to_gguf = {}
         unknown = []
@@ -210,46 +210,84 @@ class GGUFCheckpoint:
         """The torch dtype the tensor is stored in, or None for a block-quantized one."""
         return _PLAIN.get(self._tensor(name).tensor_type)
 
-    def load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def load(
+        self, name: str, dtype: torch.dtype = torch.float32, *, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The HF-named tensor, dequantized, in HF layout and shape, as `dtype`.
 
         Reads only this tensor's bytes of the file. A tensor stored as `dtype` (and not reordered)
-        is a zero-copy view of a private memory map, as the safetensors reader gives.
+        is a zero-copy view of a private memory map, as the safetensors reader gives. With `out`
+        (this shape and `dtype`, any device) the result is written into it and `out` returned:
+        plain types are converted straight from the file's pages, with no intermediate copy.
         """
-        return self._load(self._tensor(name), dtype, name)
+        return self._load(self._tensor(name), dtype, name, out)
 
-    def _load(self, tensor: gguf.ReaderTensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    def _load(
+        self, tensor: TensorInfo, dtype: torch.dtype, name: str, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         qtype = tensor.tensor_type
-        shape = tuple(int(d) for d in reversed(tensor.shape))  # ggml lists dims fastest first
-        leaf = tensor.name.split(".")[-2]
-        if qtype in _PLAIN:
-            out = self._view(tensor)
-        elif qtype in _BLOCKS:
-            out = torch.from_numpy(gguf.quants.dequantize(tensor.data, qtype))
-        else:
+        shape = tuple(reversed(tensor.shape))  # ggml lists dims fastest first
+        if out is not None and (tuple(out.shape) != shape or out.dtype != dtype):
+            raise LayercakeError(
+                f"load({name!r}, {dtype}, out=...): `out` is {tuple(out.shape)} {out.dtype}, "
+                f"the tensor is {shape} {dtype}."
+            )
+        if qtype not in _PLAIN and qtype not in _BLOCKS:
             raise LayercakeError(
                 f"{self.path}: tensor {name!r} ({tensor.name}) has type {qtype.name}, which "
                 f"layercake cannot read (supported: {', '.join(SUPPORTED_TYPES)})."
             )
-        out = out.reshape(shape).to(dtype)  # a no-op on a view already in `dtype`: no copy
+        if tensor.n_elements == 0:  # nothing to read (and frombuffer refuses an empty range)
+            return torch.empty(shape, dtype=dtype) if out is None else out
+        if qtype in _PLAIN:
+            src = self._view(tensor).reshape(shape)
+        else:
+            src = self._dequantize(tensor, shape)
+        leaf = tensor.name.split(".")[-2]
         if self.architecture == "llama" and leaf in ("attn_q", "attn_k"):  # a copy, reordered
             heads = self._meta("attention.head_count")
-            out = _unpermute_rows(
-                out, heads if leaf == "attn_q" else self._meta("attention.head_count_kv", heads)
-            )
-        return out
+            heads = heads if leaf == "attn_q" else self._meta("attention.head_count_kv", heads)
+            if type(heads) is not int or heads <= 0 or shape[0] % (2 * heads):
+                raise LayercakeError(
+                    f"{self.path}: tensor {name!r} has {shape[0]} rows, which {heads!r} heads "
+                    "(from the metadata) cannot split into halves: the file is inconsistent."
+                )
+            out = torch.empty(shape, dtype=dtype) if out is None else out
+            return _unpermute_rows(src, heads, out)
+        if out is not None:
+            return out.copy_(src)
+        return src.to(dtype)  # a no-op on a view already in `dtype`: no copy
 
-    def _view(self, tensor: gguf.ReaderTensor) -> torch.Tensor:
+    def _view(self, tensor: TensorInfo) -> torch.Tensor:
         """A plain tensor's bytes as a flat tensor, sharing memory with the file's pages."""
         if self._map is None:
             with open(self.path, "rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         dtype = _PLAIN[tensor.tensor_type]
         return torch.frombuffer(
-            self._map, dtype=dtype, count=int(tensor.n_elements), offset=tensor.data_offset
+            self._map, dtype=dtype, count=tensor.n_elements, offset=tensor.data_offset
         )
 
-    def _tensor(self, name: str) -> gguf.ReaderTensor:
+    def _dequantize(self, tensor: TensorInfo, shape: tuple[int, ...]) -> torch.Tensor:
+        """Dequantize to fp32 a few rows at a time: numpy's temporaries stay small, where a
+        whole-tensor dequantize leaves twice the tensor's size of freed heap in the process."""
+        rows = self._blocks(tensor)  # (R, bytes per row)
+        out = torch.empty(shape, dtype=torch.float32)
+        flat = out.view(rows.shape[0], -1).numpy()  # (R, values per row), shares out's memory
+        step = max(1, 2**20 // flat.shape[1])  # ~4 MB of fp32 per block
+        for r in range(0, rows.shape[0], step):
+            flat[r : r + step] = gguf.quants.dequantize(rows[r : r + step], tensor.tensor_type)
+        return out
+
+    def _blocks(self, tensor: TensorInfo) -> np.ndarray:
+        """A quantized tensor's bytes, one row per ggml row (`dequantize` works row-group-wise)."""
+        block_size, type_size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+        data = np.frombuffer(
+            self._file_map, np.uint8, count=tensor.n_bytes, offset=tensor.data_offset
+        )
+        return data.reshape(-1, tensor.shape[0] // block_size * type_size)
+
+    def _tensor(self, name: str) -> TensorInfo:
         if name not in self._hf_to_gguf:
             raise LayercakeError(f"{self.path}: no tensor named {name!r} in this checkpoint.")
         return self._gguf[self._hf_to_gguf[name]]
@@ -290,14 +328,16 @@ def llama3_rope_divisors(wavelen: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(wavelen > old / low, torch.full_like(wavelen, factor), divisors)
 
 
-def _unpermute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """Undo llama.cpp's Q/K row permutation.
+def _unpermute_rows(w: torch.Tensor, heads: int, out: torch.Tensor) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation, writing (and converting) `w` into `out`.
 
     llama.cpp's converter reorders each head's rows from HF's rotate-half layout (first half, second
     half) to interleaved pairs, `w.reshape(heads, 2, d, ...).swapaxes(1, 2)`; this is its inverse.
+    Splitting dim 0 is a view of any tensor, so the reorder and the dtype change are one copy.
     """
-    rows = w.shape[0]
-    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    d = w.shape[0] // heads // 2
+    out.unflatten(0, (heads, 2, d)).copy_(w.unflatten(0, (heads, d, 2)).transpose(1, 2))
+    return out
 
 
 def _hf_name(gguf_name: str) -> str | None:
@@ -308,29 +348,3 @@ def _hf_name(gguf_name: str) -> str | None:
     if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
         return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
     return None
-
-
-def _open(path: Path) -> gguf.GGUFReader:
-    """Memory-map the file, turning every way it can be wrong into one clear LayercakeError."""
-    if not path.is_file():
-        raise LayercakeError(f"GGUF file not found: {path}")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise LayercakeError(f"{path} is not a GGUF file (it does not start with b'GGUF').")
-    try:
-        reader = gguf.GGUFReader(path)
-    # The reader signals damage with assorted types (ValueError, IndexError, ...).
-    except Exception as e:
-        raise LayercakeError(f"{path} is a corrupt or truncated GGUF file ({e}).") from e
-    for t in reader.tensors:  # a tensor running past the end of the file maps fewer bytes
-        if t.data.nbytes != t.n_bytes:
-            raise LayercakeError(f"{path} is truncated: tensor {t.name!r} runs past the end.")
-    return reader
-
-
-def _value(field: gguf.ReaderField):
-    """A metadata value as plain Python; float32 scalars rounded to their shortest repr (1e-05)."""
-    value = field.contents()
-    if field.types == [GGUFValueType.FLOAT32]:
-        return float(str(np.float32(value)))
-    return value
