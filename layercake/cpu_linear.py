@@ -18,7 +18,14 @@ BLOCK_BYTES = 64 * 2**20  # rows packed per block: bounds the scratch buffer, an
 
 def packing_available() -> bool:
     mkl = getattr(torch.ops, "mkl", None)
-    return torch.backends.mkl.is_available() and hasattr(mkl, "_mkl_reorder_linear_weight")
+    return (torch.backends.mkl.is_available() and _mkl_linear is not None
+            and hasattr(mkl, "_mkl_reorder_linear_weight"))
+
+
+try:  # bound once: looking the op up through torch.ops costs microseconds on every call
+    _mkl_linear = torch.ops.mkl._mkl_linear
+except (AttributeError, RuntimeError):  # a PyTorch built without MKL
+    _mkl_linear = None
 
 
 class PackedLinear(nn.Module):
@@ -47,8 +54,11 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).contiguous()  # (M, in)
         M = x2.shape[0]
-        outs = [torch.ops.mkl._mkl_linear(x2, b, s, None, M) for b, s in zip(self.blocks, self.stubs)]
-        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # (M, out)
-        if self.bias is not None:
-            y += self.bias
+        if len(self.blocks) == 1:  # the common case, kept lean: decoding is call-bound
+            y = _mkl_linear(x2, self.blocks[0], self.stubs[0], self.bias, M)
+        else:
+            outs = [_mkl_linear(x2, b, s, None, M) for b, s in zip(self.blocks, self.stubs)]
+            y = torch.cat(outs, dim=-1)  # (M, out)
+            if self.bias is not None:
+                y += self.bias
         return y.view(*x.shape[:-1], self.out_features)
