@@ -14,20 +14,41 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-DEFAULT_CACHE = Path(os.environ.get("LAYERCAKE_BENCH_CACHE", Path.home() / ".cache/layercake-bench"))
+DEFAULT_CACHE = Path(
+    os.environ.get("LAYERCAKE_BENCH_CACHE", Path.home() / ".cache/layercake-bench")
+)
 
 LLAMA_1B = dict(
-    model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=2048,
-    intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-    head_dim=64, max_position_embeddings=131072, rms_norm_eps=1e-5, hidden_act="silu",
-    tie_word_embeddings=True, rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001,
-    rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                      original_max_position_embeddings=8192),
+    model_type="llama",
+    architectures=["LlamaForCausalLM"],
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    hidden_act="silu",
+    tie_word_embeddings=True,
+    rope_theta=500000.0,
+    bos_token_id=128000,
+    eos_token_id=128001,
+    rope_scaling=dict(
+        rope_type="llama3",
+        factor=32.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    ),
     torch_dtype="bfloat16",
 )
 
 
-def _tensors(cfg: dict, layers: range, embed: bool, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def _tensors(
+    cfg: dict, layers: range, embed: bool, gen: torch.Generator
+) -> dict[str, torch.Tensor]:
     H, F, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
     nq, nkv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
 
@@ -69,7 +90,9 @@ def llama_1b(cache: Path = DEFAULT_CACHE) -> Path:
         weight_map.update(dict.fromkeys(tensors, name))
     (d / "config.json").write_text(json.dumps(LLAMA_1B, indent=1))
     _copy_tokenizer(d)
-    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     return d
 
 

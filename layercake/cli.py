@@ -13,8 +13,12 @@ from layercake.errors import LayercakeError
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """Options that pick and place the model; shared by every engine command."""
     g = p.add_argument_group("engine")
-    g.add_argument("--model", help="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--parts", default="f", help="part spec, e.g. 'f', 'b 0-16', '16-32 e' (default f)")
+    g.add_argument(
+        "--model", help="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)"
+    )
+    g.add_argument(
+        "--parts", default="f", help="part spec, e.g. 'f', 'b 0-16', '16-32 e' (default f)"
+    )
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
     g.add_argument("--dtype", help="compute dtype: float32 (CPU default), bfloat16, float16")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
@@ -38,18 +42,26 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 def sampling_kwargs(a: argparse.Namespace) -> dict:
     return dict(
-        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-        top_k=a.top_k, min_p=a.min_p, repetition_penalty=a.repetition_penalty,
-        frequency_penalty=a.frequency_penalty, presence_penalty=a.presence_penalty,
-        seed=a.seed, stop=a.stop, ignore_eos=a.ignore_eos,
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        min_p=a.min_p,
+        repetition_penalty=a.repetition_penalty,
+        frequency_penalty=a.frequency_penalty,
+        presence_penalty=a.presence_penalty,
+        seed=a.seed,
+        stop=a.stop,
+        ignore_eos=a.ignore_eos,
     )
 
 
 def load_from_args(a: argparse.Namespace):
     import layercake
 
-    return layercake.load(a.model, parts=a.parts, device=a.device, dtype=a.dtype,
-                          threads=a.threads, compile=a.compile)
+    return layercake.load(
+        a.model, parts=a.parts, device=a.device, dtype=a.dtype, threads=a.threads, compile=a.compile
+    )
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -58,7 +70,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     SamplingParams(**sampling_kwargs(a)).validate()  # a bad flag fails before the model loads
     llm = load_from_args(a)
     if a.chat:
-        messages = ([{"role": "system", "content": a.system}] if a.system else [])
+        messages = [{"role": "system", "content": a.system}] if a.system else []
         prompt = llm.chat_prompt(messages + [{"role": "user", "content": a.prompt}])
     else:
         prompt = llm.tokenizer.encode(a.prompt)
@@ -70,8 +82,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     s = llm.last_stats
     if a.verbose and s is not None:
-        print(f"[{s.generated_tokens} tokens, finish={reason}, prefill {s.prefill_tok_s:.1f} tok/s, "
-              f"decode {s.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+        print(
+            f"[{s.generated_tokens} tokens, finish={reason}, prefill {s.prefill_tok_s:.1f} tok/s, "
+            f"decode {s.decode_tok_s:.1f} tok/s]",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -18,8 +18,11 @@ BLOCK_BYTES = 64 * 2**20  # rows packed per block: bounds the scratch buffer, an
 
 def packing_available() -> bool:
     mkl = getattr(torch.ops, "mkl", None)
-    return (torch.backends.mkl.is_available() and _mkl_linear is not None
-            and hasattr(mkl, "_mkl_reorder_linear_weight"))
+    return (
+        torch.backends.mkl.is_available()
+        and _mkl_linear is not None
+        and hasattr(mkl, "_mkl_reorder_linear_weight")
+    )
 
 
 try:  # bound once: looking the op up through torch.ops costs microseconds on every call
@@ -31,8 +34,9 @@ except (AttributeError, RuntimeError):  # a PyTorch built without MKL
 class PackedLinear(nn.Module):
     """``y = x @ W.T + b`` with W held in MKL's packed layout, in blocks of output rows."""
 
-    def __init__(self, source: torch.Tensor, bias: torch.Tensor | None,
-                 scratch: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, source: torch.Tensor, bias: torch.Tensor | None, scratch: torch.Tensor | None = None
+    ) -> None:
         """Pack ``source`` (out, in), any float dtype (e.g. a bf16 view of the checkpoint);
         ``scratch`` is a reusable fp32 buffer of at least one block."""
         super().__init__()
@@ -46,7 +50,9 @@ class PackedLinear(nn.Module):
                 if scratch is None or scratch.numel() < part.numel():
                     scratch = torch.empty(part.numel())
                 part = scratch[: part.numel()].view(part.shape).copy_(part)
-            self.blocks.append(torch.ops.mkl._mkl_reorder_linear_weight(part.contiguous(), _PACK_HINT))
+            self.blocks.append(
+                torch.ops.mkl._mkl_reorder_linear_weight(part.contiguous(), _PACK_HINT)
+            )
             # the op reads only the shape and dtype of the plain weight: a zero-stride stand-in
             self.stubs.append(torch.zeros(1).expand(part.shape))
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)

@@ -1,4 +1,4 @@
-"""The Python API: ``layercake.load(model)`` -> ``LLM`` with a tokenizer, generate, logits, score."""
+"""The Python API: ``layercake.load(model)`` -> ``LLM``: tokenizer, generate, logits, score."""
 
 from __future__ import annotations
 
@@ -53,8 +53,14 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
         return dtype
     if dtype is None:
         return torch.float32 if device.type == "cpu" else torch.bfloat16
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise LayercakeError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
     return names[dtype]
@@ -75,8 +81,9 @@ def parse_device(device: str | torch.device) -> torch.device:
 class LLM:
     """A loaded model: ``tokenizer``, ``generate``, ``stream``, ``logits``, ``score``."""
 
-    def __init__(self, runner: Runner, tokenizer: Tokenizer | None, config: BaseConfig,
-                 path: Path) -> None:
+    def __init__(
+        self, runner: Runner, tokenizer: Tokenizer | None, config: BaseConfig, path: Path
+    ) -> None:
         self.runner = runner
         self._tokenizer = tokenizer
         self.config = config
@@ -116,24 +123,38 @@ class LLM:
             raise LayercakeError(f"invalid generation option: {e}") from None
         return [p] * n
 
-    def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
-                 **sampling: Any) -> list[GenerationResult]:
+    def generate(
+        self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]], **sampling: Any
+    ) -> list[GenerationResult]:
         """Complete each prompt (text or token ids). Options are ``SamplingParams`` fields:
         max_new_tokens, temperature (default 0 = greedy), top_p, top_k, min_p,
         repetition_penalty, frequency_penalty, presence_penalty, seed, stop, ignore_eos, logprobs.
         A single prompt may be passed bare; a list of results is returned either way."""
         ids = [self._ids(p) for p in _as_list(prompts)]
         self.last_stats = GenerationStats()
-        return generate(self.runner, ids, self._params(len(ids), sampling), self.eos_token_ids,
-                        self._decode, self.last_stats)
+        return generate(
+            self.runner,
+            ids,
+            self._params(len(ids), sampling),
+            self.eos_token_ids,
+            self._decode,
+            self.last_stats,
+        )
 
-    def stream(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
-               **sampling: Any) -> Iterator[StepEvent]:
+    def stream(
+        self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]], **sampling: Any
+    ) -> Iterator[StepEvent]:
         """Like ``generate`` but yields each token as it is produced (``StepEvent.text``)."""
         ids = [self._ids(p) for p in _as_list(prompts)]
         self.last_stats = GenerationStats()
-        return generate_stream(self.runner, ids, self._params(len(ids), sampling),
-                               self.eos_token_ids, self._decode, self.last_stats)
+        return generate_stream(
+            self.runner,
+            ids,
+            self._params(len(ids), sampling),
+            self.eos_token_ids,
+            self._decode,
+            self.last_stats,
+        )
 
     def logits(self, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         """Logits (B, T, vocab) fp32 for token id lists; row b's logits for its t-th token are
@@ -143,28 +164,33 @@ class LLM:
             raise LayercakeError("logits() needs one or more non-empty token id lists")
         T = max(map(len, rows))
         if T > self.runner.max_context:
-            raise LayercakeError(f"{T} tokens is beyond the model's context of {self.runner.max_context}")
+            raise LayercakeError(
+                f"{T} tokens is beyond the model's context of {self.runner.max_context}"
+            )
         tokens = torch.zeros(len(rows), T, dtype=torch.long)
         mask = torch.zeros(len(rows), T, dtype=torch.bool)
         for b, r in enumerate(rows):  # left-pad, then shift each row back to start at 0
-            tokens[b, T - len(r):] = torch.tensor(r)
-            mask[b, T - len(r):] = True
+            tokens[b, T - len(r) :] = torch.tensor(r)
+            mask[b, T - len(r) :] = True
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         cache = self.runner.new_cache(len(rows), T)
         out = self.runner.forward(tokens, positions, cache, mask)  # (B, T, V)
         result = torch.zeros_like(out)
         for b, r in enumerate(rows):
-            result[b, : len(r)] = out[b, T - len(r):]
+            result[b, : len(r)] = out[b, T - len(r) :]
         return result
 
-    def score(self, prompt: str | Sequence[int],
-              continuations: Sequence[str | Sequence[int]]) -> list[ScoreResult]:
+    def score(
+        self, prompt: str | Sequence[int], continuations: Sequence[str | Sequence[int]]
+    ) -> list[ScoreResult]:
         """log P(continuation | prompt) for each continuation (sum and per-token mean).
 
         Text continuations are tokenized without special tokens, as they follow the prompt."""
         p = self._ids(prompt)
-        conts = [self.tokenizer.encode(c, add_special_tokens=False) if isinstance(c, str)
-                 else list(c) for c in continuations]
+        conts = [
+            self.tokenizer.encode(c, add_special_tokens=False) if isinstance(c, str) else list(c)
+            for c in continuations
+        ]
         return score(self.runner, p, conts)
 
 
@@ -186,9 +212,15 @@ def _return_freed_memory() -> None:
             pass
 
 
-def load(model: str | os.PathLike | None = None, *, parts: str = "f", device: str = "cpu",
-         dtype: str | torch.dtype | None = None, threads: int | None = None,
-         compile: bool = False) -> LLM:
+def load(
+    model: str | os.PathLike | None = None,
+    *,
+    parts: str = "f",
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    threads: int | None = None,
+    compile: bool = False,
+) -> LLM:
     """Load a model: a HF directory (config.json + safetensors) or a .gguf file; ``None`` is the
     embedded SmolLM2-135M-Instruct. ``device`` cpu/cuda/mps; ``dtype`` the compute dtype (fp32
     on CPU by default); ``threads`` torch CPU threads; ``compile`` wraps the layers with

@@ -58,8 +58,14 @@ class LocalRunner:
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.config
         return KVCache.allocate(
-            self.layers, batch, capacity, c.num_key_value_heads, c.head_dim, self.dtype,
-            self.device, window=getattr(c, "sliding_window", None),
+            self.layers,
+            batch,
+            capacity,
+            c.num_key_value_heads,
+            c.head_dim,
+            self.dtype,
+            self.device,
+            window=getattr(c, "sliding_window", None),
         )
 
     @torch.inference_mode()

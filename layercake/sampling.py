@@ -289,8 +289,9 @@ class Sampler:
         self.n_prompt = max((len(t) for t in prompts), default=0)
         self.n_out = 0
         self.history: torch.Tensor | None = None
-        if any(p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty
-               for p in params):
+        if any(
+            p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty for p in params
+        ):
             cap = self.n_prompt + max(p.max_new_tokens for p in params)
             hist = torch.zeros(len(params), cap, dtype=torch.long)
             for i, t in enumerate(prompts):
@@ -325,8 +326,9 @@ class Sampler:
         truncated = [
             not g and (0 < p.top_k < V or p.top_p < 1 or p.min_p > 0) for p, g in zip(ps, greedy)
         ]
-        kinds = ["greedy" if g else "truncated" if t else "plain"
-                 for g, t in zip(greedy, truncated)]
+        kinds = [
+            "greedy" if g else "truncated" if t else "plain" for g, t in zip(greedy, truncated)
+        ]
         self.groups: dict[str, torch.Tensor | None] = {}  # None = every row
         for kind in ("greedy", "plain", "truncated"):
             rows = [i for i, k in enumerate(kinds) if k == kind]

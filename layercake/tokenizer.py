@@ -83,7 +83,7 @@ class Tokenizer:
             key: _content(config.get(key))
             for key in ("bos_token", "eos_token", "unk_token", "pad_token")
         }
-        # tokenizer.json's post-processor alone decides BOS/EOS: transformers (v5) drops the config's
+        # tokenizer.json's post-processor alone decides BOS/EOS: transformers v5 drops the config's
         # add_bos_token / add_eos_token whenever a tokenizer.json exists, and so do we.
 
         template = config.get("chat_template")
@@ -110,7 +110,9 @@ class Tokenizer:
             config["chat_template"] = self.chat_template
         (path / "tokenizer_config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
         if len(self.eos_token_ids) > 1:  # beyond eos_token: from_dir reads the rest from here
-            (path / "generation_config.json").write_text(json.dumps({"eos_token_id": self.eos_token_ids}))
+            (path / "generation_config.json").write_text(
+                json.dumps({"eos_token_id": self.eos_token_ids})
+            )
 
     @classmethod
     def from_gguf(cls, ckpt: "GGUFCheckpoint") -> "Tokenizer":
@@ -183,7 +185,7 @@ def _byte_level_bpe(spec: dict) -> Backend:
     """GPT-2 style BPE over bytes spelled as printable characters."""
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
-    # Tokens written in plain text (llama.cpp sometimes does this) are respelled in the byte alphabet.
+    # Tokens written in plain text (llama.cpp sometimes does) are respelled in the byte alphabet.
     vocab = {
         t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
         for i, t in enumerate(spec["tokens"])

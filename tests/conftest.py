@@ -32,8 +32,14 @@ def hf_model(path: Path):
 
 
 LLAMA_TINY = dict(
-    vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=128,
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=12,
+    max_position_embeddings=128,
 )
 
 

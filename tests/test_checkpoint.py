@@ -189,4 +189,7 @@ def test_cuda_matches_cpu(tiny_chat_llama):
     gpu = layercake.load(tiny_chat_llama, device="cuda", dtype="float32")
     ids = [[5, 6, 7, 8], [9, 10]]
     torch.testing.assert_close(gpu.logits(ids).cpu(), cpu.logits(ids), rtol=0, atol=1e-3)
-    assert gpu.generate(ids, max_new_tokens=5)[0].token_ids == cpu.generate(ids, max_new_tokens=5)[0].token_ids
+    assert (
+        gpu.generate(ids, max_new_tokens=5)[0].token_ids
+        == cpu.generate(ids, max_new_tokens=5)[0].token_ids
+    )

@@ -21,8 +21,18 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 def test_generate_streams_and_matches_api(tiny_chat_llama, capsys):
     import layercake
 
-    code, out, err = run_cli(capsys, "generate", "--model", str(tiny_chat_llama),
-                             "--prompt", "w1 w2 w3", "--max-new-tokens", "6", "--ignore-eos", "-v")
+    code, out, err = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_chat_llama),
+        "--prompt",
+        "w1 w2 w3",
+        "--max-new-tokens",
+        "6",
+        "--ignore-eos",
+        "-v",
+    )
     assert code == 0, err
     llm = layercake.load(tiny_chat_llama)
     expected = llm.generate("w1 w2 w3", max_new_tokens=6, ignore_eos=True)[0]
@@ -33,28 +43,45 @@ def test_generate_streams_and_matches_api(tiny_chat_llama, capsys):
 def test_generate_chat(tiny_chat_llama, capsys):
     import layercake
 
-    code, out, _ = run_cli(capsys, "generate", "--model", str(tiny_chat_llama), "--chat",
-                           "--system", "w5", "--prompt", "w7", "--max-new-tokens", "4")
+    code, out, _ = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_chat_llama),
+        "--chat",
+        "--system",
+        "w5",
+        "--prompt",
+        "w7",
+        "--max-new-tokens",
+        "4",
+    )
     assert code == 0
     llm = layercake.load(tiny_chat_llama)
     msgs = [{"role": "system", "content": "w5"}, {"role": "user", "content": "w7"}]
-    assert llm.tokenizer.apply_chat_template(msgs) == "<s>system: w5</s><s>user: w7</s><s>assistant:"
+    assert (
+        llm.tokenizer.apply_chat_template(msgs) == "<s>system: w5</s><s>user: w7</s><s>assistant:"
+    )
     assert out.strip() == llm.generate(llm.chat_prompt(msgs), max_new_tokens=4)[0].text.strip()
 
 
-@pytest.mark.parametrize("flag,value,message", [
-    ("--temperature", "-1", "temperature"),
-    ("--top-p", "0", "top_p"),
-    ("--top-k", "-3", "top_k"),
-    ("--min-p", "2", "min_p"),
-    ("--max-new-tokens", "0", "max_new_tokens"),
-    ("--parts", "0-99", "part spec"),
-    ("--device", "tpu9", "device"),
-    ("--dtype", "float7", "dtype"),
-])
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--temperature", "-1", "temperature"),
+        ("--top-p", "0", "top_p"),
+        ("--top-k", "-3", "top_k"),
+        ("--min-p", "2", "min_p"),
+        ("--max-new-tokens", "0", "max_new_tokens"),
+        ("--parts", "0-99", "part spec"),
+        ("--device", "tpu9", "device"),
+        ("--dtype", "float7", "dtype"),
+    ],
+)
 def test_invalid_options(tiny_chat_llama, capsys, flag, value, message):
-    code, out, err = run_cli(capsys, "generate", "--model", str(tiny_chat_llama), "--prompt", "w1",
-                             flag, value)
+    code, out, err = run_cli(
+        capsys, "generate", "--model", str(tiny_chat_llama), "--prompt", "w1", flag, value
+    )
     assert code == 2
     assert err.startswith("layercake: error:") and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
@@ -62,7 +89,9 @@ def test_invalid_options(tiny_chat_llama, capsys, flag, value, message):
 
 def test_prompt_longer_than_context(tiny_chat_llama, capsys):
     long_prompt = " ".join(["w4"] * 200)  # the tiny model's context is 128
-    code, _, err = run_cli(capsys, "generate", "--model", str(tiny_chat_llama), "--prompt", long_prompt)
+    code, _, err = run_cli(
+        capsys, "generate", "--model", str(tiny_chat_llama), "--prompt", long_prompt
+    )
     assert code == 2 and "200 tokens" in err and "context of 128" in err
 
 
@@ -93,6 +122,18 @@ def test_model_path_errors(tiny_llama, tmp_path, capsys):
 
 def test_console_script_exit_code(tmp_path):
     """The installed entry point: message on stderr, exit code 2, no traceback."""
-    p = subprocess.run([sys.executable, "-m", "layercake.cli", "generate", "--model",
-                        str(tmp_path / "nope"), "--prompt", "x"], capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "layercake.cli",
+            "generate",
+            "--model",
+            str(tmp_path / "nope"),
+            "--prompt",
+            "x",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 2 and "Traceback" not in p.stderr and "not found" in p.stderr

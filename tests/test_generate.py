@@ -191,8 +191,14 @@ def test_mixed_prompt_lengths_match_running_alone(cache_cls):
         SamplingParams(temperature=0, max_new_tokens=6),
         SamplingParams(temperature=0.8, seed=3, max_new_tokens=12, logprobs=2),
         SamplingParams(temperature=1.2, top_p=0.9, seed=4, max_new_tokens=3),
-        SamplingParams(top_k=5, repetition_penalty=1.3, presence_penalty=0.5, seed=5,
-                       max_new_tokens=9, stop=["IX"]),
+        SamplingParams(
+            top_k=5,
+            repetition_penalty=1.3,
+            presence_penalty=0.5,
+            seed=5,
+            max_new_tokens=9,
+            stop=["IX"],
+        ),
     ]
     vocab = [chr(ord("A") + i) for i in range(40)]
     decode = lambda ids: "".join(vocab[i] for i in ids)  # noqa: E731
@@ -237,9 +243,11 @@ def test_finished_rows_kept_in_the_batch_stay_inside_the_context():
 def test_seed_reproduces_and_different_seeds_differ():
     runner = BagRunner(scale=1.0)
     prompts = [[1, 2, 3]]
-    run = lambda seed: generate(  # noqa: E731
-        runner, prompts, SamplingParams(seed=seed, max_new_tokens=15), [], str
-    )[0].token_ids
+
+    def run(seed: int) -> list[int]:
+        params = SamplingParams(seed=seed, max_new_tokens=15)
+        return generate(runner, prompts, params, [], str)[0].token_ids
+
     assert run(7) == run(7)
     assert run(7) != run(8)
 
@@ -262,8 +270,9 @@ def test_top_k_1_equals_greedy_and_greedy_is_argmax():
 def test_logprobs_equal_log_softmax_of_the_model():
     runner = BagRunner()
     prompt = [3, 1, 4, 1, 5]
-    p = SamplingParams(temperature=0.7, top_p=0.8, repetition_penalty=1.2, seed=2,
-                       max_new_tokens=6, logprobs=3)
+    p = SamplingParams(
+        temperature=0.7, top_p=0.8, repetition_penalty=1.2, seed=2, max_new_tokens=6, logprobs=3
+    )
     (r,) = generate(runner, [prompt], [p], [], str)
     assert len(r.logprobs) == len(r.token_ids) == 6
     seq = list(prompt)
@@ -359,7 +368,7 @@ def test_local_runner_matches_transformers(tiny_llama):
         out = model.generate(
             torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0
         )
-        assert r.token_ids == out[0, len(prompt):].tolist()
+        assert r.token_ids == out[0, len(prompt) :].tolist()
     conts = [[3], [10, 20, 30], [7, 7]]
     for c, r in zip(conts, score(runner, prompts[0], conts)):
         with torch.no_grad():

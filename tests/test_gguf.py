@@ -114,7 +114,7 @@ ROWS, COLS = 4, 512  # COLS: a multiple of the 256-value K-quant block
 
 
 def random_k_blocks(qtype: QType, rows: int, cols: int, seed: int = 0) -> np.ndarray:
-    """Valid Q4_K / Q6_K bytes (gguf-py cannot quantize to them): random quants, sane fp16 scales."""
+    """Valid Q4_K / Q6_K bytes (gguf-py cannot quantize to them): random quants, sane scales."""
     block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, size=(rows * cols // block_size, type_size), dtype=np.uint8)
@@ -201,7 +201,7 @@ def test_bf16_loads_bit_exact(tmp_path):
 
 
 def test_qk_rows_unpermuted(tmp_path):
-    """q_proj/k_proj come back in HF's layout: the inverse of llama.cpp's permute, per head count."""
+    """q_proj/k_proj come back in HF's layout: the inverse of llama.cpp's permute, per head."""
     heads, kv_heads, head_dim, hidden = 4, 2, 8, 32
     rng = np.random.default_rng(1)
     q = rng.standard_normal((heads * head_dim, hidden)).astype(np.float32)

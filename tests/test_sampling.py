@@ -76,8 +76,14 @@ def test_top_k_keeps_k_best_and_top_p_renormalizes_after_it():
 @pytest.mark.parametrize(
     "kw",
     [
-        dict(top_k=5), dict(top_k=100), dict(top_p=0.9), dict(top_p=0.3), dict(min_p=0.05),
-        dict(top_k=200, top_p=0.8), dict(top_p=0.95, min_p=0.01), dict(top_k=40, min_p=0.2),
+        dict(top_k=5),
+        dict(top_k=100),
+        dict(top_p=0.9),
+        dict(top_p=0.3),
+        dict(min_p=0.05),
+        dict(top_k=200, top_p=0.8),
+        dict(top_p=0.95, min_p=0.01),
+        dict(top_k=40, min_p=0.2),
     ],
 )
 @pytest.mark.parametrize("scale", [0.5, 4.0])  # flat rows need far more than 64 candidates
@@ -101,7 +107,9 @@ def test_filter_rows_with_different_params():
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(3, 500, generator=g) * 2
     out = filter_logits(
-        logits, torch.tensor([3, 0, 0]), torch.tensor([[1.0], [0.5], [1.0]]),
+        logits,
+        torch.tensor([3, 0, 0]),
+        torch.tensor([[1.0], [0.5], [1.0]]),
         torch.tensor([[0.0], [0.0], [0.3]]),
     )
     assert _kept(out)[0] == _kept(_hf_filter(logits[:1], top_k=3))[0]
@@ -245,11 +253,26 @@ def test_logprobs_are_raw_model_distribution():
 @pytest.mark.parametrize(
     "kw",
     [
-        dict(temperature=-0.1), dict(temperature=float("nan")), dict(top_k=-1), dict(top_k=2.5),
-        dict(top_p=0.0), dict(top_p=1.5), dict(min_p=-0.1), dict(min_p=1.1),
-        dict(repetition_penalty=0.0), dict(frequency_penalty=2.5), dict(presence_penalty=-3),
-        dict(seed=-1), dict(seed="1"), dict(stop="END"), dict(stop=[""]), dict(max_new_tokens=0),
-        dict(logprobs=-1), dict(logprobs=21), dict(ignore_eos="yes"), dict(temperature="hot"),
+        dict(temperature=-0.1),
+        dict(temperature=float("nan")),
+        dict(top_k=-1),
+        dict(top_k=2.5),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(min_p=-0.1),
+        dict(min_p=1.1),
+        dict(repetition_penalty=0.0),
+        dict(frequency_penalty=2.5),
+        dict(presence_penalty=-3),
+        dict(seed=-1),
+        dict(seed="1"),
+        dict(stop="END"),
+        dict(stop=[""]),
+        dict(max_new_tokens=0),
+        dict(logprobs=-1),
+        dict(logprobs=21),
+        dict(ignore_eos="yes"),
+        dict(temperature="hot"),
     ],
 )
 def test_invalid_params_raise(kw):
@@ -262,6 +285,14 @@ def test_invalid_params_raise(kw):
 def test_valid_params_pass():
     SamplingParams().validate()
     SamplingParams(
-        temperature=0, top_k=5, top_p=0.5, min_p=1.0, repetition_penalty=1.2, seed=0,
-        stop=["\n"], logprobs=20, frequency_penalty=-2, presence_penalty=2,
+        temperature=0,
+        top_k=5,
+        top_p=0.5,
+        min_p=1.0,
+        repetition_penalty=1.2,
+        seed=0,
+        stop=["\n"],
+        logprobs=20,
+        frequency_penalty=-2,
+        presence_penalty=2,
     ).validate()

@@ -54,9 +54,14 @@ def test_greedy_continuation_batch(both):
     for p, out in zip(PROMPTS, outs):
         ids = torch.tensor([tok.encode(p)])
         with torch.no_grad():
-            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20,
-                              min_new_tokens=20, do_sample=False)
-        assert out.token_ids == ref[0, ids.shape[1]:].tolist(), p
+            ref = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=20,
+                min_new_tokens=20,
+                do_sample=False,
+            )
+        assert out.token_ids == ref[0, ids.shape[1] :].tolist(), p
 
 
 def test_chat_answer(both):
@@ -73,4 +78,6 @@ def test_score_prefers_the_right_answer(both):
     llm, _, _ = both
     s = llm.score("The capital of France is", [" Paris", " a banana"])
     assert s[0].logprob_sum > s[1].logprob_sum
-    assert len(s[1].token_logprobs) == len(llm.tokenizer.encode(" a banana", add_special_tokens=False))
+    assert len(s[1].token_logprobs) == len(
+        llm.tokenizer.encode(" a banana", add_special_tokens=False)
+    )

@@ -155,7 +155,7 @@ def sentencepiece_gguf(path: Path, **extra) -> Path:
 
 
 def llama3_style_gguf(path: Path) -> Path:
-    """Llama-3 style: byte-level BPE, the llama-bpe split regex, BOS added, <|eot_id|> ends turns."""
+    """Llama-3 style: byte-level BPE, llama-bpe split regex, BOS added, <|eot_id|> ends turns."""
     printable = [
         *range(ord("!"), ord("~") + 1),
         *range(ord("¡"), ord("¬") + 1),

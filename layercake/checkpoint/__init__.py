@@ -11,11 +11,11 @@ from torch import nn
 
 from layercake.checkpoint.parts import Parts, parse_parts
 from layercake.config import BaseConfig, load_config
+from layercake.cpu_linear import BLOCK_BYTES, PackedLinear, packing_available
 from layercake.errors import LayercakeError
 from layercake.models import family
 from layercake.models.base import DecoderSlice
 from layercake.models.layers import Embedding
-from layercake.cpu_linear import BLOCK_BYTES, PackedLinear, packing_available
 
 
 class Checkpoint(Protocol):
@@ -100,7 +100,9 @@ def build_slice(
 
 def _check_shape(t: torch.Tensor, src: str, p: torch.Tensor) -> torch.Tensor:
     if tuple(t.shape) != tuple(p.shape):
-        raise LayercakeError(f"tensor {src!r} has shape {tuple(t.shape)}, config says {tuple(p.shape)}")
+        raise LayercakeError(
+            f"tensor {src!r} has shape {tuple(t.shape)}, config says {tuple(p.shape)}"
+        )
     return t
 
 

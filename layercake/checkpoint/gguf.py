@@ -59,14 +59,16 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM"}
 
 
 class GGUFCheckpoint:
-    """A GGUF file seen as an HF checkpoint: `config_dict`, `tensor_names`, `load`, `tokenizer_spec`."""
+    """A GGUF file seen as an HF checkpoint: config_dict, tensor_names, load, tokenizer_spec."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         # A read-only shared map: parsing the header and reading quantized bytes never writes, and
         # unlike a private writable map it is not charged against memory, so a file larger than
         # RAM + swap still opens.
-        self._file_map, self.metadata, self._gguf = open_gguf(self.path)  # _gguf: GGUF name -> TensorInfo
+        self._file_map, self.metadata, self._gguf = open_gguf(
+            self.path
+        )  # _gguf: GGUF name -> TensorInfo
         self.architecture = self.metadata.get("general.architecture")
         if self.architecture not in _ARCHITECTURES:
             raise LayercakeError(
@@ -145,7 +147,7 @@ class GGUFCheckpoint:
         return "float16" if types == {QType.F16} else "float32"
 
     def _rope_scaling(self) -> dict | None:
-        """HF `rope_scaling` from `rope.scaling.*` metadata, or from llama 3's `rope_freqs` tensor."""
+        """HF `rope_scaling` from `rope.scaling.*` metadata, or llama 3's `rope_freqs` tensor."""
         kind = self._meta("rope.scaling.type")
         factor = self._meta("rope.scaling.factor")
         if kind == "linear" and factor:

@@ -60,7 +60,9 @@ def parse_parts(spec: str, num_layers: int) -> Parts:
         elif w == "e":
             head = True
         elif w == "f":
-            raise LayercakeError(f"part spec {spec!r}: 'f' (full model) cannot be combined with others")
+            raise LayercakeError(
+                f"part spec {spec!r}: 'f' (full model) cannot be combined with others"
+            )
         else:
             lo, sep, hi = w.partition("-")
             try:

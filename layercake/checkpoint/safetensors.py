@@ -54,7 +54,9 @@ class SafetensorsFile:
         self.entries: dict[str, dict[str, Any]] = header
         for name, e in header.items():
             if e.get("dtype") not in DTYPES:
-                raise LayercakeError(f"{path}: tensor {name} has unsupported dtype {e.get('dtype')}")
+                raise LayercakeError(
+                    f"{path}: tensor {name} has unsupported dtype {e.get('dtype')}"
+                )
             lo, hi = e["data_offsets"]
             if not 0 <= lo <= hi or self.base + hi > size:
                 raise LayercakeError(
@@ -110,8 +112,12 @@ class SafetensorsCheckpoint:
         else:
             files = sorted(self.dir.glob("*.safetensors"))
             if not files:
-                other = [p.name for p in self.dir.glob("*.bin")] + [p.name for p in self.dir.glob("*.pt")]
-                hint = f" (found {', '.join(other)}: only safetensors is supported)" if other else ""
+                other = [p.name for p in self.dir.glob("*.bin")] + [
+                    p.name for p in self.dir.glob("*.pt")
+                ]
+                hint = (
+                    f" (found {', '.join(other)}: only safetensors is supported)" if other else ""
+                )
                 raise LayercakeError(f"{self.dir}: no weights (*.safetensors){hint}")
             weight_map = {}
             for p in files:
