@@ -12,8 +12,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-_PACK_HINT = 32  # row count MKL tunes the packing for; any row count works with the result
 BLOCK_BYTES = 64 * 2**20  # rows packed per block: bounds the scratch buffer, and the transient
+
+
+def _pack_hint(rows: int) -> int:
+    """The batch size MKL tunes a packing for (any batch works with the result). Measured here:
+    for weights of >= 1536 output rows, a hint of 1024 runs prefill-sized batches 1.3-1.6x
+    faster and decoding batches (1-32) as fast as a hint of 32; for fewer rows it halves the
+    speed of small batches, so those keep 32."""
+    return 1024 if rows >= 1536 else 32
 
 
 def packing_available() -> bool:
@@ -51,7 +58,7 @@ class PackedLinear(nn.Module):
                     scratch = torch.empty(part.numel())
                 part = scratch[: part.numel()].view(part.shape).copy_(part)
             self.blocks.append(
-                torch.ops.mkl._mkl_reorder_linear_weight(part.contiguous(), _PACK_HINT)
+                torch.ops.mkl._mkl_reorder_linear_weight(part.contiguous(), _pack_hint(len(part)))
             )
             # the op reads only the shape and dtype of the plain weight: a zero-stride stand-in
             self.stubs.append(torch.zeros(1).expand(part.shape))
