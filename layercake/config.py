@@ -3,7 +3,7 @@ to the same keys). Each family's ``Config`` extends ``BaseConfig`` with its own 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from layercake.errors import LayercakeError
@@ -51,11 +51,6 @@ class BaseConfig:
     def from_hf(cls, d: dict[str, Any]) -> BaseConfig:
         """Build from a config.json dict; families override to read their own fields."""
         return cls(**cls.common(d))
-
-    def replace(self, **changes: Any) -> BaseConfig:
-        vals = {f.name: getattr(self, f.name) for f in fields(self)}
-        vals.update(changes)
-        return type(self)(**vals)
 
 
 def _get(d: dict[str, Any], key: str) -> Any:

@@ -19,10 +19,20 @@ from layercake.models.layers import Embedding
 
 
 class Checkpoint(Protocol):
+    """What a checkpoint reader offers; tensors are named and shaped as in HF checkpoints."""
+
     def config_dict(self) -> dict[str, Any]: ...
     def tensor_names(self) -> list[str]: ...
     def tensor_nbytes(self, name: str) -> int: ...
-    def load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor: ...
+
+    def stored_dtype(self, name: str) -> torch.dtype | None:
+        """The dtype of the stored values, None when they need dequantizing."""
+
+    def load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The tensor in ``dtype``; a view of the file when it is stored in ``dtype``."""
+
+    def release(self, name: str) -> None:
+        """The caller keeps its own copy of the tensor: the file's pages may go."""
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -88,12 +98,11 @@ def build_slice(
         parent, _, child = owner_name.rpartition(".")
         linear = model.get_submodule(owner_name)
         source = loaded.get((src, torch.float32))  # a tied head: the embedding, loaded already
-        if source is None:
-            stored = getattr(ckpt, "stored_dtype", lambda n: None)(src)
-            source = ckpt.load(src, stored or torch.float32)  # a view of the file where it can be
+        if source is None:  # as stored: a view of the file where it can be
+            source = ckpt.load(src, ckpt.stored_dtype(src) or torch.float32)
         module = PackedLinear(_check_shape(source, src, linear.weight), linear.bias, scratch)
         setattr(model.get_submodule(parent), child, module)
-        getattr(ckpt, "release", lambda n: None)(src)
+        ckpt.release(src)
     model.requires_grad_(False)
     return model.eval()
 
@@ -112,6 +121,6 @@ def _embedding_dtype(
     """An embedding table stored narrower than the compute dtype (bf16/fp16 for fp32) stays a
     view of the checkpoint on the CPU: rows are upcast on lookup, exactly, and the table (often
     the biggest tensor) is neither converted nor held twice."""
-    stored = getattr(ckpt, "stored_dtype", lambda n: None)(name)
+    stored = ckpt.stored_dtype(name)
     narrower = stored is not None and stored.is_floating_point and stored.itemsize < dtype.itemsize
     return stored if narrower and torch.device(device).type == "cpu" else dtype

@@ -212,6 +212,15 @@ class GGUFCheckpoint:
         """The torch dtype the tensor is stored in, or None for a block-quantized one."""
         return _PLAIN.get(self._tensor(name).tensor_type)
 
+    def release(self, name: str) -> None:
+        """The caller holds its own copy of ``name``: let the mapped pages of its data go (they
+        would be read back from the file if touched again)."""
+        t = self._tensor(name)
+        start = t.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+        for m in (self._file_map, self._map):
+            if m is not None and t.n_bytes:
+                m.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
+
     def load(
         self, name: str, dtype: torch.dtype = torch.float32, *, out: torch.Tensor | None = None
     ) -> torch.Tensor:

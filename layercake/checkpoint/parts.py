@@ -26,10 +26,6 @@ class Parts:
     def full(cls, num_layers: int) -> Parts:
         return cls(True, tuple(range(num_layers)), True)
 
-    @property
-    def is_full(self) -> bool:
-        return self.embed and self.head and self.layers == tuple(range(len(self.layers)))
-
     def ranges(self) -> list[tuple[int, int]]:
         """The held layers as maximal half-open ranges."""
         out: list[tuple[int, int]] = []
