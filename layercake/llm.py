@@ -132,15 +132,24 @@ class LLM:
         repetition_penalty, frequency_penalty, presence_penalty, seed, stop, ignore_eos, logprobs.
         A single prompt may be passed bare; a list of results is returned either way."""
         ids = [self._ids(p) for p in _as_list(prompts)]
-        self.last_stats = GenerationStats()
-        return generate(
-            self.runner,
-            ids,
-            self._params(len(ids), sampling),
-            self.eos_token_ids,
-            self._decode,
-            self.last_stats,
-        )
+        params = self._params(len(ids), sampling)
+        self.last_stats = stats = GenerationStats()
+        block = getattr(self.runner, "block_size", None) or len(ids)
+        if len(ids) <= block:
+            return generate(self.runner, ids, params, self.eos_token_ids, self._decode, stats)
+        # more prompts than the runner's block (its memory plan): blocks of similar lengths
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        results: list[Any] = [None] * len(ids)
+        for a in range(0, len(ids), block):
+            idx = order[a : a + block]
+            outs = generate(
+                self.runner, [ids[i] for i in idx], [params[i] for i in idx],
+                self.eos_token_ids, self._decode, stats,
+            )  # fmt: skip
+            for i, r in zip(idx, outs):
+                results[i] = r
+        stats.batch_size, stats.prompt_tokens = block, sum(map(len, ids))
+        return results
 
     def stream(
         self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]], **sampling: Any
@@ -231,11 +240,25 @@ def load(
     dtype: str | torch.dtype | None = None,
     threads: int | None = None,
     compile: bool = False,
+    percent: tuple[float, ...] | list[float] | None = None,
+    device_memory: str | int | None = None,
+    cpu_memory: str | int | None = None,
+    offload_dir: str | os.PathLike | None = None,
+    batch_size: int | None = None,
+    num_batches: int | None = None,
+    max_context: int | None = None,
 ) -> LLM:
     """Load a model: a HF directory (config.json + safetensors) or a .gguf file; ``None`` is the
     embedded SmolLM2-135M-Instruct. ``device`` cpu/cuda/mps; ``dtype`` the compute dtype (fp32
     on CPU by default); ``threads`` torch CPU threads; ``compile`` wraps the layers with
-    torch.compile."""
+    torch.compile.
+
+    Offloading (any of ``percent``, ``device_memory``, ``cpu_memory``): weights, KV cache and
+    activations are placed over device, host RAM and ``offload_dir`` by FlexGen's six
+    percentages ``(W_DEV, W_CPU, KV_DEV, KV_CPU, ACT_DEV, ACT_CPU)`` (disk gets the rest) or by
+    byte budgets ("1.6GB", "800MiB"); each loaded layer serves ``num_batches`` micro-batches of
+    ``batch_size`` sequences (a block) before the next; ``max_context`` is the prompt +
+    generation length budgets plan the KV cache for."""
     path = Path(model).expanduser() if model is not None else embedded_model_path()
     dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
@@ -244,8 +267,18 @@ def load(
     with _loading_allocator():
         ckpt = open_checkpoint(path)
         config = load_config(ckpt.config_dict())
-        model_slice = build_slice(ckpt, parts, dev, dt, config, pack=not compile)
         tokenizer = _load_tokenizer(ckpt, path)
+        if percent is not None or device_memory is not None or cpu_memory is not None:
+            from layercake.checkpoint.parts import parse_parts
+            from layercake.offload import offload_runner
+
+            runner = offload_runner(
+                ckpt, config, path, parse_parts(parts, config.num_hidden_layers), dev, dt,
+                percent, cpu_memory, device_memory, offload_dir, batch_size, num_batches,
+                max_context,
+            )  # fmt: skip
+            return LLM(runner, tokenizer, config, path)
+        model_slice = build_slice(ckpt, parts, dev, dt, config, pack=not compile)
     if compile:
         for name, m in model_slice.named_modules():
             if name.endswith(".mlp"):

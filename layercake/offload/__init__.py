@@ -1,0 +1,89 @@
+"""Offloading: run a model larger than memory under a placement policy (see ``policy``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from layercake.checkpoint.parts import Parts
+from layercake.config import BaseConfig
+from layercake.errors import LayercakeError
+from layercake.offload.executor import OffloadRunner
+from layercake.offload.policy import Footprint, Policy, parse_bytes, plan_policy
+
+__all__ = ["OffloadRunner", "Policy", "offload_runner", "parse_bytes"]
+
+
+def offload_runner(
+    ckpt: Any,
+    config: BaseConfig,
+    source: Path,
+    parts: Parts,
+    device: torch.device,
+    dtype: torch.dtype,
+    percent: tuple[float, ...] | list[float] | None = None,
+    cpu_memory: str | int | None = None,
+    device_memory: str | int | None = None,
+    offload_dir: str | Path | None = None,
+    batch_size: int | None = None,
+    num_batches: int | None = None,
+    max_context: int | None = None,
+) -> OffloadRunner:
+    """An ``OffloadRunner`` placed by ``percent`` (FlexGen's six numbers) or, without it, by
+    byte budgets planned for blocks of ``batch_size x num_batches`` sequences of up to
+    ``max_context`` tokens (longer ones put the cache of the layers that do not fit on disk)."""
+    kw = {"batch_size": batch_size or 32, "num_batches": num_batches or 1}
+    directory = Path(offload_dir).expanduser() if offload_dir is not None else None
+    cpu_b, dev_b = parse_bytes(cpu_memory), parse_bytes(device_memory)
+    if percent is not None:
+        policy = Policy.from_percent(percent, **kw)
+        runner = OffloadRunner(ckpt, config, source, parts, policy, device, dtype, directory)
+    else:
+        if cpu_b is None and dev_b is None:
+            raise LayercakeError("offloading needs --percent or a memory budget")
+        fp = footprint(ckpt, config, parts, dtype, kw["batch_size"] * kw["num_batches"],
+                       max_context or 256)  # fmt: skip
+        policy = plan_policy(fp, cpu_b, dev_b, device.type == "cuda", **kw)
+        kv_budget = int(fp.kv * (policy.cache_device + policy.cache_cpu) / 100)
+        if device.type == "cpu":
+            kv_budget = int(fp.kv * policy.cache_device / 100)
+        runner = OffloadRunner(
+            ckpt, config, source, parts, policy, device, dtype, directory, kv_budget=kv_budget
+        )
+    runner.footprint_policy = policy
+    return runner
+
+
+def footprint(
+    ckpt: Any, config: BaseConfig, parts: Parts, dtype: torch.dtype, block: int, context: int
+) -> Footprint:
+    """Sizes of the streamed units and of one block's cache and activations."""
+    from layercake.models import family
+    from layercake.offload.store import plan_units
+
+    fam = family(config.model_type)
+    with torch.device("meta"):
+        model = fam.Model(config, parts)
+    units = plan_units(ckpt, model, parts.layers, parts.head, fam.Model.tied, dtype)
+    if not units:
+        raise LayercakeError(f"part {parts} has no layers or head to offload")
+    weights = sum(u.nbytes for u in units)
+    itemsize = units[0].entries[0].torch_dtype.itemsize
+    widest = (
+        max(e.shape[0] for u in units for e in u.entries if u.kind == "layer")
+        if any(u.kind == "layer" for u in units)
+        else config.hidden_size
+    )
+    tokens = block * context
+    act = 4 * (tokens * (2 * config.hidden_size + 2 * widest) + block * config.vocab_size)
+    kv = 2 * dtype.itemsize * tokens * len(parts.layers) * config.num_key_value_heads
+    kv *= config.head_dim
+    return Footprint(
+        weights=weights,
+        compute_ratio=dtype.itemsize / itemsize,
+        max_unit=max(u.nbytes for u in units),
+        activations=act,
+        kv=kv,
+    )

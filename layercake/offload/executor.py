@@ -1,0 +1,345 @@
+"""The offload executor: runs a model whose weights, KV cache and activations are spread over
+device, host RAM and disk, following the zig-zag schedule, with disk reads in a background thread.
+
+It wraps the family's own model (built on the meta device) and never forks its math: per unit it
+binds the unit's weights into the model's modules and calls the same blocks ``LocalRunner`` runs.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layercake.checkpoint import _embedding_dtype
+from layercake.checkpoint.parts import Parts
+from layercake.config import BaseConfig
+from layercake.errors import LayercakeError
+from layercake.kv_cache import AttentionStep, KVCache
+from layercake.models import family
+from layercake.offload.policy import Policy, split_bytes
+from layercake.offload.schedule import zigzag
+from layercake.offload.store import Entry, Unit, disk_range, plan_units, prepare
+from layercake.offload.tiers import ALIGN, DirectReader, advise_willneed, file_tensor, host_buffer
+
+
+@dataclass
+class _Placed:
+    """One tensor of a unit: rows [0, a) on the device, [a, b) in host RAM, [b, n) on disk."""
+
+    entry: Entry
+    a: int
+    b: int
+    dev: torch.Tensor | None  # rows [0, a), compute dtype
+    cpu: torch.Tensor | None  # rows [a, b), storage dtype
+    scratch: tuple[int, int] | None  # (offset, numel) in the compute scratch, None = direct
+    owner: nn.Module | None
+    attr: str
+
+
+class _Loader:
+    """Background reads of units' disk rows into a ring of staging buffers."""
+
+    def __init__(self, readers: dict[int, DirectReader], ranges: dict[int, tuple[int, int]],
+                 slots: list[torch.Tensor]) -> None:  # fmt: skip
+        self.readers, self.ranges = readers, ranges
+        self.free_slots: queue.Queue[int] = queue.Queue()
+        for i in range(len(slots)):
+            self.free_slots.put(i)
+        self.slots = slots
+        self.todo: queue.Queue[int] = queue.Queue()
+        self.inflight: dict[int, list[Any]] = {}  # unit -> [event, slot, error]
+        self.bytes_read = 0
+        threading.Thread(target=self._run, daemon=True, name="layercake-loader").start()
+
+    def submit(self, unit: int) -> None:
+        if unit in self.inflight or unit not in self.ranges:
+            return
+        self.inflight[unit] = [threading.Event(), None, None]
+        self.todo.put(unit)
+
+    def wait(self, unit: int) -> torch.Tensor | None:
+        if unit not in self.ranges:
+            return None
+        self.submit(unit)
+        ev, slot, err = self.inflight[unit]
+        ev.wait()
+        ev, slot, err = self.inflight[unit]
+        if err is not None:
+            del self.inflight[unit]
+            if slot is not None:
+                self.free_slots.put(slot)
+            raise err
+        return self.slots[slot]
+
+    def free(self, unit: int) -> None:
+        item = self.inflight.pop(unit, None)
+        if item is not None and item[1] is not None:
+            self.free_slots.put(item[1])
+
+    def _run(self) -> None:
+        while True:
+            unit = self.todo.get()
+            slot = self.free_slots.get()
+            item = self.inflight[unit]
+            item[1] = slot
+            try:
+                offset, length = self.ranges[unit]
+                self.bytes_read += self.readers[unit].read_into(self.slots[slot], offset, length)
+            except Exception as e:  # handed to the compute thread by wait()
+                item[2] = e
+            item[0].set()
+
+
+class OffloadRunner:
+    """A Runner (``new_cache`` / ``forward``) for a model placed by a ``Policy``."""
+
+    def __init__(
+        self,
+        ckpt: Any,
+        config: BaseConfig,
+        source: Path,
+        parts: Parts,
+        policy: Policy,
+        device: torch.device,
+        dtype: torch.dtype,
+        offload_dir: Path | None,
+        kv_budget: int | None = None,
+    ) -> None:
+        self.config, self.parts, self.policy = config, parts, policy
+        self.device, self.dtype = device, dtype
+        self.vocab_size = config.vocab_size
+        self.max_context = config.max_position_embeddings
+        self.layers = list(parts.layers)
+        self.offload_dir = offload_dir
+        self.kv_budget = kv_budget
+        self.cuda = device.type == "cuda"
+        fam = family(config.model_type)
+        with torch.device("meta"):
+            self.model = fam.Model(config, parts)
+        self.units = plan_units(ckpt, self.model, parts.layers, parts.head, fam.Model.tied, dtype)
+        self._bind_static(ckpt, fam.Model.tied)
+        if parts.head:
+            self.model.lm_head = nn.Identity()  # the head's projection runs as streamed slabs
+        self.placed = [self._place(ckpt, u) for u in self.units]
+        need = max((sum(p.scratch[1] for p in ps if p.scratch) for ps in self.placed), default=0)
+        self.scratch = torch.empty(need, dtype=dtype, device=device)
+        self.loader = self._disk(ckpt, source)
+        self.block_size = policy.block_size
+        self.act_files: dict[tuple[int, ...], torch.Tensor] = {}
+        self._caches = 0
+
+    # ---- placement -------------------------------------------------------------------------
+    def _bind_static(self, ckpt: Any, tied: dict[str, str]) -> None:
+        """Embeddings, final norm and other small non-layer tensors stay resident; a table
+        stored narrower than the compute dtype stays a view of the checkpoint (rows upcast)."""
+        names = set(ckpt.tensor_names())
+        unit_params = {e.param for u in self.units for e in u.entries}
+        state = {}
+        for name in dict(self.model.named_parameters()):
+            if name in unit_params or name == "lm_head.weight":
+                continue
+            src = name if name in names else tied.get(name, name)
+            if src not in names:
+                raise LayercakeError(f"checkpoint has no tensor {name!r}")
+            owner = self.model.get_submodule(name.rpartition(".")[0])
+            want = self.dtype
+            if isinstance(owner, nn.Embedding):
+                want = _embedding_dtype(ckpt, src, self.dtype, self.device)
+                if want != self.dtype:
+                    owner.compute_dtype = self.dtype
+            state[name] = ckpt.load(src, want).to(self.device)
+        self.model.load_state_dict(state, assign=True, strict=False)
+        self.model.requires_grad_(False)
+
+    def _place(self, ckpt: Any, u: Unit) -> list[_Placed]:
+        dev_b, cpu_b, _ = split_bytes(u.nbytes, self.policy.w_device, self.policy.w_cpu)
+        out, done, offset = [], 0, 0
+        for e in u.entries:
+            n, rb = e.shape[0], e.row_bytes
+            a = min(n, max(0, (dev_b - done) // rb))
+            b = min(n, a + max(0, (dev_b + cpu_b - done - a * rb) // rb))
+            done += e.nbytes
+            rows = ckpt.load(e.src, e.torch_dtype)[e.row0 : e.row0 + n]
+            # a view of the checkpoint's map when stored so: kept as it is, never copied; else
+            # (dequantized) only the rows kept here are held
+            mapped = ckpt.stored_dtype(e.src) == e.torch_dtype
+            dev = cpu = None
+            if a:
+                dev = rows[:a].to(self.device, self.dtype)
+                if dev.data_ptr() == rows.data_ptr() and not mapped and a < n:
+                    dev = dev.clone()
+            if b > a:
+                cpu = rows[a:b] if mapped else rows[a:b].clone()
+                if self.cuda:
+                    cpu = cpu.pin_memory()
+            owner, attr = None, e.param.rpartition(".")[2]
+            if u.kind == "layer":
+                owner = self.model.get_submodule(e.param.rpartition(".")[0])
+            scratch = None
+            if a < n:
+                numel = e.nbytes // e.torch_dtype.itemsize
+                scratch = (offset, numel)
+                offset += numel
+            out.append(_Placed(e, a, b, dev, cpu, scratch, owner, attr))
+        return out
+
+    def _disk(self, ckpt: Any, source: Path) -> _Loader | None:
+        first_rows = [{p.entry.param: p.b for p in ps} for ps in self.placed]
+        ranges = {j: disk_range(u, first_rows[j]) for j, u in enumerate(self.units)}
+        ranges = {j: r for j, r in ranges.items() if r[1] > 0}
+        self.disk_bytes = sum(r[1] for r in ranges.values())
+        if not ranges:
+            return None
+        if self.offload_dir is None:
+            raise LayercakeError(
+                "the policy puts weights on disk: give an offload dir (--offload-dir, offload_dir=)"
+            )
+        directory = prepare(ckpt, self.units, source, self.offload_dir)
+        self.disk_ranges = ranges
+        readers = {j: DirectReader(directory / f"{self.units[j].name}.bin") for j in ranges}
+        size = max(r[1] for r in ranges.values()) + ALIGN
+        slots = [host_buffer(size, pin=self.cuda) for _ in range(2)]
+        return _Loader(readers, ranges, slots)
+
+    # ---- KV cache and activations ----------------------------------------------------------
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """The cache of held layers in their tiers: the first layers on the device, then host
+        RAM, then files in the offload dir (mapped: the kernel pages them)."""
+        c = self.config
+        shape = (batch, c.num_key_value_heads, capacity, c.head_dim)
+        per_layer = 2 * self.dtype.itemsize * batch * capacity * c.num_key_value_heads * c.head_dim
+        n = len(self.layers)
+        if self.kv_budget is not None:
+            in_ram = min(n, self.kv_budget // max(1, per_layer))
+        else:
+            in_ram = round(n * (self.policy.cache_device + self.policy.cache_cpu) / 100)
+        if in_ram < n and self.offload_dir is None:
+            raise LayercakeError("the policy puts KV cache on disk: give an offload dir")
+        if in_ram < n and self.cuda:
+            raise LayercakeError("a KV cache off the GPU is not supported on CUDA yet")
+        keys, values = {}, {}
+        self._caches += 1
+        for pos, i in enumerate(self.layers):
+            if pos < in_ram:
+                keys[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                values[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            else:
+                d = self.offload_dir / "kv"
+                keys[i] = file_tensor(d / f"{self._caches}-k{i}", shape, self.dtype)
+                values[i] = file_tensor(d / f"{self._caches}-v{i}", shape, self.dtype)
+        valid = torch.zeros(batch, capacity, dtype=torch.bool, device=self.device)
+        self.kv_on_disk = n - in_ram
+        return KVCache(keys, values, valid, 0, getattr(c, "sliding_window", None))
+
+    def _act_buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if shape not in self.act_files:
+            self.act_files.clear()
+            d = self.offload_dir / "act"
+            self.act_files[shape] = file_tensor(d / f"{len(self.act_files)}", shape, self.dtype)
+        return self.act_files[shape]
+
+    # ---- execution -------------------------------------------------------------------------
+    def _materialize(self, j: int, staging: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Unit j's weights in the compute dtype on the device, bound into the model."""
+        out = {}
+        disk_start = self.disk_ranges[j][0] if staging is not None else 0
+        for p in self.placed[j]:
+            e, n = p.entry, p.entry.shape[0]
+            if p.scratch is None:
+                t = p.dev
+            else:
+                off, numel = p.scratch
+                t = self.scratch[off : off + numel].view(e.shape)
+                if p.a:
+                    t[: p.a].copy_(p.dev)
+                if p.b > p.a:
+                    t[p.a : p.b].copy_(p.cpu, non_blocking=True)
+                if n > p.b:
+                    lo = e.offset + p.b * e.row_bytes - disk_start
+                    raw = staging[lo : lo + (n - p.b) * e.row_bytes]
+                    t[p.b :].copy_(raw.view(e.torch_dtype).view(n - p.b, *e.shape[1:]),
+                                   non_blocking=True)  # fmt: skip
+            if p.owner is not None:
+                p.owner._parameters[p.attr] = t
+            out[e.param] = t
+        return out
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,  # (B, T) ids, or (B, T, hidden) for a slice without embeddings
+        positions: torch.Tensor,  # (B, T)
+        cache: KVCache,
+        token_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        tokens, positions = tokens.to(self.device), positions.to(self.device)
+        B, T = positions.shape
+        if token_mask is None:
+            token_mask = torch.ones(B, T, dtype=torch.bool)
+        step = cache.begin(token_mask.to(self.device))
+        bs = self.policy.batch_size
+        rows = [slice(a, min(a + bs, B)) for a in range(0, B, bs)]
+        m = self.model
+        hs = [m.embed(tokens[r], positions[r]) if self.parts.embed else tokens[r] for r in rows]
+        ctxs = [m.context(positions[r], hs[0].dtype) for r in rows]
+        steps = [AttentionStep(step.start, step.end, step.mask[r]) for r in rows]
+        on_disk = self._act_on_disk(len(rows))
+        act = self._act_buffer((B, T, hs[0].shape[-1])) if on_disk else None
+        normed: list[torch.Tensor | None] = [None] * len(rows)
+        logits: list[torch.Tensor | None] = [None] * len(rows)
+        weights: dict[str, torch.Tensor] = {}
+        disk_kv = self.layers[len(self.layers) - getattr(self, "kv_on_disk", 0) :]
+        for op in zigzag(len(self.units), len(rows)):
+            u = self.units[op.unit]
+            if op.kind == "load":
+                if self.loader is not None:
+                    self.loader.submit(op.unit)
+            elif op.kind == "wait":
+                staging = self.loader.wait(op.unit) if self.loader is not None else None
+                weights = self._materialize(op.unit, staging)
+            elif op.kind == "free":
+                if self.loader is not None:
+                    self.loader.free(op.unit)
+            elif op.kind == "load_cache":
+                if u.kind == "layer" and u.index in disk_kv:
+                    r = rows[op.batch]
+                    advise_willneed(cache.keys[u.index][r])
+                    advise_willneed(cache.values[u.index][r])
+            elif op.kind == "compute":
+                k, r = op.batch, rows[op.batch]
+                if u.kind == "layer":
+                    block = m.blocks()[str(u.index)]
+                    i = u.index
+                    hs[k] = block(hs[k], ctxs[k], cache.keys[i][r], cache.values[i][r], steps[k])
+                    if act is not None and k in on_disk:
+                        hs[k] = act[r].copy_(hs[k])
+                else:
+                    if normed[k] is None:
+                        h = hs[k][:, -1:] if last_only else hs[k]
+                        normed[k] = m.head(h)  # final norm (and projection) before the vocab
+                        shape = (*normed[k].shape[:-1], self.vocab_size)
+                        logits[k] = torch.empty(shape, dtype=torch.float32, device=self.device)
+                    w = weights["lm_head.weight"]
+                    logits[k][..., u.index : u.index + w.shape[0]] = F.linear(normed[k], w)
+        cache.advance(step)
+        if not self.parts.head:
+            return torch.cat(hs) if len(hs) > 1 else hs[0]
+        return torch.cat(logits) if len(logits) > 1 else logits[0]
+
+    def _act_on_disk(self, num_batches: int) -> set[int]:
+        keep = round(num_batches * (self.policy.act_device + self.policy.act_cpu) / 100)
+        if keep < num_batches and self.offload_dir is None:
+            raise LayercakeError("the policy puts activations on disk: give an offload dir")
+        return set(range(keep, num_batches))
+
+    @property
+    def bytes_read(self) -> int:
+        return self.loader.bytes_read if self.loader is not None else 0

@@ -1,0 +1,179 @@
+"""Where weights, KV cache and activations live: FlexGen's six percentages or byte budgets.
+
+Tiers, fastest first: ``device`` (the compute device; on a CPU-only machine, host RAM holding
+weights already in the compute dtype), ``cpu`` (host RAM in the storage dtype, pinned when the
+device is CUDA) and ``disk`` (files in ``offload_dir``, read with large direct reads). Weights are
+placed by bytes: every streamed unit (a layer, or a slab of the output head) keeps the same share
+of its bytes in each tier, so 25 % and 30 % really differ by 5 % of the model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from layercake.errors import LayercakeError
+
+_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+_IUNITS = {"KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+def parse_bytes(value: str | int | float | None) -> int | None:
+    """``"1.6GB"``, ``"800MiB"``, ``"2G"``, ``1000000`` -> bytes (decimal units unless ``i``)."""
+    if value is None or isinstance(value, int | float):
+        return None if value is None else int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT][iI]?)?[bB]?\s*", value)
+    if not m:
+        raise LayercakeError(f"cannot read {value!r} as a size: use e.g. 1600MB, 1.5GiB, 2G")
+    unit = (m.group(2) or "").upper()
+    return int(float(m.group(1)) * (_IUNITS.get(unit) or _UNITS[unit]))
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Percentages (0-100) per tier; disk gets what device and cpu leave.
+
+    ``batch_size`` sequences form a micro-batch; ``num_batches`` micro-batches form the block that
+    each loaded layer serves before the next one (the effective batch is their product)."""
+
+    w_device: float = 100.0
+    w_cpu: float = 0.0
+    cache_device: float = 100.0
+    cache_cpu: float = 0.0
+    act_device: float = 100.0
+    act_cpu: float = 0.0
+    batch_size: int = 32
+    num_batches: int = 1
+
+    def __post_init__(self) -> None:
+        for what, dev, cpu in (
+            ("weights", self.w_device, self.w_cpu),
+            ("KV cache", self.cache_device, self.cache_cpu),
+            ("activations", self.act_device, self.act_cpu),
+        ):
+            if not (0 <= dev <= 100 and 0 <= cpu <= 100 and dev + cpu <= 100 + 1e-9):
+                raise LayercakeError(
+                    f"--percent for {what}: device {dev:g} % and cpu {cpu:g} % must each be in "
+                    "0-100 and add up to at most 100 (disk gets the rest)"
+                )
+        if self.batch_size < 1 or self.num_batches < 1:
+            raise LayercakeError("batch_size and num_batches must be at least 1")
+
+    @classmethod
+    def from_percent(cls, percent: tuple[float, ...] | list[float], **kw: int) -> Policy:
+        if len(percent) != 6:
+            raise LayercakeError(
+                "--percent takes six numbers: W_DEV W_CPU KV_DEV KV_CPU ACT_DEV ACT_CPU "
+                f"(got {len(percent)})"
+            )
+        return cls(*(float(p) for p in percent), **kw)
+
+    @property
+    def block_size(self) -> int:
+        return self.batch_size * self.num_batches
+
+    @property
+    def w_disk(self) -> float:
+        return max(0.0, 100.0 - self.w_device - self.w_cpu)
+
+    @property
+    def cache_disk(self) -> float:
+        return max(0.0, 100.0 - self.cache_device - self.cache_cpu)
+
+    @property
+    def act_disk(self) -> float:
+        return max(0.0, 100.0 - self.act_device - self.act_cpu)
+
+    @property
+    def percent(self) -> tuple[float, ...]:
+        return (
+            self.w_device,
+            self.w_cpu,
+            self.cache_device,
+            self.cache_cpu,
+            self.act_device,
+            self.act_cpu,
+        )
+
+    def __str__(self) -> str:
+        p = " ".join(f"{x:g}" for x in self.percent)
+        return f"percent {p}, batch {self.batch_size} x {self.num_batches}"
+
+
+def split_bytes(total: int, policy_dev: float, policy_cpu: float) -> tuple[int, int, int]:
+    """``total`` bytes split by percentages into (device, cpu, disk) byte counts."""
+    dev = int(total * policy_dev / 100)
+    cpu = min(total - dev, int(total * policy_cpu / 100))
+    return dev, cpu, total - dev - cpu
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a placement needs besides the placed weights, for budget planning (bytes)."""
+
+    weights: int  # all streamed units, storage dtype
+    compute_ratio: float  # compute itemsize / storage itemsize (fp32 over bf16: 2)
+    max_unit: int  # the largest unit, storage dtype
+    activations: int  # hidden states, MLP intermediates and logits of one block
+    kv: int  # the KV cache of one block at the planned context
+
+
+def plan_policy(
+    fp: Footprint,
+    cpu_memory: int | None,
+    device_memory: int | None,
+    cuda: bool,
+    batch_size: int,
+    num_batches: int,
+) -> Policy:
+    """Percentages from byte budgets: what does not fit goes to disk.
+
+    On a CPU-only machine the device tier is host RAM too: weights stay in the compute dtype
+    (no conversion per step) when all of them fit that way, else in the storage dtype (twice as
+    many fit, converted as they are used). The KV cache gets RAM before the weights' share."""
+    kw = {"batch_size": batch_size, "num_batches": num_batches}
+    scratch = int(fp.max_unit * fp.compute_ratio)
+    if not cuda:
+        budget = (cpu_memory or 0) + (device_memory or 0)
+        fixed = fp.activations + scratch
+        if fp.weights * fp.compute_ratio + fp.activations + fp.kv <= budget:
+            return Policy(100, 0, 100, 0, 100, 0, **kw)
+        return _split(fp, budget, fixed, **kw)
+    # CUDA: device memory holds compute buffers, cache and what weights fit; host RAM the rest
+    dev_budget = (device_memory or 0) - fp.activations - scratch
+    if dev_budget < 0:
+        raise LayercakeError(
+            f"--device-memory {device_memory / 1e9:.2f} GB is too small: one layer's buffers and "
+            f"activations need {(fp.activations + scratch) / 1e9:.2f} GB"
+        )
+    kv_dev = min(100.0, 100.0 * dev_budget / fp.kv) if fp.kv else 100.0
+    dev_budget = max(0, dev_budget - fp.kv)
+    w_dev = min(100.0, 100.0 * dev_budget / (fp.weights * fp.compute_ratio))
+    rest = fp.weights * (1 - w_dev / 100)
+    host = cpu_memory if cpu_memory is not None else 0
+    w_cpu = min(100.0 - w_dev, 100.0 * max(0, host - 2 * fp.max_unit) / fp.weights)
+    if w_cpu < 0 or (rest > 0 and cpu_memory is not None and host < 2 * fp.max_unit):
+        raise LayercakeError(
+            f"--cpu-memory is too small to stream from disk: staging needs "
+            f"{2 * fp.max_unit / 1e9:.2f} GB"
+        )
+    return Policy(w_dev, w_cpu, kv_dev, 100 - kv_dev, 100, 0, **kw)
+
+
+def _split(fp: Footprint, budget: int, fixed: int, **kw: int) -> Policy:
+    """CPU budget: KV cache first, then weights in the storage dtype; the rest streams from disk
+    through two staging buffers of a unit's disk share each."""
+    kv_ram = min(fp.kv, max(0, budget - fixed - 2 * fp.max_unit))
+    kv_pct = 100.0 * kv_ram / fp.kv if fp.kv else 100.0
+    room = budget - fixed - kv_ram
+    # resident r of W, disk d = W - r, staging 2 * max_unit * d / W: r + 2 U d / W <= room
+    W, U = fp.weights, fp.max_unit
+    minimum = fixed + 2 * U
+    if room < 2 * U:
+        raise LayercakeError(
+            f"memory budget {budget / 1e9:.2f} GB is too small: streaming even one layer at a "
+            f"time needs at least {minimum / 1e9:.2f} GB (buffers and activations for batch "
+            f"{kw['batch_size']} x {kw['num_batches']})"
+        )
+    r = min(W, (room - 2 * U) / (1 - 2 * U / W)) if W > 2 * U else 0
+    return Policy(0, 100.0 * r / W, kv_pct, 0, 100, 0, **kw)

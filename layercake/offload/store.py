@@ -1,0 +1,208 @@
+"""Streamed units and their disk layout.
+
+A unit is what the executor loads at once: one decoder layer, or a slab of rows of the output
+head (the head of a large-vocabulary model is as big as several layers; slabs keep every load
+about a layer's size). ``prepare`` writes each unit once to its own file in ``offload_dir``, in
+the storage dtype, every tensor at a 4 KiB-aligned offset so that any row range can be read with
+one large direct read; a manifest written last marks the set complete and is reused next time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from layercake.errors import LayercakeError
+from layercake.offload.tiers import ALIGN, align_up, check_writable
+
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a unit: ``param`` the model's name (or ``lm_head.weight``), ``src`` the
+    checkpoint's, rows [row0, row0 + shape[0]) of it, at ``offset`` in the unit's file."""
+
+    param: str
+    src: str
+    shape: tuple[int, ...]
+    dtype: str
+    row0: int
+    offset: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def row_bytes(self) -> int:
+        n = self.torch_dtype.itemsize
+        for s in self.shape[1:]:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.row_bytes
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str  # "layer.3" or "head.0"
+    kind: str  # "layer" | "head"
+    index: int  # layer index, or first vocabulary row of a head slab
+    entries: tuple[Entry, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    @property
+    def file_bytes(self) -> int:
+        last = self.entries[-1]
+        return align_up(last.offset + last.nbytes)
+
+
+def storage_dtype(ckpt: Any, src: str, compute: torch.dtype) -> torch.dtype:
+    """Tensors keep their stored float dtype; quantized ones (GGUF) are stored dequantized in the
+    compute dtype, exactly."""
+    stored = ckpt.stored_dtype(src)
+    return stored if stored is not None and stored.is_floating_point else compute
+
+
+def plan_units(
+    ckpt: Any,
+    model: torch.nn.Module,
+    layers: tuple[int, ...],
+    head: bool,
+    tied: dict[str, str],
+    compute: torch.dtype,
+) -> list[Unit]:
+    """Units in execution order: the held layers, then head slabs of about a layer's bytes."""
+    names = set(ckpt.tensor_names())
+
+    def src_of(param: str) -> str:
+        if param in names:
+            return param
+        alt = tied.get(param)
+        if alt is not None and alt in names:
+            return alt
+        raise LayercakeError(f"checkpoint has no tensor {param!r}")
+
+    def entries(params: list[tuple[str, tuple[int, ...], int]]) -> tuple[Entry, ...]:
+        out, offset = [], 0
+        for param, shape, row0 in params:
+            src = src_of(param)
+            dt = storage_dtype(ckpt, src, compute)
+            e = Entry(param, src, shape, str(dt).removeprefix("torch."), row0, offset)
+            out.append(e)
+            offset = align_up(offset + e.nbytes)
+        return tuple(out)
+
+    units = []
+    blocks = model.blocks()
+    for i in layers:
+        params = [
+            (f"{_prefix(model, blocks[str(i)])}.{n}", tuple(p.shape), 0)
+            for n, p in blocks[str(i)].named_parameters()
+        ]
+        units.append(Unit(f"layer.{i}", "layer", i, entries(params)))
+    if head:
+        w = model.get_submodule("lm_head").weight
+        vocab, width = w.shape
+        layer_bytes = max((u.nbytes for u in units), default=64 * 2**20)
+        itemsize = storage_dtype(ckpt, src_of("lm_head.weight"), compute).itemsize
+        rows = max(1, min(vocab, layer_bytes // (width * itemsize)))
+        for r0 in range(0, vocab, rows):
+            n = min(rows, vocab - r0)
+            units.append(
+                Unit(f"head.{r0}", "head", r0, entries([("lm_head.weight", (n, width), r0)]))
+            )
+    return units
+
+
+def _prefix(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    raise KeyError("module not in model")
+
+
+def prepare(ckpt: Any, units: list[Unit], source: Path, offload_dir: Path) -> Path:
+    """Write each unit's file once (or find them written) and return their directory."""
+    key = json.dumps(
+        {"format": FORMAT, "source": _identity(source), "units": [asdict(u) for u in units]},
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    out = offload_dir / f"{source.name}-{digest}"
+    manifest = out / "manifest.json"
+    if manifest.is_file() and _complete(out, units):
+        return out
+    check_writable(offload_dir, sum(u.file_bytes for u in units))
+    out.mkdir(parents=True, exist_ok=True)
+    for u in units:
+        _write_unit(ckpt, u, out / f"{u.name}.bin")
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(key)
+    os.replace(tmp, manifest)
+    return out
+
+
+def _complete(out: Path, units: list[Unit]) -> bool:
+    return all(
+        (out / f"{u.name}.bin").is_file() and (out / f"{u.name}.bin").stat().st_size == u.file_bytes
+        for u in units
+    )
+
+
+def _identity(source: Path) -> list:
+    files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())
+    return [
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in files
+        if p.suffix in (".safetensors", ".gguf", ".json")
+    ]
+
+
+def _write_unit(ckpt: Any, u: Unit, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            for e in u.entries:
+                t = ckpt.load(e.src, e.torch_dtype)[e.row0 : e.row0 + e.shape[0]]
+                f.seek(e.offset)
+                f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+            f.truncate(u.file_bytes)
+            f.flush()
+            os.fsync(f.fileno())
+            if hasattr(os, "posix_fadvise"):  # written once, read with direct I/O: drop it
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise LayercakeError(f"writing offload file {path}: {e.strerror}") from e
+    finally:
+        for e in u.entries:
+            ckpt.release(e.src)
+
+
+def disk_range(u: Unit, first_row: dict[str, int]) -> tuple[int, int]:
+    """The aligned byte range of ``u``'s file holding every row from ``first_row[param]`` on
+    (the rows placed on disk), as (offset, length)."""
+    start = None
+    for e in u.entries:
+        r = first_row[e.param]
+        if r < e.shape[0]:
+            start = e.offset + r * e.row_bytes
+            break
+    if start is None:
+        return 0, 0
+    start = start // ALIGN * ALIGN
+    return start, u.file_bytes - start
