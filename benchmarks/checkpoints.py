@@ -78,18 +78,25 @@ def llama_1b(cache: Path = DEFAULT_CACHE) -> Path:
     d = cache / "llama-3.2-1b-random"
     if (d / "model.safetensors.index.json").is_file():
         return d
+    write_random_llama(d, LLAMA_1B, shards=2)
+    _copy_tokenizer(d)
+    return d
+
+
+def write_random_llama(d: Path, cfg: dict, shards: int = 1, seed: int = 0) -> Path:
+    """A random bf16 Llama checkpoint of config ``cfg`` in ``shards`` safetensors files with an
+    index (the last file written, so a present index means a complete checkpoint)."""
     d.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(0)
-    n = LLAMA_1B["num_hidden_layers"]
-    shards = [(range(0, n // 2), True), (range(n // 2, n), False)]
+    gen = torch.Generator().manual_seed(seed)
+    n = cfg["num_hidden_layers"]
+    bounds = [n * k // shards for k in range(shards + 1)]
     weight_map = {}
-    for k, (layers, embed) in enumerate(shards):
-        name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = _tensors(LLAMA_1B, layers, embed, gen)
+    for k in range(shards):
+        name = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        tensors = _tensors(cfg, range(bounds[k], bounds[k + 1]), k == 0, gen)
         save_file(tensors, d / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
-    (d / "config.json").write_text(json.dumps(LLAMA_1B, indent=1))
-    _copy_tokenizer(d)
+    (d / "config.json").write_text(json.dumps(cfg, indent=1))
     (d / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {}, "weight_map": weight_map})
     )

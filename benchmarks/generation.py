@@ -66,12 +66,15 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, compile: bool) -> dic
     )
 
 
-def run_transformers(path: Path, ids: torch.Tensor, gen: int, compile: bool) -> dict:
+def run_transformers(path: Path, ids: torch.Tensor, gen: int, compile: bool, **load_kw) -> dict:
+    """transformers ``generate``, greedy; ``load_kw`` go to ``from_pretrained`` (e.g. an
+    Accelerate ``device_map`` with ``max_memory`` and ``offload_folder``)."""
     import transformers
     from transformers.generation.streamers import BaseStreamer
 
     t0 = time.perf_counter()
     kw = dict(gguf_file=path.name) if path.suffix == ".gguf" else {}
+    kw.update(load_kw)
     src = path.parent if path.suffix == ".gguf" else path
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw).eval()
     load_s = time.perf_counter() - t0

@@ -23,6 +23,35 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", help="compute dtype: float32 (CPU default), bfloat16, float16")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--compile", action="store_true", help="wrap the layers with torch.compile")
+    o = p.add_argument_group(
+        "offloading",
+        "place weights, KV cache and activations over device, host RAM and disk; any of "
+        "--percent, --device-memory, --cpu-memory turns it on",
+    )
+    o.add_argument(
+        "--percent",
+        nargs=6,
+        type=float,
+        metavar=("W_DEV", "W_CPU", "KV_DEV", "KV_CPU", "ACT_DEV", "ACT_CPU"),
+        help="FlexGen's placement: percent of weights, KV cache and activations on the device "
+        "and in host RAM; disk holds the rest",
+    )
+    o.add_argument("--device-memory", help="device memory budget, e.g. 6GB (CUDA)")
+    o.add_argument(
+        "--cpu-memory",
+        help="host RAM budget for the whole process, e.g. 1.6GB; what does not fit streams "
+        "from --offload-dir",
+    )
+    o.add_argument("--offload-dir", help="directory for the disk tier (a prepared copy per model)")
+    o.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 32)")
+    o.add_argument(
+        "--num-batches", type=int, help="micro-batches each loaded layer serves (default 1)"
+    )
+    o.add_argument(
+        "--max-context",
+        type=int,
+        help="prompt + generated tokens the memory budget plans the KV cache for (default 256)",
+    )
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -60,7 +89,19 @@ def load_from_args(a: argparse.Namespace):
     import layercake
 
     return layercake.load(
-        a.model, parts=a.parts, device=a.device, dtype=a.dtype, threads=a.threads, compile=a.compile
+        a.model,
+        parts=a.parts,
+        device=a.device,
+        dtype=a.dtype,
+        threads=a.threads,
+        compile=a.compile,
+        percent=a.percent,
+        device_memory=a.device_memory,
+        cpu_memory=a.cpu_memory,
+        offload_dir=a.offload_dir,
+        batch_size=a.batch_size,
+        num_batches=a.num_batches,
+        max_context=a.max_context,
     )
 
 

@@ -11,7 +11,10 @@ from layercake.checkpoint.parts import Parts
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.offload.executor import OffloadRunner
+from layercake.runner import LocalRunner
 from layercake.offload.policy import Footprint, Policy, parse_bytes, plan_policy
+
+SAFETY = 96 * 2**20  # allocator slack, thread stacks, the tokenizer's growth: kept free
 
 __all__ = ["OffloadRunner", "Policy", "offload_runner", "parse_bytes"]
 
@@ -30,7 +33,7 @@ def offload_runner(
     batch_size: int | None = None,
     num_batches: int | None = None,
     max_context: int | None = None,
-) -> OffloadRunner:
+) -> OffloadRunner | LocalRunner:
     """An ``OffloadRunner`` placed by ``percent`` (FlexGen's six numbers) or, without it, by
     byte budgets planned for blocks of ``batch_size x num_batches`` sequences of up to
     ``max_context`` tokens (longer ones put the cache of the layers that do not fit on disk)."""
@@ -43,23 +46,45 @@ def offload_runner(
     else:
         if cpu_b is None and dev_b is None:
             raise LayercakeError("offloading needs --percent or a memory budget")
-        fp = footprint(ckpt, config, parts, dtype, kw["batch_size"] * kw["num_batches"],
-                       max_context or 256)  # fmt: skip
+        fp = footprint(ckpt, config, parts, dtype, **kw, context=max_context or 256)
+        if cpu_b is not None:  # a budget for the whole process: what it holds already counts
+            cpu_b -= process_rss() + SAFETY
         policy = plan_policy(fp, cpu_b, dev_b, device.type == "cuda", **kw)
-        kv_budget = int(fp.kv * (policy.cache_device + policy.cache_cpu) / 100)
-        if device.type == "cpu":
-            kv_budget = int(fp.kv * policy.cache_device / 100)
+        if policy.w_device == 100 and policy.cache_device == 100 and device.type == "cpu":
+            return resident_runner(ckpt, config, parts, device, dtype, policy)
+        kv_budget = int(fp.kv * policy.cache_device / 100)
+        if device.type == "cuda":
+            kv_budget = int(fp.kv * (policy.cache_device + policy.cache_cpu) / 100)
         runner = OffloadRunner(
             ckpt, config, source, parts, policy, device, dtype, directory, kv_budget=kv_budget
         )
-    runner.footprint_policy = policy
+    return runner
+
+
+def resident_runner(
+    ckpt: Any, config: BaseConfig, parts: Parts, device: torch.device, dtype: torch.dtype,
+    policy: Policy,
+) -> LocalRunner:  # fmt: skip
+    """Everything fits the budget: the in-memory runner (packed weights), in blocks."""
+    from layercake.checkpoint import build_slice
+
+    runner = LocalRunner([build_slice(ckpt, parts, device, dtype, config, pack=True)], config,
+                         device, dtype)  # fmt: skip
+    runner.block_size, runner.policy = policy.block_size, policy
     return runner
 
 
 def footprint(
-    ckpt: Any, config: BaseConfig, parts: Parts, dtype: torch.dtype, block: int, context: int
+    ckpt: Any,
+    config: BaseConfig,
+    parts: Parts,
+    dtype: torch.dtype,
+    batch_size: int,
+    num_batches: int,
+    context: int,
 ) -> Footprint:
     """Sizes of the streamed units and of one block's cache and activations."""
+    block = batch_size * num_batches
     from layercake.models import family
     from layercake.offload.store import plan_units
 
@@ -76,9 +101,10 @@ def footprint(
         if any(u.kind == "layer" for u in units)
         else config.hidden_size
     )
-    tokens = block * context
-    act = 4 * (tokens * (2 * config.hidden_size + 2 * widest) + block * config.vocab_size)
-    kv = 2 * dtype.itemsize * tokens * len(parts.layers) * config.num_key_value_heads
+    micro = batch_size * context  # intermediates: one micro-batch at a time
+    act = 4 * (micro * 2 * widest + block * context * 2 * config.hidden_size)
+    act += 4 * block * config.vocab_size  # the logits of a step
+    kv = 2 * dtype.itemsize * block * context * len(parts.layers) * config.num_key_value_heads
     kv *= config.head_dim
     return Footprint(
         weights=weights,
@@ -87,3 +113,14 @@ def footprint(
         activations=act,
         kv=kv,
     )
+
+
+def process_rss() -> int:
+    """Resident bytes of this process now (0 where /proc is missing)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    import mmap
+
+    return pages * mmap.PAGESIZE

@@ -1,0 +1,256 @@
+"""Offloading under a hard memory cap: layercake vs transformers + Accelerate disk offload.
+
+Each case runs in its own process under ``shared/tools/memlimit --drop-caches CAP`` (the page
+cache counts against the cap, and starts cold), on the random Llama-3.2-1B-shaped bf16 checkpoint
+(2.5 GB). Prints one JSON line per case with FlexGen's figures: prefill, decode and total
+throughput (generated tokens / wall time, end to end), peak memory of the cgroup, the policy, bytes
+read from disk, whether the greedy tokens equal the in-memory run's, and the fraction of this
+machine's bound reached: sum over steps of max(bytes streamed / disk bandwidth, FLOPs / matmul
+peak), both measured here at the start of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from generation import model_path, prompts, run_transformers  # noqa: E402
+
+MEMLIMIT = HERE.parent.parent / "shared/tools/memlimit"
+DEFAULT_OFFLOAD = Path(os.environ.get("LAYERCAKE_OFFLOAD_DIR", "/var/tmp/layercake-offload"))
+
+
+def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace) -> dict:
+    import layercake
+
+    t0 = time.perf_counter()
+    kw = dict(offload_dir=a.offload_dir, batch_size=min(a.micro_batch or 10**9, ids.shape[0]))
+    kw["num_batches"] = max(1, ids.shape[0] // kw["batch_size"])
+    if a.percent:
+        kw["percent"] = a.percent
+    else:
+        kw["cpu_memory"] = a.cap
+        kw["max_context"] = ids.shape[1] + gen
+    llm = layercake.load(path, **kw)
+    load_s = time.perf_counter() - t0
+    read0 = llm.runner.bytes_read
+    out = llm.generate(ids.tolist(), max_new_tokens=gen, ignore_eos=True)
+    s = llm.last_stats
+    r = llm.runner
+    return dict(
+        load_s=load_s,
+        prefill_s=s.prefill_s,
+        decode_s=s.decode_s,
+        steps=1 + s.decode_steps,
+        params=sum(u.nbytes // u.entries[0].torch_dtype.itemsize for u in r.units),
+        disk_bytes_per_step=r.disk_bytes,
+        bytes_read=r.bytes_read - read0,
+        policy=str(r.policy),
+        kv_layers_on_disk=getattr(r, "kv_on_disk", 0),
+        tokens=[x.token_ids for x in out],
+    )
+
+
+def run_accelerate(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace) -> dict:
+    folder = Path(a.offload_dir) / "accelerate"
+    folder.mkdir(parents=True, exist_ok=True)
+    budget = int(a.accelerate_fraction * _bytes(a.cap))
+    r = run_transformers(
+        path,
+        ids,
+        gen,
+        False,
+        device_map="auto",
+        max_memory={"cpu": budget},
+        offload_folder=str(folder),
+    )
+    r["steps"] = gen
+    r["policy"] = f"device_map=auto max_memory cpu {budget / 1e9:.2f} GB, offload_folder"
+    return r
+
+
+def _bytes(s: str) -> int:
+    from layercake.offload import parse_bytes
+
+    return parse_bytes(s)
+
+
+def worker(a: argparse.Namespace) -> None:
+    torch.set_num_threads(a.threads)
+    path = model_path("llama1b")
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    ids = prompts(max(a.batch, 1), a.prompt_len, vocab)[: a.batch]
+    fn = run_layercake if a.engine == "layercake" else run_accelerate
+    r = fn(path, ids, a.gen_len, a)
+    print(json.dumps(r))
+
+
+def measure_machine(offload_dir: Path, threads: int) -> dict:
+    """Disk bandwidth (direct reads of the prepared unit files, cold) and fp32 matmul peak."""
+    from layercake.offload.tiers import DirectReader, host_buffer
+
+    files = sorted(offload_dir.glob("*/layer.*.bin"))[:8]
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("1")
+    buf = host_buffer(max(f.stat().st_size for f in files))
+    t0, n = time.perf_counter(), 0
+    for f in files:
+        r = DirectReader(f)
+        n += r.read_into(buf, 0, f.stat().st_size)
+        r.close()
+    disk = n / (time.perf_counter() - t0)
+    torch.set_num_threads(threads)
+    x, w = torch.randn(1024, 2048), torch.randn(8192, 2048)
+    torch.nn.functional.linear(x, w)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        torch.nn.functional.linear(x, w)
+    flops = 5 * 2 * 1024 * 2048 * 8192 / (time.perf_counter() - t0)
+    return {"disk_gbps": round(disk / 1e9, 3), "matmul_gflops": round(flops / 1e9, 1)}
+
+
+def run_case(a: argparse.Namespace, engine: str, batch: int, cap: str | None) -> dict | None:
+    cmd = [sys.executable, __file__, "--worker", "--engine", engine, "--batch", str(batch)]
+    cmd += ["--prompt-len", str(a.prompt_len), "--gen-len", str(a.gen_len)]
+    cmd += ["--threads", str(a.threads), "--offload-dir", str(a.offload_dir)]
+    cmd += ["--accelerate-fraction", str(a.accelerate_fraction)]
+    if a.micro_batch:
+        cmd += ["--micro-batch", str(a.micro_batch)]
+    if a.percent:
+        cmd += ["--percent", *map(str, a.percent)]
+    if cap:
+        cmd = [str(MEMLIMIT), "--drop-caches", cap, *cmd, "--cap", cap]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    peak = None
+    for line in p.stderr.splitlines():  # the cgroup's peak: page cache included
+        if line.startswith("memlimit: peak_bytes="):
+            peak = int(line.split("=")[1].split()[0])
+    if p.returncode != 0:
+        tail = p.stderr.strip().splitlines()[-3:]
+        why = "OOM-killed" if p.returncode in (137, -9) else f"exit {p.returncode}"
+        return {"error": why, "stderr_tail": tail, "wall_s": round(wall, 1), "peak_bytes": peak}
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    r["wall_s"], r["peak_bytes"] = wall, peak
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--engine", default="layercake")
+    ap.add_argument("--engines", nargs="+", default=["layercake", "accelerate"])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batches", nargs="+", type=int, default=[8, 32, 128])
+    ap.add_argument(
+        "--caps",
+        nargs="+",
+        default=["1600M", "2200M"],
+        help="memory caps (page cache included): every batch size runs at the first, "
+        "batch 32 (or the first batch size) at the others, for both engines",
+    )
+    ap.add_argument("--cap", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--accelerate-fraction",
+        type=float,
+        default=0.5,
+        help="Accelerate's max_memory['cpu'] as a fraction of its cap",
+    )
+    ap.add_argument("--micro-batch", type=int, default=32, help="micro-batch size (0: whole)")
+    ap.add_argument("--percent", nargs=6, type=float, help="a fixed policy instead of the cap")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--gen-len", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--offload-dir", type=Path, default=DEFAULT_OFFLOAD)
+    ap.add_argument("--no-reference", action="store_true", help="skip the in-memory run")
+    a = ap.parse_args()
+    if a.worker:
+        return worker(a)
+    model_path("llama1b")  # written once to the cache
+    # prepare the disk layout once (reused by every run), timed on its own
+    t0 = time.perf_counter()
+    prep = run_case(a, "layercake", 1, None) if "layercake" in a.engines else None
+    machine = measure_machine(a.offload_dir, a.threads) if prep else {}
+    machine["prepare_and_first_run_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps({"bench": "offload-machine", **machine}), flush=True)
+    ref = None
+    if not a.no_reference:
+        saved = (a.percent, a.micro_batch)
+        a.percent, a.micro_batch = [100, 0, 100, 0, 100, 0], 0
+        ref = run_case(a, "layercake", max(a.batches), None)  # in memory, no cap
+        a.percent, a.micro_batch = saved
+    main_b = 32 if 32 in a.batches else a.batches[0]
+    cases = []
+    for i, cap in enumerate(a.caps):
+        for engine in a.engines:
+            for b in a.batches if engine == "layercake" and i == 0 else [main_b]:
+                cases.append((engine, b, cap))
+    results = {}
+    for engine, B, cap in cases:
+        r = run_case(a, engine, B, cap)
+        results[engine, B, cap] = r
+        print(json.dumps(report(a, engine, B, cap, r, machine, ref)), flush=True)
+    for (engine, B, cap), r in results.items():
+        lc = results.get(("layercake", B, cap))
+        if engine == "accelerate" and lc and "error" not in lc:
+            rec = {"bench": "offload-ratio", "batch": B, "cap": cap}
+            if "error" in r:
+                rec["accelerate"] = r["error"]
+            else:
+                ratio = (r["prefill_s"] + r["decode_s"]) / (lc["prefill_s"] + lc["decode_s"])
+                rec["layercake_over_accelerate"] = round(ratio, 2)
+            print(json.dumps(rec))
+
+
+def report(a, engine, B, cap, r, machine, ref) -> dict:
+    rec = {
+        "bench": "offload",
+        "engine": engine,
+        "model": "llama1b-random-bf16",
+        "batch": B,
+        "prompt_len": a.prompt_len,
+        "gen_len": a.gen_len,
+        "cap": cap,
+        "threads": a.threads,
+    }
+    if "error" in r:
+        return {**rec, **r}
+    total = r["prefill_s"] + r["decode_s"]
+    rec.update(
+        policy=r["policy"],
+        load_s=round(r["load_s"], 2),
+        prefill_s=round(r["prefill_s"], 2),
+        decode_s=round(r["decode_s"], 2),
+        prefill_tok_s=round(B * a.prompt_len / r["prefill_s"], 2),
+        decode_tok_s=round(B * (a.gen_len - 1) / r["decode_s"], 2),
+        throughput_tok_s=round(B * a.gen_len / total, 2),
+        peak_mb=round(r["peak_bytes"] / 2**20, 1) if r.get("peak_bytes") else None,
+        wall_s=round(r["wall_s"], 1),
+    )
+    if ref and "tokens" in ref:
+        rec["same_greedy_tokens_as_in_memory"] = r["tokens"] == ref["tokens"][:B]
+    if engine == "layercake" and machine:
+        disk_s = r["disk_bytes_per_step"] / (machine["disk_gbps"] * 1e9)
+        flops = lambda tokens: 2 * r["params"] * tokens / (machine["matmul_gflops"] * 1e9)  # noqa: E731
+        bound = max(disk_s, flops(B * a.prompt_len)) + (r["steps"] - 1) * max(disk_s, flops(B))
+        rec.update(
+            gb_read=round(r["bytes_read"] / 1e9, 2),
+            kv_layers_on_disk=r["kv_layers_on_disk"],
+            bound_s=round(bound, 2),
+            fraction_of_bound=round(bound / total, 3),
+        )
+    return rec
+
+
+if __name__ == "__main__":
+    main()

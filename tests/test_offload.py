@@ -1,0 +1,260 @@
+"""Offloading: the schedule's invariants, policies, and offloaded output == in-memory output."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import layercake
+from layercake.errors import LayercakeError
+from layercake.offload.policy import Footprint, Policy, parse_bytes, plan_policy
+from layercake.offload.schedule import zigzag
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15], [20, 21, 22]]
+
+
+# ---- schedule ------------------------------------------------------------------------------
+@pytest.mark.parametrize("units,batches", [(1, 1), (2, 3), (5, 1), (7, 4)])
+def test_zigzag_computes_each_unit_batch_once_after_its_load(units, batches):
+    ops = list(zigzag(units, batches))
+    computes = [(o.unit, o.batch) for o in ops if o.kind == "compute"]
+    assert sorted(computes) == [(j, k) for j in range(units) for k in range(batches)]
+    # zig-zag: every micro-batch of unit j before any of unit j + 1
+    assert [u for u, _ in computes] == sorted(u for u, _ in computes)
+    in_flight: set[int] = set()
+    ready: set[int] = set()
+    cache_loaded: set[tuple[int, int]] = set()
+    for o in ops:
+        if o.kind == "load":
+            in_flight.add(o.unit)
+        elif o.kind == "wait":
+            assert o.unit in in_flight, "waited for a unit never loaded"
+            ready.add(o.unit)
+        elif o.kind == "load_cache":
+            cache_loaded.add((o.unit, o.batch))
+        elif o.kind == "compute":
+            assert o.unit in ready and (o.unit, o.batch) in cache_loaded
+        elif o.kind == "store_cache":
+            assert (o.unit, o.batch) in computes
+        elif o.kind == "free":
+            ready.discard(o.unit)
+            in_flight.discard(o.unit)
+        # double buffering: never more than two units' weights staged at once
+        assert len(in_flight) <= 2
+    # the next pass's first units are already in flight when this one ends (prefetch wraps)
+    assert 0 in in_flight
+
+
+def test_zigzag_prefetches_next_unit_before_computing_current():
+    ops = list(zigzag(4, 2))
+    for j in range(3):
+        first_compute = next(i for i, o in enumerate(ops) if o.kind == "compute" and o.unit == j)
+        load_next = next(i for i, o in enumerate(ops) if o.kind == "load" and o.unit == j + 1)
+        assert load_next < first_compute
+
+
+# ---- policy --------------------------------------------------------------------------------
+def test_parse_bytes():
+    assert parse_bytes("1.6GB") == 1_600_000_000
+    assert parse_bytes("800MiB") == 800 * 2**20
+    assert parse_bytes("2G") == 2 * 10**9
+    assert parse_bytes(1234) == 1234
+    with pytest.raises(LayercakeError, match="size"):
+        parse_bytes("lots")
+
+
+@pytest.mark.parametrize(
+    "pct", [(101, 0, 100, 0, 100, 0), (60, 50, 100, 0, 100, 0), (-1, 0, 0, 0, 0, 0)]
+)
+def test_percentages_out_of_range(pct):
+    with pytest.raises(LayercakeError, match="0-100"):
+        Policy.from_percent(pct)
+    with pytest.raises(LayercakeError, match="six numbers"):
+        Policy.from_percent(pct[:4])
+
+
+def _fp(**kw):
+    d = dict(weights=2_000_000_000, compute_ratio=2.0, max_unit=100_000_000,
+             activations=100_000_000, kv=100_000_000)  # fmt: skip
+    d.update(kw)
+    return Footprint(**d)
+
+
+def test_plan_respects_budget_and_is_monotonic():
+    last = -1.0
+    for budget in (700e6, 900e6, 1.2e9, 1.8e9, 2.5e9):
+        p = plan_policy(_fp(), int(budget), None, False, 32, 1)
+        resident = 2e9 * (p.w_device * 2 + p.w_cpu) / 100
+        staging = 2 * 100e6 * p.w_disk / 100
+        kv = 100e6 * (p.cache_device + p.cache_cpu) / 100
+        assert resident + staging + kv + 100e6 + 200e6 <= budget + 1
+        held = p.w_device + p.w_cpu
+        assert held >= last
+        last = held
+    assert plan_policy(_fp(), int(5e9), None, False, 32, 1).w_device == 100
+
+
+def test_plan_budget_too_small_says_minimum():
+    with pytest.raises(LayercakeError, match=r"at least 0\.50 GB"):
+        plan_policy(_fp(), int(400e6), None, False, 32, 1)
+
+
+# ---- offloaded == in memory ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    llm = layercake.load(tiny_llama)
+    out = llm.generate(PROMPTS, max_new_tokens=6)
+    return [r.token_ids for r in out], llm.logits(PROMPTS)
+
+
+@pytest.mark.parametrize(
+    "percent",
+    [
+        (0, 0, 100, 0, 100, 0),  # all weights on disk
+        (20, 30, 100, 0, 100, 0),  # mixed: some rows of every layer in each tier
+        (100, 0, 100, 0, 100, 0),  # all resident
+        (0, 100, 0, 100, 100, 0),  # weights in host RAM, KV cache in host RAM
+        (0, 40, 30, 0, 50, 0),  # KV cache and activations partly on disk
+        (10, 0, 0, 0, 0, 0),  # everything on disk but a tenth of the weights
+    ],
+)
+@pytest.mark.parametrize("batch_size,num_batches", [(4, 1), (2, 2), (1, 3)])
+def test_offloaded_equals_in_memory(tiny_llama, tmp_path, reference, percent, batch_size,
+                                    num_batches):  # fmt: skip
+    tokens, logits = reference
+    llm = layercake.load(tiny_llama, percent=percent, offload_dir=tmp_path,
+                         batch_size=batch_size, num_batches=num_batches)  # fmt: skip
+    out = llm.generate(PROMPTS, max_new_tokens=6)
+    assert [r.token_ids for r in out] == tokens
+    torch.testing.assert_close(llm.logits(PROMPTS), logits, rtol=1e-4, atol=1e-4)
+    if percent[0] + percent[1] < 100:
+        assert llm.runner.bytes_read > 0  # it really streamed from disk
+
+
+def test_offload_bf16_checkpoint_and_budget(tmp_path, monkeypatch):
+    """A bf16 checkpoint under a byte budget: host-RAM rows stay views of the file, the rest is
+    read from disk; equal to the in-memory run of the same weights."""
+    import layercake.offload as off
+    from layercake.checkpoint import open_checkpoint
+    from layercake.checkpoint.parts import Parts
+    from layercake.config import load_config
+    from tests_helpers import bf16_llama
+
+    path = bf16_llama(tmp_path / "m", hidden=128, inter=256, vocab=512)
+    ref = layercake.load(path)
+    want = [r.token_ids for r in ref.generate(PROMPTS, max_new_tokens=5)]
+    ckpt = open_checkpoint(path)
+    config = load_config(ckpt.config_dict())
+    fp = off.footprint(ckpt, config, Parts.full(3), torch.float32, 4, 1, context=16)
+    monkeypatch.setattr(off, "process_rss", lambda: 0)
+    monkeypatch.setattr(off, "SAFETY", 0)
+    budget = fp.activations + 2 * fp.max_unit + fp.kv + 2 * fp.max_unit + fp.weights // 4
+    llm = layercake.load(path, cpu_memory=budget, offload_dir=tmp_path / "off", batch_size=4,
+                         max_context=16)  # fmt: skip
+    pol = llm.runner.policy
+    assert 0 < pol.w_cpu < 100 and pol.w_device == 0
+    assert [r.token_ids for r in llm.generate(PROMPTS, max_new_tokens=5)] == want
+    # host-RAM rows of bf16 tensors are views of the checkpoint's map, not copies
+    placed = [p for ps in llm.runner.placed for p in ps if p.cpu is not None]
+    assert placed and all(p.cpu.dtype == torch.bfloat16 for p in placed)
+    # the prepared layout is reused: a second load writes nothing
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "off").rglob("*.bin")}
+    layercake.load(path, percent=(0, 0, 100, 0, 100, 0), offload_dir=tmp_path / "off")
+    assert files and files == {p: p.stat().st_mtime_ns for p in (tmp_path / "off").rglob("*.bin")}
+
+
+# ---- errors --------------------------------------------------------------------------------
+def test_errors(tiny_llama, tmp_path):
+    with pytest.raises(LayercakeError, match="offload dir"):
+        layercake.load(tiny_llama, percent=(0, 0, 100, 0, 100, 0))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(LayercakeError, match="not writable"):
+        layercake.load(tiny_llama, percent=(0, 0, 100, 0, 100, 0), offload_dir=blocker / "sub")
+    with pytest.raises(LayercakeError, match="too small"):
+        layercake.load(tiny_llama, cpu_memory="1MB", offload_dir=tmp_path)
+    with pytest.raises(LayercakeError, match="0-100"):
+        layercake.load(tiny_llama, percent=(50, 60, 0, 0, 0, 0), offload_dir=tmp_path)
+
+
+def test_disk_full_is_a_clear_error(tiny_llama, tmp_path, monkeypatch):
+    import layercake.offload.tiers as tiers
+
+    monkeypatch.setattr(tiers, "os_free_bytes", lambda d: 1000)
+    with pytest.raises(LayercakeError, match="GB free"):
+        layercake.load(tiny_llama, percent=(0, 0, 100, 0, 100, 0), offload_dir=tmp_path)
+
+
+def test_truncated_offload_file_is_rewritten(tiny_llama, tmp_path, reference):
+    layercake.load(tiny_llama, percent=(0, 0, 100, 0, 100, 0), offload_dir=tmp_path)
+    victim = next(tmp_path.rglob("layer.1.bin"))
+    with open(victim, "r+b") as f:
+        f.truncate(100)
+    llm = layercake.load(tiny_llama, percent=(0, 0, 100, 0, 100, 0), offload_dir=tmp_path)
+    assert [r.token_ids for r in llm.generate(PROMPTS, max_new_tokens=6)] == reference[0]
+
+
+def test_cli_generate_offloaded(tiny_chat_llama, tmp_path):
+    from layercake.cli import main
+
+    args = ["generate", "--model", str(tiny_chat_llama), "--prompt", "w1 w2 w3",
+            "--max-new-tokens", "4", "--ignore-eos"]  # fmt: skip
+    r1 = subprocess.run([sys.executable, "-m", "layercake.cli", *args], capture_output=True,
+                        text=True)  # fmt: skip
+    r2 = subprocess.run(
+        [sys.executable, "-m", "layercake.cli", *args, "--percent", "0", "30", "100", "0", "100",
+         "0", "--offload-dir", str(tmp_path)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r1.returncode == 0 and r2.returncode == 0, r2.stderr
+    assert r1.stdout == r2.stdout
+    assert main(["generate", "--model", str(tiny_chat_llama), "--prompt", "w1",
+                 "--percent", "0", "0", "100", "0", "100", "0"]) == 2  # fmt: skip
+
+
+# ---- memory-capped end to end -----------------------------------------------------------------
+MEMLIMIT = Path(__file__).resolve().parents[2] / "shared/tools/memlimit"
+
+
+def _memlimit_works() -> bool:
+    if not MEMLIMIT.exists() or os.geteuid() != 0:
+        return False
+    r = subprocess.run([str(MEMLIMIT), "100M", "true"], capture_output=True)
+    return r.returncode == 0
+
+
+@pytest.mark.skipif(not _memlimit_works(), reason="needs root and shared/tools/memlimit")
+def test_model_larger_than_the_memory_cap(tmp_path):
+    """A bf16 checkpoint bigger than what the cap leaves after the runtime runs under a hard cap
+    (page cache counted), streaming from disk, with the in-memory run's greedy tokens."""
+    from tests_helpers import bf16_llama
+
+    path = bf16_llama(tmp_path / "big", hidden=1024, layers=8, inter=4096, vocab=16384)
+    size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    script = (
+        "import json, sys, torch, layercake; torch.set_num_threads(2); "
+        "kw = json.loads(sys.argv[2]); llm = layercake.load(sys.argv[1], **kw); "
+        f"out = llm.generate({PROMPTS}, max_new_tokens=4, ignore_eos=True); "
+        "print(json.dumps([r.token_ids for r in out]))"
+    )
+    ref = subprocess.run([sys.executable, "-c", script, str(path), "{}"], capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    cap = "600M"
+    kw = dict(cpu_memory=cap, offload_dir=str(tmp_path / "off"), batch_size=4, max_context=16)
+    r = subprocess.run([str(MEMLIMIT), "--drop-caches", cap, sys.executable, "-c", script,
+                        str(path), json.dumps(kw)], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.splitlines()[-1]) == json.loads(ref.stdout.splitlines()[-1])
+    assert size > 200 * 2**20  # the weights alone are most of the cap
+    # the same model in memory does not survive the cap: the test really streams
+    r = subprocess.run([str(MEMLIMIT), cap, sys.executable, "-c", script, str(path), "{}"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode != 0
+    shutil.rmtree(tmp_path / "off")
