@@ -141,11 +141,12 @@ def test_offloaded_equals_in_memory(tiny_llama, tmp_path, reference, percent, ba
 def test_offload_bf16_checkpoint_and_budget(tmp_path, monkeypatch):
     """A bf16 checkpoint under a byte budget: host-RAM rows stay views of the file, the rest is
     read from disk; equal to the in-memory run of the same weights."""
+    from tests_helpers import bf16_llama
+
     import layercake.offload as off
     from layercake.checkpoint import open_checkpoint
     from layercake.checkpoint.parts import Parts
     from layercake.config import load_config
-    from tests_helpers import bf16_llama
 
     path = bf16_llama(tmp_path / "m", hidden=128, inter=256, vocab=512)
     ref = layercake.load(path)

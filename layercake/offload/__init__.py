@@ -11,8 +11,8 @@ from layercake.checkpoint.parts import Parts
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.offload.executor import OffloadRunner
-from layercake.runner import LocalRunner
 from layercake.offload.policy import Footprint, Policy, parse_bytes, plan_policy
+from layercake.runner import LocalRunner
 
 SAFETY = 96 * 2**20  # allocator slack, thread stacks, the tokenizer's growth: kept free
 
