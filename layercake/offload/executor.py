@@ -28,6 +28,8 @@ from layercake.offload.schedule import zigzag
 from layercake.offload.store import Entry, Unit, disk_range, plan_units, prepare
 from layercake.offload.tiers import ALIGN, DirectReader, advise_willneed, file_tensor, host_buffer
 
+READ_STREAMS = 4  # concurrent direct reads per unit (see DirectReader.read_into)
+
 
 @dataclass
 class _Placed:
@@ -91,7 +93,9 @@ class _Loader:
             item[1] = slot
             try:
                 offset, length = self.ranges[unit]
-                self.bytes_read += self.readers[unit].read_into(self.slots[slot], offset, length)
+                self.bytes_read += self.readers[unit].read_into(
+                    self.slots[slot], offset, length, streams=READ_STREAMS
+                )
             except Exception as e:  # handed to the compute thread by wait()
                 item[2] = e
             item[0].set()
