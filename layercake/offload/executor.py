@@ -26,7 +26,14 @@ from layercake.models import family
 from layercake.offload.policy import Policy, split_bytes
 from layercake.offload.schedule import zigzag
 from layercake.offload.store import Entry, Unit, disk_range, plan_units, prepare
-from layercake.offload.tiers import ALIGN, DirectReader, advise_willneed, file_tensor, host_buffer
+from layercake.offload.tiers import (
+    ALIGN,
+    DirectReader,
+    advise_willneed,
+    file_tensor,
+    host_buffer,
+    keep_in_ram,
+)
 
 READ_STREAMS = 4  # concurrent direct reads per unit (see DirectReader.read_into)
 
@@ -180,7 +187,7 @@ class OffloadRunner:
                 if dev.data_ptr() == rows.data_ptr() and not mapped and a < n:
                     dev = dev.clone()
             if b > a:
-                cpu = rows[a:b] if mapped else rows[a:b].clone()
+                cpu = keep_in_ram(rows[a:b]) if mapped else rows[a:b].clone()
                 if self.cuda:
                     cpu = cpu.pin_memory()
             owner, attr = None, e.param.rpartition(".")[2]

@@ -120,6 +120,18 @@ def file_tensor(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch
     return t.view(shape)
 
 
+def keep_in_ram(t: torch.Tensor) -> torch.Tensor:
+    """``t`` held in RAM for good. A view of a file's map is locked there (``mlock``): under a
+    memory cap the kernel would otherwise drop those clean pages first and fault them back in on
+    every step. Where locking is not allowed (``RLIMIT_MEMLOCK``), a private copy."""
+    if _libc is not None and t.numel():
+        start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+        end = t.data_ptr() + t.numel() * t.element_size()
+        if _libc.mlock(ctypes.c_void_p(start), ctypes.c_size_t(end - start)) == 0:
+            return t
+    return t.clone()
+
+
 def advise_willneed(t: torch.Tensor) -> None:
     """Ask the kernel to start reading a file-backed tensor's pages in the background."""
     if _libc is None or t.numel() == 0:
