@@ -63,6 +63,9 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
         decode_s=s.decode_s,
         steps=1 + s.decode_steps,
         params=sum(u.nbytes // u.entries[0].torch_dtype.itemsize for u in r.units),
+        head_params=sum(
+            u.nbytes // u.entries[0].torch_dtype.itemsize for u in r.units if u.kind != "layer"
+        ),
         disk_bytes_per_step=r.disk_bytes,
         bytes_read=r.bytes_read - read0,
         policy=str(r.policy),
@@ -272,7 +275,11 @@ def report(a, engine, B, cap, r, machine, ref) -> dict:
         rec["same_greedy_tokens_as_in_memory"] = r["tokens"] == ref["tokens"][:B]
     if engine == "layercake" and machine:
         disk_s = r["disk_bytes_per_step"] / (machine["disk_gbps"] * 1e9)
-        flops = lambda tokens: 2 * r["params"] * tokens / (machine["matmul_gflops"] * 1e9)  # noqa: E731
+        # linear FLOPs: every layer on every token; the head only on each row's last token
+        layers = r["params"] - r.get("head_params", 0)
+        flops = lambda tokens: (  # noqa: E731
+            2 * (layers * tokens + r.get("head_params", 0) * B) / (machine["matmul_gflops"] * 1e9)
+        )
         bound = max(disk_s, flops(B * a.prompt_len)) + (r["steps"] - 1) * max(disk_s, flops(B))
         rec.update(
             gb_read=round(r["bytes_read"] / 1e9, 2),
