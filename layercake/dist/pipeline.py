@@ -98,7 +98,7 @@ class PipelineRunner:
         if path[0].rank != 0:  # the embeddings live elsewhere: token ids travel there
             for m, x in enumerate(inputs):
                 t.send(path[0].rank, Kind.DATA, (cid, m), [x])
-        finals, error, _ = run_segments(self.stage, t, cid, positions, mask, last_only, inputs,
+        finals, error, lost = run_segments(self.stage, t, cid, positions, mask, last_only, inputs,
                                         self.topology.timeout)  # fmt: skip
         if path[-1].rank != 0:  # the head lives elsewhere: collect the logits
             for m in range(len(sizes)):
@@ -106,12 +106,12 @@ class PipelineRunner:
                 if f.kind == Kind.ERROR:
                     from layercake.dist.stage import _text
 
-                    error = error or _text(f)
+                    error, lost = error or _text(f), lost or bool(f.args[2])
                 else:
                     finals.append(f.tensors[0])
         if error:
             t.drop_pending()
-            raise LayercakeError(error)
+            raise PeerError(error, "") if lost else LayercakeError(error)
         t.flush()
         self.forwards += 1
         out = torch.cat(finals) if len(finals) > 1 else finals[0]
@@ -178,7 +178,7 @@ def pipeline_runner(topology: str | os.PathLike | Topology, ckpt: Any, config: B
     """Rank 0: load this node's segments, wait for the workers, return the runner."""
     from layercake.dist.split import model_id
 
-    topo = load_topology(topology).check(config.num_hidden_layers)
+    topo = load_topology(topology, config.num_hidden_layers)
     rank = int(os.environ.get("RANK", "0"))
     if rank > 0:  # under torchrun every process runs the job's command: the others serve
         run_worker(topo, None, str(source), once=True)

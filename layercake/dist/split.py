@@ -90,7 +90,7 @@ def split_checkpoint(model: str | os.PathLike, topology: Any, out: str | os.Path
         )
     ckpt = open_checkpoint(src)
     config = load_config(ckpt.config_dict())
-    topo = load_topology(topology).check(config.num_hidden_layers)
+    topo = load_topology(topology, config.num_hidden_layers)
     ident = model_id(src)
     dest = Path(out).expanduser()
     written = []

@@ -153,6 +153,7 @@ def run_segments(stage: Stage, transport: Transport, cache_id: int, positions: t
                     pass
                 elif f.kind == Kind.ERROR:
                     msg, x = _text(f), None
+                    lost = lost or bool(f.args[2])
                 elif f.kind != Kind.DATA or f.args[:2] != [cache_id, m]:
                     raise LayercakeError(f"node {name}: out-of-step frame {f.kind.name} {f.args}")
                 else:
@@ -167,7 +168,7 @@ def run_segments(stage: Stage, transport: Transport, cache_id: int, positions: t
             if seg.index == last and nxt == stage.rank:
                 finals.append(out if out is not None else torch.empty(0))
             elif msg is not None:
-                transport.send(nxt, Kind.ERROR, (cache_id, m), [encode_text(msg)])
+                transport.send(nxt, Kind.ERROR, (cache_id, m, int(lost)), [encode_text(msg)])
             else:
                 transport.send(nxt, Kind.DATA, (cache_id, m), [out])
     return finals, error, lost

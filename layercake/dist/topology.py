@@ -109,31 +109,7 @@ class Topology:
     def check(self, num_layers: int) -> Topology:
         """Validate the layer ranges against a model of ``num_layers`` layers and build the path;
         every mistake is listed in one error."""
-        errors: list[str] = []
-        owner: dict[Any, list[str]] = {}  # piece ("b", layer index, "e") -> node names
-        parts: list[Parts | None] = []
-        for n in self.nodes:
-            try:
-                p = parse_parts(n.layers, num_layers)
-            except LayercakeError as e:
-                errors.append(f"node {n.name!r}: {e}")
-                parts.append(None)
-                continue
-            parts.append(p)
-            for piece in (["b"] if p.embed else []) + list(p.layers) + (["e"] if p.head else []):
-                owner.setdefault(piece, []).append(n.name)
-        if not errors:
-            for piece, names in owner.items():
-                if len(names) > 1:
-                    what = _piece_name(piece)
-                    errors.append(f"{what} is held by more than one node: {', '.join(names)}")
-            missing = [i for i in range(num_layers) if i not in owner]
-            for a, b in Parts(False, tuple(missing), False).ranges():
-                span = f"layer {a}" if b == a + 1 else f"layers {a}-{b} (half-open)"
-                errors.append(f"{span} of the model's {num_layers} held by no node")
-            for piece in ("b", "e"):
-                if piece not in owner:
-                    errors.append(f"{_piece_name(piece)} held by no node (add '{piece}' to one)")
+        errors, owner = _range_errors(self.nodes, num_layers)
         if errors:
             raise _invalid(self.source, errors)
         self.num_layers = num_layers
@@ -142,6 +118,32 @@ class Topology:
 
     def segments(self, rank: int) -> list[Segment]:
         return [s for s in self.path if s.rank == rank]
+
+
+def _range_errors(nodes: list[Node], num_layers: int) -> tuple[list[str], dict[Any, list[str]]]:
+    errors: list[str] = []
+    owner: dict[Any, list[str]] = {}  # piece ("b", layer index, "e") -> node names
+    for n in nodes:
+        if not n.layers:
+            continue  # reported already
+        try:
+            p = parse_parts(n.layers, num_layers)
+        except LayercakeError as e:
+            errors.append(f"node {n.name!r}: {e}")
+            continue
+        for piece in (["b"] if p.embed else []) + list(p.layers) + (["e"] if p.head else []):
+            owner.setdefault(piece, []).append(n.name)
+    for piece, names in owner.items():
+        if len(names) > 1:
+            errors.append(f"{_piece_name(piece)} is held by more than one node: {', '.join(names)}")
+    missing = [i for i in range(num_layers) if i not in owner]
+    for a, b in Parts(False, tuple(missing), False).ranges():
+        span = f"layer {a}" if b == a + 1 else f"layers {a}-{b} (half-open)"
+        errors.append(f"{span} of the model's {num_layers} held by no node")
+    for piece in ("b", "e"):
+        if piece not in owner:
+            errors.append(f"{_piece_name(piece)} held by no node (add '{piece}' to one)")
+    return errors, owner
 
 
 def _piece_name(piece: Any) -> str:
@@ -202,18 +204,19 @@ def read_document(path: Path) -> dict[str, Any]:
     return doc
 
 
-def load_topology(path: str | os.PathLike | Topology) -> Topology:
-    """Parse a topology file (JSON, or YAML by its .yaml/.yml suffix); ``check`` validates the
-    ranges once the model's number of layers is known."""
+def load_topology(path: str | os.PathLike | Topology, num_layers: int | None = None) -> Topology:
+    """Parse a topology file (JSON, or YAML by its .yaml/.yml suffix); with ``num_layers`` the
+    ranges are validated too (else ``check`` does it once the model is known)."""
     if isinstance(path, Topology):
-        return path
+        return path if num_layers is None else path.check(num_layers)
     p = Path(path).expanduser()
     if not p.is_file():
         raise LayercakeError(f"topology file not found: {p}")
-    return parse_topology(read_document(p), str(p))
+    return parse_topology(read_document(p), str(p), num_layers)
 
 
-def parse_topology(doc: dict[str, Any], source: str = "<topology>") -> Topology:
+def parse_topology(doc: dict[str, Any], source: str = "<topology>",
+                   num_layers: int | None = None) -> Topology:  # fmt: skip
     errors: list[str] = []
     for k in sorted(set(doc) - TOP_KEYS):
         errors.append(f"unknown key {k!r} (known: {', '.join(sorted(TOP_KEYS))})")
@@ -263,7 +266,9 @@ def parse_topology(doc: dict[str, Any], source: str = "<topology>") -> Topology:
         device = item.get("device", "cpu")
         if not isinstance(device, str) or device.split(":")[0] not in ("cpu", "cuda", "mps"):
             errors.append(f"{where}: device {device!r} is not cpu, cuda, cuda:N or mps")
-        options = {k: v for k, v in item.items() if k not in ("name", "address", "layers", "device")}
+        options = {
+            k: v for k, v in item.items() if k not in ("name", "address", "layers", "device")
+        }
         errors += [f"{where}: {e}" for e in _check_options(options)]
         nodes.append(Node(name, host, port, layers, str(device), options))
     top: dict[str, Any] = {}
@@ -278,9 +283,12 @@ def parse_topology(doc: dict[str, Any], source: str = "<topology>") -> Topology:
                 top[key] = kind(v)
     if "model" in doc and not isinstance(doc["model"], str):
         errors.append(f"model must be a path, not {doc['model']!r}")
+    if num_layers is not None:  # every mistake at once: the file's and the ranges'
+        errors += _range_errors(nodes, num_layers)[0]
     if errors:
         raise _invalid(source, errors)
-    return Topology(nodes, source, doc.get("model"), **top)
+    topo = Topology(nodes, source, doc.get("model"), **top)
+    return topo if num_layers is None else topo.check(num_layers)
 
 
 def _check_options(o: dict[str, Any]) -> list[str]:
@@ -295,8 +303,10 @@ def _check_options(o: dict[str, Any]) -> list[str]:
                 errors.append(f"{k}: {e}")
     if o.get("percent") is not None:
         pc = o["percent"]
-        if not isinstance(pc, list) or len(pc) != 6 or not all(
-            isinstance(x, (int, float)) and 0 <= x <= 100 for x in pc
+        if (
+            not isinstance(pc, list)
+            or len(pc) != 6
+            or not all(isinstance(x, (int, float)) and 0 <= x <= 100 for x in pc)
         ):
             errors.append("percent must be six numbers 0-100 (W_DEV W_CPU KV_DEV KV_CPU ACT_DEV "
                           f"ACT_CPU), not {pc!r}")  # fmt: skip

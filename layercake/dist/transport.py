@@ -37,7 +37,7 @@ class Kind(IntEnum):
     FORWARD = 2  # args: cache_id, T, last_only, has_mask; payload: positions, mask (uint8)
     SELECT = 3  # args: cache_id; payload: rows kept (int64)
     DATA = 4  # args: cache_id, micro-batch; payload: token ids or hidden states or logits
-    ERROR = 5  # args: cache_id, micro-batch; payload: utf-8 message (uint8)
+    ERROR = 5  # args: cache_id, micro-batch, peer lost; payload: utf-8 message (uint8)
     SHUTDOWN = 6
 
 
@@ -168,6 +168,7 @@ class Transport:
             first = text.splitlines()[0] if text else type(e).__name__
             if "]" in first:
                 first = first.split("]", 1)[1].strip()
+            first = first.split(". This is typically")[0]
             msg = (f"lost the connection to node {node.describe()} while {what} it: the worker "
                    f"died or was stopped ({first[:160]})")  # fmt: skip
         return PeerError(msg, node.name)
