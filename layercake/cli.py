@@ -129,10 +129,13 @@ def cmd_generate(a: argparse.Namespace) -> int:
     else:
         prompt = llm.tokenizer.encode(a.prompt)
     reason = None
-    for ev in llm.stream(prompt, **sampling_kwargs(a)):
-        sys.stdout.write(ev.text)
-        sys.stdout.flush()
-        reason = ev.finish_reason or reason
+    try:
+        for ev in llm.stream(prompt, **sampling_kwargs(a)):
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+            reason = ev.finish_reason or reason
+    finally:
+        llm.close()
     sys.stdout.write("\n")
     s = llm.last_stats
     if a.verbose and s is not None:

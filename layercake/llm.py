@@ -91,6 +91,12 @@ class LLM:
         self.path = path
         self.last_stats: GenerationStats | None = None
 
+    def close(self) -> None:
+        """Release what the runner holds beyond memory (a pipeline's workers and connections)."""
+        close = getattr(self.runner, "close", None)
+        if callable(close):
+            close()
+
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
