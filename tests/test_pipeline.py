@@ -49,11 +49,15 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def topology(tmp: Path, layers: list[str], name: str = "topo.json", **top) -> Path:
+def topology(tmp: Path, layers: list[str], name: str = "topo.json", options=None, **top) -> Path:
+    """A JSON topology on free localhost ports: main, pc2, pc3, ... holding ``layers``;
+    ``options`` adds keys to a node by name."""
     names = ["main"] + [f"pc{i + 2}" for i in range(len(layers) - 1)]
     ports = free_ports(len(layers))
-    nodes = [{"name": n, "address": f"127.0.0.1:{p}", "layers": spec}
-             for n, p, spec in zip(names, ports, layers)]  # fmt: skip
+    nodes = [
+        {"name": n, "address": f"127.0.0.1:{p}", "layers": spec, **(options or {}).get(n, {})}
+        for n, p, spec in zip(names, ports, layers)
+    ]
     path = tmp / name
     path.write_text(json.dumps({"nodes": nodes, "connect_timeout": 60, **top}))
     return path
@@ -182,8 +186,10 @@ def test_two_processes_equal_single_process(tmp_path, llama5, reference):
 
 
 def test_three_processes_with_two_ranges_on_main(tmp_path, llama5, reference):
-    """main -> pc2 -> pc3 -> main: main holds two non-contiguous ranges (and both ends)."""
-    topo = topology(tmp_path, ["b 0-1 4-5 e", "1-3", "3-4"])
+    """main -> pc2 -> pc3 -> main: main holds two non-contiguous ranges (and both ends); pc3's
+    stage is offloaded with its own policy (half its weights read from disk every step)."""
+    off = {"percent": [0, 50, 100, 0, 100, 0], "offload_dir": str(tmp_path / "off")}
+    topo = topology(tmp_path, ["b 0-1 4-5 e", "1-3", "3-4"], options={"pc3": off})
     with workers(topo, llama5, ["pc2", "pc3"]), job(llama5, topo) as llm:
         assert [(s.rank, str(s.parts)) for s in llm.runner.topology.path] == [
             (0, "b 0-1"),
@@ -194,6 +200,7 @@ def test_three_processes_with_two_ranges_on_main(tmp_path, llama5, reference):
         out = llm.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)
         assert [o.token_ids for o in out] == reference
         assert llm.runner.stage.sizes == [2, 2, 1]  # three micro-batches by default
+    assert list((tmp_path / "off").rglob("layer.3.bin"))  # pc3 streamed its layer from disk
 
 
 def test_killed_worker_ends_the_job_with_its_name(tmp_path, llama5):
