@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -67,16 +66,6 @@ def role_main(a: argparse.Namespace) -> None:
     print(json.dumps(r))
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _cmd(a: argparse.Namespace, *extra: str) -> list[str]:
     cmd = [sys.executable, __file__, "--role", "main", "--batch", str(a.batch)]
     cmd += ["--prompt-len", str(a.prompt_len), "--gen-len", str(a.gen_len), "--cap", a.cap]
@@ -94,6 +83,8 @@ def case_single(a: argparse.Namespace) -> dict:
 
 
 def case_pipeline(a: argparse.Namespace, micro: int, tmp: Path) -> dict:
+    from layercake.dist.rendezvous import free_ports
+
     ports = free_ports(2)
     stage = dict(cpu_memory=a.cap, offload_dir=str(a.offload_dir), batch_size=a.batch,
                  num_batches=1, max_context=a.prompt_len + a.gen_len)  # fmt: skip

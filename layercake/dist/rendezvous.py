@@ -53,6 +53,17 @@ def hold_address(node: Node) -> socket.socket:
     return s
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` ports free on ``host`` now (for topologies of processes on one machine)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind((host, 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
 def hello(topology: Topology, rank: int, model_id: str, model_path: str) -> dict[str, Any]:
     from layercake import __version__
 
@@ -212,4 +223,4 @@ def leave_job() -> None:
             pass
 
 
-__all__ = ["FOREVER", "host_job", "join_job", "leave_job", "hold_address"]
+__all__ = ["FOREVER", "free_ports", "hold_address", "host_job", "join_job", "leave_job"]
