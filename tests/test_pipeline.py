@@ -180,7 +180,7 @@ def test_three_processes_with_two_ranges_on_main(tmp_path, llama5, reference):
     """main -> pc2 -> pc3 -> main: main holds two non-contiguous ranges (and both ends); pc3's
     stage is offloaded with its own policy (half its weights read from disk every step)."""
     off = {"percent": [0, 50, 100, 0, 100, 0], "offload_dir": str(tmp_path / "off")}
-    topo = topology(tmp_path, ["b 0-1 4-5 e", "1-3", "3-4"], options={"pc3": off})
+    topo = topology(tmp_path, ["b 0-1 4-5 e", "1-3", "3-4"], options={"pc3": off}, micro_batches=3)
     with workers(topo, llama5, ["pc2", "pc3"]), job(llama5, topo) as llm:
         assert [(s.rank, str(s.parts)) for s in llm.runner.topology.path] == [
             (0, "b 0-1"),
@@ -190,7 +190,7 @@ def test_three_processes_with_two_ranges_on_main(tmp_path, llama5, reference):
         ]
         out = llm.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)
         assert [o.token_ids for o in out] == reference
-        assert llm.runner.stage.sizes == [2, 2, 1]  # three micro-batches by default
+        assert llm.runner.stage.sizes == [2, 2, 1]
     assert list((tmp_path / "off").rglob("layer.3.bin"))  # pc3 streamed its layer from disk
 
 

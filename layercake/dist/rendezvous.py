@@ -11,6 +11,7 @@ clearly. Gloo picks its own ports for the data connections.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import json
@@ -32,6 +33,7 @@ def hold_address(node: Node) -> socket.socket:
     """Bind the node's own host:port (clear errors: port in use, not this machine's address)."""
     family = socket.AF_INET6 if ":" in node.host else socket.AF_INET
     s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a listener conflicts, TIME_WAIT not
     try:
         s.bind((node.host, node.port))
         s.listen(1)
@@ -119,47 +121,56 @@ def _process_group(topology: Topology, rank: int, store: dist.Store, timeout: fl
     node = topology.nodes[rank]
     cuda = sum(n.device.startswith("cuda") for n in topology.nodes) >= 2
     t = datetime.timedelta(seconds=timeout)
-    prefix = dist.PrefixStore("pg", store)
     n = len(topology.nodes)
     if cuda and node.device.startswith("cuda") and dist.is_nccl_available():
         import torch
 
         torch.cuda.set_device(torch.device(node.device))
-        dist.init_process_group("cpu:gloo,cuda:nccl", store=prefix, rank=rank, world_size=n,
+        dist.init_process_group("cpu:gloo,cuda:nccl", store=store, rank=rank, world_size=n,
                                 timeout=t)  # fmt: skip
         return
     opts = dist.ProcessGroupGloo._Options()
     opts._timeout = t
     opts._devices = [dist.ProcessGroupGloo.create_device(hostname=node.host)]
-    dist.init_process_group("gloo", store=prefix, rank=rank, world_size=n, timeout=t,
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=n, timeout=t,
                             pg_options=opts)  # fmt: skip
 
 
-def host_job(topology: Topology, model_id: str, model_path: str) -> tuple[Transport, Any]:
+def host_job(topology: Topology, model_id: str, model_path: str,
+             store: dist.TCPStore | None = None) -> tuple[Transport, Any]:  # fmt: skip
     """Rank 0: serve the rendezvous, accept every worker (or explain why not), build the group.
-    Returns the transport and the store (kept alive for the life of the job)."""
+    Returns the transport and the store, which lives as long as the runner: a ``reconnect``
+    starts the next generation of keys on it instead of binding the port again."""
     main = topology.nodes[0]
-    hold_address(main).close()  # the clear errors; the store binds the port right after
-    try:
-        store = _store(main.host, main.port, True, topology.connect_timeout)
-    except (RuntimeError, OSError) as e:
-        raise LayercakeError(f"node {main.name}: cannot listen on {main.address}: {e}") from None
+    if store is None:
+        hold_address(main).close()  # the clear errors; the store binds the port right after
+        try:
+            store = _store(main.host, main.port, True, topology.connect_timeout)
+        except (RuntimeError, OSError) as e:
+            raise LayercakeError(
+                f"node {main.name}: cannot listen on {main.address}: {e}"
+            ) from None
+    gen = f"{store.add('generation', 0) + 1}/"
     mine = hello(topology, 0, model_id, model_path)
-    store.set("hello/" + main.name, json.dumps(mine))
+    store.set(gen + "hello/" + main.name, json.dumps(mine))
+    store.add("generation", 1)  # workers read the generation, then its hello
     workers = topology.nodes[1:]
     deadline = time.monotonic() + topology.connect_timeout
     waiting = {w.name for w in workers}
     problems: list[str] = []
     while waiting:
         for w in sorted(waiting):
-            if store.check(["hello/" + w]):
+            if store.check([gen + "hello/" + w]):
                 waiting.discard(w)
-                why = mismatch(mine, _read(store, "hello/" + w))
-                store.set("verdict/" + w, why or "ok")
+                why = mismatch(mine, _read(store, gen + "hello/" + w))
+                store.set(gen + "verdict/" + w, why or "ok")
                 if why:
-                    problems.append(f"node {w} rejected: {why}")
-        if problems:
-            raise LayercakeError("; ".join(problems))
+                    problems.append((w, f"node {w} rejected: {why}"))
+        if problems:  # the rejected worker reads why before this process (and its store) ends
+            for w, _ in problems:
+                with contextlib.suppress(RuntimeError):
+                    store.wait([gen + "seen/" + w], datetime.timedelta(seconds=5))
+            raise LayercakeError("; ".join(msg for _, msg in problems))
         if waiting and time.monotonic() > deadline:
             late = [w for w in workers if w.name in waiting]
             names = ", ".join(w.describe() for w in late)
@@ -169,49 +180,71 @@ def host_job(topology: Topology, model_id: str, model_path: str) -> tuple[Transp
                 f"and check that it can reach {main.name} at {main.address}"
             )
         time.sleep(POLL)
-    _process_group(topology, 0, store, topology.connect_timeout)
+    _process_group(topology, 0, dist.PrefixStore(gen + "pg", store), topology.connect_timeout)
     return Transport(topology.nodes, 0, topology.timeout), store
 
 
-def join_job(topology: Topology, rank: int, model_id: str, model_path: str,
-             connect_timeout: float | None = None) -> tuple[Transport, Any]:  # fmt: skip
-    """A worker: reach rank 0 (retrying until ``connect_timeout``, None = as long as it takes),
-    exchange hellos, and join the process group."""
-    main, me = topology.nodes[0], topology.nodes[rank]
-    deadline = None if connect_timeout is None else time.monotonic() + connect_timeout
+def _connect(topology: Topology, me: Node, deadline: float | None) -> dist.TCPStore:
+    main = topology.nodes[0]
     told = False
     while True:
         try:  # a plain connect first: the store's own failures log C++ stack traces
             socket.create_connection((main.host, main.port), timeout=2.0).close()
-            store = _store(main.host, main.port, False, 5.0)
-            break
+            return _store(main.host, main.port, False, 5.0)
         except (RuntimeError, OSError):
             if deadline is not None and time.monotonic() > deadline:
                 raise LayercakeError(
-                    f"node {me.name}: could not reach {main.name} at {main.address} within "
-                    f"{connect_timeout:.0f} s: is the job started there, and the address right?"
+                    f"node {me.name}: could not reach {main.name} at {main.address} in time: "
+                    "is the job started there, and the address right?"
                 ) from None
             if not told:
                 print(f"layercake worker {me.name}: waiting for {main.name} at {main.address}",
                       file=sys.stderr, flush=True)  # fmt: skip
                 told = True
             time.sleep(1.0)
+
+
+def join_job(topology: Topology, rank: int, model_id: str, model_path: str,
+             connect_timeout: float | None = None) -> tuple[Transport, Any]:  # fmt: skip
+    """A worker: reach rank 0 (retrying until ``connect_timeout``, None = as long as it takes),
+    exchange hellos for rank 0's current generation, and join the process group. Rank 0 gone
+    or moved on to a newer generation meanwhile: start again."""
+    main, me = topology.nodes[0], topology.nodes[rank]
+    deadline = None if connect_timeout is None else time.monotonic() + connect_timeout
     mine = hello(topology, rank, model_id, model_path)
-    store.set("hello/" + me.name, json.dumps(mine))
-    store.wait(["hello/" + main.name], datetime.timedelta(seconds=topology.connect_timeout))
-    why = mismatch(mine, _read(store, "hello/" + main.name))
+    while True:
+        store = _connect(topology, me, deadline)
+        try:
+            return _handshake(topology, rank, store, mine)
+        except (RuntimeError, _Newer):  # the store went away or a new generation began
+            time.sleep(POLL)
+
+
+class _Newer(Exception):
+    pass
+
+
+def _handshake(topology: Topology, rank: int, store: dist.TCPStore, mine: dict[str, Any]
+               ) -> tuple[Transport, Any]:  # fmt: skip
+    main, me = topology.nodes[0], topology.nodes[rank]
+    while store.add("generation", 0) == 0:  # rank 0 is between jobs
+        time.sleep(POLL)
+    number = store.add("generation", 0)
+    gen = f"{number}/"
+    store.set(gen + "hello/" + me.name, json.dumps(mine))
+    why = mismatch(mine, _read(store, gen + "hello/" + main.name))
+    while not store.check([gen + "verdict/" + me.name]):
+        if store.add("generation", 0) != number:
+            raise _Newer
+        time.sleep(POLL)
+    verdict = store.get(gen + "verdict/" + me.name).decode(errors="replace")
+    store.delete_key(gen + "verdict/" + me.name)  # a rejoin waits for the next generation
+    store.set(gen + "seen/" + me.name, "1")
     if why:
-        raise LayercakeError(f"{main.name} rejected: {why}")
-    try:
-        store.wait(["verdict/" + me.name], datetime.timedelta(seconds=topology.connect_timeout))
-    except RuntimeError:
-        raise LayercakeError(
-            f"node {me.name}: {main.name} did not accept within {topology.connect_timeout:.0f} s"
-        ) from None
-    verdict = store.get("verdict/" + me.name).decode(errors="replace")
+        raise LayercakeError(f"{main.name} rejected {me.name}: {why}")
     if verdict != "ok":
         raise LayercakeError(f"{main.name} rejected {me.name}: {verdict}")
-    _process_group(topology, rank, store, topology.connect_timeout)
+    _process_group(topology, rank, dist.PrefixStore(gen + "pg", store), topology.connect_timeout)
     return Transport(topology.nodes, rank, topology.timeout), store
 
 

@@ -5,7 +5,7 @@ travel between them. YAML or JSON; validation explains every mistake at once.
 model: ~/models/Llama-3.2-1B   # optional default; a node may name its own copy (`model:`)
 timeout: 30                    # seconds a silent peer is waited for (default 30)
 micro_batches: 2               # rows of a batch split so every stage works at once (default:
-                               # the number of nodes)
+                               # the number of nodes; 1 when a stage is offloaded)
 nodes:                         # the first node is where the job runs (rank 0)
   - name: main
     address: 127.0.0.1:29500   # rank 0's address is the rendezvous
