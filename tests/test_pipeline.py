@@ -177,10 +177,13 @@ def test_two_processes_equal_single_process(tmp_path, llama5, reference):
 
 
 def test_three_processes_with_two_ranges_on_main(tmp_path, llama5, reference):
-    """main -> pc2 -> pc3 -> main: main holds two non-contiguous ranges (and both ends); pc3's
-    stage is offloaded with its own policy (half its weights read from disk every step)."""
+    """main -> pc2 -> pc3 -> main: main holds two non-contiguous ranges (and both ends); main's
+    and pc3's stages are offloaded with their own policies (part of the weights read from disk
+    every step; main reads its next range while the others compute)."""
     off = {"percent": [0, 50, 100, 0, 100, 0], "offload_dir": str(tmp_path / "off")}
-    topo = topology(tmp_path, ["b 0-1 4-5 e", "1-3", "3-4"], options={"pc3": off}, micro_batches=3)
+    main_off = dict(off, percent=[0, 30, 100, 0, 100, 0])
+    topo = topology(tmp_path, ["b 0-1 4-5 e", "1-3", "3-4"],
+                    options={"pc3": off, "main": main_off}, micro_batches=3)  # fmt: skip
     with workers(topo, llama5, ["pc2", "pc3"]), job(llama5, topo) as llm:
         assert [(s.rank, str(s.parts)) for s in llm.runner.topology.path] == [
             (0, "b 0-1"),
@@ -191,7 +194,8 @@ def test_three_processes_with_two_ranges_on_main(tmp_path, llama5, reference):
         out = llm.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)
         assert [o.token_ids for o in out] == reference
         assert llm.runner.stage.sizes == [2, 2, 1]
-    assert list((tmp_path / "off").rglob("layer.3.bin"))  # pc3 streamed its layer from disk
+    for layer in (0, 3, 4):  # main's two ranges and pc3's layer streamed from disk
+        assert list((tmp_path / "off").rglob(f"layer.{layer}.bin"))
 
 
 def test_killed_worker_ends_the_job_with_its_name(tmp_path, llama5, reference):

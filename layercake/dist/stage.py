@@ -85,6 +85,16 @@ class Stage:
             self.caches[idx] = kept
         self.sizes = sizes
 
+    def prefetch_after(self, seg: Segment) -> None:
+        """Range streaming: once ``seg`` is done, start reading the next held range's first
+        streamed weights (an offloaded segment's disk rows) while the other nodes compute. The
+        ring wraps: after the last range, the first one's for the next step."""
+        i = self.segments.index(seg)
+        nxt = self.segments[(i + 1) % len(self.segments)]
+        loader = getattr(self.runners[nxt.index], "loader", None)
+        if nxt is not seg and loader is not None:
+            loader.submit(0)
+
     @torch.inference_mode()
     def run(self, seg: Segment, m: int, x: torch.Tensor, positions: torch.Tensor,
             mask: torch.Tensor | None, last_only: bool) -> torch.Tensor:  # fmt: skip
@@ -171,6 +181,7 @@ def run_segments(stage: Stage, transport: Transport, cache_id: int, positions: t
                 transport.send(nxt, Kind.ERROR, (cache_id, m, int(lost)), [encode_text(msg)])
             else:
                 transport.send(nxt, Kind.DATA, (cache_id, m), [out])
+        stage.prefetch_after(seg)
     return finals, error, lost
 
 
