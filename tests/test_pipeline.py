@@ -305,3 +305,33 @@ def test_split_writes_only_each_nodes_tensors(tmp_path, llama5):
     runner = LocalRunner(slices, cfg)
     want = full.runner.forward(tokens, positions, full.runner.new_cache(1, 8))
     assert torch.equal(runner.forward(tokens, positions, runner.new_cache(1, 8)), want)
+
+
+def test_cli_errors_are_one_line(tmp_path, llama5, capsys):
+    from layercake.cli import main
+
+    topo = topology(tmp_path, ["b 0-2 e", "2-5"])
+    assert main(["worker", "--topology", str(topo), "--name", "pc9", "--model", str(llama5)]) == 2
+    assert "unknown node 'pc9'" in capsys.readouterr().err
+    assert main(["worker", "--topology", str(topo), "--name", "main", "--model", str(llama5)]) == 2
+    assert "main is rank 0, where the job runs" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"nodes": [{"name": "main", "address": "127.0.0.1:1",
+                                          "layers": "b 0-3 e"}]}))  # fmt: skip
+    args = ["generate", "--model", str(llama5), "--topology", str(bad), "--prompt", "x"]
+    assert main(args) == 2
+    assert "layers 3-5 (half-open) of the model's 5 held by no node" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_runs_the_job_on_rank_0(tmp_path, tiny_chat_llama):
+    topo = topology(tmp_path, ["b 0-1 e", "1-3"])
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+           "layercake.cli", "generate", "--model", str(tiny_chat_llama), "--topology", str(topo),
+           "--prompt", "w1 w2 w3", "--max-new-tokens", "6"]  # fmt: skip
+    one = [sys.executable, "-m", "layercake.cli", "generate", "--model", str(tiny_chat_llama),
+           "--prompt", "w1 w2 w3", "--max-new-tokens", "6"]  # fmt: skip
+    r = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    want = subprocess.run(one, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert want.stdout.strip() and want.stdout.strip() in r.stdout
