@@ -272,6 +272,10 @@ def test_port_in_use_and_absent_workers(tmp_path, llama5):
             layercake.load(llama5, topology=topo)
     with pytest.raises(LayercakeError, match=r"pc2 \(127.0.0.1:\d+\) did not join within 2 s"):
         layercake.load(llama5, topology=topo)
+    elsewhere = tmp_path / "elsewhere.json"  # rank 0 started on a host the file does not name
+    elsewhere.write_text(topo.read_text().replace('"127.0.0.1:' + port, '"192.0.2.7:' + port))
+    with pytest.raises(LayercakeError, match="192.0.2.7 is not an address of this machine"):
+        layercake.load(llama5, topology=elsewhere)
     from layercake.cli import main
 
     assert main(["worker", "--topology", str(topo), "--name", "pc2", "--model", str(llama5),
