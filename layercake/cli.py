@@ -52,6 +52,17 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         type=int,
         help="prompt + generated tokens the memory budget plans the KV cache for (default 256)",
     )
+    add_pipeline_options(p)
+
+
+def add_pipeline_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "pipeline", "run the model's layers on several hosts (see `layercake worker`)"
+    )
+    g.add_argument("--topology", help="topology file (YAML or JSON): this process is its rank 0")
+    g.add_argument(
+        "--micro-batches", type=int, help="split a batch's rows so every stage works at once"
+    )
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -102,6 +113,8 @@ def load_from_args(a: argparse.Namespace):
         batch_size=a.batch_size,
         num_batches=a.num_batches,
         max_context=a.max_context,
+        topology=getattr(a, "topology", None),
+        micro_batches=getattr(a, "micro_batches", None),
     )
 
 
@@ -116,10 +129,13 @@ def cmd_generate(a: argparse.Namespace) -> int:
     else:
         prompt = llm.tokenizer.encode(a.prompt)
     reason = None
-    for ev in llm.stream(prompt, **sampling_kwargs(a)):
-        sys.stdout.write(ev.text)
-        sys.stdout.flush()
-        reason = ev.finish_reason or reason
+    try:
+        for ev in llm.stream(prompt, **sampling_kwargs(a)):
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+            reason = ev.finish_reason or reason
+    finally:
+        llm.close()
     sys.stdout.write("\n")
     s = llm.last_stats
     if a.verbose and s is not None:
@@ -129,6 +145,39 @@ def cmd_generate(a: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def cmd_worker(a: argparse.Namespace) -> int:
+    from layercake.dist.pipeline import run_worker
+
+    run_worker(a.topology, a.name, a.model, a.once, a.connect_timeout, a.threads)
+    return 0
+
+
+def cmd_split(a: argparse.Namespace) -> int:
+    from layercake.dist.split import split_checkpoint
+
+    for name, d, nbytes in split_checkpoint(a.model, a.topology, a.out):
+        print(f"{name}: {d} ({nbytes / 1e9:.2f} GB of tensors)")
+    return 0
+
+
+def add_dist_commands(sub: argparse._SubParsersAction) -> None:
+    w = sub.add_parser("worker", help="serve a node's layers to a pipeline job")
+    w.add_argument("--topology", required=True, help="the job's topology file")
+    w.add_argument("--name", help="this node's name in it (default: the node at $RANK)")
+    w.add_argument("--model", help="model path here (default: the node's or the file's 'model')")
+    w.add_argument("--threads", type=int, help="CPU threads for torch")
+    w.add_argument("--once", action="store_true", help="exit after one job")
+    w.add_argument(
+        "--connect-timeout", type=float, help="give up reaching rank 0 after this many seconds"
+    )
+    w.set_defaults(func=cmd_worker)
+    s = sub.add_parser("split", help="write each node's part of a checkpoint")
+    s.add_argument("--model", required=True, help="HF model directory")
+    s.add_argument("--topology", required=True)
+    s.add_argument("--out", required=True, help="directory: one subdirectory per node")
+    s.set_defaults(func=cmd_split)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_options(g)
     add_sampling_options(g)
     g.set_defaults(func=cmd_generate)
+    add_dist_commands(sub)
     return parser
 
 

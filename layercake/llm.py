@@ -91,6 +91,12 @@ class LLM:
         self.path = path
         self.last_stats: GenerationStats | None = None
 
+    def close(self) -> None:
+        """Release what the runner holds beyond memory (a pipeline's workers and connections)."""
+        close = getattr(self.runner, "close", None)
+        if callable(close):
+            close()
+
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
@@ -247,6 +253,8 @@ def load(
     batch_size: int | None = None,
     num_batches: int | None = None,
     max_context: int | None = None,
+    topology: str | os.PathLike | None = None,
+    micro_batches: int | None = None,
 ) -> LLM:
     """Load a model: a HF directory (config.json + safetensors) or a .gguf file; ``None`` is the
     embedded SmolLM2-135M-Instruct. ``device`` cpu/cuda/mps; ``dtype`` the compute dtype (fp32
@@ -258,7 +266,11 @@ def load(
     percentages ``(W_DEV, W_CPU, KV_DEV, KV_CPU, ACT_DEV, ACT_CPU)`` (disk gets the rest) or by
     byte budgets ("1.6GB", "800MiB"); each loaded layer serves ``num_batches`` micro-batches of
     ``batch_size`` sequences (a block) before the next; ``max_context`` is the prompt +
-    generation length budgets plan the KV cache for."""
+    generation length budgets plan the KV cache for.
+
+    Pipeline (``topology``, a topology file): this process is the topology's first node and
+    holds its layers; ``layercake worker`` runs the others' (each with its own device and
+    budgets from the file); ``micro_batches`` overrides the file's split of a batch's rows."""
     path = Path(model).expanduser() if model is not None else embedded_model_path()
     dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
@@ -268,6 +280,11 @@ def load(
         ckpt = open_checkpoint(path)
         config = load_config(ckpt.config_dict())
         tokenizer = _load_tokenizer(ckpt, path)
+        if topology is not None:
+            from layercake.dist.pipeline import pipeline_runner
+
+            runner = pipeline_runner(topology, ckpt, config, path, dtype, micro_batches)
+            return LLM(runner, tokenizer, config, path)
         if percent is not None or device_memory is not None or cpu_memory is not None:
             from layercake.checkpoint.parts import parse_parts
             from layercake.offload import offload_runner
