@@ -80,7 +80,7 @@ class LocalRunner:
         """Logits (B, T or 1, vocab) in fp32; appends the T tokens to ``cache``."""
         tokens, positions = tokens.to(self.device), positions.to(self.device)
         if token_mask is None:
-            token_mask = torch.ones_like(tokens, dtype=torch.bool)
+            token_mask = torch.ones(positions.shape, dtype=torch.bool)
         step = cache.begin(token_mask.to(self.device))
         x = tokens
         for _, s, span in self.segments:
