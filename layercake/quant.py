@@ -41,9 +41,9 @@ class QuantSpec:
     def __post_init__(self) -> None:
         if self.bits not in BITS:
             raise LayercakeError(f"compression bits must be 4 or 8, not {self.bits}")
-        if self.group_size < 8 or self.group_size % 8:
+        if self.group_size < 4 or self.group_size % 4:  # whole bytes, even fp16 offsets
             raise LayercakeError(
-                f"group size must be a positive multiple of 8, not {self.group_size}"
+                f"group size must be a positive multiple of 4, not {self.group_size}"
             )
 
     def __str__(self) -> str:
@@ -246,3 +246,43 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.spec}"
+
+
+@dataclass(frozen=True)
+class Compression:
+    """What is held compressed: linear weights (``weight``), the KV cache (``cache``). With
+    ``gguf_native``, GGUF Q4_0 / Q4_1 / Q8_0 weights keep their own form (group 32)."""
+
+    weight: QuantSpec | None = None
+    cache: QuantSpec | None = None
+    gguf_native: bool = True
+
+    def cache_spec(self, head_dim: int) -> QuantSpec | None:
+        """The cache's groups run along head_dim: one group per head when it is narrower."""
+        if self.cache is None:
+            return None
+        spec = self.cache
+        if head_dim <= spec.group_size:
+            spec = QuantSpec(spec.bits, head_dim)
+        spec.check(head_dim, "the KV cache's head_dim")
+        return spec
+
+
+def compression(
+    compress_weight: bool = False,
+    compress_cache: bool = False,
+    bits: int | None = None,
+    group_size: int | None = None,
+    gguf_native: bool = True,
+) -> Compression | None:
+    """Options (``load``'s and the CLI's) -> a ``Compression``, or None when nothing is."""
+    if not (compress_weight or compress_cache):
+        if bits is not None or group_size is not None:
+            raise LayercakeError(
+                "--compress-bits / --group-size need --compress-weight or --compress-cache"
+            )
+        return None
+    spec = QuantSpec(4 if bits is None else bits, 64 if group_size is None else group_size)
+    return Compression(
+        spec if compress_weight else None, spec if compress_cache else None, gguf_native
+    )
