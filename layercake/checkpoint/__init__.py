@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from layercake.checkpoint.parts import Parts, parse_parts
-from layercake.checkpoint.quantized import load_rows, weight_spec
+from layercake.checkpoint.quantized import load_rows, quant_spec, weight_quant
 from layercake.config import BaseConfig, load_config
 from layercake.cpu_linear import BLOCK_BYTES, PackedLinear, packing_available
 from layercake.errors import LayercakeError
@@ -125,8 +125,8 @@ def _quantize_linears(
     need = min(BLOCK_ELEMENTS, max(o * i for o, i in shapes))
     ws = Workspace(need, dtype, device)
     for (owner_name, src), (o, i) in zip(linears, shapes):
-        spec = weight_spec(ckpt, src, compress, i)
-        rows = load_rows(ckpt, src, compress)
+        quant = weight_quant(ckpt, src, compress, i)
+        spec, rows = quant_spec(quant), load_rows(ckpt, src, quant)
         if tuple(rows.shape) != (o, spec.row_bytes(i)):
             raise LayercakeError(f"tensor {src!r} does not have the shape {(o, i)} config says")
         linear = model.get_submodule(owner_name)

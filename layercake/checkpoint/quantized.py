@@ -1,8 +1,9 @@
 """Linear weights read from a checkpoint straight into the quantized row layout (``quant``).
 
-GGUF Q4_0 / Q4_1 / Q8_0 tensors keep their own form (group 32, bytes moved, never expanded);
-everything else is quantized from its stored float values, in blocks, so the fp32 transient is
-bounded whatever the tensor's size (a tied 128k-vocabulary head included).
+A weight's form is named by a string: ``int4-g64`` (quantized from its stored float values, in
+blocks, so the fp32 transient is bounded whatever the tensor's size, a tied 128k-vocabulary head
+included) or a GGUF block type ``Q4_0`` / ``Q4_1`` / ``Q8_0``, kept as it is (group 32, bytes
+moved, never expanded).
 """
 
 from __future__ import annotations
@@ -14,31 +15,30 @@ import torch
 from layercake.quant import GGUF_BLOCKS, Compression, QuantSpec, from_gguf, quantize_rows
 
 
-def native_block(ckpt: Any, src: str, compress: Compression) -> str | None:
-    """The GGUF block type kept as it is, or None (quantized from float values)."""
-    if not compress.gguf_native or not hasattr(ckpt, "block_type"):
-        return None
-    kind = ckpt.block_type(src)
-    return kind if kind in GGUF_BLOCKS else None
-
-
-def weight_spec(ckpt: Any, src: str, compress: Compression, width: int) -> QuantSpec:
-    """How tensor ``src`` (rows of ``width`` values) is held compressed."""
-    kind = native_block(ckpt, src, compress)
-    if kind is not None:
-        return QuantSpec(GGUF_BLOCKS[kind][0], 32)
+def weight_quant(ckpt: Any, src: str, compress: Compression, width: int) -> str:
+    """The form tensor ``src`` (rows of ``width`` values) is held in."""
+    if compress.gguf_native and hasattr(ckpt, "block_type"):
+        kind = ckpt.block_type(src)
+        if kind in GGUF_BLOCKS:
+            return kind
     compress.weight.check(width, f"tensor {src!r}")
-    return compress.weight
+    return str(compress.weight)
 
 
-def load_rows(
-    ckpt: Any, src: str, compress: Compression, row0: int = 0, n: int | None = None
-) -> torch.Tensor:
-    """Rows [row0, row0 + n) of tensor ``src`` in the row layout of its ``weight_spec``."""
-    kind = native_block(ckpt, src, compress)
-    if kind is not None:
-        rows, _ = from_gguf(ckpt.load_blocks(src), kind)
-        part = rows[row0 : None if n is None else row0 + n]
+def quant_spec(quant: str) -> QuantSpec:
+    """``int4-g64`` or a GGUF block type -> its ``QuantSpec``."""
+    if quant in GGUF_BLOCKS:
+        return QuantSpec(GGUF_BLOCKS[quant][0], 32)
+    bits, group = quant.removeprefix("int").split("-g")
+    return QuantSpec(int(bits), int(group))
+
+
+def load_rows(ckpt: Any, src: str, quant: str, row0: int = 0, n: int | None = None) -> torch.Tensor:
+    """Rows [row0, row0 + n) of tensor ``src`` in the row layout of ``quant``."""
+    end = None if n is None else row0 + n
+    if quant in GGUF_BLOCKS:
+        rows, _ = from_gguf(ckpt.load_blocks(src), quant)
+        part = rows[row0:end]
         return part.clone() if part.shape[0] < rows.shape[0] else part  # not the whole held
     t = ckpt.load(src, ckpt.stored_dtype(src) or torch.float32)
-    return quantize_rows(t[row0 : None if n is None else row0 + n], compress.weight)
+    return quantize_rows(t[row0:end], quant_spec(quant))
