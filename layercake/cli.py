@@ -53,7 +53,6 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         help="prompt + generated tokens the memory budget plans the KV cache for (default 256)",
     )
 
-
     c = p.add_argument_group(
         "compression",
         "hold weights and/or the KV cache as group-wise int4/int8 (asymmetric: a scale and a "

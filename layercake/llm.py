@@ -25,8 +25,8 @@ from layercake.generate import (
     generate_stream,
     score,
 )
-from layercake.runner import LocalRunner, Runner
 from layercake.quant import compression
+from layercake.runner import LocalRunner, Runner
 from layercake.sampling import SamplingParams
 from layercake.tokenizer import Tokenizer
 

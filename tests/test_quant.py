@@ -201,7 +201,9 @@ def test_cli_help_and_errors(tiny_llama, capsys):
     from layercake.cli import build_parser, main
 
     text = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
-    assert "--compress-weight" in text and "--compress-cache" in text and "not with --compile" in text
+    assert (
+        "--compress-weight" in text and "--compress-cache" in text and "not with --compile" in text
+    )
     code = main(["generate", "--model", str(tiny_llama), "--prompt", "x", "--compress-weight",
                  "--compress-bits", "5"])  # fmt: skip
     assert code == 2 and "4 or 8" in capsys.readouterr().err

@@ -20,9 +20,9 @@ from torch import nn
 
 from layercake.checkpoint import _embedding_dtype
 from layercake.checkpoint.parts import Parts
+from layercake.checkpoint.quantized import load_rows
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
-from layercake.checkpoint.quantized import load_rows
 from layercake.kv_cache import AttentionStep, KVCache, QuantKV, quantized_layers
 from layercake.models import family
 from layercake.offload.policy import Policy, split_bytes
@@ -140,7 +140,12 @@ class OffloadRunner:
         need = max((sum(p.scratch[1] for p in ps if p.scratch) for ps in self.placed), default=0)
         self.scratch = torch.empty(need, dtype=dtype, device=device)
         # CUDA: compressed rows from host RAM or staging are copied here, then dequantized
-        raw = [p.entry.nbytes for ps in self.placed for p in ps if p.entry.quant and p.a < p.entry.shape[0]]
+        raw = [
+            p.entry.nbytes
+            for ps in self.placed
+            for p in ps
+            if p.entry.quant and p.a < p.entry.shape[0]
+        ]
         raw_bytes = max(raw, default=0) if self.cuda else 0
         self.raw_dev = torch.empty(raw_bytes, dtype=torch.uint8, device=device)
         self.loader = self._disk(ckpt, source)
@@ -304,7 +309,9 @@ class OffloadRunner:
             self.dequant_units += 1
         return out
 
-    def _dequantize(self, p: _Placed, staging: torch.Tensor | None, disk_start: int) -> torch.Tensor:
+    def _dequantize(
+        self, p: _Placed, staging: torch.Tensor | None, disk_start: int
+    ) -> torch.Tensor:
         """A compressed tensor's rows from each tier, dequantized into its scratch."""
         t0 = time.perf_counter()
         e, n = p.entry, p.entry.shape[0]

@@ -4,8 +4,10 @@ A unit is what the executor loads at once: one decoder layer, or a slab of rows 
 head (the head of a large-vocabulary model is as big as several layers; slabs keep every load
 about a layer's size). ``prepare`` writes each unit once to its own file in ``offload_dir``, in
 the storage dtype (or, compressed, in the quantized row layout of ``layercake.quant``: packed
-values, scales and zeros of a row side by side, so row ranges stay byte ranges), every tensor at a 4 KiB-aligned offset so that any row range can be read with
-one large direct read; a manifest written last marks the set complete and is reused next time.
+values, scales and zeros of a row side by side, so row ranges stay byte ranges), every tensor
+at a 4 KiB-aligned offset so that any row range can be read with one large direct read; the
+compression mode is part of each entry, hence of the layout's hash, so a bf16 and an int4
+layout of one model coexist. A manifest written last marks the set complete and is reused next time.
 """
 
 from __future__ import annotations
