@@ -25,10 +25,15 @@ CONFIGS = {
     "none": {},
     "weight-int8": dict(compress_weight=True, compress_bits=8),
     "weight-int4": dict(compress_weight=True, compress_bits=4),
+    "weight-int4-g32": dict(compress_weight=True, compress_bits=4, group_size=32),
     "cache-int8": dict(compress_cache=True, compress_bits=8),
     "cache-int4": dict(compress_cache=True, compress_bits=4),
+    "cache-int4-g32": dict(compress_cache=True, compress_bits=4, group_size=32),
     "both-int8": dict(compress_weight=True, compress_cache=True, compress_bits=8),
     "both-int4": dict(compress_weight=True, compress_cache=True, compress_bits=4),
+    "both-int4-g32": dict(
+        compress_weight=True, compress_cache=True, compress_bits=4, group_size=32
+    ),
     "weight-gguf-native": dict(compress_weight=True, gguf_native=True),
 }
 LIMITS = {"8": 0.01, "4": 0.10}  # the bounds: +1 % for int8, +10 % for int4
@@ -37,9 +42,10 @@ LIMITS = {"8": 0.01, "4": 0.10}  # the issue's bounds: +1 % for int8, +10 % for 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--text", type=Path, help="a text file (default: GPL-3 or the shipped one)")
-    ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--stride", type=int, default=512)
+    ap.add_argument("--chunk", type=int, default=512, help="tokens per forward (cache in between)")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
@@ -52,15 +58,17 @@ def main() -> None:
         llm = layercake.load(**kw)
         ids = llm.tokenizer.encode(path.read_text())[: a.max_tokens]
         t0 = time.perf_counter()
-        r = perplexity(llm.runner, ids, window=a.window, stride=a.stride)
+        r = perplexity(llm.runner, ids, window=a.window, stride=a.stride, chunk=a.chunk)
+        group = 32 if kw["gguf_native"] else kw.get("group_size", 64)
         rec = {"bench": "quality", "model": "SmolLM2-135M-Instruct Q4_1", "config": name,
-               "text": path.name, "tokens": r.tokens, "window": a.window, "stride": a.stride,
+               "group_size": group, "text": path.name, "tokens": r.tokens,
+               "window": a.window, "stride": a.stride,
                "ppl": round(r.ppl, 4), "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
         if name == "none":
             base = r.ppl
         elif base is not None:
             rec["change"] = round(r.ppl / base - 1, 4)
-            bits = name.rsplit("int", 1)[-1]
+            bits = name.rsplit("int", 1)[-1][:1]
             if bits in LIMITS:
                 rec["within_limit"] = rec["change"] <= LIMITS[bits]
         print(json.dumps(rec), flush=True)
