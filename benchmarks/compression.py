@@ -34,8 +34,10 @@ def main() -> None:
     a.percent, a.accelerate_fraction, a.compress_bits = None, 0.5, 4
     model_path("llama1b")  # written once to the cache
     # prepare the uncompressed disk layout once (a compressed one that fits stays in RAM)
-    a.compress_weight = False
+    a.compress_weight, a.percent, gen = False, [0, 0, 100, 0, 100, 0], a.gen_len
+    a.gen_len = 2
     prep = run_case(a, "layercake", 1, None)
+    a.percent, a.gen_len = None, gen
     if "error" in prep:
         raise SystemExit(f"preparing failed: {prep}")
     machine = measure_machine(a.offload_dir, a.threads)

@@ -54,7 +54,7 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
         extra = dict(dequant_s=dequant_seconds(r) - dq0, dequant_ms_per_layer=dequant_layer_ms(r))
     if not hasattr(r, "units"):  # everything fit the budget: the in-memory runner
         return dict(load_s=load_s, prefill_s=s.prefill_s, decode_s=s.decode_s,
-                    steps=1 + s.decode_steps, policy=f"resident ({r.policy})", **extra,
+                    steps=1 + s.decode_steps, policy=f"in memory ({getattr(r, 'policy', '')})", **extra,
                     tokens=[x.token_ids for x in out])  # fmt: skip
     return dict(
         **extra,
