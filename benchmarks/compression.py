@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--offload-dir", type=Path, default=DEFAULT_OFFLOAD)
     a = ap.parse_args()
-    a.percent, a.accelerate_fraction, a.compress_bits = None, 0.5, 4
+    a.percent, a.accelerate_fraction, a.compress_bits, a.in_memory = None, 0.5, 4, False
     model_path("llama1b")  # written once to the cache
     # prepare the uncompressed disk layout once (a compressed one that fits stays in RAM)
     a.compress_weight, a.percent, gen = False, [0, 0, 100, 0, 100, 0], a.gen_len

@@ -193,6 +193,37 @@ def test_disk_full_is_a_clear_error(tiny_llama, tmp_path, monkeypatch):
         layercake.load(tiny_llama, percent=(0, 0, 100, 0, 100, 0), offload_dir=tmp_path)
 
 
+@pytest.mark.parametrize("streams", [1, 3, 4])
+def test_direct_reads_in_concurrent_chunks(tmp_path, monkeypatch, streams):
+    import layercake.offload.tiers as tiers
+
+    monkeypatch.setattr(tiers, "_MIN_CHUNK", 4096)
+    data = torch.randint(0, 256, (10 * 4096 + 512,), dtype=torch.uint8)
+    path = tmp_path / "unit.bin"
+    path.write_bytes(data.numpy().tobytes())
+    buf = tiers.host_buffer(len(data))
+    reader = tiers.DirectReader(path)
+    assert reader.read_into(buf, 4096, 8 * 4096, streams=streams) == 8 * 4096
+    assert torch.equal(buf[: 8 * 4096], data[4096 : 9 * 4096])
+    with pytest.raises(LayercakeError, match="truncated"):  # raised in a worker, seen here
+        reader.read_into(buf, 4096, 12 * 4096, streams=streams)
+    reader.close()
+
+
+def test_keep_in_ram_locks_a_mapped_view_or_copies(tmp_path, monkeypatch):
+    import layercake.offload.tiers as tiers
+
+    t = tiers.file_tensor(tmp_path / "w", (64, 1024), torch.bfloat16)
+    t.normal_()
+    kept = tiers.keep_in_ram(t[8:40])
+    assert torch.equal(kept, t[8:40])
+    locked = os.geteuid() == 0  # root may lock any amount; others up to RLIMIT_MEMLOCK
+    assert (kept.data_ptr() == t[8:40].data_ptr()) or not locked
+    monkeypatch.setattr(tiers, "_libc", None)  # no mlock: a private copy
+    copy = tiers.keep_in_ram(t[8:40])
+    assert copy.data_ptr() != t[8:40].data_ptr() and torch.equal(copy, t[8:40])
+
+
 def test_truncated_offload_file_is_rewritten(tiny_llama, tmp_path, reference):
     layercake.load(tiny_llama, percent=(0, 0, 100, 0, 100, 0), offload_dir=tmp_path)
     victim = next(tmp_path.rglob("layer.1.bin"))

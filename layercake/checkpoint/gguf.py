@@ -24,6 +24,7 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from layercake.checkpoint.gguf_format import TensorInfo, open_gguf
+from layercake.checkpoint.safetensors import release_pages
 from layercake.errors import LayercakeError
 
 # Stored as plain values: their bytes are reinterpreted, never dequantized.
@@ -219,7 +220,7 @@ class GGUFCheckpoint:
         start = t.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
         for m in (self._file_map, self._map):
             if m is not None and t.n_bytes:
-                m.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
+                release_pages(m, start, t.data_offset + t.n_bytes)
 
     def load(
         self, name: str, dtype: torch.dtype = torch.float32, *, out: torch.Tensor | None = None

@@ -32,6 +32,15 @@ DTYPES = {
 }
 
 
+def release_pages(m: mmap.mmap, start: int, end: int) -> None:
+    """Let the mapped pages [start, end) of ``m`` go (read back from the file if touched);
+    ``start`` page-aligned. Pages an offload tier locked in RAM stay where they are."""
+    try:
+        m.madvise(mmap.MADV_DONTNEED, start, end - start)
+    except OSError:  # EINVAL on locked pages
+        pass
+
+
 class SafetensorsFile:
     """One .safetensors file: header parsed and validated, data memory-mapped lazily."""
 
@@ -77,7 +86,7 @@ class SafetensorsFile:
         lo, hi = self.entries[name]["data_offsets"]
         page = mmap.PAGESIZE
         start = (self.base + lo) // page * page
-        self._map.madvise(mmap.MADV_DONTNEED, start, self.base + hi - start)
+        release_pages(self._map, start, self.base + hi)
 
     def view(self, name: str) -> torch.Tensor:
         """The tensor as a zero-copy view of the memory map (copy-on-write, never written)."""

@@ -28,8 +28,17 @@ from layercake.models import family
 from layercake.offload.policy import Policy, split_bytes
 from layercake.offload.schedule import zigzag
 from layercake.offload.store import Entry, Unit, disk_range, plan_units, prepare
-from layercake.offload.tiers import ALIGN, DirectReader, advise_willneed, file_tensor, host_buffer
+from layercake.offload.tiers import (
+    ALIGN,
+    DirectReader,
+    advise_willneed,
+    file_tensor,
+    host_buffer,
+    keep_in_ram,
+)
 from layercake.quant import Compression, QTensor, dequantize
+
+READ_STREAMS = 4  # concurrent direct reads per unit (see DirectReader.read_into)
 
 
 @dataclass
@@ -94,7 +103,9 @@ class _Loader:
             item[1] = slot
             try:
                 offset, length = self.ranges[unit]
-                self.bytes_read += self.readers[unit].read_into(self.slots[slot], offset, length)
+                self.bytes_read += self.readers[unit].read_into(
+                    self.slots[slot], offset, length, streams=READ_STREAMS
+                )
             except Exception as e:  # handed to the compute thread by wait()
                 item[2] = e
             item[0].set()
@@ -184,8 +195,8 @@ class OffloadRunner:
             a = min(n, max(0, (dev_b - done) // rb))
             b = min(n, a + max(0, (dev_b + cpu_b - done - a * rb) // rb))
             done += e.nbytes
-            if e.quant:  # compressed in every tier, the device's included
-                rows, mapped = load_rows(ckpt, e.src, e.quant, e.row0, n), a == 0 and b == n
+            if e.quant:  # compressed in every tier, the device's included; owned memory
+                rows, mapped = load_rows(ckpt, e.src, e.quant, e.row0, n), False
             else:
                 rows = ckpt.load(e.src, e.torch_dtype)[e.row0 : e.row0 + n]
                 # a view of the checkpoint's map when stored so: kept as it is, never copied;
@@ -197,7 +208,10 @@ class OffloadRunner:
                 if dev.data_ptr() == rows.data_ptr() and not mapped and a < n:
                     dev = dev.clone()
             if b > a:
-                cpu = rows[a:b] if mapped else rows[a:b].clone()
+                if mapped:
+                    cpu = keep_in_ram(rows[a:b])
+                else:  # owned (dequantized or quantized here): only the rows kept are held
+                    cpu = rows[a:b] if e.quant and a == 0 and b == n else rows[a:b].clone()
                 if self.cuda:
                     cpu = cpu.pin_memory()
             owner, attr = None, e.param.rpartition(".")[2]
