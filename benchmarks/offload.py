@@ -51,27 +51,80 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
     else:
         kw["cpu_memory"] = a.cap
         kw["max_context"] = ids.shape[1] + gen
+    if a.compress_weight:
+        kw.update(compress_weight=True, compress_bits=a.compress_bits)
     llm = layercake.load(path, **kw)
     load_s = time.perf_counter() - t0
-    read0 = llm.runner.bytes_read
+    r = llm.runner
+    read0 = getattr(r, "bytes_read", 0)
+    dq0 = dequant_seconds(r)
     out = llm.generate(ids.tolist(), max_new_tokens=gen, ignore_eos=True)
     s = llm.last_stats
-    r = llm.runner
+    extra = {}
+    if a.compress_weight:
+        extra = dict(dequant_s=dequant_seconds(r) - dq0, dequant_ms_per_layer=dequant_layer_ms(r))
+    if not hasattr(r, "units"):  # everything fit the budget: the in-memory runner
+        policy = f"in memory ({getattr(r, 'policy', '')})"
+        return dict(load_s=load_s, prefill_s=s.prefill_s, decode_s=s.decode_s,
+                    steps=1 + s.decode_steps, policy=policy, **extra,
+                    tokens=[x.token_ids for x in out])  # fmt: skip
     return dict(
+        **extra,
         load_s=load_s,
         prefill_s=s.prefill_s,
         decode_s=s.decode_s,
         steps=1 + s.decode_steps,
-        params=sum(u.nbytes // u.entries[0].torch_dtype.itemsize for u in r.units),
-        head_params=sum(
-            u.nbytes // u.entries[0].torch_dtype.itemsize for u in r.units if u.kind != "layer"
-        ),
+        params=sum(e.numel for u in r.units for e in u.entries),
+        head_params=sum(e.numel for u in r.units if u.kind != "layer" for e in u.entries),
         disk_bytes_per_step=r.disk_bytes,
         bytes_read=r.bytes_read - read0,
         policy=str(r.policy),
         kv_layers_on_disk=getattr(r, "kv_on_disk", 0),
         tokens=[x.token_ids for x in out],
     )
+
+
+def dequant_seconds(r) -> float:
+    """Time spent dequantizing weights so far (offload runner, or quantized linears)."""
+    if hasattr(r, "dequant_s"):
+        return r.dequant_s
+    ws = {
+        id(m.workspace): m.workspace
+        for s in r.slices
+        for m in s.modules()
+        if hasattr(m, "workspace")
+    }
+    return sum(w.seconds for w in ws.values())
+
+
+def dequant_layer_ms(r, repeats: int = 5) -> float:
+    """Dequantizing one decoder layer's weights into fp32, measured on its own (median, ms)."""
+    from layercake.quant import QTensor, QuantLinear, dequantize
+
+    if hasattr(r, "placed"):
+        j = next(j for j, u in enumerate(r.units) if u.kind == "layer")
+        mats = [
+            (p.dev if p.dev is not None else p.cpu, p.entry.shape, p.entry.spec)
+            for p in r.placed[j]
+            if p.entry.quant and p.a + (p.b - p.a) == p.entry.shape[0]
+        ]
+        if len(mats) < sum(1 for p in r.placed[j] if p.entry.quant):  # rows on disk: read them
+            return float("nan")
+    else:
+        block = next(iter(r.slices[0].blocks().values()))
+        mats = [
+            (m.rows, (m.out_features, m.in_features), m.spec)
+            for m in block.modules()
+            if isinstance(m, QuantLinear)
+        ]
+    outs = [torch.empty(shape) for _, shape, _ in mats]
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for (rows, shape, spec), out in zip(mats, outs):
+            dequantize(QTensor.from_rows(rows, shape, spec), out)
+        times.append(time.perf_counter() - t0)
+    return round(1000 * sorted(times)[len(times) // 2], 1)
 
 
 def run_accelerate(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace) -> dict:
@@ -155,6 +208,8 @@ def run_case(a: argparse.Namespace, engine: str, batch: int, cap: str | None) ->
         cmd += ["--in-memory"]
     if a.percent:
         cmd += ["--percent", *map(str, a.percent)]
+    if getattr(a, "compress_weight", False):
+        cmd += ["--compress-weight", "--compress-bits", str(a.compress_bits)]
     if cap:
         cmd = [str(MEMLIMIT), "--drop-caches", cap, *cmd, "--cap", cap]
     t0 = time.perf_counter()
@@ -202,6 +257,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--offload-dir", type=Path, default=DEFAULT_OFFLOAD)
     ap.add_argument("--no-reference", action="store_true", help="skip the in-memory run")
+    ap.add_argument("--compress-weight", action="store_true", help="layercake: int4/int8 weights")
+    ap.add_argument("--compress-bits", type=int, default=4)
     a = ap.parse_args()
     if a.worker:
         return worker(a)
@@ -273,7 +330,10 @@ def report(a, engine, B, cap, r, machine, ref) -> dict:
     )
     if ref and "tokens" in ref:
         rec["same_greedy_tokens_as_in_memory"] = r["tokens"] == ref["tokens"][:B]
-    if engine == "layercake" and machine:
+    for k in ("dequant_s", "dequant_ms_per_layer"):
+        if k in r:
+            rec[k] = round(r[k], 2)
+    if engine == "layercake" and machine and "disk_bytes_per_step" in r:
         disk_s = r["disk_bytes_per_step"] / (machine["disk_gbps"] * 1e9)
         # linear FLOPs: every layer on every token; the head only on each row's last token
         layers = r["params"] - r.get("head_params", 0)

@@ -64,6 +64,29 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
         "--micro-batches", type=int, help="split a batch's rows so every stage works at once"
     )
 
+    c = p.add_argument_group(
+        "compression",
+        "hold weights and/or the KV cache as group-wise int4/int8 (asymmetric: a scale and a "
+        "zero per group). Combines with every part spec, offloading placement (weights stay "
+        "compressed on disk and in RAM and are dequantized just before use) and device; not "
+        "with --compile. --compress-bits and --group-size apply to both and need one of the two",
+    )
+    c.add_argument(
+        "--compress-weight",
+        action="store_true",
+        help="hold linear weights compressed; GGUF Q4_0/Q4_1/Q8_0 tensors keep their own form",
+    )
+    c.add_argument(
+        "--compress-cache", action="store_true", help="hold the KV cache compressed (any tier)"
+    )
+    c.add_argument("--compress-bits", type=int, help="4 (default) or 8")
+    c.add_argument(
+        "--group-size",
+        type=int,
+        help="values per scale/zero, a multiple of 4 dividing every compressed width (default "
+        "64; the cache uses head_dim when that is narrower)",
+    )
+
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
@@ -115,6 +138,10 @@ def load_from_args(a: argparse.Namespace):
         max_context=a.max_context,
         topology=getattr(a, "topology", None),
         micro_batches=getattr(a, "micro_batches", None),
+        compress_weight=a.compress_weight,
+        compress_cache=a.compress_cache,
+        compress_bits=a.compress_bits,
+        group_size=a.group_size,
     )
 
 

@@ -8,15 +8,80 @@ the runner advances it once per step after every slice has run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from layercake.quant import QTensor, QuantSpec, dequantize, quantize
+
+
+@dataclass
+class QuantKV:
+    """Keys or values of one layer, (B, n_kv, capacity, head_dim), held quantized in groups
+    along head_dim. ``write`` quantizes a step's slots; ``read`` dequantizes slots [0, end) into
+    ``work``, a buffer shared by every layer of the cache (layers attend one at a time)."""
+
+    data: torch.Tensor  # (B, n_kv, capacity, head_dim * bits / 8) uint8
+    scale: torch.Tensor  # (B, n_kv, capacity, groups) fp16
+    zero: torch.Tensor  # (B, n_kv, capacity, groups) fp16
+    spec: QuantSpec
+    work: torch.Tensor  # (B, n_kv, capacity, head_dim), compute dtype
+
+    @classmethod
+    def allocate(
+        cls,
+        shape: tuple[int, int, int, int],
+        spec: QuantSpec,
+        work: torch.Tensor,
+        new: Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor],
+    ) -> QuantKV:
+        """``new(part, shape, dtype)`` makes each stored part (zeros in RAM, or a file)."""
+        *lead, hd = shape
+        groups = hd // spec.group_size
+        return cls(
+            new("data", (*lead, hd * spec.bits // 8), torch.uint8),
+            new("scale", (*lead, groups), torch.float16),
+            new("zero", (*lead, groups), torch.float16),
+            spec,
+            work,
+        )
+
+    @staticmethod
+    def nbytes_per_value(spec: QuantSpec, head_dim: int) -> float:
+        return spec.row_bytes(head_dim) / head_dim
+
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        return self.data, self.scale, self.zero
+
+    def __getitem__(self, rows: slice) -> QuantKV:  # a micro-batch's rows: views
+        return QuantKV(*(t[rows] for t in self.parts()), self.spec, self.work[rows])
+
+    def index_select(self, dim: int, rows: torch.Tensor) -> QuantKV:
+        assert dim == 0
+        data, scale, zero = (t.index_select(0, rows) for t in self.parts())
+        return QuantKV(data, scale, zero, self.spec, self.work[: rows.numel()])
+
+    def write(self, start: int, end: int, x: torch.Tensor) -> None:
+        """Quantize ``x`` (B, n_kv, T, head_dim) into slots [start, end)."""
+        q = quantize(x, self.spec.bits, self.spec.group_size)
+        self.data[:, :, start:end] = q.data
+        self.scale[:, :, start:end] = q.scale
+        self.zero[:, :, start:end] = q.zero
+
+    def read(self, end: int) -> torch.Tensor:
+        """Slots [0, end) dequantized (a view of ``work``)."""
+        q = QTensor(
+            self.data[:, :, :end], self.scale[:, :, :end], self.zero[:, :, :end], self.spec,
+            (*self.work.shape[:2], end, self.work.shape[3]),
+        )  # fmt: skip
+        return dequantize(q, self.work[:, :, :end])
+
 
 @dataclass
 class KVCache:
-    keys: dict[int, torch.Tensor]  # layer -> (B, n_kv, capacity, head_dim)
-    values: dict[int, torch.Tensor]  # layer -> (B, n_kv, capacity, head_dim)
+    keys: dict[int, torch.Tensor | QuantKV]  # layer -> (B, n_kv, capacity, head_dim)
+    values: dict[int, torch.Tensor | QuantKV]  # layer -> (B, n_kv, capacity, head_dim)
     valid: torch.Tensor  # (B, capacity) bool: slot holds a real (non-padding) token
     length: int = 0  # slots written so far, same for every row
     window: int | None = field(default=None)  # sliding-window attention span, if any
@@ -32,11 +97,16 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         window: int | None = None,
+        quant: QuantSpec | None = None,
     ) -> KVCache:
-        """Preallocate the cache: no allocation happens per step afterwards."""
+        """Preallocate the cache: no allocation happens per step afterwards. With ``quant``,
+        keys and values are held quantized (``QuantKV``)."""
         shape = (batch, num_kv_heads, capacity, head_dim)
-        keys = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
-        values = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
+        if quant is not None:
+            keys, values = quantized_layers(layers, shape, quant, dtype, device)
+        else:
+            keys = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
+            values = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
         valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         return cls(keys, values, valid, 0, window)
 
@@ -67,6 +137,34 @@ class KVCache:
             for i in d:
                 d[i] = d[i].index_select(0, rows)
         self.valid = self.valid.index_select(0, rows)
+
+
+def quantized_layers(
+    layers: list[int] | tuple[int, ...],
+    shape: tuple[int, int, int, int],
+    spec: QuantSpec,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    new: Callable[[int, str, tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
+) -> tuple[dict[int, QuantKV], dict[int, QuantKV]]:
+    """Quantized keys and values per layer; ``new(layer, part, shape, dtype)`` places each
+    stored part (default zeros on ``device``). Two work buffers serve every layer."""
+
+    def zeros(layer: int, part: str, s: tuple[int, ...], dt: torch.dtype) -> torch.Tensor:
+        return torch.zeros(s, dtype=dt, device=device)
+
+    new = new or zeros
+    work_k = torch.empty(shape, dtype=dtype, device=device)
+    work_v = torch.empty(shape, dtype=dtype, device=device)
+    keys = {
+        i: QuantKV.allocate(shape, spec, work_k, lambda p, s, d, i=i: new(i, "k" + p, s, d))
+        for i in layers
+    }
+    values = {
+        i: QuantKV.allocate(shape, spec, work_v, lambda p, s, d, i=i: new(i, "v" + p, s, d))
+        for i in layers
+    }
+    return keys, values
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from layercake.generate import (
     generate_stream,
     score,
 )
+from layercake.quant import compression
 from layercake.runner import LocalRunner, Runner
 from layercake.sampling import SamplingParams
 from layercake.tokenizer import Tokenizer
@@ -255,6 +256,11 @@ def load(
     max_context: int | None = None,
     topology: str | os.PathLike | None = None,
     micro_batches: int | None = None,
+    compress_weight: bool = False,
+    compress_cache: bool = False,
+    compress_bits: int | None = None,
+    group_size: int | None = None,
+    gguf_native: bool = True,
 ) -> LLM:
     """Load a model: a HF directory (config.json + safetensors) or a .gguf file; ``None`` is the
     embedded SmolLM2-135M-Instruct. ``device`` cpu/cuda/mps; ``dtype`` the compute dtype (fp32
@@ -270,7 +276,21 @@ def load(
 
     Pipeline (``topology``, a topology file): this process is the topology's first node and
     holds its layers; ``layercake worker`` runs the others' (each with its own device and
-    budgets from the file); ``micro_batches`` overrides the file's split of a batch's rows."""
+    budgets from the file); ``micro_batches`` overrides the file's split of a batch's rows.
+
+    Compression: ``compress_weight`` holds linear weights quantized in every tier (device, host
+    RAM, disk), dequantized just before use; ``compress_cache`` holds the KV cache quantized.
+    ``compress_bits`` 4 (default) or 8, ``group_size`` values per scale/zero (default 64, along
+    the input dimension; the cache's groups are head_dim when narrower). With ``gguf_native``
+    GGUF Q4_0 / Q4_1 / Q8_0 weights keep their own form (group 32) instead of being re-quantized.
+    Combines with any part spec, offloading policy and device; not with ``compile`` or (yet)
+    ``topology``."""
+    comp = compression(compress_weight, compress_cache, compress_bits, group_size, gguf_native)
+    if comp is not None and comp.weight is not None and compile:
+        raise LayercakeError(
+            "--compile does not combine with --compress-weight (compiled layers need plain "
+            "weights); use one or the other"
+        )
     path = Path(model).expanduser() if model is not None else embedded_model_path()
     dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
@@ -283,6 +303,11 @@ def load(
         if topology is not None:
             from layercake.dist.pipeline import pipeline_runner
 
+            if comp is not None:
+                raise LayercakeError(
+                    "--compress-weight / --compress-cache do not combine with --topology yet"
+                )
+
             runner = pipeline_runner(topology, ckpt, config, path, dtype, micro_batches)
             return LLM(runner, tokenizer, config, path)
         if percent is not None or device_memory is not None or cpu_memory is not None:
@@ -292,15 +317,16 @@ def load(
             runner = offload_runner(
                 ckpt, config, path, parse_parts(parts, config.num_hidden_layers), dev, dt,
                 percent, cpu_memory, device_memory, offload_dir, batch_size, num_batches,
-                max_context,
+                max_context, comp,
             )  # fmt: skip
             return LLM(runner, tokenizer, config, path)
-        model_slice = build_slice(ckpt, parts, dev, dt, config, pack=not compile)
+        model_slice = build_slice(ckpt, parts, dev, dt, config, pack=not compile, compress=comp)
     if compile:
         for name, m in model_slice.named_modules():
             if name.endswith(".mlp"):
                 m.compile(dynamic=True)
-    runner = LocalRunner([model_slice], config, dev, dt)
+    cache_quant = comp.cache_spec(config.head_dim) if comp is not None else None
+    runner = LocalRunner([model_slice], config, dev, dt, cache_quant)
     return LLM(runner, tokenizer, config, path)
 
 

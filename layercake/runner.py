@@ -10,6 +10,7 @@ import torch
 from layercake.config import BaseConfig
 from layercake.kv_cache import KVCache
 from layercake.models.base import DecoderSlice
+from layercake.quant import QuantSpec
 
 
 class Runner(Protocol):
@@ -38,8 +39,11 @@ class LocalRunner:
         config: BaseConfig,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        cache_quant: QuantSpec | None = None,
     ) -> None:
+        """``cache_quant``: the KV cache is held quantized so (``Compression.cache_spec``)."""
         self.slices = slices
+        self.cache_quant = cache_quant
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -66,6 +70,7 @@ class LocalRunner:
             self.dtype,
             self.device,
             window=getattr(c, "sliding_window", None),
+            quant=self.cache_quant,
         )
 
     @torch.inference_mode()

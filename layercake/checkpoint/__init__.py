@@ -10,12 +10,14 @@ import torch
 from torch import nn
 
 from layercake.checkpoint.parts import Parts, parse_parts
+from layercake.checkpoint.quantized import load_rows, quant_spec, weight_quant
 from layercake.config import BaseConfig, load_config
 from layercake.cpu_linear import BLOCK_BYTES, PackedLinear, packing_available
 from layercake.errors import LayercakeError
 from layercake.models import family
 from layercake.models.base import DecoderSlice
 from layercake.models.layers import Embedding
+from layercake.quant import BLOCK_ELEMENTS, Compression, QuantLinear, Workspace
 
 
 class Checkpoint(Protocol):
@@ -56,12 +58,14 @@ def build_slice(
     dtype: torch.dtype = torch.float32,
     config: BaseConfig | None = None,
     pack: bool = False,
+    compress: Compression | None = None,
 ) -> DecoderSlice:
     """Build the slice on the meta device, then assign each parameter from the checkpoint.
 
     Only the tensors the slice holds are read. A tensor already in ``dtype`` on the CPU stays a
     view of the checkpoint's memory map: weights are never held twice. With ``pack`` (fp32 on
-    the CPU), linear weights are packed for MKL's GEMM straight from the checkpoint.
+    the CPU), linear weights are packed for MKL's GEMM straight from the checkpoint. With
+    ``compress.weight``, linear weights are held quantized (``QuantLinear``) instead.
     """
     config = config or load_config(ckpt.config_dict())
     if isinstance(parts, str):
@@ -75,6 +79,8 @@ def build_slice(
     loaded: dict[tuple[str, torch.dtype], torch.Tensor] = {}
     state: dict[str, torch.Tensor] = {}
     packed: list[tuple[str, str]] = []  # (linear module name, checkpoint tensor name)
+    quantized: list[tuple[str, str]] = []
+    compress = compress if compress is not None and compress.weight is not None else None
     for name, p in model.named_parameters():
         src = name
         if src not in names and config.tie_word_embeddings:
@@ -83,8 +89,8 @@ def build_slice(
             raise LayercakeError(f"checkpoint has no tensor {name!r} (needed by part {parts})")
         owner_name, _, pname = name.rpartition(".")
         owner = model.get_submodule(owner_name)
-        if pack and type(owner) is nn.Linear and pname == "weight":
-            packed.append((owner_name, src))
+        if (pack or compress) and type(owner) is nn.Linear and pname == "weight":
+            (quantized if compress else packed).append((owner_name, src))
             continue
         want = _embedding_dtype(ckpt, src, dtype, device) if isinstance(owner, Embedding) else dtype
         if want != dtype:
@@ -92,7 +98,9 @@ def build_slice(
         if (src, want) not in loaded:
             loaded[src, want] = _check_shape(ckpt.load(src, want), src, p).to(device)
         state[name] = loaded[src, want]
-    model.load_state_dict(state, assign=True, strict=not packed)
+    model.load_state_dict(state, assign=True, strict=not (packed or quantized))
+    if quantized:
+        _quantize_linears(ckpt, model, quantized, compress, device, dtype)
     scratch = torch.empty(BLOCK_BYTES // 4) if packed else None
     for owner_name, src in packed:
         parent, _, child = owner_name.rpartition(".")
@@ -105,6 +113,27 @@ def build_slice(
         ckpt.release(src)
     model.requires_grad_(False)
     return model.eval()
+
+
+def _quantize_linears(
+    ckpt: Checkpoint, model: nn.Module, linears: list[tuple[str, str]], compress: Compression,
+    device: torch.device | str, dtype: torch.dtype,
+) -> None:  # fmt: skip
+    """Replace each linear by a ``QuantLinear`` read straight into the quantized row layout;
+    all of them dequantize into one shared workspace (a block of at most 64 MB)."""
+    shapes = [tuple(model.get_submodule(name).weight.shape) for name, _ in linears]
+    need = min(BLOCK_ELEMENTS, max(o * i for o, i in shapes))
+    ws = Workspace(need, dtype, device)
+    for (owner_name, src), (o, i) in zip(linears, shapes):
+        quant = weight_quant(ckpt, src, compress, i)
+        spec, rows = quant_spec(quant), load_rows(ckpt, src, quant)
+        if tuple(rows.shape) != (o, spec.row_bytes(i)):
+            raise LayercakeError(f"tensor {src!r} does not have the shape {(o, i)} config says")
+        linear = model.get_submodule(owner_name)
+        module = QuantLinear(rows.to(device), (o, i), spec, linear.bias, ws)
+        parent, _, child = owner_name.rpartition(".")
+        setattr(model.get_submodule(parent), child, module)
+        ckpt.release(src)
 
 
 def _check_shape(t: torch.Tensor, src: str, p: torch.Tensor) -> torch.Tensor:

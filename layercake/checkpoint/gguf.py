@@ -270,6 +270,22 @@ class GGUFCheckpoint:
             return out.copy_(src)
         return src.to(dtype)  # a no-op on a view already in `dtype`: no copy
 
+    def block_type(self, name: str) -> str:
+        """The GGUF type name of a tensor (e.g. ``Q4_1``, ``F32``)."""
+        return self._tensor(name).tensor_type.name
+
+    def load_blocks(self, name: str) -> torch.Tensor:
+        """A block-quantized tensor's bytes as stored, (rows, bytes per row) uint8 in HF row
+        order (Q/K rows un-permuted): for keeping GGUF's quantized form instead of expanding."""
+        tensor = self._tensor(name)
+        raw = torch.from_numpy(np.array(self._blocks(tensor)))  # a copy: the map is read-only
+        leaf = tensor.name.split(".")[-2]
+        if self.architecture == "llama" and leaf in ("attn_q", "attn_k"):
+            heads = self._meta("attention.head_count")
+            heads = heads if leaf == "attn_q" else self._meta("attention.head_count_kv", heads)
+            return _unpermute_rows(raw, heads, torch.empty_like(raw))
+        return raw
+
     def _view(self, tensor: TensorInfo) -> torch.Tensor:
         """A plain tensor's bytes as a flat tensor, sharing memory with the file's pages."""
         if self._map is None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layercake.kv_cache import AttentionStep
+from layercake.kv_cache import AttentionStep, QuantKV
 
 
 class Embedding(nn.Embedding):
@@ -112,8 +112,8 @@ def cached_attention(
     q: torch.Tensor,  # (B, H, T, hd)
     k: torch.Tensor,  # (B, n_kv, T, hd)
     v: torch.Tensor,  # (B, n_kv, T, hd)
-    cache_k: torch.Tensor,  # (B, n_kv, capacity, hd)
-    cache_v: torch.Tensor,
+    cache_k: torch.Tensor | QuantKV,  # (B, n_kv, capacity, hd)
+    cache_v: torch.Tensor | QuantKV,
     step: AttentionStep,
     scale: float | None = None,
 ) -> torch.Tensor:
@@ -121,9 +121,14 @@ def cached_attention(
 
     Returns (B, T, H * hd).
     """
-    cache_k[:, :, step.start : step.end] = k
-    cache_v[:, :, step.start : step.end] = v
-    keys, values = cache_k[:, :, : step.end], cache_v[:, :, : step.end]
+    if isinstance(cache_k, QuantKV):  # held quantized: written so, read back dequantized
+        cache_k.write(step.start, step.end, k)
+        cache_v.write(step.start, step.end, v)
+        keys, values = cache_k.read(step.end), cache_v.read(step.end)
+    else:
+        cache_k[:, :, step.start : step.end] = k
+        cache_v[:, :, step.start : step.end] = v
+        keys, values = cache_k[:, :, : step.end], cache_v[:, :, : step.end]
     out = F.scaled_dot_product_attention(
         q, keys, values, attn_mask=step.mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )  # (B, H, T, hd)

@@ -12,6 +12,7 @@ from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.offload.executor import OffloadRunner
 from layercake.offload.policy import Footprint, Policy, parse_bytes, plan_policy
+from layercake.quant import Compression
 from layercake.runner import LocalRunner
 
 SAFETY = 96 * 2**20  # allocator slack, thread stacks, the tokenizer's growth: kept free
@@ -33,43 +34,51 @@ def offload_runner(
     batch_size: int | None = None,
     num_batches: int | None = None,
     max_context: int | None = None,
+    compress: Compression | None = None,
 ) -> OffloadRunner | LocalRunner:
     """An ``OffloadRunner`` placed by ``percent`` (FlexGen's six numbers) or, without it, by
     byte budgets planned for blocks of ``batch_size x num_batches`` sequences of up to
-    ``max_context`` tokens (longer ones put the cache of the layers that do not fit on disk)."""
+    ``max_context`` tokens (longer ones put the cache of the layers that do not fit on disk).
+    ``compress``: weights and/or KV cache held quantized in every tier (budgets count their
+    compressed bytes)."""
     kw = {"batch_size": batch_size or 32, "num_batches": num_batches or 1}
     directory = Path(offload_dir).expanduser() if offload_dir is not None else None
     cpu_b, dev_b = parse_bytes(cpu_memory), parse_bytes(device_memory)
     if percent is not None:
         policy = Policy.from_percent(percent, **kw)
-        runner = OffloadRunner(ckpt, config, source, parts, policy, device, dtype, directory)
+        runner = OffloadRunner(
+            ckpt, config, source, parts, policy, device, dtype, directory, compress=compress
+        )
     else:
         if cpu_b is None and dev_b is None:
             raise LayercakeError("offloading needs --percent or a memory budget")
-        fp = footprint(ckpt, config, parts, dtype, **kw, context=max_context or 256)
+        fp = footprint(ckpt, config, parts, dtype, **kw, context=max_context or 256,
+                       compress=compress)  # fmt: skip
         if cpu_b is not None:  # a budget for the whole process: what it holds already counts
             cpu_b -= process_rss() + SAFETY
         policy = plan_policy(fp, cpu_b, dev_b, device.type == "cuda", **kw)
         if policy.w_device == 100 and policy.cache_device == 100 and device.type == "cpu":
-            return resident_runner(ckpt, config, parts, device, dtype, policy)
+            return resident_runner(ckpt, config, parts, device, dtype, policy, compress)
         kv_budget = int(fp.kv * policy.cache_device / 100)
         if device.type == "cuda":
             kv_budget = int(fp.kv * (policy.cache_device + policy.cache_cpu) / 100)
         runner = OffloadRunner(
-            ckpt, config, source, parts, policy, device, dtype, directory, kv_budget=kv_budget
+            ckpt, config, source, parts, policy, device, dtype, directory, kv_budget, compress
         )
     return runner
 
 
 def resident_runner(
     ckpt: Any, config: BaseConfig, parts: Parts, device: torch.device, dtype: torch.dtype,
-    policy: Policy,
+    policy: Policy, compress: Compression | None = None,
 ) -> LocalRunner:  # fmt: skip
-    """Everything fits the budget: the in-memory runner (packed weights), in blocks."""
+    """Everything fits the budget: the in-memory runner (packed or compressed weights), in
+    blocks."""
     from layercake.checkpoint import build_slice
 
-    runner = LocalRunner([build_slice(ckpt, parts, device, dtype, config, pack=True)], config,
-                         device, dtype)  # fmt: skip
+    model = build_slice(ckpt, parts, device, dtype, config, pack=True, compress=compress)
+    cache_quant = compress.cache_spec(config.head_dim) if compress else None
+    runner = LocalRunner([model], config, device, dtype, cache_quant)
     runner.block_size, runner.policy = policy.block_size, policy
     return runner
 
@@ -82,8 +91,11 @@ def footprint(
     batch_size: int,
     num_batches: int,
     context: int,
+    compress: Compression | None = None,
 ) -> Footprint:
-    """Sizes of the streamed units and of one block's cache and activations."""
+    """Sizes of the streamed units and of one block's cache and activations. Compressed
+    weights are held compressed in every tier, the device's included (ratio 1); each unit is
+    dequantized into a compute-dtype scratch."""
     block = batch_size * num_batches
     from layercake.models import family
     from layercake.offload.store import plan_units
@@ -91,11 +103,13 @@ def footprint(
     fam = family(config.model_type)
     with torch.device("meta"):
         model = fam.Model(config, parts)
-    units = plan_units(ckpt, model, parts.layers, parts.head, fam.Model.tied, dtype)
+    units = plan_units(ckpt, model, parts.layers, parts.head, fam.Model.tied, dtype, compress)
     if not units:
         raise LayercakeError(f"part {parts} has no layers or head to offload")
     weights = sum(u.nbytes for u in units)
     itemsize = units[0].entries[0].torch_dtype.itemsize
+    scratch = max(sum(e.numel for e in u.entries) for u in units) * dtype.itemsize
+    compressed = compress is not None and compress.weight is not None
     widest = (
         max(e.shape[0] for u in units for e in u.entries if u.kind == "layer")
         if any(u.kind == "layer" for u in units)
@@ -104,11 +118,18 @@ def footprint(
     micro = batch_size * context  # intermediates: one micro-batch at a time
     act = 4 * (micro * 2 * widest + block * context * 2 * config.hidden_size)
     act += 4 * block * config.vocab_size  # the logits of a step
-    kv = 2 * dtype.itemsize * block * context * len(parts.layers) * config.num_key_value_heads
-    kv *= config.head_dim
+    per_value = float(dtype.itemsize)
+    if compress is not None and compress.cache is not None:
+        spec = compress.cache_spec(config.head_dim)
+        per_value = spec.row_bytes(config.head_dim) / config.head_dim
+        # the two dequantized work buffers of one layer (shared by every layer)
+        act += 2 * dtype.itemsize * block * context * config.num_key_value_heads * config.head_dim
+    kv = 2 * per_value * block * context * len(parts.layers) * config.num_key_value_heads
+    kv = int(kv * config.head_dim)
     return Footprint(
         weights=weights,
-        compute_ratio=dtype.itemsize / itemsize,
+        compute_ratio=1.0 if compressed else dtype.itemsize / itemsize,
+        scratch=scratch if compressed else 0,
         max_unit=max(u.nbytes for u in units),
         activations=act,
         kv=kv,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,10 @@ from torch import nn
 
 from layercake.checkpoint import _embedding_dtype
 from layercake.checkpoint.parts import Parts
+from layercake.checkpoint.quantized import load_rows
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
-from layercake.kv_cache import AttentionStep, KVCache
+from layercake.kv_cache import AttentionStep, KVCache, QuantKV, quantized_layers
 from layercake.models import family
 from layercake.offload.policy import Policy, split_bytes
 from layercake.offload.schedule import zigzag
@@ -34,6 +36,7 @@ from layercake.offload.tiers import (
     host_buffer,
     keep_in_ram,
 )
+from layercake.quant import Compression, QTensor, dequantize
 
 READ_STREAMS = 4  # concurrent direct reads per unit (see DirectReader.read_into)
 
@@ -122,8 +125,12 @@ class OffloadRunner:
         dtype: torch.dtype,
         offload_dir: Path | None,
         kv_budget: int | None = None,
+        compress: Compression | None = None,
     ) -> None:
         self.config, self.parts, self.policy = config, parts, policy
+        self.compress = compress
+        self.cache_quant = compress.cache_spec(config.head_dim) if compress else None
+        self.dequant_s, self.dequant_units = 0.0, 0  # time spent dequantizing weights
         self.device, self.dtype = device, dtype
         self.vocab_size = config.vocab_size
         self.max_context = config.max_position_embeddings
@@ -134,13 +141,24 @@ class OffloadRunner:
         fam = family(config.model_type)
         with torch.device("meta"):
             self.model = fam.Model(config, parts)
-        self.units = plan_units(ckpt, self.model, parts.layers, parts.head, fam.Model.tied, dtype)
+        self.units = plan_units(
+            ckpt, self.model, parts.layers, parts.head, fam.Model.tied, dtype, compress
+        )
         self._bind_static(ckpt, fam.Model.tied)
         if parts.head:
             self.model.lm_head = nn.Identity()  # the head's projection runs as streamed slabs
         self.placed = [self._place(ckpt, u) for u in self.units]
         need = max((sum(p.scratch[1] for p in ps if p.scratch) for ps in self.placed), default=0)
         self.scratch = torch.empty(need, dtype=dtype, device=device)
+        # CUDA: compressed rows from host RAM or staging are copied here, then dequantized
+        raw = [
+            p.entry.nbytes
+            for ps in self.placed
+            for p in ps
+            if p.entry.quant and p.a < p.entry.shape[0]
+        ]
+        raw_bytes = max(raw, default=0) if self.cuda else 0
+        self.raw_dev = torch.empty(raw_bytes, dtype=torch.uint8, device=device)
         self.loader = self._disk(ckpt, source)
         self.block_size = policy.block_size
         self.act_files: dict[tuple[int, ...], torch.Tensor] = {}
@@ -177,27 +195,32 @@ class OffloadRunner:
             a = min(n, max(0, (dev_b - done) // rb))
             b = min(n, a + max(0, (dev_b + cpu_b - done - a * rb) // rb))
             done += e.nbytes
-            rows = ckpt.load(e.src, e.torch_dtype)[e.row0 : e.row0 + n]
-            # a view of the checkpoint's map when stored so: kept as it is, never copied; else
-            # (dequantized) only the rows kept here are held
-            mapped = ckpt.stored_dtype(e.src) == e.torch_dtype
+            if e.quant:  # compressed in every tier, the device's included; owned memory
+                rows, mapped = load_rows(ckpt, e.src, e.quant, e.row0, n), False
+            else:
+                rows = ckpt.load(e.src, e.torch_dtype)[e.row0 : e.row0 + n]
+                # a view of the checkpoint's map when stored so: kept as it is, never copied;
+                # else (dequantized) only the rows kept here are held
+                mapped = ckpt.stored_dtype(e.src) == e.torch_dtype
             dev = cpu = None
             if a:
-                dev = rows[:a].to(self.device, self.dtype)
+                dev = rows[:a].to(self.device, torch.uint8 if e.quant else self.dtype)
                 if dev.data_ptr() == rows.data_ptr() and not mapped and a < n:
                     dev = dev.clone()
             if b > a:
-                cpu = keep_in_ram(rows[a:b]) if mapped else rows[a:b].clone()
+                if mapped:
+                    cpu = keep_in_ram(rows[a:b])
+                else:  # owned (dequantized or quantized here): only the rows kept are held
+                    cpu = rows[a:b] if e.quant and a == 0 and b == n else rows[a:b].clone()
                 if self.cuda:
                     cpu = cpu.pin_memory()
             owner, attr = None, e.param.rpartition(".")[2]
             if u.kind == "layer":
                 owner = self.model.get_submodule(e.param.rpartition(".")[0])
             scratch = None
-            if a < n:
-                numel = e.nbytes // e.torch_dtype.itemsize
-                scratch = (offset, numel)
-                offset += numel
+            if a < n or e.quant:
+                scratch = (offset, e.numel)
+                offset += e.numel
             out.append(_Placed(e, a, b, dev, cpu, scratch, owner, attr))
         return out
 
@@ -225,7 +248,10 @@ class OffloadRunner:
         RAM, then files in the offload dir (mapped: the kernel pages them)."""
         c = self.config
         shape = (batch, c.num_key_value_heads, capacity, c.head_dim)
-        per_layer = 2 * self.dtype.itemsize * batch * capacity * c.num_key_value_heads * c.head_dim
+        itemsize = self.dtype.itemsize
+        if self.cache_quant is not None:
+            itemsize = QuantKV.nbytes_per_value(self.cache_quant, c.head_dim)
+        per_layer = int(2 * itemsize * batch * capacity * c.num_key_value_heads * c.head_dim)
         n = len(self.layers)
         if self.kv_budget is not None:
             in_ram = min(n, self.kv_budget // max(1, per_layer))
@@ -237,7 +263,18 @@ class OffloadRunner:
             raise LayercakeError("a KV cache off the GPU is not supported on CUDA yet")
         keys, values = {}, {}
         self._caches += 1
-        for pos, i in enumerate(self.layers):
+        if self.cache_quant is not None:
+            pos = {i: k for k, i in enumerate(self.layers)}
+
+            def new(i: int, part: str, s: tuple[int, ...], dt: torch.dtype) -> torch.Tensor:
+                if pos[i] < in_ram:
+                    return torch.zeros(s, dtype=dt, device=self.device)
+                return file_tensor(self.offload_dir / "kv" / f"{self._caches}-{part}{i}", s, dt)
+
+            keys, values = quantized_layers(
+                self.layers, shape, self.cache_quant, self.dtype, self.device, new
+            )
+        for pos, i in enumerate(self.layers if self.cache_quant is None else ()):
             if pos < in_ram:
                 keys[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
                 values[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -265,6 +302,8 @@ class OffloadRunner:
             e, n = p.entry, p.entry.shape[0]
             if p.scratch is None:
                 t = p.dev
+            elif e.quant:
+                t = self._dequantize(p, staging, disk_start)
             else:
                 off, numel = p.scratch
                 t = self.scratch[off : off + numel].view(e.shape)
@@ -280,7 +319,28 @@ class OffloadRunner:
             if p.owner is not None:
                 p.owner._parameters[p.attr] = t
             out[e.param] = t
+        if any(p.entry.quant for p in self.placed[j]):
+            self.dequant_units += 1
         return out
+
+    def _dequantize(
+        self, p: _Placed, staging: torch.Tensor | None, disk_start: int
+    ) -> torch.Tensor:
+        """A compressed tensor's rows from each tier, dequantized into its scratch."""
+        t0 = time.perf_counter()
+        e, n = p.entry, p.entry.shape[0]
+        off, numel = p.scratch
+        t = self.scratch[off : off + numel].view(e.shape)
+        rb, spec = e.row_bytes, e.spec
+        lo = e.offset + p.b * rb - disk_start
+        disk = staging[lo : lo + (n - p.b) * rb].view(n - p.b, rb) if n > p.b else None
+        for r0, r1, raw in ((0, p.a, p.dev), (p.a, p.b, p.cpu), (p.b, n, disk)):
+            if r1 > r0:
+                if raw.device != self.device:
+                    raw = self.raw_dev[: raw.numel()].view(raw.shape).copy_(raw, non_blocking=True)
+                dequantize(QTensor.from_rows(raw, (r1 - r0, *e.shape[1:]), spec), t[r0:r1])
+        self.dequant_s += time.perf_counter() - t0
+        return t
 
     @torch.inference_mode()
     def forward(
@@ -322,8 +382,9 @@ class OffloadRunner:
             elif op.kind == "load_cache":
                 if u.kind == "layer" and u.index in disk_kv:
                     r = rows[op.batch]
-                    advise_willneed(cache.keys[u.index][r])
-                    advise_willneed(cache.values[u.index][r])
+                    for kv in (cache.keys[u.index][r], cache.values[u.index][r]):
+                        for t in kv.parts() if isinstance(kv, QuantKV) else (kv,):
+                            advise_willneed(t)
             elif op.kind == "compute":
                 k, r = op.batch, rows[op.batch]
                 if u.kind == "layer":

@@ -116,6 +116,7 @@ class Footprint:
     max_unit: int  # the largest unit, storage dtype
     activations: int  # hidden states, MLP intermediates and logits of one block
     kv: int  # the KV cache of one block at the planned context
+    scratch: int = 0  # compressed weights: one unit dequantized (else max_unit * compute_ratio)
 
 
 def plan_policy(
@@ -132,11 +133,14 @@ def plan_policy(
     (no conversion per step) when all of them fit that way, else in the storage dtype (twice as
     many fit, converted as they are used). The KV cache gets RAM before the weights' share."""
     kw = {"batch_size": batch_size, "num_batches": num_batches}
-    scratch = int(fp.max_unit * fp.compute_ratio)
+    scratch = fp.scratch or int(fp.max_unit * fp.compute_ratio)
     if not cuda:
         budget = (cpu_memory or 0) + (device_memory or 0)
         fixed = fp.activations + scratch
-        if fp.weights * fp.compute_ratio + fp.activations + fp.kv <= budget:
+        resident = fp.weights * fp.compute_ratio + fp.activations + fp.kv
+        if fp.scratch:  # compressed, resident: dequantized a block (<= 64 MB fp32) at a time
+            resident += min(fp.scratch, 64 * 2**20)
+        if resident <= budget:
             return Policy(100, 0, 100, 0, 100, 0, **kw)
         return _split(fp, budget, fixed, **kw)
     # CUDA: device memory holds compute buffers, cache and what weights fit; host RAM the rest

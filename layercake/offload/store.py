@@ -3,14 +3,18 @@
 A unit is what the executor loads at once: one decoder layer, or a slab of rows of the output
 head (the head of a large-vocabulary model is as big as several layers; slabs keep every load
 about a layer's size). ``prepare`` writes each unit once to its own file in ``offload_dir``, in
-the storage dtype, every tensor at a 4 KiB-aligned offset so that any row range can be read with
-one large direct read; a manifest written last marks the set complete and is reused next time.
+the storage dtype (or, compressed, in the quantized row layout of ``layercake.quant``: packed
+values, scales and zeros of a row side by side, so row ranges stay byte ranges), every tensor
+at a 4 KiB-aligned offset so that any row range can be read with one large direct read; the
+compression mode is part of each entry, hence of the layout's hash, so a bf16 and an int4
+layout of one model coexist. A manifest written last marks the set complete and is reused next time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,8 +22,10 @@ from typing import Any
 
 import torch
 
+from layercake.checkpoint.quantized import load_rows, quant_spec, weight_quant
 from layercake.errors import LayercakeError
 from layercake.offload.tiers import ALIGN, align_up, check_writable
+from layercake.quant import Compression, QuantSpec
 
 FORMAT = 1
 
@@ -35,13 +41,24 @@ class Entry:
     dtype: str
     row0: int
     offset: int
+    quant: str = ""  # "" plain; "int4-g64" or a GGUF block type: the quantized row layout
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 
     @property
+    def spec(self) -> QuantSpec | None:
+        return quant_spec(self.quant) if self.quant else None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
     def row_bytes(self) -> int:
+        if self.quant:
+            return self.spec.row_bytes(self.shape[-1])
         n = self.torch_dtype.itemsize
         for s in self.shape[1:]:
             n *= s
@@ -83,8 +100,11 @@ def plan_units(
     head: bool,
     tied: dict[str, str],
     compute: torch.dtype,
+    compress: Compression | None = None,
 ) -> list[Unit]:
-    """Units in execution order: the held layers, then head slabs of about a layer's bytes."""
+    """Units in execution order: the held layers, then head slabs of about a layer's bytes.
+    With ``compress.weight``, matrices are held quantized in every tier."""
+    compress = compress if compress is not None and compress.weight is not None else None
     names = set(ckpt.tensor_names())
 
     def src_of(param: str) -> str:
@@ -99,8 +119,12 @@ def plan_units(
         out, offset = [], 0
         for param, shape, row0 in params:
             src = src_of(param)
-            dt = storage_dtype(ckpt, src, compute)
-            e = Entry(param, src, shape, str(dt).removeprefix("torch."), row0, offset)
+            if compress is not None and len(shape) == 2:
+                quant = weight_quant(ckpt, src, compress, shape[1])
+                e = Entry(param, src, shape, "uint8", row0, offset, quant)
+            else:
+                dt = storage_dtype(ckpt, src, compute)
+                e = Entry(param, src, shape, str(dt).removeprefix("torch."), row0, offset)
             out.append(e)
             offset = align_up(offset + e.nbytes)
         return tuple(out)
@@ -117,8 +141,8 @@ def plan_units(
         w = model.get_submodule("lm_head").weight
         vocab, width = w.shape
         layer_bytes = max((u.nbytes for u in units), default=64 * 2**20)
-        itemsize = storage_dtype(ckpt, src_of("lm_head.weight"), compute).itemsize
-        rows = max(1, min(vocab, layer_bytes // (width * itemsize)))
+        (probe,) = entries([("lm_head.weight", (1, width), 0)])
+        rows = max(1, min(vocab, layer_bytes // probe.row_bytes))
         for r0 in range(0, vocab, rows):
             n = min(rows, vocab - r0)
             units.append(
@@ -176,7 +200,10 @@ def _write_unit(ckpt: Any, u: Unit, path: Path) -> None:
     try:
         with open(tmp, "wb") as f:
             for e in u.entries:
-                t = ckpt.load(e.src, e.torch_dtype)[e.row0 : e.row0 + e.shape[0]]
+                if e.quant:
+                    t = load_rows(ckpt, e.src, e.quant, e.row0, e.shape[0])
+                else:
+                    t = ckpt.load(e.src, e.torch_dtype)[e.row0 : e.row0 + e.shape[0]]
                 f.seek(e.offset)
                 f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
             f.truncate(u.file_bytes)
