@@ -125,7 +125,7 @@ def test_resume_after_a_cut_line(tiny_chat_llama, tmp_path, capsys):
 
 
 def test_kill_9_then_resume(tiny_chat_llama, tmp_path, capsys):
-    n = 120
+    n = 60
     prompts = _prompts(n, seed=2)
     for p in prompts:
         p["max_tokens"] = 16
