@@ -44,16 +44,23 @@ def run_job(llm, prompts: list[str], gen: int, batch: int, tmp: Path) -> dict:
     from layercake.jobs.batch import run_batch
 
     inp, out = tmp / "in.jsonl", tmp / "out.jsonl"
-    inp.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts)))
+    inp.write_text(
+        "".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts))
+    )
     out.unlink(missing_ok=True)
     defaults = dict(max_new_tokens=gen, temperature=0.0, ignore_eos=True)
     t0 = time.perf_counter()
     s = run_batch(llm, inp, out, batch, defaults, log=open("/dev/null", "w"))
     wall = time.perf_counter() - t0
     texts = {r["id"]: r["text"] for r in map(json.loads, out.read_text().splitlines())}
-    return dict(wall_s=wall, tokens=s["completion_tokens"], engine_tok_s=s["throughput_tok_s"],
-                prefill_tok_s=s["prefill_tok_s"], decode_tok_s=s["decode_tok_s"],
-                texts=[texts[i] for i in range(len(prompts))])  # fmt: skip
+    return dict(
+        wall_s=wall,
+        tokens=s["completion_tokens"],
+        engine_tok_s=s["throughput_tok_s"],
+        prefill_tok_s=s["prefill_tok_s"],
+        decode_tok_s=s["decode_tok_s"],
+        texts=[texts[i] for i in range(len(prompts))],
+    )
 
 
 def run_generate(llm, prompts: list[str], gen: int, batch: int) -> dict:
@@ -62,9 +69,14 @@ def run_generate(llm, prompts: list[str], gen: int, batch: int) -> dict:
     out = llm.generate(prompts, max_new_tokens=gen, ignore_eos=True)
     wall = time.perf_counter() - t0
     s = llm.last_stats
-    return dict(wall_s=wall, tokens=s.generated_tokens, engine_tok_s=s.throughput,
-                prefill_tok_s=s.prefill_tok_s, decode_tok_s=s.decode_tok_s,
-                texts=[r.text for r in out])  # fmt: skip
+    return dict(
+        wall_s=wall,
+        tokens=s.generated_tokens,
+        engine_tok_s=s.throughput,
+        prefill_tok_s=s.prefill_tok_s,
+        decode_tok_s=s.decode_tok_s,
+        texts=[r.text for r in out],
+    )
 
 
 def main() -> None:
@@ -96,8 +108,12 @@ def main() -> None:
                     runs[name].append(run_job(llm, prompts, a.gen_len, a.batch_size, Path(tmp)))
                 else:
                     runs[name].append(run_generate(llm, prompts, a.gen_len, a.batch_size))
-            print(f"repeat {r + 1}/{a.repeats}: job {runs['job'][-1]['wall_s']:.1f} s, generate "
-                  f"{runs['generate'][-1]['wall_s']:.1f} s", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"repeat {r + 1}/{a.repeats}: job {runs['job'][-1]['wall_s']:.1f} s, generate "
+                f"{runs['generate'][-1]['wall_s']:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def med(name: str, key: str) -> float:
         if key == "tok_s":
@@ -109,8 +125,9 @@ def main() -> None:
         "bench": "batch",
         "model": str(llm.path.name),
         "prompts": a.prompts,
-        "prompt_tokens_mean": round(sum(len(llm.tokenizer.encode(p)) for p in prompts)
-                                    / len(prompts), 1),  # fmt: skip
+        "prompt_tokens_mean": round(
+            sum(len(llm.tokenizer.encode(p)) for p in prompts) / len(prompts), 1
+        ),
         "gen_len": a.gen_len,
         "batch_size": a.batch_size,
         "threads": a.threads,

@@ -131,15 +131,15 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
-def engine_slots(llm, a: argparse.Namespace) -> int:
+def engine_slots(llm, a: argparse.Namespace, default: int = 32) -> int:
     """Sequences decoded together: the offload runner's block (its memory plan), else
-    --batch-size (default 32)."""
+    --batch-size (``default`` when not given)."""
     block = getattr(llm.runner, "block_size", None)
     if block:
         return block
     if a.batch_size is not None and a.batch_size < 1:
         raise LayercakeError(f"--batch-size must be at least 1, got {a.batch_size}")
-    return a.batch_size or 32
+    return a.batch_size or default
 
 
 def cmd_batch(a: argparse.Namespace) -> int:
@@ -167,10 +167,14 @@ def cmd_serve(a: argparse.Namespace) -> int:
         from layercake.server.app import serve
     except ImportError as e:
         raise LayercakeError(
-            f"the server needs the serve extra ({e.name} is missing): pip install 'layercake[serve]'"
+            f"the server needs the serve extra ({e.name} is missing): "
+            "pip install 'layercake[serve]'"
         ) from None
+    if a.host not in ("127.0.0.1", "localhost", "::1") and a.api_key is None:
+        print(f"layercake: warning: serving on {a.host} without --api-key: anyone who can reach "
+              "it can use it", file=sys.stderr)  # fmt: skip
     llm = load_from_args(a)
-    serve(llm, engine_slots(llm, a), a.max_context, a.host, a.port, a.api_key)
+    serve(llm, engine_slots(llm, a, default=8), a.max_context, a.host, a.port, a.api_key)
     return 0
 
 
@@ -188,9 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "batch",
         help="answer a JSONL file of requests into a JSONL file of results (resumable)",
-        description="Each input line is {\"id\", \"prompt\" | \"messages\"} with optional "
-        "max_tokens, temperature, top_p, top_k, stop, seed, logprobs, or {\"id\", \"prompt\", "
-        "\"choices\"} to score choices. Ids already in the output are skipped: run the same "
+        description='Each input line is {"id", "prompt" | "messages"} with optional '
+        'max_tokens, temperature, top_p, top_k, stop, seed, logprobs, or {"id", "prompt", '
+        '"choices"} to score choices. Ids already in the output are skipped: run the same '
         "command again after a crash. The sampling options are the defaults for every line.",
     )
     b.add_argument("--input", required=True, help="JSONL requests")

@@ -85,8 +85,11 @@ class Engine:
     # ---- queue -----------------------------------------------------------------------------
     def check(self, prompt: list[int], params: SamplingParams) -> None:
         """Raise LayercakeError if this request cannot run here (bad params, too long)."""
-        limit = "the model's context" if self.max_span == self.runner.max_context else (
-            "the engine's context (--max-context)")
+        limit = (
+            "the model's context"
+            if self.max_span == self.runner.max_context
+            else ("the engine's context (--max-context)")
+        )
         check_prompt("the prompt", prompt, params, self.runner.vocab_size, self.max_span, limit)
 
     def add(self, request: Request) -> None:
@@ -156,8 +159,9 @@ class Engine:
                 staging = self.cache.like(len(reqs), P)
                 logits = self.runner.forward(tokens, positions, staging, mask, last_only=True)
                 self.cache.load_rows(torch.tensor(slots, device=dev), staging, at)
-            sampler = Sampler([r.params for r in reqs], self.runner.vocab_size,
-                              [r.prompt for r in reqs], dev)  # fmt: skip
+            sampler = Sampler(
+                [r.params for r in reqs], self.runner.vocab_size, [r.prompt for r in reqs], dev
+            )
             group = _Group(sampler, slots)
             self._index(group)
             self.groups.append(group)

@@ -38,8 +38,11 @@ def _prompts(n: int, seed: int = 0) -> list[dict]:
 
     rng = random.Random(seed)
     return [
-        {"id": f"p{i}", "prompt": " ".join(f"w{rng.randrange(90)}" for _ in range(rng.randrange(1, 12))),
-         "max_tokens": rng.randrange(1, 10)}  # fmt: skip
+        {
+            "id": f"p{i}",
+            "prompt": " ".join(f"w{rng.randrange(90)}" for _ in range(rng.randrange(1, 12))),
+            "max_tokens": rng.randrange(1, 10),
+        }
         for i in range(n)
     ]
 
@@ -52,8 +55,20 @@ def llm(tiny_chat_llama):
 
 
 def _batch(model, inp, out, *extra) -> int:
-    return main(["batch", "--model", str(model), "--input", str(inp), "--output", str(out),
-                 "--batch-size", "3", *extra])  # fmt: skip
+    return main(
+        [
+            "batch",
+            "--model",
+            str(model),
+            "--input",
+            str(inp),
+            "--output",
+            str(out),
+            "--batch-size",
+            "3",
+            *extra,
+        ]
+    )
 
 
 def test_batch_mixed_lines(tiny_chat_llama, llm, tmp_path, capsys):
@@ -81,8 +96,9 @@ def test_batch_mixed_lines(tiny_chat_llama, llm, tmp_path, capsys):
     got = _by_id(rows)
     for g in good:
         kw = {k: g[k] for k in ("temperature", "top_p", "top_k", "seed", "stop") if k in g}
-        solo = llm.generate(g["prompt"], max_new_tokens=g["max_tokens"], logprobs=g.get("logprobs"),
-                            **kw)[0]  # fmt: skip
+        solo = llm.generate(
+            g["prompt"], max_new_tokens=g["max_tokens"], logprobs=g.get("logprobs"), **kw
+        )[0]
         r = got[g["id"]]
         assert (r["text"], r["finish_reason"]) == (solo.text, solo.finish_reason), g
         assert r["completion_tokens"] == len(solo.token_ids)
@@ -107,7 +123,9 @@ def test_batch_mixed_lines(tiny_chat_llama, llm, tmp_path, capsys):
     # run again: everything is done, nothing is written twice
     assert _batch(tiny_chat_llama, inp, out) == 0
     assert _lines(out) == rows
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped_done"] == len(lines)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped_done"] == len(
+        lines
+    )
 
 
 def test_resume_after_a_cut_line(tiny_chat_llama, tmp_path, capsys):
@@ -132,8 +150,21 @@ def test_kill_9_then_resume(tiny_chat_llama, tmp_path, capsys):
     inp = _write(tmp_path / "in.jsonl", prompts)
     ref, out = tmp_path / "ref.jsonl", tmp_path / "out.jsonl"
     assert _batch(tiny_chat_llama, inp, ref, "--ignore-eos") == 0
-    cmd = [sys.executable, "-m", "layercake.cli", "batch", "--model", str(tiny_chat_llama),
-           "--input", str(inp), "--output", str(out), "--batch-size", "2", "--ignore-eos"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "layercake.cli",
+        "batch",
+        "--model",
+        str(tiny_chat_llama),
+        "--input",
+        str(inp),
+        "--output",
+        str(out),
+        "--batch-size",
+        "2",
+        "--ignore-eos",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -155,8 +186,11 @@ def test_file_level_errors(tiny_chat_llama, tmp_path, capsys):
     cases = [
         (tmp_path / "missing.jsonl", tmp_path / "o1.jsonl", "cannot read input"),
         (inp, tmp_path / "nodir" / "o.jsonl", "output directory"),
-        (_write(tmp_path / "dup.jsonl", [{"id": 1, "prompt": "w1"}, {"id": 1, "prompt": "w2"}]),
-         tmp_path / "o2.jsonl", "already used on line 1"),
+        (
+            _write(tmp_path / "dup.jsonl", [{"id": 1, "prompt": "w1"}, {"id": 1, "prompt": "w2"}]),
+            tmp_path / "o2.jsonl",
+            "already used on line 1",
+        ),
         (inp, _write(tmp_path / "o3.jsonl", ["garbage", '{"id": "x"}']), "not a result line"),
         (tmp_path, tmp_path / "o4.jsonl", "cannot read input"),
     ]
@@ -166,3 +200,37 @@ def test_file_level_errors(tiny_chat_llama, tmp_path, capsys):
         assert err.count("\n") == 1 and msg in err and "Traceback" not in err, err
     assert _batch(tiny_chat_llama, inp, tmp_path / "o5.jsonl", "--temperature", "-2") == 2
     assert "temperature" in capsys.readouterr().err
+
+
+def test_batch_on_the_offload_runner(tiny_chat_llama, llm, tmp_path, capsys):
+    """Weights half on disk, KV cache on disk (file-backed, shifted in place): blocks of
+    batch_size x num_batches slots, same results."""
+    prompts = _prompts(9, seed=3)
+    inp, out = _write(tmp_path / "in.jsonl", prompts), tmp_path / "out.jsonl"
+    assert (
+        _batch(
+            tiny_chat_llama,
+            inp,
+            out,
+            "--percent",
+            "50",
+            "0",
+            "0",
+            "0",
+            "100",
+            "0",
+            "--offload-dir",
+            str(tmp_path / "off"),
+            "--batch-size",
+            "2",
+            "--num-batches",
+            "2",
+        )
+        == 0
+    )
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["batch_size"] == 4
+    got = _by_id(_lines(out))
+    for p in prompts:
+        solo = llm.generate(p["prompt"], max_new_tokens=p["max_tokens"])[0]
+        assert got[p["id"]]["text"] == solo.text

@@ -23,8 +23,9 @@ def _cache(length: int, capacity: int = 12) -> KVCache:
     return c
 
 
-@pytest.mark.parametrize("length,offset", [(7, -1), (7, -3), (7, -7), (9, -2), (5, 2), (5, 7),
-                                           (8, 3), (1, 4), (0, 3)])  # fmt: skip
+@pytest.mark.parametrize(
+    "length,offset", [(7, -1), (7, -3), (7, -7), (9, -2), (5, 2), (5, 7), (8, 3), (1, 4), (0, 3)]
+)
 def test_shift_moves_rows_in_place(length, offset):
     c = _cache(length)
     before = {i: t.clone() for i, t in enumerate(c.tensors())}
@@ -71,8 +72,18 @@ def llm(tiny_llama):
 
 
 def _solo(llm, prompt, params):
-    kw = {k: getattr(params, k) for k in ("max_new_tokens", "temperature", "top_p", "seed",
-                                          "logprobs", "ignore_eos", "top_k")}  # fmt: skip
+    kw = {
+        k: getattr(params, k)
+        for k in (
+            "max_new_tokens",
+            "temperature",
+            "top_p",
+            "seed",
+            "logprobs",
+            "ignore_eos",
+            "top_k",
+        )
+    }
     return llm.generate([prompt], **kw)[0]
 
 
@@ -96,15 +107,22 @@ def test_continuous_batching_equals_solo_greedy(llm, slots, capacity, monkeypatc
     calls = []
     for name in ("shift", "load_rows", "rows"):
         orig = getattr(KVCache, name)
-        monkeypatch.setattr(KVCache, name, lambda self, *a, _o=orig, _n=name: (
-            calls.append((_n, a[0] if _n == "shift" else None)), _o(self, *a))[1])
+        monkeypatch.setattr(
+            KVCache,
+            name,
+            lambda self, *a, _o=orig, _n=name: (
+                calls.append((_n, a[0] if _n == "shift" else None)),
+                _o(self, *a),
+            )[1],
+        )
     rng = random.Random(slots)
     reqs = []
     for i in range(16):
         prompt = [rng.randrange(3, 97) for _ in range(rng.randrange(1, 14))]
         n = rng.randrange(1, 12) if i >= slots else (3 if i % 2 == 0 else 9)  # scattered frees
-        p = SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True,
-                           logprobs=2 if i % 3 == 0 else None)  # fmt: skip
+        p = SamplingParams(
+            temperature=0.0, max_new_tokens=n, ignore_eos=True, logprobs=2 if i % 3 == 0 else None
+        )
         reqs.append(Request(prompt, p, tag=i))
     eng, out = _run(llm, reqs, slots, capacity)
     assert eng.stats.generated_tokens == sum(r.params.max_new_tokens for r in reqs)
@@ -121,8 +139,12 @@ def test_continuous_batching_equals_solo_greedy(llm, slots, capacity, monkeypatc
 
 def test_seeded_sampling_equals_solo(llm):
     reqs = [
-        Request([5 + i, 9, 11 + i][: 1 + i % 3], SamplingParams(temperature=0.9, top_p=0.9,
-                seed=100 + i, max_new_tokens=4 + i, ignore_eos=True))  # fmt: skip
+        Request(
+            [5 + i, 9, 11 + i][: 1 + i % 3],
+            SamplingParams(
+                temperature=0.9, top_p=0.9, seed=100 + i, max_new_tokens=4 + i, ignore_eos=True
+            ),
+        )
         for i in range(6)
     ]
     _, out = _run(llm, reqs, slots=2, capacity=20)

@@ -29,8 +29,9 @@ def live(tiny_chat_llama):  # (base URL, app)
     import layercake
     from layercake.server.app import create_app
 
-    app = create_app(layercake.load(tiny_chat_llama), slots=6, max_context=96, api_key=KEY,
-                     model_name="tiny")  # fmt: skip
+    app = create_app(
+        layercake.load(tiny_chat_llama), slots=6, max_context=96, api_key=KEY, model_name="tiny"
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -61,8 +62,9 @@ def test_models(client):
 
 
 def test_completion_equals_generate(client, llm):
-    r = client.completions.create(model="tiny", prompt="w1 w2 w3", max_tokens=6, temperature=0,
-                                  logprobs=2)  # fmt: skip
+    r = client.completions.create(
+        model="tiny", prompt="w1 w2 w3", max_tokens=6, temperature=0, logprobs=2
+    )
     solo = llm.generate("w1 w2 w3", max_new_tokens=6, logprobs=2)[0]
     c = r.choices[0]
     assert c.text == solo.text and c.finish_reason == solo.finish_reason
@@ -73,8 +75,11 @@ def test_completion_equals_generate(client, llm):
 
 
 def test_streaming_completion(client, llm):
-    chunks = list(client.completions.create(model="tiny", prompt="w5 w6", max_tokens=8,
-                                            temperature=0, stream=True))  # fmt: skip
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt="w5 w6", max_tokens=8, temperature=0, stream=True
+        )
+    )
     solo = llm.generate("w5 w6", max_new_tokens=8)[0]
     assert "".join(c.choices[0].text for c in chunks) == solo.text
     assert len(chunks) == len(solo.token_ids) and chunks[-1].choices[0].finish_reason
@@ -83,13 +88,15 @@ def test_streaming_completion(client, llm):
 def test_chat_and_chat_stream(client, llm):
     msgs = [{"role": "system", "content": "w3"}, {"role": "user", "content": "w7 w8"}]
     solo = llm.generate(llm.chat_prompt(msgs), max_new_tokens=5)[0]
-    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=5, temperature=0,
-                                       logprobs=True, top_logprobs=3)  # fmt: skip
+    r = client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3
+    )
     assert r.choices[0].message.content == solo.text and r.choices[0].message.role == "assistant"
     assert len(r.choices[0].logprobs.content) == len(solo.token_ids)
     assert len(r.choices[0].logprobs.content[0].top_logprobs) == 3
-    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=5,
-                                            temperature=0, stream=True)  # fmt: skip
+    stream = client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=5, temperature=0, stream=True
+    )
     text = "".join(c.choices[0].delta.content or "" for c in stream)
     assert text == solo.text
 
@@ -110,8 +117,9 @@ def test_16_concurrent_requests_no_cross_talk(client, llm, live):
     expected = [llm.generate(p, max_new_tokens=n)[0].text for p, n in zip(prompts, lengths)]
 
     def ask(i):
-        r = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=lengths[i],
-                                      temperature=0)  # fmt: skip
+        r = client.completions.create(
+            model="tiny", prompt=prompts[i], max_tokens=lengths[i], temperature=0
+        )
         return r.choices[0].text
 
     stats = live[1].state.engine.engine.stats
@@ -135,10 +143,12 @@ def test_malformed_bodies_are_400(server, client):
     r = httpx.post(f"{server}/completions", content=b"{not json", headers=h)
     assert r.status_code == 400
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
-    for body, param in [({"prompt": "w1", "temperature": "hot"}, "temperature"),
-                        ({"max_tokens": 3}, "prompt"),
-                        ({"prompt": "w1", "max_tokens": 500}, "max_tokens"),
-                        ({"messages": "hi"}, "messages")]:  # fmt: skip
+    for body, param in [
+        ({"prompt": "w1", "temperature": "hot"}, "temperature"),
+        ({"max_tokens": 3}, "prompt"),
+        ({"prompt": "w1", "max_tokens": 500}, "max_tokens"),
+        ({"messages": "hi"}, "messages"),
+    ]:
         path = "chat/completions" if "messages" in body else "completions"
         r = httpx.post(f"{server}/{path}", json=body, headers=h)
         assert r.status_code == 400, body

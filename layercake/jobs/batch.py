@@ -116,8 +116,10 @@ def read_job(llm: LLM, path: Path, done: set[str], defaults: dict[str, Any], lim
                 raise RequestError("missing id")
             key = line_key(id_, n)
             if key in seen:
-                raise LayercakeError(f"input line {n}: id {id_!r} was already used on line "
-                                     f"{seen[key]}; ids must be unique")  # fmt: skip
+                raise LayercakeError(
+                    f"input line {n}: id {id_!r} was already used on line "
+                    f"{seen[key]}; ids must be unique"
+                )
             seen[key] = n
         except ValueError as e:
             body, key = None, line_key(None, n)
@@ -137,23 +139,32 @@ def read_job(llm: LLM, path: Path, done: set[str], defaults: dict[str, Any], lim
     return job
 
 
-def job_line(llm: LLM, body: dict[str, Any], job: Job, defaults: dict[str, Any],
-             limit: int) -> None:  # fmt: skip
+def job_line(
+    llm: LLM, body: dict[str, Any], job: Job, defaults: dict[str, Any], limit: int
+) -> None:
     unknown = sorted(set(body) - LINE_FIELDS)
     if unknown:
         raise RequestError(f"unknown field {unknown[0]!r}", unknown[0])
     ids = prompt_ids(llm, body)
     if body.get("choices") is not None:
         choices = body["choices"]
-        if not isinstance(choices, list) or not choices or not all(
-            isinstance(c, str) and c for c in choices
+        if (
+            not isinstance(choices, list)
+            or not choices
+            or not all(isinstance(c, str) and c for c in choices)
         ):
             raise RequestError("choices must be a non-empty list of non-empty strings", "choices")
         job.choices.append((body, ids))
         return
     params = parse_sampling(body, defaults)
-    check_prompt("the prompt", ids, params, llm.runner.vocab_size, limit,
-                 "the context" if limit == llm.runner.max_context else "--max-context")  # fmt: skip
+    check_prompt(
+        "the prompt",
+        ids,
+        params,
+        llm.runner.vocab_size,
+        limit,
+        "the context" if limit == llm.runner.max_context else "--max-context",
+    )
     job.generate.append(Request(ids, params, tag=body["id"]))
 
 
@@ -166,8 +177,12 @@ def score_line(llm: LLM, body: dict[str, Any], ids: list[int]) -> dict[str, Any]
         "best": best,
         "text": body["choices"][best],
         "choices": [
-            {"text": c, "logprob": r.logprob_sum, "logprob_mean": r.logprob_mean,
-             "is_greedy": r.is_greedy}  # fmt: skip
+            {
+                "text": c,
+                "logprob": r.logprob_sum,
+                "logprob_mean": r.logprob_mean,
+                "is_greedy": r.is_greedy,
+            }
             for c, r in zip(body["choices"], results)
         ],
         "prompt_tokens": len(ids),
@@ -200,8 +215,12 @@ class Progress:
         elif (elapsed - self.last >= self.every and prompts) or self.done == self.total:
             self.last = elapsed
             eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
-            print(f"layercake batch: {self.done}/{self.total} prompts, {rate:.1f} tok/s, "
-                  f"ETA {eta:.0f} s", file=self.stream, flush=True)  # fmt: skip
+            print(
+                f"layercake batch: {self.done}/{self.total} prompts, {rate:.1f} tok/s, "
+                f"ETA {eta:.0f} s",
+                file=self.stream,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -281,8 +300,13 @@ def _generate(llm: LLM, reqs: list[Request], slots: int, out: Output, progress: 
                 s["logprobs"].append(_logprob(llm, ev.logprob))
             if ev.finish_reason is None:
                 continue
-            row = {"id": req.tag, "text": s["text"], "finish_reason": ev.finish_reason,
-                   "prompt_tokens": len(req.prompt), "completion_tokens": s["n"]}  # fmt: skip
+            row = {
+                "id": req.tag,
+                "text": s["text"],
+                "finish_reason": ev.finish_reason,
+                "prompt_tokens": len(req.prompt),
+                "completion_tokens": s["n"],
+            }
             if req.params.logprobs is not None:
                 row["logprobs"] = s["logprobs"]
             out.write(row)

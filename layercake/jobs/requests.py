@@ -85,8 +85,10 @@ def prompt_ids(llm: LLM, body: dict[str, Any]) -> list[int]:
         if not prompt:
             raise RequestError("prompt is empty", "prompt")
         return llm.tokenizer.encode(prompt)
-    if isinstance(prompt, list) and prompt and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in prompt
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     ):
         return list(prompt)
     raise RequestError("prompt must be a non-empty string or a list of token ids", "prompt")

@@ -33,11 +33,22 @@ DEFAULT_CONTEXT = 1024  # prompt + completion tokens per request when --max-cont
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = (
-            status, message, type_, param, code)  # fmt: skip
+            status,
+            message,
+            type_,
+            param,
+            code,
+        )
 
     def response(self) -> JSONResponse:
         body = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
@@ -60,8 +71,9 @@ class EngineLoop:
 
     def __init__(self, llm: LLM, slots: int, context: int) -> None:
         self.llm = llm
-        self.engine = Engine(llm.runner, llm.eos_token_ids, llm._decode, slots,
-                             default_capacity(context))  # fmt: skip
+        self.engine = Engine(
+            llm.runner, llm.eos_token_ids, llm._decode, slots, default_capacity(context)
+        )
         self.inbox: queue.Queue[EngineRequest | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, daemon=True, name="layercake-engine")
         self.thread.start()
@@ -93,15 +105,21 @@ class EngineLoop:
                 running = [s.request for s in eng.seqs if s is not None] + list(eng.waiting)
                 for r in running:
                     r.tag.put(e)
-                self.engine = eng = Engine(eng.runner, list(eng.eos), eng.decode, eng.slots,
-                                           eng.capacity)  # fmt: skip
+                self.engine = eng = Engine(
+                    eng.runner, list(eng.eos), eng.decode, eng.slots, eng.capacity
+                )
                 continue
             for req, ev in events:
                 req.tag.put(ev)
 
 
-def create_app(llm: LLM, slots: int = 16, max_context: int | None = None,
-               api_key: str | None = None, model_name: str | None = None) -> FastAPI:  # fmt: skip
+def create_app(
+    llm: LLM,
+    slots: int = 16,
+    max_context: int | None = None,
+    api_key: str | None = None,
+    model_name: str | None = None,
+) -> FastAPI:
     """The FastAPI app over ``llm``: ``slots`` sequences decoded together, each request's
     prompt + completion within ``max_context`` tokens."""
     context = min(max_context or DEFAULT_CONTEXT, llm.runner.max_context)
@@ -117,8 +135,9 @@ def create_app(llm: LLM, slots: int = 16, max_context: int | None = None,
     @app.middleware("http")
     async def _auth(request: Request, call_next: Any) -> Any:
         if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-            return APIError(401, "Incorrect API key provided", param=None,
-                            code="invalid_api_key").response()  # fmt: skip
+            return APIError(
+                401, "Incorrect API key provided", param=None, code="invalid_api_key"
+            ).response()
         return await call_next(request)
 
     @app.get("/v1/models")
@@ -145,7 +164,8 @@ def create_app(llm: LLM, slots: int = 16, max_context: int | None = None,
         except LayercakeError as e:
             for r in reqs:
                 r.cancelled = True
-            raise APIError(400, str(e), param="max_tokens" if "max_new" in str(e) else "prompt")
+            param = "max_tokens" if "max_new" in str(e) else "prompt"
+            raise APIError(400, str(e), param=param) from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         meta = {"id": rid, "created": int(time.time()), "model": name}
         if body.get("stream"):
@@ -165,8 +185,7 @@ async def _json(request: Request) -> dict[str, Any]:
     return body
 
 
-def _parse(llm: LLM, body: dict[str, Any], chat: bool,
-           context: int) -> tuple[list[list[int]], Any]:  # fmt: skip
+def _parse(llm: LLM, body: dict[str, Any], chat: bool, context: int) -> tuple[list[list[int]], Any]:
     try:
         if body.get("n") not in (None, 1):
             raise RequestError("only n=1 is supported", "n")
@@ -216,11 +235,24 @@ def _logprobs(llm: LLM, evs: list[StepEvent], chat: bool, offset: int = 0) -> di
     lps = [e.logprob for e in evs if e.logprob is not None]
     toks = [token_text(llm, lp.token_id) for lp in lps]
     if chat:
-        return {"content": [
-            {"token": t, "logprob": lp.logprob, "bytes": list(t.encode()),
-             "top_logprobs": [{"token": (s := token_text(llm, k)), "logprob": v,
-                               "bytes": list(s.encode())} for k, v in lp.top_logprobs.items()]}
-            for t, lp in zip(toks, lps)]}  # fmt: skip
+        return {
+            "content": [
+                {
+                    "token": t,
+                    "logprob": lp.logprob,
+                    "bytes": list(t.encode()),
+                    "top_logprobs": [
+                        {
+                            "token": (s := token_text(llm, k)),
+                            "logprob": v,
+                            "bytes": list(s.encode()),
+                        }
+                        for k, v in lp.top_logprobs.items()
+                    ],
+                }
+                for t, lp in zip(toks, lps)
+            ]
+        }
     offsets, pos = [], offset
     for t in toks:
         offsets.append(pos)
@@ -233,8 +265,9 @@ def _logprobs(llm: LLM, evs: list[StepEvent], chat: bool, offset: int = 0) -> di
     }
 
 
-async def _collect(llm: LLM, reqs: list[EngineRequest], chat: bool,
-                   meta: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+async def _collect(
+    llm: LLM, reqs: list[EngineRequest], chat: bool, meta: dict[str, Any]
+) -> dict[str, Any]:
     evs: list[list[StepEvent]] = [[] for _ in reqs]
     async for i, ev in _events(reqs):
         evs[i].append(ev)
@@ -250,14 +283,18 @@ async def _collect(llm: LLM, reqs: list[EngineRequest], chat: bool,
         choices.append(c)
     n_prompt = sum(len(r.prompt) for r in reqs)
     n_out = sum(map(len, evs))
-    usage = {"prompt_tokens": n_prompt, "completion_tokens": n_out,
-             "total_tokens": n_prompt + n_out}  # fmt: skip
+    usage = {
+        "prompt_tokens": n_prompt,
+        "completion_tokens": n_out,
+        "total_tokens": n_prompt + n_out,
+    }
     obj = "chat.completion" if chat else "text_completion"
     return {**meta, "object": obj, "choices": choices, "usage": usage}
 
 
-async def _sse(llm: LLM, reqs: list[EngineRequest], chat: bool,
-               meta: dict[str, Any]) -> AsyncIterator[str]:  # fmt: skip
+async def _sse(
+    llm: LLM, reqs: list[EngineRequest], chat: bool, meta: dict[str, Any]
+) -> AsyncIterator[str]:
     obj = "chat.completion.chunk" if chat else "text_completion"
     offsets = [0] * len(reqs)
 
@@ -265,8 +302,14 @@ async def _sse(llm: LLM, reqs: list[EngineRequest], chat: bool,
         return f"data: {json.dumps({**meta, 'object': obj, 'choices': [choice]})}\n\n"
 
     if chat:
-        yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
-                     "finish_reason": None, "logprobs": None})  # fmt: skip
+        yield chunk(
+            {
+                "index": 0,
+                "delta": {"role": "assistant", "content": ""},
+                "finish_reason": None,
+                "logprobs": None,
+            }
+        )
     try:
         async for i, ev in _events(reqs):
             lp = None
@@ -284,8 +327,9 @@ async def _sse(llm: LLM, reqs: list[EngineRequest], chat: bool,
     yield "data: [DONE]\n\n"
 
 
-def serve(llm: LLM, slots: int, max_context: int | None, host: str, port: int,
-          api_key: str | None) -> None:  # fmt: skip
+def serve(
+    llm: LLM, slots: int, max_context: int | None, host: str, port: int, api_key: str | None
+) -> None:
     """Run the server until interrupted."""
     import uvicorn
 
