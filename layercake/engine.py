@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from layercake.errors import LayercakeError
-from layercake.generate import GenerationStats, Row, StepEvent, check_prompt
+from layercake.generate import GenerationStats, Row, StepEvent, check_prompt, left_pad
 from layercake.sampling import Sampler, SamplingParams
 
 if TYPE_CHECKING:
@@ -143,14 +143,8 @@ class Engine:
             if self.cache.length < P:  # room in front for the longest new prompt
                 self.cache.shift(P - self.cache.length)
             at = self.cache.length - P
-            tokens = torch.zeros(len(reqs), P, dtype=torch.long)
-            mask = torch.zeros(len(reqs), P, dtype=torch.bool)
-            for j, r in enumerate(reqs):  # left-padded, positions from 0 at the first token
-                tokens[j, P - len(r.prompt) :] = torch.tensor(r.prompt)
-                mask[j, P - len(r.prompt) :] = True
-            positions = (mask.cumsum(1) - 1).clamp(min=0)
-            dev = self.runner.device
-            tokens, positions, mask = tokens.to(dev), positions.to(dev), mask.to(dev)
+            dev = self.runner.device  # left-padded, positions from 0 at each first token
+            tokens, positions, mask = left_pad([r.prompt for r in reqs], dev)
             if slots == list(range(slots[0], slots[0] + len(slots))):  # in place
                 view = self.cache.rows(slots[0], slots[-1] + 1, at)
                 view.valid[:, :at] = False

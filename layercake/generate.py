@@ -149,7 +149,7 @@ class Row:
         return 0
 
 
-def _left_pad(
+def left_pad(
     seqs: list[list[int]], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """tokens, positions (B, L) and token_mask (None when no row is padded)."""
@@ -236,7 +236,7 @@ def _stream(
 
     t0 = time.perf_counter()
     with torch.inference_mode():
-        tokens, positions, mask = _left_pad(prompts, dev)
+        tokens, positions, mask = left_pad(prompts, dev)
         cache = runner.new_cache(B, tokens.shape[1] + max(p.max_new_tokens for p in params))
         sampler = Sampler(params, runner.vocab_size, prompts, dev)
         logits = runner.forward(tokens, positions, cache, token_mask=mask, last_only=True)
