@@ -141,7 +141,7 @@ class Engine:
             if all(s is None for s in self.seqs):
                 self.cache.length, self.cache.valid[:] = 0, False
             if self.cache.length < P:  # room in front for the longest new prompt
-                self.cache.shift(P - self.cache.length)
+                self._shift(P - self.cache.length)
             at = self.cache.length - P
             dev = self.runner.device  # left-padded, positions from 0 at each first token
             tokens, positions, mask = left_pad([r.prompt for r in reqs], dev)
@@ -215,8 +215,11 @@ class Engine:
         first = min(self.start[b] for b, s in enumerate(self.seqs) if s is not None)
         if first == 0:  # cannot happen: check() keeps every span within the capacity
             raise LayercakeError("KV cache full")
-        self.cache.shift(-first)
-        self.start = [max(0, s - first) for s in self.start]
+        self._shift(-first)
+
+    def _shift(self, offset: int) -> None:
+        self.cache.shift(offset)
+        self.start = [max(0, s + offset) for s in self.start]
 
     def run(self) -> list[tuple[Request, StepEvent]]:
         """Step until nothing is waiting or running; every event, in order."""

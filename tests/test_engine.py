@@ -168,3 +168,15 @@ def test_request_too_long_for_the_engine(llm):
     eng = Engine(llm.runner, [], lambda ids: "", slots=2, capacity=16)
     with pytest.raises(LayercakeError, match="max_new_tokens <= 6"):
         eng.add(Request(list(range(3, 13)), SamplingParams(max_new_tokens=7)))
+
+
+def test_compaction_after_a_right_shift(llm):
+    """A long prompt joins late (the cache shifts right), then the cache fills up and is
+    compacted: the live row's first slot must have moved with the shift."""
+    g = dict(temperature=0.0, ignore_eos=True)
+    a = Request([5], SamplingParams(max_new_tokens=20, **g))
+    b = Request([6], SamplingParams(max_new_tokens=1, **g))
+    c = Request(list(range(10, 20)), SamplingParams(max_new_tokens=5, **g))
+    eng, out = _run(llm, [a, b, c], slots=2, capacity=24)
+    for r in (a, b, c):
+        assert [e.token_id for e in out[id(r)]] == _solo(llm, r.prompt, r.params).token_ids
