@@ -63,7 +63,10 @@ class _Reply:
         self.queue: asyncio.Queue[StepEvent | Exception] = asyncio.Queue()
 
     def put(self, item: StepEvent | Exception) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed (shutting down): nobody is listening
+            pass
 
 
 class EngineLoop:
