@@ -99,7 +99,10 @@ class EngineLoop:
                     block = False
                     if req is None:
                         return
-                    eng.add(req)
+                    try:
+                        eng.add(req)
+                    except LayercakeError as e:  # checked on submit already; never fatal here
+                        req.tag.put(e)
             except queue.Empty:
                 pass
             try:
