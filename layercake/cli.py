@@ -1,4 +1,4 @@
-"""Command line: ``layercake generate``. Later commands (batch, serve, worker, bench, plan,
+"""Command line: ``layercake generate | batch | serve``. Later commands (worker, bench, plan,
 split) join the same parser. A user mistake prints one line and exits 2, never a traceback."""
 
 from __future__ import annotations
@@ -88,9 +88,9 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_sampling_options(p: argparse.ArgumentParser) -> None:
+def add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -207,6 +207,64 @@ def add_dist_commands(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_split)
 
 
+def no_topology(a: argparse.Namespace) -> None:
+    """The continuous-batching engine moves cache rows in place; a pipeline's cache lives on
+    several hosts and cannot yet."""
+    if getattr(a, "topology", None):
+        raise LayercakeError(
+            f"layercake {a.command} does not run over a --topology yet; use layercake generate"
+        )
+
+
+def engine_slots(llm, a: argparse.Namespace, default: int = 32) -> int:
+    """Sequences decoded together: the offload runner's block (its memory plan), else
+    --batch-size (``default`` when not given)."""
+    block = getattr(llm.runner, "block_size", None)
+    if block:
+        return block
+    if a.batch_size is not None and a.batch_size < 1:
+        raise LayercakeError(f"--batch-size must be at least 1, got {a.batch_size}")
+    return a.batch_size or default
+
+
+def cmd_batch(a: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from layercake.jobs.batch import run_batch
+    from layercake.sampling import SamplingParams
+
+    no_topology(a)
+    defaults = sampling_kwargs(a)
+    SamplingParams(**defaults).validate()  # bad flags and paths fail before the model loads
+    if not Path(a.input).is_file():
+        raise LayercakeError(f"cannot read input {a.input}: no such file")
+    out = Path(a.output)
+    if not out.parent.is_dir():
+        raise LayercakeError(f"output directory {out.parent} does not exist")
+    llm = load_from_args(a)
+    summary = run_batch(llm, a.input, a.output, engine_slots(llm, a), defaults, a.max_context)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    try:
+        from layercake.server.app import serve
+    except ImportError as e:
+        raise LayercakeError(
+            f"the server needs the serve extra ({e.name} is missing): "
+            "pip install 'layercake[serve]'"
+        ) from None
+    no_topology(a)
+    if a.host not in ("127.0.0.1", "localhost", "::1") and a.api_key is None:
+        print(f"layercake: warning: serving on {a.host} without --api-key: anyone who can reach "
+              "it can use it", file=sys.stderr)  # fmt: skip
+    llm = load_from_args(a)
+    serve(llm, engine_slots(llm, a, default=8), a.max_context, a.host, a.port, a.api_key)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layercake", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -219,6 +277,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_options(g)
     g.set_defaults(func=cmd_generate)
     add_dist_commands(sub)
+    b = sub.add_parser(
+        "batch",
+        help="answer a JSONL file of requests into a JSONL file of results (resumable)",
+        description='Each input line is {"id", "prompt" | "messages"} with optional '
+        'max_tokens, temperature, top_p, top_k, stop, seed, logprobs, or {"id", "prompt", '
+        '"choices"} to score choices. Ids already in the output are skipped: run the same '
+        "command again after a crash. The sampling options are the defaults for every line.",
+    )
+    b.add_argument("--input", required=True, help="JSONL requests")
+    b.add_argument("--output", required=True, help="JSONL results (appended to; resumed)")
+    add_engine_options(b)
+    add_sampling_options(b, max_new_tokens=128)
+    b.set_defaults(func=cmd_batch)
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the serve extra)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
+    add_engine_options(s)
+    s.set_defaults(func=cmd_serve)
     return parser
 
 

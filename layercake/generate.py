@@ -104,7 +104,7 @@ class _Detokenizer:
         return ""
 
 
-class _Row:
+class Row:
     """Text state of one request: stop strings, streamed prefix, finish reason."""
 
     def __init__(
@@ -149,7 +149,7 @@ class _Row:
         return 0
 
 
-def _left_pad(
+def left_pad(
     seqs: list[list[int]], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """tokens, positions (B, L) and token_mask (None when no row is padded)."""
@@ -174,6 +174,29 @@ def _check_tokens(what: str, ids: list[int], vocab_size: int) -> None:
         raise LayercakeError(f"{what} has token id {bad}, outside the vocabulary [0, {vocab_size})")
 
 
+def check_prompt(
+    what: str,
+    prompt: list[int],
+    params: SamplingParams,
+    vocab_size: int,
+    limit: int,
+    limit_name: str = "the model's context",
+) -> None:
+    """Raise LayercakeError when ``params`` are invalid or the prompt and its generation do not
+    fit in ``limit`` tokens."""
+    params.validate()
+    _check_tokens(what, prompt, vocab_size)
+    n = len(prompt)
+    if n > limit:
+        raise LayercakeError(f"{what} has {n} tokens, more than {limit_name} of {limit}")
+    if n + params.max_new_tokens > limit:
+        raise LayercakeError(
+            f"{what} has {n} tokens and asks for max_new_tokens={params.max_new_tokens}: "
+            f"{n + params.max_new_tokens} is beyond {limit_name} of {limit}; "
+            f"use max_new_tokens <= {limit - n}"
+        )
+
+
 def generate_stream(
     runner: Runner,
     prompts: list[list[int]],
@@ -191,19 +214,7 @@ def generate_stream(
     if len(params) != len(prompts):
         raise LayercakeError(f"{len(prompts)} prompts but {len(params)} sampling params")
     for i, (prompt, p) in enumerate(zip(prompts, params)):
-        p.validate()
-        _check_tokens(f"prompt {i}", prompt, runner.vocab_size)
-        n, limit = len(prompt), runner.max_context
-        if n > limit:
-            raise LayercakeError(
-                f"prompt {i} has {n} tokens, more than the model's context of {limit}"
-            )
-        if n + p.max_new_tokens > limit:
-            raise LayercakeError(
-                f"prompt {i} has {n} tokens and asks for max_new_tokens={p.max_new_tokens}: "
-                f"{n + p.max_new_tokens} is beyond the model's context of {limit}; "
-                f"use max_new_tokens <= {limit - n}"
-            )
+        check_prompt(f"prompt {i}", prompt, p, runner.vocab_size, runner.max_context)
     stats = stats if stats is not None else GenerationStats()
     return _stream(runner, prompts, params, set(eos_token_ids), decode, stats)
 
@@ -220,12 +231,12 @@ def _stream(
         return
     B, dev = len(prompts), runner.device
     stats.batch_size, stats.prompt_tokens = B, sum(len(p) for p in prompts)
-    rows = [_Row(i, p, eos, decode) for i, p in enumerate(params)]
+    rows = [Row(i, p, eos, decode) for i, p in enumerate(params)]
     live = list(range(B))  # request index of each batch row still in the cache
 
     t0 = time.perf_counter()
     with torch.inference_mode():
-        tokens, positions, mask = _left_pad(prompts, dev)
+        tokens, positions, mask = left_pad(prompts, dev)
         cache = runner.new_cache(B, tokens.shape[1] + max(p.max_new_tokens for p in params))
         sampler = Sampler(params, runner.vocab_size, prompts, dev)
         logits = runner.forward(tokens, positions, cache, token_mask=mask, last_only=True)

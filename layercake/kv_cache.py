@@ -131,6 +131,57 @@ class KVCache:
     def advance(self, step: AttentionStep) -> None:
         self.length = step.end
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.keys.values(), *self.values.values()]
+
+    def shift(self, offset: int) -> None:
+        """Move every row's slots [0, length) by ``offset`` (left when negative), in place, and
+        move ``length`` with them; slots left behind become padding. Continuous batching uses
+        it to make room for a longer prompt (right) or to reclaim slots that no live row needs
+        any more (left). Copies run in chunks no longer than the shift, so a source never
+        overlaps its destination and nothing is allocated (the cache may be file-backed)."""
+        n, d = self.length, offset
+        if d == 0:
+            return
+        if n + d < 0 or n + d > self.capacity:
+            raise ValueError(f"cannot shift {n} slots by {d} in a capacity of {self.capacity}")
+        if d < 0:  # front first: a chunk's destination was an earlier chunk's source
+            spans = [(lo, min(lo - d, n)) for lo in range(-d, n, -d)]
+        else:  # back first
+            spans = [(max(0, hi - d), hi) for hi in range(n, 0, -d)]
+        for lo, hi in spans:
+            for t in self.tensors():
+                t[:, :, lo + d : hi + d].copy_(t[:, :, lo:hi])
+            self.valid[:, lo + d : hi + d].copy_(self.valid[:, lo:hi])
+        if d < 0:
+            self.valid[:, n + d : n] = False
+        else:
+            self.valid[:, :d] = False
+        self.length = n + d
+
+    def rows(self, a: int, b: int, length: int) -> KVCache:
+        """A view of rows [a, b) whose next write goes to slot ``length``: a forward through it
+        fills those rows of this cache in place (this cache's ``length`` does not move)."""
+        keys = {i: t[a:b] for i, t in self.keys.items()}
+        values = {i: t[a:b] for i, t in self.values.items()}
+        return KVCache(keys, values, self.valid[a:b], length, self.window)
+
+    def like(self, batch: int, capacity: int) -> KVCache:
+        """An empty cache for the same layers, shape, dtype and device (in memory)."""
+        k = next(iter(self.keys.values()))
+        _, n_kv, _, hd = k.shape
+        return KVCache.allocate(list(self.keys), batch, capacity, n_kv, hd, k.dtype,
+                                self.valid.device, self.window)  # fmt: skip
+
+    def load_rows(self, rows: torch.Tensor, src: KVCache, at: int) -> None:
+        """Copy every row of ``src`` (slots [0, src.length)) into ``rows`` of this cache at slots
+        [at, at + src.length); the rest of those rows becomes padding."""
+        n = src.length
+        for dst_t, src_t in zip(self.tensors(), src.tensors()):
+            dst_t.narrow(2, at, n).index_copy_(0, rows, src_t[:, :, :n])
+        self.valid.index_fill_(0, rows, False)
+        self.valid.narrow(1, at, n).index_copy_(0, rows, src.valid[:, :n])
+
     def select(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` of the batch (drop finished sequences)."""
         for d in (self.keys, self.values):

@@ -1,0 +1,235 @@
+"""Continuous batching over a Runner: a fixed number of slots (cache rows); when a sequence
+finishes, a waiting one is prefilled into its slot, so the batch stays full. Used by the batch
+job and the server.
+
+Every row of a ``KVCache`` writes at the same slot (``length``), so a new prompt of P tokens is
+placed at slots [length - P, length) of its row, its earlier slots marked padding: positions are
+the row's own (0 at its first token), so what the row computes equals a solo run. The cache is
+shifted right when a prompt is longer than ``length``, and left when ``length`` reaches the
+capacity (by the first slot any live row still uses; the capacity leaves slack so this happens
+rarely). Each admission group gets its own ``Sampler`` (seeds, penalties, logprobs per row).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from layercake.errors import LayercakeError
+from layercake.generate import GenerationStats, Row, StepEvent, check_prompt, left_pad
+from layercake.sampling import Sampler, SamplingParams
+
+if TYPE_CHECKING:
+    from layercake.runner import Runner
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence to complete; ``tag`` is the caller's own handle."""
+
+    prompt: list[int]
+    params: SamplingParams
+    tag: Any = None
+    cancelled: bool = False  # set by the caller (any thread): the slot is freed at next step
+    finished: bool = field(default=False, init=False)
+
+
+@dataclass(eq=False)
+class _Group:
+    """Sequences admitted together: one Sampler, rows in ``slots`` order."""
+
+    sampler: Sampler
+    slots: list[int]
+    index: torch.Tensor | None = None  # slots as a tensor (None = every slot, in order)
+
+
+@dataclass(eq=False)
+class _Seq:
+    request: Request
+    row: Row
+    group: _Group
+
+
+class Engine:
+    """Slots of a fixed batch size over one preallocated cache; ``step`` admits waiting requests
+    into free slots and runs one decode step for every live sequence."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        eos_token_ids: list[int],
+        decode: Callable[[list[int]], str],
+        slots: int,
+        capacity: int,
+    ) -> None:
+        if slots < 1:
+            raise LayercakeError(f"the batch size must be at least 1, got {slots}")
+        self.runner, self.eos, self.decode = runner, set(eos_token_ids), decode
+        self.slots, self.capacity = slots, capacity
+        self.max_span = min(capacity, runner.max_context)  # prompt + generated, per sequence
+        self.cache = runner.new_cache(slots, capacity)
+        dev = runner.device
+        self.seqs: list[_Seq | None] = [None] * slots
+        self.groups: list[_Group] = []
+        self.waiting: deque[Request] = deque()
+        self.tokens = torch.zeros(slots, 1, dtype=torch.long, device=dev)  # next input per slot
+        self.pos = torch.zeros(slots, 1, dtype=torch.long, device=dev)  # its position
+        self.start = [0] * slots  # first cache slot each live row uses
+        self.stats = GenerationStats(batch_size=slots)
+
+    # ---- queue -----------------------------------------------------------------------------
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise LayercakeError if this request cannot run here (bad params, too long)."""
+        limit = (
+            "the model's context"
+            if self.max_span == self.runner.max_context
+            else ("the engine's context (--max-context)")
+        )
+        check_prompt("the prompt", prompt, params, self.runner.vocab_size, self.max_span, limit)
+
+    def add(self, request: Request) -> None:
+        self.check(request.prompt, request.params)
+        self.waiting.append(request)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(s is not None for s in self.seqs)
+
+    # ---- one step --------------------------------------------------------------------------
+    def step(self) -> list[tuple[Request, StepEvent]]:
+        """Admit what fits, then decode one token for every live sequence."""
+        self._drop_cancelled()
+        events = self._admit()
+        if not any(s is not None for s in self.seqs):
+            return events
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            if self.cache.length >= self.capacity:
+                self._compact()
+            live = [s is not None for s in self.seqs]
+            mask = None if all(live) else torch.tensor(live, device=self.tokens.device)[:, None]
+            logits = self.runner.forward(self.tokens, self.pos, self.cache, mask, last_only=True)
+            out = self._sample(logits[:, -1], lambda b: True)
+            self.pos += 1 if mask is None else mask
+        self.stats.decode_s += time.perf_counter() - t0
+        self.stats.decode_steps += 1
+        self.stats.decode_tokens += len(out)
+        self.stats.generated_tokens += len(out)
+        return events + out
+
+    def _drop_cancelled(self) -> None:
+        if any(r.cancelled for r in self.waiting):
+            self.waiting = deque(r for r in self.waiting if not r.cancelled)
+        done = [b for b, s in enumerate(self.seqs) if s is not None and s.request.cancelled]
+        if done:
+            self._free(done)
+
+    def _admit(self) -> list[tuple[Request, StepEvent]]:
+        free = [b for b, s in enumerate(self.seqs) if s is None]
+        if not free or not self.waiting:
+            return []
+        t0 = time.perf_counter()
+        reqs = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
+        slots = free[: len(reqs)]
+        P = max(len(r.prompt) for r in reqs)
+        with torch.inference_mode():
+            if all(s is None for s in self.seqs):
+                self.cache.length, self.cache.valid[:] = 0, False
+            if self.cache.length < P:  # room in front for the longest new prompt
+                self._shift(P - self.cache.length)
+            at = self.cache.length - P
+            dev = self.runner.device  # left-padded, positions from 0 at each first token
+            tokens, positions, mask = left_pad([r.prompt for r in reqs], dev)
+            if slots == list(range(slots[0], slots[0] + len(slots))):  # in place
+                view = self.cache.rows(slots[0], slots[-1] + 1, at)
+                view.valid[:, :at] = False
+                logits = self.runner.forward(tokens, positions, view, mask, last_only=True)
+            else:  # scattered slots: prefill aside, then copy into the rows
+                staging = self.cache.like(len(reqs), P)
+                logits = self.runner.forward(tokens, positions, staging, mask, last_only=True)
+                self.cache.load_rows(torch.tensor(slots, device=dev), staging, at)
+            sampler = Sampler(
+                [r.params for r in reqs], self.runner.vocab_size, [r.prompt for r in reqs], dev
+            )
+            group = _Group(sampler, slots)
+            self._index(group)
+            self.groups.append(group)
+            for b, r in zip(slots, reqs):
+                self.seqs[b] = _Seq(r, Row(0, r.params, self.eos, self.decode), group)
+                self.pos[b, 0] = len(r.prompt)
+                self.start[b] = self.cache.length - len(r.prompt)
+            new = set(slots)
+            events = self._sample(logits[:, -1], lambda b: b in new, group)
+        self.stats.prefill_s += time.perf_counter() - t0
+        self.stats.prompt_tokens += sum(len(r.prompt) for r in reqs)
+        self.stats.generated_tokens += len(events)
+        return events
+
+    def _sample(
+        self, logits: torch.Tensor, take: Callable[[int], bool], only: _Group | None = None
+    ) -> list[tuple[Request, StepEvent]]:
+        """Sample every group's rows (or only ``only``, whose rows are all of ``logits``);
+        record each token, free the slots of finished sequences."""
+        events, finished = [], []
+        for g in [only] if only is not None else self.groups:
+            x = logits if only is not None or g.index is None else logits[g.index]
+            step = g.sampler.sample(x)
+            self.tokens[slice(None) if g.index is None else g.index, 0] = step.tokens
+            for b, t, lp in zip(g.slots, step.token_ids, step.logprobs):
+                if not take(b):
+                    continue
+                seq = self.seqs[b]
+                ev = seq.row.push(t, lp)
+                events.append((seq.request, ev))
+                if ev.finish_reason is not None:
+                    seq.request.finished = True
+                    finished.append(b)
+        if finished:
+            self._free(finished)
+        return events
+
+    def _free(self, slots: list[int]) -> None:
+        gone = set(slots)
+        for g in {id(self.seqs[b].group): self.seqs[b].group for b in slots}.values():
+            keep = [j for j, b in enumerate(g.slots) if b not in gone]
+            if not keep:
+                self.groups.remove(g)
+                continue
+            g.sampler.select(keep)
+            g.slots = [g.slots[j] for j in keep]
+            self._index(g)
+        for b in slots:
+            self.seqs[b] = None
+
+    def _index(self, g: _Group) -> None:
+        every = g.slots == list(range(self.slots))
+        g.index = None if every else torch.tensor(g.slots, device=self.tokens.device)
+
+    def _compact(self) -> None:
+        """Drop the cache slots in front of every live row's first slot."""
+        first = min(self.start[b] for b, s in enumerate(self.seqs) if s is not None)
+        if first == 0:  # cannot happen: check() keeps every span within the capacity
+            raise LayercakeError("KV cache full")
+        self._shift(-first)
+
+    def _shift(self, offset: int) -> None:
+        self.cache.shift(offset)
+        self.start = [max(0, s + offset) for s in self.start]
+
+    def run(self) -> list[tuple[Request, StepEvent]]:
+        """Step until nothing is waiting or running; every event, in order."""
+        events = []
+        while self.busy:
+            events += self.step()
+        return events
+
+
+def default_capacity(spans: int) -> int:
+    """Cache slots for sequences of up to ``spans`` tokens: half as much again, so the cache is
+    compacted at most once every ``spans / 2`` steps."""
+    return spans + max(8, spans // 2)

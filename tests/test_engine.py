@@ -1,0 +1,182 @@
+"""Continuous batching: cache shifts, and every sequence equal to its solo run whatever shares
+the batch, joins or leaves it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from layercake.engine import Engine, Request
+from layercake.errors import LayercakeError
+from layercake.kv_cache import KVCache
+from layercake.sampling import SamplingParams
+
+
+def _cache(length: int, capacity: int = 12) -> KVCache:
+    c = KVCache.allocate([0, 3], batch=2, capacity=capacity, num_kv_heads=1, head_dim=2)
+    for t in c.tensors():
+        t.copy_(torch.randn_like(t))
+    c.valid[:, :length] = torch.rand(2, length) > 0.3
+    c.length = length
+    return c
+
+
+@pytest.mark.parametrize(
+    "length,offset", [(7, -1), (7, -3), (7, -7), (9, -2), (5, 2), (5, 7), (8, 3), (1, 4), (0, 3)]
+)
+def test_shift_moves_rows_in_place(length, offset):
+    c = _cache(length)
+    before = {i: t.clone() for i, t in enumerate(c.tensors())}
+    valid = c.valid.clone()
+    ptrs = [t.data_ptr() for t in c.tensors()]
+    c.shift(offset)
+    assert c.length == length + offset and [t.data_ptr() for t in c.tensors()] == ptrs
+    lo = max(0, -offset)  # source slots that survive
+    for i, t in enumerate(c.tensors()):
+        assert torch.equal(t[:, :, lo + offset : length + offset], before[i][:, :, lo:length])
+    assert torch.equal(c.valid[:, lo + offset : length + offset], valid[:, lo:length])
+    assert not c.valid[:, : max(0, offset)].any()
+    assert not c.valid[:, length + offset : max(length, length + offset)].any()
+
+
+def test_shift_beyond_capacity_raises():
+    with pytest.raises(ValueError):
+        _cache(10).shift(3)
+
+
+def test_load_rows_copies_into_scattered_rows():
+    c = _cache(6)
+    c.valid[:] = True
+    src = KVCache.allocate([0, 3], batch=2, capacity=4, num_kv_heads=1, head_dim=2)
+    for t in src.tensors():
+        t.copy_(torch.randn_like(t))
+    src.valid[:, :3] = torch.tensor([[False, True, True], [True, True, True]])
+    src.length = 3
+    keep = c.keys[0][1].clone()
+    c2 = KVCache.allocate([0, 3], batch=3, capacity=12, num_kv_heads=1, head_dim=2)
+    c2.length = 6
+    c2.load_rows(torch.tensor([2, 0]), src, at=3)
+    assert torch.equal(c2.keys[0][2, :, 3:6], src.keys[0][0, :, :3])
+    assert torch.equal(c2.values[3][0, :, 3:6], src.values[3][1, :, :3])
+    assert c2.valid[2].tolist() == [False] * 4 + [True] * 2 + [False] * 6
+    assert torch.equal(c.keys[0][1], keep)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama):
+    import layercake
+
+    return layercake.load(tiny_llama)
+
+
+def _solo(llm, prompt, params):
+    kw = {
+        k: getattr(params, k)
+        for k in (
+            "max_new_tokens",
+            "temperature",
+            "top_p",
+            "seed",
+            "logprobs",
+            "ignore_eos",
+            "top_k",
+        )
+    }
+    return llm.generate([prompt], **kw)[0]
+
+
+def _run(llm, reqs, slots, capacity):
+    eng = Engine(llm.runner, llm.eos_token_ids, lambda ids: "", slots, capacity)
+    for r in reqs:
+        eng.add(r)
+    out = {id(r): [] for r in reqs}
+    finish = {}
+    for req, ev in eng.run():
+        out[id(req)].append(ev)
+        if ev.finish_reason:
+            assert id(req) not in finish, "events after the end"
+            finish[id(req)] = ev.finish_reason
+    assert len(finish) == len(reqs) and all(r.finished for r in reqs)
+    return eng, out
+
+
+@pytest.mark.parametrize("slots,capacity", [(3, 27), (4, 25), (16, 64)])
+def test_continuous_batching_equals_solo_greedy(llm, slots, capacity, monkeypatch):
+    calls = []
+    for name in ("shift", "load_rows", "rows"):
+        orig = getattr(KVCache, name)
+        monkeypatch.setattr(
+            KVCache,
+            name,
+            lambda self, *a, _o=orig, _n=name: (
+                calls.append((_n, a[0] if _n == "shift" else None)),
+                _o(self, *a),
+            )[1],
+        )
+    rng = random.Random(slots)
+    reqs = []
+    for i in range(16):
+        prompt = [rng.randrange(3, 97) for _ in range(rng.randrange(1, 14))]
+        n = rng.randrange(1, 12) if i >= slots else (3 if i % 2 == 0 else 9)  # scattered frees
+        p = SamplingParams(
+            temperature=0.0, max_new_tokens=n, ignore_eos=True, logprobs=2 if i % 3 == 0 else None
+        )
+        reqs.append(Request(prompt, p, tag=i))
+    eng, out = _run(llm, reqs, slots, capacity)
+    assert eng.stats.generated_tokens == sum(r.params.max_new_tokens for r in reqs)
+    if slots < 10:  # every path taken: scattered admissions, shifts both ways
+        kinds = {n if n != "shift" else f"shift{'+' if a > 0 else '-'}" for n, a in calls}
+        assert kinds == {"rows", "load_rows", "shift+", "shift-"}, kinds
+    for r in reqs:
+        solo = _solo(llm, r.prompt, r.params)
+        assert [e.token_id for e in out[id(r)]] == solo.token_ids, r.tag
+        if r.params.logprobs is not None:
+            got = [e.logprob.logprob for e in out[id(r)]]
+            assert got == pytest.approx([lp.logprob for lp in solo.logprobs], abs=1e-4)
+
+
+def test_seeded_sampling_equals_solo(llm):
+    reqs = [
+        Request(
+            [5 + i, 9, 11 + i][: 1 + i % 3],
+            SamplingParams(
+                temperature=0.9, top_p=0.9, seed=100 + i, max_new_tokens=4 + i, ignore_eos=True
+            ),
+        )
+        for i in range(6)
+    ]
+    _, out = _run(llm, reqs, slots=2, capacity=20)
+    for r in reqs:
+        assert [e.token_id for e in out[id(r)]] == _solo(llm, r.prompt, r.params).token_ids
+
+
+def test_cancel_frees_the_slot(llm):
+    eng = Engine(llm.runner, [], lambda ids: "", slots=1, capacity=40)
+    a = Request([5, 6], SamplingParams(temperature=0.0, max_new_tokens=20, ignore_eos=True))
+    b = Request([7], SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True))
+    eng.add(a)
+    eng.add(b)
+    eng.step()
+    a.cancelled = True
+    events = eng.run()
+    assert {id(r) for r, _ in events} == {id(b)} and b.finished and not a.finished
+
+
+def test_request_too_long_for_the_engine(llm):
+    eng = Engine(llm.runner, [], lambda ids: "", slots=2, capacity=16)
+    with pytest.raises(LayercakeError, match="max_new_tokens <= 6"):
+        eng.add(Request(list(range(3, 13)), SamplingParams(max_new_tokens=7)))
+
+
+def test_compaction_after_a_right_shift(llm):
+    """A long prompt joins late (the cache shifts right), then the cache fills up and is
+    compacted: the live row's first slot must have moved with the shift."""
+    g = dict(temperature=0.0, ignore_eos=True)
+    a = Request([5], SamplingParams(max_new_tokens=20, **g))
+    b = Request([6], SamplingParams(max_new_tokens=1, **g))
+    c = Request(list(range(10, 20)), SamplingParams(max_new_tokens=5, **g))
+    eng, out = _run(llm, [a, b, c], slots=2, capacity=24)
+    for r in (a, b, c):
+        assert [e.token_id for e in out[id(r)]] == _solo(llm, r.prompt, r.params).token_ids
