@@ -36,10 +36,11 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
     t0 = time.perf_counter()
     if a.in_memory:  # the reference: the whole model resident, no offloading
         llm = layercake.load(path)
+        load_s = time.perf_counter() - t0
         out = llm.generate(ids.tolist(), max_new_tokens=gen, ignore_eos=True)
         s = llm.last_stats
         return dict(
-            load_s=time.perf_counter() - t0,
+            load_s=load_s,
             prefill_s=s.prefill_s,
             decode_s=s.decode_s,
             tokens=[x.token_ids for x in out],
