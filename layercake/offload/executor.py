@@ -368,6 +368,7 @@ class OffloadRunner:
         logits: list[torch.Tensor | None] = [None] * len(rows)
         weights: dict[str, torch.Tensor] = {}
         disk_kv = self.layers[len(self.layers) - getattr(self, "kv_on_disk", 0) :]
+        copied: dict[int, Any] = {}  # unit -> CUDA event after its staging copies
         for op in zigzag(len(self.units), len(rows)):
             u = self.units[op.unit]
             if op.kind == "load":
@@ -376,7 +377,12 @@ class OffloadRunner:
             elif op.kind == "wait":
                 staging = self.loader.wait(op.unit) if self.loader is not None else None
                 weights = self._materialize(op.unit, staging)
+                if self.cuda and staging is not None:  # the copies out of it are queued, not done
+                    copied[op.unit] = torch.cuda.Event()
+                    copied[op.unit].record()
             elif op.kind == "free":
+                if op.unit in copied:  # the loader may refill the slot only once they are
+                    copied.pop(op.unit).synchronize()
                 if self.loader is not None:
                     self.loader.free(op.unit)
             elif op.kind == "load_cache":
