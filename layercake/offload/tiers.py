@@ -82,8 +82,16 @@ class DirectReader:
         cuts = list(range(0, length, step)) + [length]
         futures = [_pool().submit(self._read_range, view, offset, a, b)
                    for a, b in zip(cuts[1:-1], cuts[2:])]  # fmt: skip
-        done = self._read_range(view, offset, 0, cuts[1])
-        return done + sum(f.result() for f in futures)
+        parts = [lambda: self._read_range(view, offset, 0, cuts[1])] + [f.result for f in futures]
+        done, error = 0, None
+        for part in parts:  # every read finishes before any error leaves (and the fd is reused)
+            try:
+                done += part()
+            except Exception as e:
+                error = error or e
+        if error is not None:
+            raise error
+        return done
 
     def _read_range(self, view: memoryview, offset: int, start: int, end: int) -> int:
         done = start
