@@ -25,6 +25,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from generation import model_path, prompts, run_transformers  # noqa: E402
+from generation import run_layercake as run_generate  # noqa: E402
 
 MEMLIMIT = HERE.parent.parent / "shared/tools/memlimit"
 DEFAULT_OFFLOAD = Path(os.environ.get("LAYERCAKE_OFFLOAD_DIR", "/var/tmp/layercake-offload"))
@@ -33,18 +34,9 @@ DEFAULT_OFFLOAD = Path(os.environ.get("LAYERCAKE_OFFLOAD_DIR", "/var/tmp/layerca
 def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace) -> dict:
     import layercake
 
-    t0 = time.perf_counter()
     if a.in_memory:  # the reference: the whole model resident, no offloading
-        llm = layercake.load(path)
-        load_s = time.perf_counter() - t0
-        out = llm.generate(ids.tolist(), max_new_tokens=gen, ignore_eos=True)
-        s = llm.last_stats
-        return dict(
-            load_s=load_s,
-            prefill_s=s.prefill_s,
-            decode_s=s.decode_s,
-            tokens=[x.token_ids for x in out],
-        )
+        return run_generate(path, ids, gen, False)
+    t0 = time.perf_counter()
     kw = dict(offload_dir=a.offload_dir, batch_size=min(a.micro_batch or 10**9, ids.shape[0]))
     kw["num_batches"] = max(1, ids.shape[0] // kw["batch_size"])
     if a.percent:
