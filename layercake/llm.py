@@ -291,6 +291,10 @@ def load(
             "--compile does not combine with --compress-weight (compiled layers need plain "
             "weights); use one or the other"
         )
+    if comp is not None and topology is not None:
+        raise LayercakeError(
+            "--compress-weight / --compress-cache do not combine with --topology yet"
+        )
     path = Path(model).expanduser() if model is not None else embedded_model_path()
     dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
@@ -302,11 +306,6 @@ def load(
         tokenizer = _load_tokenizer(ckpt, path)
         if topology is not None:
             from layercake.dist.pipeline import pipeline_runner
-
-            if comp is not None:
-                raise LayercakeError(
-                    "--compress-weight / --compress-cache do not combine with --topology yet"
-                )
 
             runner = pipeline_runner(topology, ckpt, config, path, dtype, micro_batches)
             return LLM(runner, tokenizer, config, path)

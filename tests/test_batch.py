@@ -200,6 +200,9 @@ def test_file_level_errors(tiny_chat_llama, tmp_path, capsys):
         assert err.count("\n") == 1 and msg in err and "Traceback" not in err, err
     assert _batch(tiny_chat_llama, inp, tmp_path / "o5.jsonl", "--temperature", "-2") == 2
     assert "temperature" in capsys.readouterr().err
+    topo = _write(tmp_path / "topology.json", [])  # refused before the file is read
+    assert _batch(tiny_chat_llama, inp, tmp_path / "o6.jsonl", "--topology", str(topo)) == 2
+    assert "does not run over a --topology" in capsys.readouterr().err
 
 
 def test_batch_on_the_offload_runner(tiny_chat_llama, llm, tmp_path, capsys):

@@ -195,6 +195,8 @@ def test_unsupported_combinations_are_clear_errors(tiny_llama):
         layercake.load(tiny_llama, compress_bits=8)
     with pytest.raises(LayercakeError, match="--compile"):
         layercake.load(tiny_llama, compress_weight=True, group_size=16, compile=True)
+    with pytest.raises(LayercakeError, match="--topology"):  # before any topology file is read
+        layercake.load(tiny_llama, compress_cache=True, topology="no-such-topology.json")
 
 
 def test_cli_help_and_errors(tiny_llama, capsys):
