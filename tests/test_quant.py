@@ -11,7 +11,15 @@ import torch
 
 import layercake
 from layercake.errors import LayercakeError
-from layercake.quant import QTensor, QuantSpec, dequantize, from_gguf, quantize, quantize_rows
+from layercake.quant import (
+    QTensor,
+    QuantLinear,
+    QuantSpec,
+    dequantize,
+    from_gguf,
+    quantize,
+    quantize_rows,
+)
 
 TEXT = Path(__file__).resolve().parents[1] / "benchmarks/data/gettysburg.txt"
 
@@ -153,14 +161,27 @@ def test_compressed_cache_close_and_smaller(tiny_llama, bits, tol):
 
 
 def test_gguf_q4_1_weights_kept_as_stored():
-    """SmolLM2's Q4_1 matrices are kept in their own form: the same values, 4x fewer bytes."""
+    """SmolLM2's Q4_1 matrices are kept in their own form (repacked for the int4 CPU kernel
+    without a float round trip), the Q8_0 head as it is: 4x fewer bytes, the same values."""
+    from layercake.int4mm import Int4Linear
+
     plain = layercake.load()
     llm = layercake.load(compress_weight=True)
-    mods = [m for m in llm.runner.slices[0].modules() if type(m).__name__ == "QuantLinear"]
-    assert mods and all(m.spec == QuantSpec(4, 32) for m in mods[:-1])
-    assert mods[-1].spec == QuantSpec(8, 32)  # the tied head: the Q8_0 embedding's form
+    mods = list(llm.runner.slices[0].modules())
+    packed = [m for m in mods if isinstance(m, Int4Linear)]
+    quant = [m for m in mods if isinstance(m, QuantLinear)]
+    assert len(packed) == 7 * 30 and all(m.weight.group_size == 32 for m in packed)
+    assert [m.spec for m in quant] == [QuantSpec(8, 32)]  # the tied head: the Q8_0 embedding's
+    # the values are the checkpoint's: one matrix against its expanded fp32 weight
+    up = plain.runner.slices[0].get_submodule("model.layers.3.mlp.up_proj")
+    x = torch.randn(4, 576)
+    ref = up(x)
+    got = llm.runner.slices[0].get_submodule("model.layers.3.mlp.up_proj")(x)
+    assert ((got - ref).norm() / ref.norm()) < 5e-3  # bf16 activations and results
     ids = [plain.tokenizer.encode("The capital of France is")]
-    torch.testing.assert_close(llm.logits(ids), plain.logits(ids), rtol=1e-3, atol=1e-3)
+    a, b = llm.logits(ids), plain.logits(ids)
+    assert ((a - b).norm() / b.norm()) < 5e-2  # perplexity: +0.1 % (benchmarks/quality.py)
+    assert torch.equal(a[0, -1].argmax(), b[0, -1].argmax())
 
 
 def test_perplexity_matches_direct_cross_entropy(tiny_llama):

@@ -14,10 +14,11 @@ from layercake.checkpoint.quantized import load_rows, quant_spec, weight_quant
 from layercake.config import BaseConfig, load_config
 from layercake.cpu_linear import BLOCK_BYTES, PackedLinear, packing_available
 from layercake.errors import LayercakeError
+from layercake.int4mm import Int4Linear, PackedInt4, kernel_ok, pack
 from layercake.models import family
 from layercake.models.base import DecoderSlice
 from layercake.models.layers import Embedding
-from layercake.quant import BLOCK_ELEMENTS, Compression, QuantLinear, Workspace
+from layercake.quant import BLOCK_ELEMENTS, Compression, QTensor, QuantLinear, Workspace
 
 
 class Checkpoint(Protocol):
@@ -120,7 +121,8 @@ def _quantize_linears(
     device: torch.device | str, dtype: torch.dtype,
 ) -> None:  # fmt: skip
     """Replace each linear by a ``QuantLinear`` read straight into the quantized row layout;
-    all of them dequantize into one shared workspace (a block of at most 64 MB)."""
+    all of them dequantize into one shared workspace (a block of at most 64 MB). An int4 weight
+    the CPU kernel takes is repacked for it instead (``Int4Linear``: no dequantize step)."""
     shapes = [tuple(model.get_submodule(name).weight.shape) for name, _ in linears]
     need = min(BLOCK_ELEMENTS, max(o * i for o, i in shapes))
     ws = Workspace(need, dtype, device)
@@ -130,7 +132,11 @@ def _quantize_linears(
         if tuple(rows.shape) != (o, spec.row_bytes(i)):
             raise LayercakeError(f"tensor {src!r} does not have the shape {(o, i)} config says")
         linear = model.get_submodule(owner_name)
-        module = QuantLinear(rows.to(device), (o, i), spec, linear.bias, ws)
+        if kernel_ok((o, i), spec, device) and dtype == torch.float32:
+            data, sz = pack(QTensor.from_rows(rows, (o, i), spec))
+            module = Int4Linear(PackedInt4.from_parts(data, sz, spec), linear.bias)
+        else:
+            module = QuantLinear(rows.to(device), (o, i), spec, linear.bias, ws)
         parent, _, child = owner_name.rpartition(".")
         setattr(model.get_submodule(parent), child, module)
         ckpt.release(src)
