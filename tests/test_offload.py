@@ -309,6 +309,30 @@ def test_compressed_offload_equals_compressed_in_memory(tiny_llama, tmp_path, pe
         assert llm.runner.bytes_read > 0
 
 
+@pytest.mark.parametrize(
+    "percent", [(0, 0, 100, 0, 100, 0), (20, 30, 100, 0, 100, 0), (0, 65, 100, 0, 100, 0)]
+)
+def test_packed_int4_offload_equals_packed_in_memory(tmp_path, percent):
+    """int4 weights the CPU kernel takes stay in its packed form in every tier (values and
+    scales placed apart, split between tiers at any row): the in-memory packed model's output."""
+    from tests_helpers import bf16_llama
+
+    from layercake.int4mm import Int4Linear
+
+    path = bf16_llama(tmp_path / "m", hidden=128, inter=256, vocab=320)
+    kw = dict(compress_weight=True, group_size=32)
+    ref = layercake.load(path, **kw)
+    assert any(isinstance(m, Int4Linear) for m in ref.runner.slices[0].modules())
+    want = [r.token_ids for r in ref.generate(PROMPTS, max_new_tokens=5)]
+    llm = layercake.load(path, percent=percent, offload_dir=tmp_path / "off", batch_size=2, **kw)
+    forms = {e.form for u in llm.runner.units for e in u.entries}
+    assert forms == {"", "data", "sz"}  # norms plain, every matrix packed (the head's slabs too)
+    assert [r.token_ids for r in llm.generate(PROMPTS, max_new_tokens=5)] == want
+    torch.testing.assert_close(llm.logits(PROMPTS), ref.logits(PROMPTS), rtol=1e-5, atol=1e-5)
+    if percent[1] < 100:
+        assert llm.runner.bytes_read > 0
+
+
 def test_compressed_weights_are_smaller_on_disk_and_in_reads(tmp_path):
     """int4 g64 files hold packed values + fp16 scales and zeros: ~0.28x the bf16 bytes, and a
     step reads that many fewer bytes; both layouts coexist in one offload dir."""

@@ -53,7 +53,7 @@ def offload_runner(
         if cpu_b is None and dev_b is None:
             raise LayercakeError("offloading needs --percent or a memory budget")
         fp = footprint(ckpt, config, parts, dtype, **kw, context=max_context or 256,
-                       compress=compress)  # fmt: skip
+                       compress=compress, packed=device.type == "cpu")  # fmt: skip
         if cpu_b is not None:  # a budget for the whole process: what it holds already counts
             cpu_b -= process_rss() + SAFETY
         policy = plan_policy(fp, cpu_b, dev_b, device.type == "cuda", **kw)
@@ -92,10 +92,12 @@ def footprint(
     num_batches: int,
     context: int,
     compress: Compression | None = None,
+    packed: bool = False,
 ) -> Footprint:
     """Sizes of the streamed units and of one block's cache and activations. Compressed
     weights are held compressed in every tier, the device's included (ratio 1); each unit is
-    dequantized into a compute-dtype scratch."""
+    dequantized into a compute-dtype scratch, or (``packed``, the int4 CPU kernel's form) has
+    its scales transposed and its values gathered from two tiers into a byte scratch."""
     block = batch_size * num_batches
     from layercake.models import family
     from layercake.offload.store import plan_units
@@ -103,12 +105,17 @@ def footprint(
     fam = family(config.model_type)
     with torch.device("meta"):
         model = fam.Model(config, parts)
-    units = plan_units(ckpt, model, parts.layers, parts.head, fam.Model.tied, dtype, compress)
+    packed = packed and dtype == torch.float32
+    units = plan_units(
+        ckpt, model, parts.layers, parts.head, fam.Model.tied, dtype, compress, packed
+    )
     if not units:
         raise LayercakeError(f"part {parts} has no layers or head to offload")
     weights = sum(u.nbytes for u in units)
     itemsize = units[0].entries[0].torch_dtype.itemsize
-    scratch = max(sum(e.numel for e in u.entries) for u in units) * dtype.itemsize
+    scratch = max(
+        sum(e.nbytes if e.form else e.numel * dtype.itemsize for e in u.entries) for u in units
+    )
     compressed = compress is not None and compress.weight is not None
     widest = (
         max(e.shape[0] for u in units for e in u.entries if u.kind == "layer")

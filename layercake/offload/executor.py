@@ -23,15 +23,17 @@ from layercake.checkpoint.parts import Parts
 from layercake.checkpoint.quantized import load_rows
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
+from layercake.int4mm import Int4Linear, PackedInt4
 from layercake.kv_cache import AttentionStep, KVCache, QuantKV, quantized_layers
 from layercake.models import family
 from layercake.offload.policy import Policy, split_bytes
 from layercake.offload.schedule import zigzag
-from layercake.offload.store import Entry, Unit, disk_range, plan_units, prepare
+from layercake.offload.store import Entry, Unit, disk_range, packed_part, plan_units, prepare
 from layercake.offload.tiers import (
     ALIGN,
     DirectReader,
     advise_willneed,
+    align_up,
     file_tensor,
     host_buffer,
     keep_in_ram,
@@ -51,6 +53,7 @@ class _Placed:
     dev: torch.Tensor | None  # rows [0, a), compute dtype
     cpu: torch.Tensor | None  # rows [a, b), storage dtype
     scratch: tuple[int, int] | None  # (offset, numel) in the compute scratch, None = direct
+    pscratch: tuple[int, int] | None  # a packed part's (offset, nbytes) in the byte scratch
     owner: nn.Module | None
     attr: str
 
@@ -142,20 +145,24 @@ class OffloadRunner:
         with torch.device("meta"):
             self.model = fam.Model(config, parts)
         self.units = plan_units(
-            ckpt, self.model, parts.layers, parts.head, fam.Model.tied, dtype, compress
-        )
+            ckpt, self.model, parts.layers, parts.head, fam.Model.tied, dtype, compress,
+            packed=device.type == "cpu" and dtype == torch.float32,
+        )  # fmt: skip
+        self._packed_modules()
         self._bind_static(ckpt, fam.Model.tied)
         if parts.head:
             self.model.lm_head = nn.Identity()  # the head's projection runs as streamed slabs
         self.placed = [self._place(ckpt, u) for u in self.units]
         need = max((sum(p.scratch[1] for p in ps if p.scratch) for ps in self.placed), default=0)
         self.scratch = torch.empty(need, dtype=dtype, device=device)
+        need = max((sum(p.pscratch) for ps in self.placed for p in ps if p.pscratch), default=0)
+        self.pscratch = torch.empty(need, dtype=torch.uint8)
         # CUDA: compressed rows from host RAM or staging are copied here, then dequantized
         raw = [
             p.entry.nbytes
             for ps in self.placed
             for p in ps
-            if p.entry.quant and p.a < p.entry.shape[0]
+            if p.entry.quant and not p.entry.form and p.a < p.entry.shape[0]
         ]
         raw_bytes = max(raw, default=0) if self.cuda else 0
         self.raw_dev = torch.empty(raw_bytes, dtype=torch.uint8, device=device)
@@ -165,6 +172,16 @@ class OffloadRunner:
         self._caches = 0
 
     # ---- placement -------------------------------------------------------------------------
+    def _packed_modules(self) -> None:
+        """Linears whose weight is held in the int4 kernel's form become ``Int4Linear``s (their
+        weight bound per unit); the head's slabs are multiplied in ``forward``."""
+        for u in self.units:
+            for e in u.entries:
+                if e.form == "data" and u.kind == "layer":
+                    name = e.param.rpartition(".")[0]
+                    parent, _, child = name.rpartition(".")
+                    setattr(self.model.get_submodule(parent), child, Int4Linear(None))
+
     def _bind_static(self, ckpt: Any, tied: dict[str, str]) -> None:
         """Embeddings, final norm and other small non-layer tensors stay resident; a table
         stored narrower than the compute dtype stays a view of the checkpoint (rows upcast)."""
@@ -189,13 +206,15 @@ class OffloadRunner:
 
     def _place(self, ckpt: Any, u: Unit) -> list[_Placed]:
         dev_b, cpu_b, _ = split_bytes(u.nbytes, self.policy.w_device, self.policy.w_cpu)
-        out, done, offset = [], 0, 0
+        out, done, offset, poffset = [], 0, 0, 0
         for e in u.entries:
             n, rb = e.shape[0], e.row_bytes
             a = min(n, max(0, (dev_b - done) // rb))
             b = min(n, a + max(0, (dev_b + cpu_b - done - a * rb) // rb))
             done += e.nbytes
-            if e.quant:  # compressed in every tier, the device's included; owned memory
+            if e.form:  # a part of the packed form, made from the row layout once
+                rows, mapped = packed_part(ckpt, e), False
+            elif e.quant:  # compressed in every tier, the device's included; owned memory
                 rows, mapped = load_rows(ckpt, e.src, e.quant, e.row0, n), False
             else:
                 rows = ckpt.load(e.src, e.torch_dtype)[e.row0 : e.row0 + n]
@@ -204,7 +223,8 @@ class OffloadRunner:
                 mapped = ckpt.stored_dtype(e.src) == e.torch_dtype
             dev = cpu = None
             if a:
-                dev = rows[:a].to(self.device, torch.uint8 if e.quant else self.dtype)
+                dt = e.torch_dtype if e.form else torch.uint8 if e.quant else self.dtype
+                dev = rows[:a].to(self.device, dt)
                 if dev.data_ptr() == rows.data_ptr() and not mapped and a < n:
                     dev = dev.clone()
             if b > a:
@@ -217,11 +237,15 @@ class OffloadRunner:
             owner, attr = None, e.param.rpartition(".")[2]
             if u.kind == "layer":
                 owner = self.model.get_submodule(e.param.rpartition(".")[0])
-            scratch = None
-            if a < n or e.quant:
+            scratch = pscratch = None
+            tiers = (a > 0) + (b > a) + (n > b)
+            if e.form == "sz" or (e.form == "data" and tiers > 1):  # gathered or transposed
+                pscratch = (poffset, e.nbytes)
+                poffset += align_up(e.nbytes)
+            elif not e.form and (a < n or e.quant):
                 scratch = (offset, e.numel)
                 offset += e.numel
-            out.append(_Placed(e, a, b, dev, cpu, scratch, owner, attr))
+            out.append(_Placed(e, a, b, dev, cpu, scratch, pscratch, owner, attr))
         return out
 
     def _disk(self, ckpt: Any, source: Path) -> _Loader | None:
@@ -298,8 +322,20 @@ class OffloadRunner:
         """Unit j's weights in the compute dtype on the device, bound into the model."""
         out = {}
         disk_start = self.disk_ranges[j][0] if staging is not None else 0
+        data = None
         for p in self.placed[j]:
             e, n = p.entry, p.entry.shape[0]
+            if e.form == "data":
+                data = self._packed_part(p, staging, disk_start)
+                continue
+            if e.form == "sz":
+                shape = e.weight_shape
+                sz = self._packed_part(p, staging, disk_start)
+                t = PackedInt4(data.view(shape[0], shape[1] // 2), sz, e.spec.group_size)
+                if p.owner is not None:
+                    p.owner.weight = t
+                out[e.param.removesuffix("#sz")] = t
+                continue
             if p.scratch is None:
                 t = p.dev
             elif e.quant:
@@ -319,26 +355,57 @@ class OffloadRunner:
             if p.owner is not None:
                 p.owner._parameters[p.attr] = t
             out[e.param] = t
-        if any(p.entry.quant for p in self.placed[j]):
+        if any(p.entry.quant for p in self.placed[j]):  # the packed parts' transposes included
             self.dequant_units += 1
         return out
+
+    def _segments(
+        self, p: _Placed, staging: torch.Tensor | None, disk_start: int
+    ) -> list[tuple[int, int, torch.Tensor]]:
+        """A tensor's rows per tier: (first row, end row, raw bytes (rows, row_bytes))."""
+        e, n, rb = p.entry, p.entry.shape[0], p.entry.row_bytes
+        lo = e.offset + p.b * rb - disk_start
+        disk = staging[lo : lo + (n - p.b) * rb].view(n - p.b, rb) if n > p.b else None
+        tiers = ((0, p.a, p.dev), (p.a, p.b, p.cpu), (p.b, n, disk))
+        return [
+            (r0, r1, raw.view(r1 - r0, -1).view(torch.uint8)) for r0, r1, raw in tiers if r1 > r0
+        ]
+
+    def _packed_part(
+        self, p: _Placed, staging: torch.Tensor | None, disk_start: int
+    ) -> torch.Tensor:
+        """A packed part in the kernel's shape: the values gathered (a view where one tier holds
+        them all), the scales and zeros transposed into (groups, out, 2)."""
+        t0 = time.perf_counter()
+        e = p.entry
+        segs = self._segments(p, staging, disk_start)
+        if p.pscratch is None:  # the values, all in one tier
+            return segs[0][2]
+        off, nbytes = p.pscratch
+        buf = self.pscratch[off : off + nbytes]
+        if e.form == "data":
+            t = buf.view(e.shape[0], -1)
+            for r0, r1, raw in segs:
+                t[r0:r1].copy_(raw)
+        else:
+            t = buf.view(e.torch_dtype).view(e.shape[1] // 2, e.shape[0], 2)
+            for r0, r1, raw in segs:
+                t[:, r0:r1].copy_(raw.view(e.torch_dtype).view(r1 - r0, -1, 2).transpose(0, 1))
+        self.dequant_s += time.perf_counter() - t0
+        return t
 
     def _dequantize(
         self, p: _Placed, staging: torch.Tensor | None, disk_start: int
     ) -> torch.Tensor:
         """A compressed tensor's rows from each tier, dequantized into its scratch."""
         t0 = time.perf_counter()
-        e, n = p.entry, p.entry.shape[0]
+        e = p.entry
         off, numel = p.scratch
         t = self.scratch[off : off + numel].view(e.shape)
-        rb, spec = e.row_bytes, e.spec
-        lo = e.offset + p.b * rb - disk_start
-        disk = staging[lo : lo + (n - p.b) * rb].view(n - p.b, rb) if n > p.b else None
-        for r0, r1, raw in ((0, p.a, p.dev), (p.a, p.b, p.cpu), (p.b, n, disk)):
-            if r1 > r0:
-                if raw.device != self.device:
-                    raw = self.raw_dev[: raw.numel()].view(raw.shape).copy_(raw, non_blocking=True)
-                dequantize(QTensor.from_rows(raw, (r1 - r0, *e.shape[1:]), spec), t[r0:r1])
+        for r0, r1, raw in self._segments(p, staging, disk_start):
+            if raw.device != self.device:
+                raw = self.raw_dev[: raw.numel()].view(raw.shape).copy_(raw, non_blocking=True)
+            dequantize(QTensor.from_rows(raw, (r1 - r0, *e.shape[1:]), e.spec), t[r0:r1])
         self.dequant_s += time.perf_counter() - t0
         return t
 
@@ -406,7 +473,8 @@ class OffloadRunner:
                         shape = (*normed[k].shape[:-1], self.vocab_size)
                         logits[k] = torch.empty(shape, dtype=torch.float32, device=self.device)
                     w = weights["lm_head.weight"]
-                    logits[k][..., u.index : u.index + w.shape[0]] = F.linear(normed[k], w)
+                    y = w.linear(normed[k]) if isinstance(w, PackedInt4) else F.linear(normed[k], w)
+                    logits[k][..., u.index : u.index + w.shape[0]] = y
         cache.advance(step)
         if not self.parts.head:
             return torch.cat(hs) if len(hs) > 1 else hs[0]

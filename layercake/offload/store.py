@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,9 @@ import torch
 
 from layercake.checkpoint.quantized import load_rows, quant_spec, weight_quant
 from layercake.errors import LayercakeError
+from layercake.int4mm import BLOCK_N, data_shape, kernel_ok, pack, sz_shape
 from layercake.offload.tiers import ALIGN, align_up, check_writable
-from layercake.quant import Compression, QuantSpec
+from layercake.quant import Compression, QTensor, QuantSpec
 
 FORMAT = 1
 
@@ -42,6 +43,7 @@ class Entry:
     row0: int
     offset: int
     quant: str = ""  # "" plain; "int4-g64" or a GGUF block type: the quantized row layout
+    form: str = ""  # "data" / "sz": one part of the int4 kernel's packed form (``int4mm``)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -56,8 +58,15 @@ class Entry:
         return math.prod(self.shape)
 
     @property
+    def weight_shape(self) -> tuple[int, int]:
+        """A packed part's weight (out, in); ``shape`` is that of the part itself."""
+        if self.form == "data":
+            return self.shape[0] * BLOCK_N, self.shape[1] * 2 // BLOCK_N
+        return self.shape[0], self.shape[1] // 2 * self.spec.group_size
+
+    @property
     def row_bytes(self) -> int:
-        if self.quant:
+        if self.quant and not self.form:
             return self.spec.row_bytes(self.shape[-1])
         n = self.torch_dtype.itemsize
         for s in self.shape[1:]:
@@ -101,9 +110,12 @@ def plan_units(
     tied: dict[str, str],
     compute: torch.dtype,
     compress: Compression | None = None,
+    packed: bool = False,
 ) -> list[Unit]:
     """Units in execution order: the held layers, then head slabs of about a layer's bytes.
-    With ``compress.weight``, matrices are held quantized in every tier."""
+    With ``compress.weight``, matrices are held quantized in every tier; with ``packed`` (CPU
+    compute), the int4 ones the kernel takes in its packed form: two entries, the packed values
+    (rows of 64-row blocks) and the scales and zeros (rows), each placed like any tensor."""
     compress = compress if compress is not None and compress.weight is not None else None
     names = set(ckpt.tensor_names())
 
@@ -121,12 +133,19 @@ def plan_units(
             src = src_of(param)
             if compress is not None and len(shape) == 2:
                 quant = weight_quant(ckpt, src, compress, shape[1])
-                e = Entry(param, src, shape, "uint8", row0, offset, quant)
+                if packed and kernel_ok(shape, quant_spec(quant), "cpu"):
+                    spec = quant_spec(quant)
+                    part = [Entry(param, src, data_shape(shape), "uint8", row0, 0, quant, "data"),
+                            Entry(f"{param}#sz", src, sz_shape(shape, spec), "bfloat16", row0, 0,
+                                  quant, "sz")]  # fmt: skip
+                else:
+                    part = [Entry(param, src, shape, "uint8", row0, 0, quant)]
             else:
                 dt = storage_dtype(ckpt, src, compute)
-                e = Entry(param, src, shape, str(dt).removeprefix("torch."), row0, offset)
-            out.append(e)
-            offset = align_up(offset + e.nbytes)
+                part = [Entry(param, src, shape, str(dt).removeprefix("torch."), row0, 0)]
+            for e in part:
+                out.append(replace(e, offset=offset))
+                offset = align_up(offset + e.nbytes)
         return tuple(out)
 
     units = []
@@ -143,6 +162,8 @@ def plan_units(
         layer_bytes = max((u.nbytes for u in units), default=64 * 2**20)
         (probe,) = entries([("lm_head.weight", (1, width), 0)])
         rows = max(1, min(vocab, layer_bytes // probe.row_bytes))
+        if packed and rows > BLOCK_N:  # slabs of whole packed blocks
+            rows = rows // BLOCK_N * BLOCK_N
         for r0 in range(0, vocab, rows):
             n = min(rows, vocab - r0)
             units.append(
@@ -200,7 +221,9 @@ def _write_unit(ckpt: Any, u: Unit, path: Path) -> None:
     try:
         with open(tmp, "wb") as f:
             for e in u.entries:
-                if e.quant:
+                if e.form:
+                    t = packed_part(ckpt, e)
+                elif e.quant:
                     t = load_rows(ckpt, e.src, e.quant, e.row0, e.shape[0])
                 else:
                     t = ckpt.load(e.src, e.torch_dtype)[e.row0 : e.row0 + e.shape[0]]
@@ -218,6 +241,24 @@ def _write_unit(ckpt: Any, u: Unit, path: Path) -> None:
     finally:
         for e in u.entries:
             ckpt.release(e.src)
+
+
+_last_packed: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def packed_part(ckpt: Any, e: Entry) -> torch.Tensor:
+    """A packed entry's tensor (``e.form`` part of the weight's rows), packed from the row
+    layout; the two parts of one weight come in a row, so the other one is kept for its turn."""
+    key = (e.src, e.row0)
+    if key not in _last_packed:
+        _last_packed.clear()
+        shape = e.weight_shape
+        rows = load_rows(ckpt, e.src, e.quant, e.row0, shape[0])
+        _last_packed[key] = pack(QTensor.from_rows(rows, shape, e.spec))
+    data, sz = _last_packed[key]
+    if e.form == "sz":
+        del _last_packed[key]
+    return data if e.form == "data" else sz
 
 
 def disk_range(u: Unit, first_row: dict[str, int]) -> tuple[int, int]:
