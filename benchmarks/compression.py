@@ -2,7 +2,8 @@
 
 The random Llama-3.2-1B-shaped bf16 checkpoint (2.5 GB) under ``memlimit --drop-caches 1.6G``
 (the page cache counts, and starts cold); each case runs in its own process through
-``benchmarks/offload.py``'s worker. One JSON line per case (FlexGen's throughput, prefill and
+``benchmarks/offload.py``'s worker; each compressed case twice, placed by the cap and with all
+weights on disk (streamed every step). One JSON line per case (FlexGen's throughput, prefill and
 decode tok/s, bytes read per step, peak memory, the time spent dequantizing per step and per
 layer), then one line with the ratios to the uncompressed run.
 """
@@ -43,12 +44,17 @@ def main() -> None:
     machine = measure_machine(a.offload_dir, a.threads)
     print(json.dumps({"bench": "compression-machine", **machine}), flush=True)
     results = {}
-    for bits in [None, *a.bits]:
-        a.compress_weight, a.compress_bits = bits is not None, bits or 4
+    # each compressed case twice: placed by the cap (what fits stays in RAM), and all on disk
+    # (streamed every step: the per-layer preparation time of the compressed form is measured)
+    cases = [(None, None)] + [(b, p) for b in a.bits for p in (None, [0, 0, 100, 0, 100, 0])]
+    for bits, percent in cases:
+        a.compress_weight, a.compress_bits, a.percent = bits is not None, bits or 4, percent
         r = run_case(a, "layercake", a.batch, a.cap)
         rec = report(a, "layercake", a.batch, a.cap, r, machine, None)
-        rec["bench"], rec["weights"] = "compression", f"int{bits}" if bits else "bf16"
-        results[rec["weights"]] = rec
+        name = f"int{bits}" if bits else "bf16"
+        name += "-all-disk" if percent else ""
+        rec["bench"], rec["weights"] = "compression", name
+        results[name] = rec
         print(json.dumps(rec), flush=True)
     base = results["bf16"]
     for name, rec in results.items():
