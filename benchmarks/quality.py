@@ -25,14 +25,14 @@ CONFIGS = {
     "none": {},
     "weight-int8": dict(compress_weight=True, compress_bits=8),
     "weight-int4": dict(compress_weight=True, compress_bits=4),
-    "weight-int4-g32": dict(compress_weight=True, compress_bits=4, group_size=32),
+    "weight-int4-g64": dict(compress_weight=True, compress_bits=4, group_size=64),
     "cache-int8": dict(compress_cache=True, compress_bits=8),
     "cache-int4": dict(compress_cache=True, compress_bits=4),
-    "cache-int4-g32": dict(compress_cache=True, compress_bits=4, group_size=32),
+    "cache-int4-g64": dict(compress_cache=True, compress_bits=4, group_size=64),
     "both-int8": dict(compress_weight=True, compress_cache=True, compress_bits=8),
     "both-int4": dict(compress_weight=True, compress_cache=True, compress_bits=4),
-    "both-int4-g32": dict(
-        compress_weight=True, compress_cache=True, compress_bits=4, group_size=32
+    "both-int4-g64": dict(
+        compress_weight=True, compress_cache=True, compress_bits=4, group_size=64
     ),
     "weight-gguf-native": dict(compress_weight=True, gguf_native=True),
 }
@@ -59,7 +59,7 @@ def main() -> None:
         ids = llm.tokenizer.encode(path.read_text())[: a.max_tokens]
         t0 = time.perf_counter()
         r = perplexity(llm.runner, ids, window=a.window, stride=a.stride, chunk=a.chunk)
-        group = 32 if kw["gguf_native"] else kw.get("group_size", 64)
+        group = 32 if kw["gguf_native"] else kw.get("group_size", 32)
         rec = {"bench": "quality", "model": "SmolLM2-135M-Instruct Q4_1", "config": name,
                "group_size": group, "text": path.name, "tokens": r.tokens,
                "window": a.window, "stride": a.stride,

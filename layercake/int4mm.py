@@ -1,4 +1,5 @@
-"""Matmul on packed int4 weights, on the CPU: PyTorch's fused int4 kernel, no dequantize step.
+"""Matmul on packed int4 (and per-row int8) weights, on the CPU: PyTorch's fused kernels, no
+dequantize step.
 
 ``torch.ops.aten._weight_int4pack_mm_for_cpu`` multiplies bf16 activations by int4 weights
 held in its own packed form, unpacking inside the kernel. Measured on this machine (2 threads,
@@ -14,6 +15,12 @@ row, with ``w = (q - 8) * scale + zero``: our asymmetric form ``zero_min + scale
 ``zero = zero_min + 8 * scale``. The kernel wants them as one contiguous ``(K / G, N, 2)``
 tensor (a strided view gives wrong results, silently), so they are kept per row, ``(N, K/G*2)``,
 where rows can be split and placed, and transposed into that shape before use.
+
+int8 with one group per row (the form an int4 model's output head is held in: 8 bits where a
+4-bit head would cost perplexity, as llama.cpp keeps ``output.weight`` above its Q4 types) runs
+on ``torch.ops.aten._weight_int8pack_mm`` (bf16, symmetric int8 with a scale per row): our
+asymmetric ``zero + scale * q`` is ``scale * (q - 128) + (zero + 128 * scale)``, the second term
+a per-row offset times the sum of the activations.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ SZ_DTYPE = torch.bfloat16
 
 _mm = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
 _convert = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
+_mm8 = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
 
 
 def kernel_ok(shape: tuple[int, ...], spec: QuantSpec, device: torch.device | str) -> bool:
@@ -43,6 +51,18 @@ def kernel_ok(shape: tuple[int, ...], spec: QuantSpec, device: torch.device | st
         and len(shape) == 2
         and shape[0] % BLOCK_N == 0
         and shape[1] % spec.group_size == 0
+    )
+
+
+def kernel8_ok(shape: tuple[int, ...], spec: QuantSpec, device: torch.device | str) -> bool:
+    """Whether an int8 weight of ``shape`` (one group per row) can use the int8 kernel."""
+    return (
+        _mm8 is not None
+        and torch.device(device).type == "cpu"
+        and spec.bits == 8
+        and len(shape) == 2
+        and spec.group_size == shape[1]
+        and shape[1] % 16 == 0  # other widths crash the kernel (measured: 100, 104, 120)
     )
 
 
@@ -114,14 +134,71 @@ class PackedInt4:
         return cls(data.view(out, -1), sz_for_kernel(sz), spec.group_size)
 
 
-class Int4Linear(nn.Module):
-    """``y = x @ W.T + b`` with W a ``PackedInt4`` (held, or bound per use by the offload
-    executor: ``weight`` is a plain attribute, ``bias`` a parameter slot)."""
+@dataclass
+class PackedInt8:
+    """A weight (out, in) as int8 ``data`` with a bf16 ``scale`` and an fp32 ``offset`` per
+    row: ``W = scale * data + offset``."""
 
-    def __init__(self, weight: PackedInt4 | None, bias: torch.Tensor | None = None) -> None:
+    data: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.data.shape)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        N, K = self.shape
+        x2 = x.reshape(-1, K)
+        y = _mm8(x2.to(SZ_DTYPE), self.data, self.scale).to(x.dtype)
+        y.addmm_(x2.sum(-1, keepdim=True), self.offset.view(1, N))
+        if bias is not None:
+            y += bias
+        return y.view(*x.shape[:-1], N)
+
+    @classmethod
+    def empty(cls, rows: int, width: int, out: torch.Tensor | None = None) -> PackedInt8:
+        """Uninitialized, in ``out`` (uint8, at least ``nbytes8`` bytes, 4-aligned) or new."""
+        out = torch.empty(nbytes8(rows, width), dtype=torch.uint8) if out is None else out
+        a = nbytes8(rows, width) - 4 * rows
+        data = out[: rows * width].view(rows, width).view(torch.int8)
+        scale = out[rows * width : rows * width + 2 * rows].view(SZ_DTYPE)
+        return cls(data, scale, out[a : a + 4 * rows].view(torch.float32))
+
+    def fill(self, r0: int, rows: torch.Tensor) -> None:
+        """Rows [r0, r0 + n) from the row layout of int8 with one group per row (uint8 values,
+        fp16 scale, fp16 zero): values moved by 128, ``offset = zero + 128 * scale``."""
+        n, K = rows.shape[0], self.shape[1]
+        torch.bitwise_xor(rows[:, :K], 0x80, out=self.data[r0 : r0 + n].view(torch.uint8))
+        s16 = rows[:, K : K + 2].view(torch.float16).view(n)
+        self.scale[r0 : r0 + n].copy_(s16)
+        offset = self.offset[r0 : r0 + n].copy_(s16).mul_(128)
+        offset.add_(rows[:, K + 2 : K + 4].view(torch.float16).view(n))
+
+    @classmethod
+    def from_rows(
+        cls, rows: torch.Tensor, spec: QuantSpec, out: torch.Tensor | None = None
+    ) -> PackedInt8:
+        """From the row layout (see ``fill``); into ``out`` when given, else new memory."""
+        p = cls.empty(rows.shape[0], spec.group_size, out)
+        p.fill(0, rows)
+        return p
+
+
+def nbytes8(rows: int, width: int) -> int:
+    """Bytes of a ``PackedInt8`` of ``rows`` x ``width``: values, scales, offsets (aligned)."""
+    return (rows * width + 2 * rows + 3) // 4 * 4 + 4 * rows
+
+
+class Int4Linear(nn.Module):
+    """``y = x @ W.T + b`` with W a ``PackedInt4`` or ``PackedInt8`` (held, or bound per use by
+    the offload executor: ``weight`` is a plain attribute, ``bias`` a parameter slot)."""
+
+    def __init__(self, weight: PackedInt4 | PackedInt8 | None, bias: torch.Tensor | None = None):
         super().__init__()
         self.weight = weight
-        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+        b = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+        self.register_parameter("bias", b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.weight.linear(x, self.bias)
@@ -130,4 +207,6 @@ class Int4Linear(nn.Module):
         if self.weight is None:
             return "unbound"
         out, width = self.weight.shape
+        if isinstance(self.weight, PackedInt8):
+            return f"in={width}, out={out}, int8 per row, packed"
         return f"in={width}, out={out}, int4-g{self.weight.group_size} packed"

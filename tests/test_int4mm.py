@@ -62,3 +62,25 @@ def test_kernel_ok_only_where_the_kernel_runs():
     assert not kernel_ok((128, 64), s8, "cpu")
     assert not kernel_ok((128, 64), QuantSpec(4, 16), "cpu")
     assert not kernel_ok((128, 64), s4, "meta")
+
+
+def test_int8_per_row_matmul_equals_dequantized():
+    """int8, one group per row (an int4 model's head): the int8 kernel plus a per-row offset."""
+    from layercake.int4mm import PackedInt8, kernel8_ok, nbytes8
+    from layercake.quant import QTensor, quantize_rows
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(96, 208, generator=g) * 0.05 + 0.02  # the offsets matter
+    spec = QuantSpec(8, 208)
+    assert kernel8_ok(w.shape, spec, "cpu") and not kernel8_ok(w.shape, QuantSpec(8, 52), "cpu")
+    assert not kernel8_ok((96, 200), QuantSpec(8, 200), "cpu")  # the kernel needs 16 | width
+    rows = quantize_rows(w, spec)
+    ref_w = dequantize(QTensor.from_rows(rows, tuple(w.shape), spec))
+    buf = torch.empty(nbytes8(96, 208) + 8, dtype=torch.uint8)
+    p = PackedInt8.from_rows(rows, spec, buf)
+    assert p.data.data_ptr() == buf.data_ptr()
+    x = torch.randn(7, 208, generator=g)
+    y = Int4Linear(p)(x)
+    ref = F.linear(x, ref_w)
+    assert (y - ref).norm() / ref.norm() < 1e-2
+    assert (y - F.linear(x.bfloat16().float(), ref_w)).norm() / ref.norm() < 5e-3

@@ -334,8 +334,9 @@ def test_packed_int4_offload_equals_packed_in_memory(tmp_path, percent):
 
 
 def test_compressed_weights_are_smaller_on_disk_and_in_reads(tmp_path):
-    """int4 g64 files hold packed values + fp16 scales and zeros: ~0.28x the bf16 bytes, and a
-    step reads that many fewer bytes; both layouts coexist in one offload dir."""
+    """int4 g32 files hold packed values + scales and zeros (0.31x the bf16 bytes), the head
+    int8 (0.51x): ~0.33x in all, and a step reads that many fewer bytes; both layouts coexist
+    in one offload dir."""
     from tests_helpers import bf16_llama
 
     path = bf16_llama(tmp_path / "m", hidden=256, inter=512, vocab=512)
@@ -349,8 +350,8 @@ def test_compressed_weights_are_smaller_on_disk_and_in_reads(tmp_path):
     dirs = sorted(p for p in off.iterdir() if p.is_dir())
     assert len(dirs) == 2  # the compression mode is part of the layout's hash
     sizes = sorted(sum(f.stat().st_size for f in d.glob("*.bin")) for d in dirs)
-    assert 0.27 < sizes[0] / sizes[1] < 0.32, sizes
+    assert 0.31 < sizes[0] / sizes[1] < 0.35, sizes
     (read16, step16), (read4, step4) = runs["bf16"], runs["int4"]
-    assert 0.27 < step4 / step16 < 0.32
+    assert 0.31 < step4 / step16 < 0.35
     # three steps read (the next step's first units may already be prefetched)
     assert 3 * step4 <= read4 < 4 * step4 and 3 * step16 <= read16 < 4 * step16

@@ -14,7 +14,7 @@ from layercake.checkpoint.quantized import load_rows, quant_spec, weight_quant
 from layercake.config import BaseConfig, load_config
 from layercake.cpu_linear import BLOCK_BYTES, PackedLinear, packing_available
 from layercake.errors import LayercakeError
-from layercake.int4mm import Int4Linear, PackedInt4, kernel_ok, pack
+from layercake.int4mm import Int4Linear, PackedInt4, PackedInt8, kernel8_ok, kernel_ok, pack
 from layercake.models import family
 from layercake.models.base import DecoderSlice
 from layercake.models.layers import Embedding
@@ -127,14 +127,17 @@ def _quantize_linears(
     need = min(BLOCK_ELEMENTS, max(o * i for o, i in shapes))
     ws = Workspace(need, dtype, device)
     for (owner_name, src), (o, i) in zip(linears, shapes):
-        quant = weight_quant(ckpt, src, compress, i)
+        quant = weight_quant(ckpt, src, compress, i, head=owner_name == "lm_head")
         spec, rows = quant_spec(quant), load_rows(ckpt, src, quant)
         if tuple(rows.shape) != (o, spec.row_bytes(i)):
             raise LayercakeError(f"tensor {src!r} does not have the shape {(o, i)} config says")
         linear = model.get_submodule(owner_name)
-        if kernel_ok((o, i), spec, device) and dtype == torch.float32:
+        fp32 = dtype == torch.float32
+        if kernel_ok((o, i), spec, device) and fp32:
             data, sz = pack(QTensor.from_rows(rows, (o, i), spec))
             module = Int4Linear(PackedInt4.from_parts(data, sz, spec), linear.bias)
+        elif kernel8_ok((o, i), spec, device) and fp32:
+            module = Int4Linear(PackedInt8.from_rows(rows, spec), linear.bias)
         else:
             module = QuantLinear(rows.to(device), (o, i), spec, linear.bias, ws)
         parent, _, child = owner_name.rpartition(".")

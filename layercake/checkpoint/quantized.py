@@ -15,14 +15,16 @@ import torch
 from layercake.quant import GGUF_BLOCKS, Compression, QuantSpec, from_gguf, quantize_rows
 
 
-def weight_quant(ckpt: Any, src: str, compress: Compression, width: int) -> str:
-    """The form tensor ``src`` (rows of ``width`` values) is held in."""
+def weight_quant(ckpt: Any, src: str, compress: Compression, width: int, head: bool = False) -> str:
+    """The form tensor ``src`` (rows of ``width`` values; ``head``: the output head's) is held
+    in."""
     if compress.gguf_native and hasattr(ckpt, "block_type"):
         kind = ckpt.block_type(src)
         if kind in GGUF_BLOCKS:
             return kind
-    compress.weight.check(width, f"tensor {src!r}")
-    return str(compress.weight)
+    spec = compress.head_spec(width) if head else compress.weight
+    spec.check(width, f"tensor {src!r}")
+    return str(spec)
 
 
 def quant_spec(quant: str) -> QuantSpec:

@@ -23,7 +23,7 @@ from layercake.checkpoint.parts import Parts
 from layercake.checkpoint.quantized import load_rows
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
-from layercake.int4mm import Int4Linear, PackedInt4
+from layercake.int4mm import Int4Linear, PackedInt4, PackedInt8, kernel8_ok, nbytes8
 from layercake.kv_cache import AttentionStep, KVCache, QuantKV, quantized_layers
 from layercake.models import family
 from layercake.offload.policy import Policy, split_bytes
@@ -172,12 +172,21 @@ class OffloadRunner:
         self._caches = 0
 
     # ---- placement -------------------------------------------------------------------------
+    def _int8(self, e: Entry) -> bool:
+        """Whether ``e`` multiplies on the int8 kernel (per-row int8, e.g. an int4 model's head)."""
+        return (
+            bool(e.quant)
+            and not e.form
+            and self.dtype == torch.float32
+            and kernel8_ok(e.shape, e.spec, self.device)
+        )
+
     def _packed_modules(self) -> None:
         """Linears whose weight is held in the int4 kernel's form become ``Int4Linear``s (their
         weight bound per unit); the head's slabs are multiplied in ``forward``."""
         for u in self.units:
             for e in u.entries:
-                if e.form == "data" and u.kind == "layer":
+                if (e.form == "data" or self._int8(e)) and u.kind == "layer":
                     name = e.param.rpartition(".")[0]
                     parent, _, child = name.rpartition(".")
                     setattr(self.model.get_submodule(parent), child, Int4Linear(None))
@@ -242,6 +251,9 @@ class OffloadRunner:
             if e.form == "sz" or (e.form == "data" and tiers > 1):  # gathered or transposed
                 pscratch = (poffset, e.nbytes)
                 poffset += align_up(e.nbytes)
+            elif self._int8(e):  # values moved to int8, scales and offsets: the int8 kernel's
+                pscratch = (poffset, nbytes8(*e.shape))
+                poffset += align_up(pscratch[1])
             elif not e.form and (a < n or e.quant):
                 scratch = (offset, e.numel)
                 offset += e.numel
@@ -335,6 +347,17 @@ class OffloadRunner:
                 if p.owner is not None:
                     p.owner.weight = t
                 out[e.param.removesuffix("#sz")] = t
+                continue
+            if p.pscratch is not None:  # per-row int8
+                t0 = time.perf_counter()
+                off, nbytes = p.pscratch
+                t = PackedInt8.empty(*e.shape, self.pscratch[off : off + nbytes])
+                for r0, _, raw in self._segments(p, staging, disk_start):
+                    t.fill(r0, raw)
+                self.dequant_s += time.perf_counter() - t0
+                if p.owner is not None:
+                    p.owner.weight = t
+                out[e.param] = t
                 continue
             if p.scratch is None:
                 t = p.dev
@@ -473,7 +496,8 @@ class OffloadRunner:
                         shape = (*normed[k].shape[:-1], self.vocab_size)
                         logits[k] = torch.empty(shape, dtype=torch.float32, device=self.device)
                     w = weights["lm_head.weight"]
-                    y = w.linear(normed[k]) if isinstance(w, PackedInt4) else F.linear(normed[k], w)
+                    packed = isinstance(w, (PackedInt4, PackedInt8))
+                    y = w.linear(normed[k]) if packed else F.linear(normed[k], w)
                     logits[k][..., u.index : u.index + w.shape[0]] = y
         cache.advance(step)
         if not self.parts.head:

@@ -132,7 +132,8 @@ def plan_units(
         for param, shape, row0 in params:
             src = src_of(param)
             if compress is not None and len(shape) == 2:
-                quant = weight_quant(ckpt, src, compress, shape[1])
+                head = param == "lm_head.weight"
+                quant = weight_quant(ckpt, src, compress, shape[1], head)
                 if packed and kernel_ok(shape, quant_spec(quant), "cpu"):
                     spec = quant_spec(quant)
                     part = [Entry(param, src, data_shape(shape), "uint8", row0, 0, quant, "data"),
