@@ -279,9 +279,11 @@ def load(
     budgets from the file); ``micro_batches`` overrides the file's split of a batch's rows.
 
     Compression: ``compress_weight`` holds linear weights quantized in every tier (device, host
-    RAM, disk), dequantized just before use; ``compress_cache`` holds the KV cache quantized.
-    ``compress_bits`` 4 (default) or 8, ``group_size`` values per scale/zero (default 64, along
-    the input dimension; the cache's groups are head_dim when narrower). With ``gguf_native``
+    RAM, disk): on the CPU int4 ones multiply packed on PyTorch's int4 kernel, the output head
+    is held int8 per row, others are dequantized just before use; ``compress_cache`` holds the
+    KV cache quantized. ``compress_bits`` 4 (default) or 8, ``group_size`` values per
+    scale/zero (default 32, along the input dimension; the cache's groups are head_dim when
+    narrower). With ``gguf_native``
     GGUF Q4_0 / Q4_1 / Q8_0 weights keep their own form (group 32) instead of being re-quantized.
     Combines with any part spec, offloading policy and device; not with ``compile`` or (yet)
     ``topology``."""
