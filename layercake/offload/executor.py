@@ -7,10 +7,11 @@ binds the unit's weights into the model's modules and calls the same blocks ``Lo
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.kv_cache import AttentionStep, KVCache, QuantKV, quantized_layers
 from layercake.models import family
+from layercake.offload.kvdisk import DiskKV, KVStream
 from layercake.offload.policy import Policy, split_bytes
 from layercake.offload.schedule import zigzag
 from layercake.offload.store import Entry, Unit, disk_range, plan_units, prepare
@@ -53,6 +55,26 @@ class _Placed:
     scratch: tuple[int, int] | None  # (offset, numel) in the compute scratch, None = direct
     owner: nn.Module | None
     attr: str
+
+
+@dataclass
+class _Pass:
+    """The state of one forward pass through the schedule."""
+
+    cache: KVCache
+    step: AttentionStep
+    rows: list[slice]  # micro-batches
+    hs: list[torch.Tensor]  # hidden states per micro-batch
+    ctxs: list[Any]
+    steps: list[AttentionStep]
+    on_disk: set[int]  # micro-batches whose activations live in the file ``act``
+    act: torch.Tensor | None
+    normed: list[torch.Tensor | None]
+    logits: list[torch.Tensor | None]
+    last_only: bool
+    mapped_kv: set[int]  # layers whose cache is a map of a file (compressed cache on disk)
+    streamed: dict[tuple[int, int], tuple]  # (layer, micro-batch) -> direct I/O of its cache
+    copied: dict[int, Any] = field(default_factory=dict)  # unit -> CUDA event after its copies
 
 
 class _Loader:
@@ -163,6 +185,8 @@ class OffloadRunner:
         self.block_size = policy.block_size
         self.act_files: dict[tuple[int, ...], torch.Tensor] = {}
         self._caches = 0
+        self.kv_files: list[dict[int, tuple[DiskKV, DiskKV]]] = []
+        self.kv_stream = KVStream()
 
     # ---- placement -------------------------------------------------------------------------
     def _bind_static(self, ckpt: Any, tied: dict[str, str]) -> None:
@@ -274,14 +298,18 @@ class OffloadRunner:
             keys, values = quantized_layers(
                 self.layers, shape, self.cache_quant, self.dtype, self.device, new
             )
+        files: dict[int, tuple[DiskKV, DiskKV]] = {}
         for pos, i in enumerate(self.layers if self.cache_quant is None else ()):
             if pos < in_ram:
                 keys[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
                 values[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            else:
-                d = self.offload_dir / "kv"
-                keys[i] = file_tensor(d / f"{self._caches}-k{i}", shape, self.dtype)
-                values[i] = file_tensor(d / f"{self._caches}-v{i}", shape, self.dtype)
+            else:  # streamed by direct I/O in forward (see kvdisk)
+                name = self.offload_dir / "kv" / f"{os.getpid()}-{id(self)}-{self._caches}"
+                files[i] = tuple(DiskKV.create(Path(f"{name}-{p}{i}"), shape, self.dtype)
+                                 for p in "kv")  # fmt: skip
+                keys[i], values[i] = files[i][0].tensor, files[i][1].tensor
+        # the files of the latest caches; an older cache's layers are still maps of their files
+        self.kv_files = [*self.kv_files[-1:], files]
         valid = torch.zeros(batch, capacity, dtype=torch.bool, device=self.device)
         self.kv_on_disk = n - in_ram
         return KVCache(keys, values, valid, 0, getattr(c, "sliding_window", None))
@@ -360,17 +388,55 @@ class OffloadRunner:
         rows = [slice(a, min(a + bs, B)) for a in range(0, B, bs)]
         m = self.model
         hs = [m.embed(tokens[r], positions[r]) if self.parts.embed else tokens[r] for r in rows]
-        ctxs = [m.context(positions[r], hs[0].dtype) for r in rows]
-        steps = [AttentionStep(step.start, step.end, step.mask[r]) for r in rows]
         on_disk = self._act_on_disk(len(rows))
-        act = self._act_buffer((B, T, hs[0].shape[-1])) if on_disk else None
-        normed: list[torch.Tensor | None] = [None] * len(rows)
-        logits: list[torch.Tensor | None] = [None] * len(rows)
+        s = _Pass(
+            cache=cache,
+            step=step,
+            rows=rows,
+            hs=hs,
+            ctxs=[m.context(positions[r], hs[0].dtype) for r in rows],
+            steps=[AttentionStep(step.start, step.end, step.mask[r]) for r in rows],
+            on_disk=on_disk,
+            act=self._act_buffer((B, T, hs[0].shape[-1])) if on_disk else None,
+            normed=[None] * len(rows),
+            logits=[None] * len(rows),
+            last_only=last_only,
+            mapped_kv=set(self.layers[len(self.layers) - getattr(self, "kv_on_disk", 0) :]),
+            streamed=self._streamed_kv(cache, rows),
+        )
+        try:
+            self._run_ops(s)
+        finally:
+            self.kv_stream.drain()  # this step's new slots are on disk before anyone reads them
+            self.kv_stream.abandon()
+        cache.advance(step)
+        if not self.parts.head:
+            return torch.cat(hs) if len(hs) > 1 else hs[0]
+        return torch.cat(s.logits) if len(s.logits) > 1 else s.logits[0]
+
+    def _streamed_kv(self, cache: KVCache, rows: list[slice]) -> dict[tuple[int, int], tuple]:
+        """(layer, micro-batch) -> (keys file, values file, first row) for the layers of
+        ``cache`` held in files of this runner: those are streamed by direct I/O."""
+        out = {}
+        for files in self.kv_files:
+            for i, (kf, vf) in files.items():
+                k, v = cache.keys.get(i), cache.values.get(i)
+                if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
+                    continue
+                row0 = kf.rows_of(k)
+                if row0 is None or vf.rows_of(v) != row0 or k.shape[0] != cache.batch:
+                    continue
+                for b, r in enumerate(rows):
+                    out[i, b] = (kf, vf, row0 + r.start)
+        return out
+
+    def _run_ops(self, s: _Pass) -> None:
+        """Interpret the zig-zag schedule for one forward pass."""
+        m, cache, rows = self.model, s.cache, s.rows
         weights: dict[str, torch.Tensor] = {}
-        disk_kv = self.layers[len(self.layers) - getattr(self, "kv_on_disk", 0) :]
-        copied: dict[int, Any] = {}  # unit -> CUDA event after its staging copies
         for op in zigzag(len(self.units), len(rows)):
             u = self.units[op.unit]
+            key = (u.index, op.batch)
             if op.kind == "load":
                 if self.loader is not None:
                     self.loader.submit(op.unit)
@@ -378,39 +444,46 @@ class OffloadRunner:
                 staging = self.loader.wait(op.unit) if self.loader is not None else None
                 weights = self._materialize(op.unit, staging)
                 if self.cuda and staging is not None:  # the copies out of it are queued, not done
-                    copied[op.unit] = torch.cuda.Event()
-                    copied[op.unit].record()
+                    s.copied[op.unit] = torch.cuda.Event()
+                    s.copied[op.unit].record()
             elif op.kind == "free":
-                if op.unit in copied:  # the loader may refill the slot only once they are
-                    copied.pop(op.unit).synchronize()
+                if op.unit in s.copied:  # the loader may refill the slot only once they are
+                    s.copied.pop(op.unit).synchronize()
                 if self.loader is not None:
                     self.loader.free(op.unit)
+            elif u.kind != "layer":
+                if op.kind == "compute":
+                    self._head_slab(s, op.batch, u.index, weights["lm_head.weight"])
             elif op.kind == "load_cache":
-                if u.kind == "layer" and u.index in disk_kv:
-                    r = rows[op.batch]
+                r = rows[op.batch]
+                if key in s.streamed:  # read ahead into the ring
+                    kf, vf, row0 = s.streamed[key]
+                    self.kv_stream.fetch(key, kf, vf, row0, r.stop - r.start, s.step.start)
+                elif u.index in s.mapped_kv:
                     for kv in (cache.keys[u.index][r], cache.values[u.index][r]):
                         for t in kv.parts() if isinstance(kv, QuantKV) else (kv,):
                             advise_willneed(t)
+            elif op.kind == "store_cache":
+                if key in s.streamed:  # written back behind
+                    self.kv_stream.store(key, s.step.start, s.step.end)
             elif op.kind == "compute":
-                k, r = op.batch, rows[op.batch]
-                if u.kind == "layer":
-                    block = m.blocks()[str(u.index)]
-                    i = u.index
-                    hs[k] = block(hs[k], ctxs[k], cache.keys[i][r], cache.values[i][r], steps[k])
-                    if act is not None and k in on_disk:
-                        hs[k] = act[r].copy_(hs[k])
+                k, r, i = op.batch, rows[op.batch], u.index
+                if key in s.streamed:
+                    kc, vc = self.kv_stream.get(key)
                 else:
-                    if normed[k] is None:
-                        h = hs[k][:, -1:] if last_only else hs[k]
-                        normed[k] = m.head(h)  # final norm (and projection) before the vocab
-                        shape = (*normed[k].shape[:-1], self.vocab_size)
-                        logits[k] = torch.empty(shape, dtype=torch.float32, device=self.device)
-                    w = weights["lm_head.weight"]
-                    logits[k][..., u.index : u.index + w.shape[0]] = F.linear(normed[k], w)
-        cache.advance(step)
-        if not self.parts.head:
-            return torch.cat(hs) if len(hs) > 1 else hs[0]
-        return torch.cat(logits) if len(logits) > 1 else logits[0]
+                    kc, vc = cache.keys[i][r], cache.values[i][r]
+                s.hs[k] = m.blocks()[str(i)](s.hs[k], s.ctxs[k], kc, vc, s.steps[k])
+                if s.act is not None and k in s.on_disk:
+                    s.hs[k] = s.act[r].copy_(s.hs[k])
+
+    def _head_slab(self, s: _Pass, k: int, col: int, w: torch.Tensor) -> None:
+        """Micro-batch k's logits for vocabulary columns [col, col + slab rows)."""
+        if s.normed[k] is None:
+            h = s.hs[k][:, -1:] if s.last_only else s.hs[k]
+            s.normed[k] = self.model.head(h)  # final norm (and projection) before the vocab
+            shape = (*s.normed[k].shape[:-1], self.vocab_size)
+            s.logits[k] = torch.empty(shape, dtype=torch.float32, device=self.device)
+        s.logits[k][..., col : col + w.shape[0]] = F.linear(s.normed[k], w)
 
     def _act_on_disk(self, num_batches: int) -> set[int]:
         keep = round(num_batches * (self.policy.act_device + self.policy.act_cpu) / 100)
