@@ -73,6 +73,9 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
         bytes_read=r.bytes_read - read0,
         policy=str(r.policy),
         kv_layers_on_disk=getattr(r, "kv_on_disk", 0),
+        kv_gb_read=r.kv_stream.bytes_read / 1e9 if hasattr(r, "kv_stream") else 0.0,
+        kv_gb_written=r.kv_stream.bytes_written / 1e9 if hasattr(r, "kv_stream") else 0.0,
+        times={k: round(v, 2) for k, v in getattr(r, "times", {}).items()},
         tokens=[x.token_ids for x in out],
     )
 
@@ -329,9 +332,11 @@ def report(a, engine, B, cap, r, machine, ref) -> dict:
     )
     if ref and "tokens" in ref:
         rec["same_greedy_tokens_as_in_memory"] = r["tokens"] == ref["tokens"][:B]
-    for k in ("dequant_s", "dequant_ms_per_layer"):
+    for k in ("dequant_s", "dequant_ms_per_layer", "kv_gb_read", "kv_gb_written"):
         if k in r:
             rec[k] = round(r[k], 2)
+    if r.get("times"):  # where the executor's time went (blocked on reads, converting weights)
+        rec["times"] = r["times"]
     if engine == "layercake" and machine and "disk_bytes_per_step" in r:
         disk_s = r["disk_bytes_per_step"] / (machine["disk_gbps"] * 1e9)
         # linear FLOPs: every layer on every token; the head only on each row's last token

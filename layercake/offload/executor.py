@@ -26,6 +26,7 @@ from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.kv_cache import AttentionStep, KVCache, QuantKV, quantized_layers
 from layercake.models import family
+from layercake.offload.cuda import DeviceKV, WeightStream, to_device_rows, to_host_rows
 from layercake.offload.kvdisk import DiskKV, KVStream
 from layercake.offload.policy import Policy, split_bytes
 from layercake.offload.schedule import zigzag
@@ -74,6 +75,7 @@ class _Pass:
     last_only: bool
     mapped_kv: set[int]  # layers whose cache is a map of a file (compressed cache on disk)
     streamed: dict[tuple[int, int], tuple]  # (layer, micro-batch) -> direct I/O of its cache
+    cpu_steps: list[AttentionStep]  # CUDA: the steps with their masks in host memory
     copied: dict[int, Any] = field(default_factory=dict)  # unit -> CUDA event after its copies
 
 
@@ -148,6 +150,7 @@ class OffloadRunner:
         offload_dir: Path | None,
         kv_budget: int | None = None,
         compress: Compression | None = None,
+        cpu_cache_compute: bool = False,
     ) -> None:
         self.config, self.parts, self.policy = config, parts, policy
         self.compress = compress
@@ -186,7 +189,16 @@ class OffloadRunner:
         self.act_files: dict[tuple[int, ...], torch.Tensor] = {}
         self._caches = 0
         self.kv_files: list[dict[int, tuple[DiskKV, DiskKV]]] = []
-        self.kv_stream = KVStream()
+        self.kv_stream = KVStream(pin=self.cuda)
+        self.cpu_cache_compute = cpu_cache_compute
+        self.wstream: WeightStream | None = None
+        if self.cuda:  # side streams: weights double-buffered, KV rows through a device ring
+            self.wstream = WeightStream(device, self.scratch)
+            self.dev_kv = DeviceKV(device, torch.cuda.Stream(device))
+        # where a pass spends its time: blocked on weight reads, converting weights to the
+        # compute dtype, blocked on KV cache reads, and in total
+        self.times = dict.fromkeys(("weights_wait_s", "materialize_s", "kv_wait_s", "forward_s"),
+                                   0.0)  # fmt: skip
 
     # ---- placement -------------------------------------------------------------------------
     def _bind_static(self, ckpt: Any, tied: dict[str, str]) -> None:
@@ -269,7 +281,8 @@ class OffloadRunner:
     # ---- KV cache and activations ----------------------------------------------------------
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         """The cache of held layers in their tiers: the first layers on the device, then host
-        RAM, then files in the offload dir (mapped: the kernel pages them)."""
+        RAM, then files in the offload dir (streamed by direct I/O; a compressed cache's files
+        are mapped: the kernel pages them)."""
         c = self.config
         shape = (batch, c.num_key_value_heads, capacity, c.head_dim)
         itemsize = self.dtype.itemsize
@@ -277,14 +290,20 @@ class OffloadRunner:
             itemsize = QuantKV.nbytes_per_value(self.cache_quant, c.head_dim)
         per_layer = int(2 * itemsize * batch * capacity * c.num_key_value_heads * c.head_dim)
         n = len(self.layers)
-        if self.kv_budget is not None:
-            in_ram = min(n, self.kv_budget // max(1, per_layer))
+        held = round(n * (self.policy.cache_device + self.policy.cache_cpu) / 100)
+        if self.cuda:  # the first layers on the GPU, then pinned host RAM, then disk
+            on_dev = round(n * self.policy.cache_device / 100)
+            if self.kv_budget is not None:
+                on_dev = min(n, self.kv_budget // max(1, per_layer))
+            in_ram, held = on_dev, max(held, on_dev)
+        elif self.kv_budget is not None:
+            in_ram = held = min(n, self.kv_budget // max(1, per_layer))
         else:
-            in_ram = round(n * (self.policy.cache_device + self.policy.cache_cpu) / 100)
-        if in_ram < n and self.offload_dir is None:
+            in_ram = held
+        if held < n and self.offload_dir is None:
             raise LayercakeError("the policy puts KV cache on disk: give an offload dir")
-        if in_ram < n and self.cuda:
-            raise LayercakeError("a KV cache off the GPU is not supported on CUDA yet")
+        if in_ram < n and self.cuda and self.cache_quant is not None:
+            raise LayercakeError("a compressed KV cache off the GPU is not supported on CUDA yet")
         keys, values = {}, {}
         self._caches += 1
         if self.cache_quant is not None:
@@ -303,6 +322,9 @@ class OffloadRunner:
             if pos < in_ram:
                 keys[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
                 values[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            elif pos < held:  # CUDA: host RAM, pinned for asynchronous copies
+                keys[i] = torch.zeros(shape, dtype=self.dtype).pin_memory()
+                values[i] = torch.zeros(shape, dtype=self.dtype).pin_memory()
             else:  # streamed by direct I/O in forward (see kvdisk)
                 name = self.offload_dir / "kv" / f"{os.getpid()}-{id(self)}-{self._caches}"
                 files[i] = tuple(DiskKV.create(Path(f"{name}-{p}{i}"), shape, self.dtype)
@@ -311,7 +333,7 @@ class OffloadRunner:
         # the files of the latest caches; an older cache's layers are still maps of their files
         self.kv_files = [*self.kv_files[-1:], files]
         valid = torch.zeros(batch, capacity, dtype=torch.bool, device=self.device)
-        self.kv_on_disk = n - in_ram
+        self.kv_on_disk = n - held
         return KVCache(keys, values, valid, 0, getattr(c, "sliding_window", None))
 
     def _act_buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
@@ -403,12 +425,19 @@ class OffloadRunner:
             last_only=last_only,
             mapped_kv=set(self.layers[len(self.layers) - getattr(self, "kv_on_disk", 0) :]),
             streamed=self._streamed_kv(cache, rows),
+            cpu_steps=[AttentionStep(step.start, step.end, step.mask[r].cpu()) for r in rows]
+            if self.cuda
+            else [],
         )
+        t0 = time.perf_counter()
         try:
             self._run_ops(s)
         finally:
             self.kv_stream.drain()  # this step's new slots are on disk before anyone reads them
             self.kv_stream.abandon()
+            if self.cuda:  # and those of host RAM layers are back in host memory
+                self.dev_kv.finish()
+        self.times["forward_s"] += time.perf_counter() - t0
         cache.advance(step)
         if not self.parts.head:
             return torch.cat(hs) if len(hs) > 1 else hs[0]
@@ -441,14 +470,12 @@ class OffloadRunner:
                 if self.loader is not None:
                     self.loader.submit(op.unit)
             elif op.kind == "wait":
-                staging = self.loader.wait(op.unit) if self.loader is not None else None
-                weights = self._materialize(op.unit, staging)
-                if self.cuda and staging is not None:  # the copies out of it are queued, not done
-                    s.copied[op.unit] = torch.cuda.Event()
-                    s.copied[op.unit].record()
+                weights = self._weights(s, op.unit)
             elif op.kind == "free":
                 if op.unit in s.copied:  # the loader may refill the slot only once they are
                     s.copied.pop(op.unit).synchronize()
+                if self.wstream is not None:
+                    self.wstream.release(op.unit)
                 if self.loader is not None:
                     self.loader.free(op.unit)
             elif u.kind != "layer":
@@ -463,18 +490,58 @@ class OffloadRunner:
                     for kv in (cache.keys[u.index][r], cache.values[u.index][r]):
                         for t in kv.parts() if isinstance(kv, QuantKV) else (kv,):
                             advise_willneed(t)
+                elif self._host_kv(s, u.index) and not self.cpu_cache_compute:
+                    self.dev_kv.fetch(key, cache.keys[u.index][r], cache.values[u.index][r])
             elif op.kind == "store_cache":
                 if key in s.streamed:  # written back behind
                     self.kv_stream.store(key, s.step.start, s.step.end)
+                elif self._host_kv(s, u.index) and not self.cpu_cache_compute:
+                    self.dev_kv.store(key)
             elif op.kind == "compute":
                 k, r, i = op.batch, rows[op.batch], u.index
+                step = s.steps[k]
                 if key in s.streamed:
+                    t0 = time.perf_counter()
                     kc, vc = self.kv_stream.get(key)
+                    self.times["kv_wait_s"] += time.perf_counter() - t0
+                    if self.cuda and not self.cpu_cache_compute:
+                        host = kc, vc
+                        kc, vc = (to_device_rows(t, self.device) for t in host)
+                elif self._host_kv(s, i) and not self.cpu_cache_compute:
+                    kc, vc = self.dev_kv.get(key)
                 else:
                     kc, vc = cache.keys[i][r], cache.values[i][r]
-                s.hs[k] = m.blocks()[str(i)](s.hs[k], s.ctxs[k], kc, vc, s.steps[k])
+                if self.cuda and kc.device.type == "cpu":  # attention where the cache is
+                    step = s.cpu_steps[k]
+                s.hs[k] = m.blocks()[str(i)](s.hs[k], s.ctxs[k], kc, vc, step)
+                if key in s.streamed and self.cuda and not self.cpu_cache_compute:
+                    for dev, ring in zip((kc, vc), host):  # back before the ring goes to disk
+                        to_host_rows(dev, ring)
                 if s.act is not None and k in s.on_disk:
                     s.hs[k] = s.act[r].copy_(s.hs[k])
+
+    def _weights(self, s: _Pass, unit: int) -> dict[str, torch.Tensor]:
+        """Unit's weights ready for its computes (CUDA: materialized on the side stream into the
+        scratch buffer the previous unit does not use, the compute stream waiting for it)."""
+        t0 = time.perf_counter()
+        staging = self.loader.wait(unit) if self.loader is not None else None
+        t1 = time.perf_counter()
+        if self.wstream is None:
+            weights = self._materialize(unit, staging)
+        else:
+            with torch.cuda.stream(self.wstream.stream):
+                self.scratch = self.wstream.begin(unit)
+                weights = self._materialize(unit, staging)
+            ready = self.wstream.ready()
+            if staging is not None:  # the copies out of it are queued, not done
+                s.copied[unit] = ready
+        self.times["weights_wait_s"] += t1 - t0
+        self.times["materialize_s"] += time.perf_counter() - t1
+        return weights
+
+    def _host_kv(self, s: _Pass, layer: int) -> bool:
+        """CUDA: the layer's cache is a host tensor (pinned RAM) rather than on the GPU."""
+        return self.cuda and s.cache.keys[layer].device.type == "cpu"
 
     def _head_slab(self, s: _Pass, k: int, col: int, w: torch.Tensor) -> None:
         """Micro-batch k's logits for vocabulary columns [col, col + slab rows)."""

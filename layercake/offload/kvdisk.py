@@ -146,7 +146,8 @@ class KVStream:
     """Reads micro-batches' cached slots of disk layers into a ring of RAM buffers ahead of
     their compute and writes the new slots back behind it; ``drain`` waits for the writes."""
 
-    def __init__(self) -> None:
+    def __init__(self, pin: bool = False) -> None:
+        self.pin = pin  # page-locked buffers (CUDA: copied to the device from there)
         self.readers = ThreadPoolExecutor(READERS, thread_name_prefix="layercake-kv-read")
         self.fetcher = ThreadPoolExecutor(1, thread_name_prefix="layercake-kv-fetch")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="layercake-kv-write")
@@ -163,7 +164,7 @@ class KVStream:
         self.drain()
         assert not self.live, "the ring grows only between forward passes"
         self.size = -(-nbytes // ALIGN) * ALIGN
-        self.bufs = [host_buffer(2 * self.size) for _ in range(RING)]
+        self.bufs = [host_buffer(2 * self.size, self.pin) for _ in range(RING)]
         self.free = queue.Queue()
         for i in range(RING):
             self.free.put(i)
