@@ -440,6 +440,7 @@ class OffloadRunner:
         self.times["forward_s"] += time.perf_counter() - t0
         cache.advance(step)
         if not self.parts.head:
+            hs = [h.to(self.device) for h in hs]
             return torch.cat(hs) if len(hs) > 1 else hs[0]
         return torch.cat(s.logits) if len(s.logits) > 1 else s.logits[0]
 
@@ -486,12 +487,13 @@ class OffloadRunner:
                 if key in s.streamed:  # read ahead into the ring
                     kf, vf, row0 = s.streamed[key]
                     self.kv_stream.fetch(key, kf, vf, row0, r.stop - r.start, s.step.start)
+                elif self._host_kv(s, u.index):
+                    if not self.cpu_cache_compute:  # copied to the device ring ahead
+                        self.dev_kv.fetch(key, cache.keys[u.index][r], cache.values[u.index][r])
                 elif u.index in s.mapped_kv:
                     for kv in (cache.keys[u.index][r], cache.values[u.index][r]):
                         for t in kv.parts() if isinstance(kv, QuantKV) else (kv,):
                             advise_willneed(t)
-                elif self._host_kv(s, u.index) and not self.cpu_cache_compute:
-                    self.dev_kv.fetch(key, cache.keys[u.index][r], cache.values[u.index][r])
             elif op.kind == "store_cache":
                 if key in s.streamed:  # written back behind
                     self.kv_stream.store(key, s.step.start, s.step.end)
@@ -511,9 +513,10 @@ class OffloadRunner:
                     kc, vc = self.dev_kv.get(key)
                 else:
                     kc, vc = cache.keys[i][r], cache.values[i][r]
-                if self.cuda and kc.device.type == "cpu":  # attention where the cache is
-                    step = s.cpu_steps[k]
-                s.hs[k] = m.blocks()[str(i)](s.hs[k], s.ctxs[k], kc, vc, step)
+                if self.cuda and isinstance(kc, torch.Tensor) and kc.device.type == "cpu":
+                    step = s.cpu_steps[k]  # attention where the cache is (host RAM)
+                h = s.hs[k].to(self.device)  # activations placed in host RAM or on disk come in
+                s.hs[k] = m.blocks()[str(i)](h, s.ctxs[k], kc, vc, step)
                 if key in s.streamed and self.cuda and not self.cpu_cache_compute:
                     for dev, ring in zip((kc, vc), host):  # back before the ring goes to disk
                         to_host_rows(dev, ring)
@@ -541,12 +544,14 @@ class OffloadRunner:
 
     def _host_kv(self, s: _Pass, layer: int) -> bool:
         """CUDA: the layer's cache is a host tensor (pinned RAM) rather than on the GPU."""
-        return self.cuda and s.cache.keys[layer].device.type == "cpu"
+        t = s.cache.keys[layer]
+        return self.cuda and isinstance(t, torch.Tensor) and t.device.type == "cpu"
 
     def _head_slab(self, s: _Pass, k: int, col: int, w: torch.Tensor) -> None:
         """Micro-batch k's logits for vocabulary columns [col, col + slab rows)."""
         if s.normed[k] is None:
             h = s.hs[k][:, -1:] if s.last_only else s.hs[k]
+            h = h.to(self.device)
             s.normed[k] = self.model.head(h)  # final norm (and projection) before the vocab
             shape = (*s.normed[k].shape[:-1], self.vocab_size)
             s.logits[k] = torch.empty(shape, dtype=torch.float32, device=self.device)
