@@ -42,7 +42,7 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
     if a.percent:
         kw["percent"] = a.percent
     else:
-        kw["cpu_memory"] = a.cap
+        kw["cpu_memory"] = cap_bytes(a.cap)  # all of the cap memlimit enforces
         kw["max_context"] = ids.shape[1] + gen
     if a.compress_weight:
         kw.update(compress_weight=True, compress_bits=a.compress_bits)
@@ -126,7 +126,7 @@ def dequant_layer_ms(r, repeats: int = 5) -> float:
 def run_accelerate(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace) -> dict:
     folder = Path(a.offload_dir) / "accelerate"
     folder.mkdir(parents=True, exist_ok=True)
-    budget = int(a.accelerate_fraction * _bytes(a.cap))
+    budget = int(a.accelerate_fraction * cap_bytes(a.cap))
     r = run_transformers(
         path,
         ids,
@@ -141,10 +141,12 @@ def run_accelerate(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespac
     return r
 
 
-def _bytes(s: str) -> int:
-    from layercake.offload import parse_bytes
-
-    return parse_bytes(s)
+def cap_bytes(cap: str) -> int:
+    """The cap as memlimit reads it (``numfmt --from=iec``: 1600M is 1600 MiB), so that the
+    budget an engine is given is the memory it really has."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    s = cap.upper().removesuffix("B")
+    return int(float(s.rstrip("KMGT")) * units[s[len(s.rstrip("KMGT")) :]])
 
 
 def worker(a: argparse.Namespace) -> None:
