@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 import layercake
-from layercake.offload.kvdisk import DiskKV, KVStream
+from layercake.offload.kvdisk import RING, DiskKV, KVStream
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15], [20, 21, 22]]
 
@@ -41,7 +41,7 @@ def test_disk_kv_stream_round_trip(tmp_path):
     assert stream.bytes_written > 0 and stream.bytes_read > 0
     stream.fetch("b", k, v, 0, 4, upto=3)  # a pass that fails gives its buffers back
     stream.abandon()
-    assert stream.free.qsize() == 4
+    assert stream.free.qsize() == RING
 
 
 def test_kv_cache_on_disk_streamed_equals_in_memory(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from layercake.checkpoint.parts import Parts
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.offload.executor import OffloadRunner
+from layercake.offload.kvdisk import RING
 from layercake.offload.policy import Footprint, Policy, parse_bytes, plan_policy
 from layercake.quant import Compression
 from layercake.runner import LocalRunner
@@ -60,6 +62,10 @@ def offload_runner(
         if cpu_b is not None:  # a budget for the whole process: what it holds already counts
             cpu_b -= process_rss() + SAFETY
         policy = plan_policy(fp, cpu_b, dev_b, device.type == "cuda", **kw)
+        if policy.cache_disk > 0:  # the ring that holds disk layers' cache rows in RAM
+            ring = RING * fp.kv // max(1, len(parts.layers))
+            fp = replace(fp, activations=fp.activations + ring)
+            policy = plan_policy(fp, cpu_b, dev_b, device.type == "cuda", **kw)
         if policy.w_device == 100 and policy.cache_device == 100 and device.type == "cpu":
             return resident_runner(ckpt, config, parts, device, dtype, policy, compress)
         # bytes of cache on the compute device (host RAM on CPU); on CUDA the policy's host

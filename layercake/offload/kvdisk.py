@@ -30,7 +30,7 @@ from layercake.errors import LayercakeError
 from layercake.offload.tiers import ALIGN, host_buffer
 
 READERS = 4  # concurrent reads of one micro-batch's slots
-RING = 4  # RAM buffers (keys and values of one micro-batch each): in compute, ahead, behind
+RING = 3  # RAM buffers (keys and values of one micro-batch each): in compute, ahead, behind
 
 
 @dataclass
