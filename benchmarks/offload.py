@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -211,17 +212,27 @@ def run_case(a: argparse.Namespace, engine: str, batch: int, cap: str | None) ->
     if cap:
         cmd = [str(MEMLIMIT), "--drop-caches", cap, *cmd, "--cap", cap]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    timeout = a.accelerate_timeout if engine == "accelerate" and a.accelerate_timeout else None
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)  # fmt: skip
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # its own process group: memlimit and the worker
+        os.killpg(p.pid, signal.SIGTERM)
+        out, err = p.communicate()
+        err += f"\nstopped after {timeout} s"
     wall = time.perf_counter() - t0
     peak = None
-    for line in p.stderr.splitlines():  # the cgroup's peak: page cache included
+    for line in err.splitlines():  # the cgroup's peak: page cache included
         if line.startswith("memlimit: peak_bytes="):
             peak = int(line.split("=")[1].split()[0])
     if p.returncode != 0:
-        tail = p.stderr.strip().splitlines()[-3:]
+        tail = err.strip().splitlines()[-3:]
         why = "OOM-killed" if p.returncode in (137, -9) else f"exit {p.returncode}"
+        if tail and tail[-1].startswith("stopped after"):
+            why = f"stopped after {timeout} s"
         return {"error": why, "stderr_tail": tail, "wall_s": round(wall, 1), "peak_bytes": peak}
-    r = json.loads(p.stdout.strip().splitlines()[-1])
+    r = json.loads(out.strip().splitlines()[-1])
     r["wall_s"], r["peak_bytes"] = wall, peak
     return r
 
@@ -247,6 +258,13 @@ def main() -> None:
         type=float,
         default=0.5,
         help="Accelerate's max_memory['cpu'] as a fraction of its cap",
+    )
+    ap.add_argument(
+        "--accelerate-timeout",
+        type=float,
+        default=600,
+        help="stop an Accelerate case after this many seconds (0: never); its result is then "
+        "a throughput below batch x gen-len / this",
     )
     ap.add_argument("--micro-batch", type=int, default=32, help="micro-batch size (0: whole)")
     ap.add_argument("--percent", nargs=6, type=float, help="a fixed policy instead of the cap")
