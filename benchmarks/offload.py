@@ -170,7 +170,7 @@ def measure_machine(offload_dir: Path, threads: int) -> dict:
     Disk: direct reads of every prepared unit file (the executor's own reader, with its number of
     concurrent reads, cold page cache), two passes, the faster one kept.
     """
-    from layercake.offload.executor import READ_STREAMS
+    from layercake.offload.loader import READ_STREAMS
     from layercake.offload.tiers import DirectReader, host_buffer
 
     files = sorted(offload_dir.glob("*/layer.*.bin")) + sorted(offload_dir.glob("*/head.*.bin"))

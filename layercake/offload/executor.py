@@ -7,9 +7,6 @@ binds the unit's weights into the model's modules and calls the same blocks ``Lo
 
 from __future__ import annotations
 
-import os
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +21,12 @@ from layercake.checkpoint.parts import Parts
 from layercake.checkpoint.quantized import load_rows
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
-from layercake.kv_cache import AttentionStep, KVCache, QuantKV, quantized_layers
+from layercake.kv_cache import AttentionStep, KVCache, QuantKV
 from layercake.models import family
 from layercake.offload.cuda import DeviceKV, WeightStream, to_device_rows, to_host_rows
 from layercake.offload.kvdisk import DiskKV, KVStream
+from layercake.offload.kvtiers import KVTiers
+from layercake.offload.loader import Loader
 from layercake.offload.policy import Policy, split_bytes
 from layercake.offload.schedule import zigzag
 from layercake.offload.store import Entry, Unit, disk_range, plan_units, prepare
@@ -40,8 +39,6 @@ from layercake.offload.tiers import (
     keep_in_ram,
 )
 from layercake.quant import Compression, QTensor, dequantize
-
-READ_STREAMS = 4  # concurrent direct reads per unit (see DirectReader.read_into)
 
 
 @dataclass
@@ -77,62 +74,6 @@ class _Pass:
     streamed: dict[tuple[int, int], tuple]  # (layer, micro-batch) -> direct I/O of its cache
     cpu_steps: list[AttentionStep]  # CUDA: the steps with their masks in host memory
     copied: dict[int, Any] = field(default_factory=dict)  # unit -> CUDA event after its copies
-
-
-class _Loader:
-    """Background reads of units' disk rows into a ring of staging buffers."""
-
-    def __init__(self, readers: dict[int, DirectReader], ranges: dict[int, tuple[int, int]],
-                 slots: list[torch.Tensor]) -> None:  # fmt: skip
-        self.readers, self.ranges = readers, ranges
-        self.free_slots: queue.Queue[int] = queue.Queue()
-        for i in range(len(slots)):
-            self.free_slots.put(i)
-        self.slots = slots
-        self.todo: queue.Queue[int] = queue.Queue()
-        self.inflight: dict[int, list[Any]] = {}  # unit -> [event, slot, error]
-        self.bytes_read = 0
-        threading.Thread(target=self._run, daemon=True, name="layercake-loader").start()
-
-    def submit(self, unit: int) -> None:
-        if unit in self.inflight or unit not in self.ranges:
-            return
-        self.inflight[unit] = [threading.Event(), None, None]
-        self.todo.put(unit)
-
-    def wait(self, unit: int) -> torch.Tensor | None:
-        if unit not in self.ranges:
-            return None
-        self.submit(unit)
-        ev, slot, err = self.inflight[unit]
-        ev.wait()
-        ev, slot, err = self.inflight[unit]
-        if err is not None:
-            del self.inflight[unit]
-            if slot is not None:
-                self.free_slots.put(slot)
-            raise err
-        return self.slots[slot]
-
-    def free(self, unit: int) -> None:
-        item = self.inflight.pop(unit, None)
-        if item is not None and item[1] is not None:
-            self.free_slots.put(item[1])
-
-    def _run(self) -> None:
-        while True:
-            unit = self.todo.get()
-            slot = self.free_slots.get()
-            item = self.inflight[unit]
-            item[1] = slot
-            try:
-                offset, length = self.ranges[unit]
-                self.bytes_read += self.readers[unit].read_into(
-                    self.slots[slot], offset, length, streams=READ_STREAMS
-                )
-            except Exception as e:  # handed to the compute thread by wait()
-                item[2] = e
-            item[0].set()
 
 
 class OffloadRunner:
@@ -187,8 +128,8 @@ class OffloadRunner:
         self.loader = self._disk(ckpt, source)
         self.block_size = policy.block_size
         self.act_files: dict[tuple[int, ...], torch.Tensor] = {}
-        self._caches = 0
-        self.kv_files: list[dict[int, tuple[DiskKV, DiskKV]]] = []
+        self.kv = KVTiers(config, self.layers, policy, device, dtype, offload_dir, kv_budget,
+                          self.cache_quant)  # fmt: skip
         self.kv_stream = KVStream(pin=self.cuda)
         self.cpu_cache_compute = cpu_cache_compute
         self.wstream: WeightStream | None = None
@@ -260,7 +201,7 @@ class OffloadRunner:
             out.append(_Placed(e, a, b, dev, cpu, scratch, owner, attr))
         return out
 
-    def _disk(self, ckpt: Any, source: Path) -> _Loader | None:
+    def _disk(self, ckpt: Any, source: Path) -> Loader | None:
         first_rows = [{p.entry.param: p.b for p in ps} for ps in self.placed]
         ranges = {j: disk_range(u, first_rows[j]) for j, u in enumerate(self.units)}
         ranges = {j: r for j, r in ranges.items() if r[1] > 0}
@@ -276,65 +217,20 @@ class OffloadRunner:
         readers = {j: DirectReader(directory / f"{self.units[j].name}.bin") for j in ranges}
         size = max(r[1] for r in ranges.values()) + ALIGN
         slots = [host_buffer(size, pin=self.cuda) for _ in range(2)]
-        return _Loader(readers, ranges, slots)
+        return Loader(readers, ranges, slots)
 
     # ---- KV cache and activations ----------------------------------------------------------
     def new_cache(self, batch: int, capacity: int) -> KVCache:
-        """The cache of held layers in their tiers: the first layers on the device, then host
-        RAM, then files in the offload dir (streamed by direct I/O; a compressed cache's files
-        are mapped: the kernel pages them)."""
-        c = self.config
-        shape = (batch, c.num_key_value_heads, capacity, c.head_dim)
-        itemsize = self.dtype.itemsize
-        if self.cache_quant is not None:
-            itemsize = QuantKV.nbytes_per_value(self.cache_quant, c.head_dim)
-        per_layer = int(2 * itemsize * batch * capacity * c.num_key_value_heads * c.head_dim)
-        n = len(self.layers)
-        held = round(n * (self.policy.cache_device + self.policy.cache_cpu) / 100)
-        if self.cuda:  # the first layers on the GPU, then pinned host RAM, then disk
-            on_dev = round(n * self.policy.cache_device / 100)
-            if self.kv_budget is not None:
-                on_dev = min(n, self.kv_budget // max(1, per_layer))
-            in_ram, held = on_dev, max(held, on_dev)
-        elif self.kv_budget is not None:
-            in_ram = held = min(n, self.kv_budget // max(1, per_layer))
-        else:
-            in_ram = held
-        if held < n and self.offload_dir is None:
-            raise LayercakeError("the policy puts KV cache on disk: give an offload dir")
-        if in_ram < n and self.cuda and self.cache_quant is not None:
-            raise LayercakeError("a compressed KV cache off the GPU is not supported on CUDA yet")
-        keys, values = {}, {}
-        self._caches += 1
-        if self.cache_quant is not None:
-            pos = {i: k for k, i in enumerate(self.layers)}
+        """The cache of held layers in their tiers (see ``KVTiers.new_cache``)."""
+        return self.kv.new_cache(batch, capacity)
 
-            def new(i: int, part: str, s: tuple[int, ...], dt: torch.dtype) -> torch.Tensor:
-                if pos[i] < in_ram:
-                    return torch.zeros(s, dtype=dt, device=self.device)
-                return file_tensor(self.offload_dir / "kv" / f"{self._caches}-{part}{i}", s, dt)
+    @property
+    def kv_on_disk(self) -> int:  # layers of the latest cache on disk
+        return self.kv.on_disk
 
-            keys, values = quantized_layers(
-                self.layers, shape, self.cache_quant, self.dtype, self.device, new
-            )
-        files: dict[int, tuple[DiskKV, DiskKV]] = {}
-        for pos, i in enumerate(self.layers if self.cache_quant is None else ()):
-            if pos < in_ram:
-                keys[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                values[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            elif pos < held:  # CUDA: host RAM, pinned for asynchronous copies
-                keys[i] = torch.zeros(shape, dtype=self.dtype).pin_memory()
-                values[i] = torch.zeros(shape, dtype=self.dtype).pin_memory()
-            else:  # streamed by direct I/O in forward (see kvdisk)
-                name = self.offload_dir / "kv" / f"{os.getpid()}-{id(self)}-{self._caches}"
-                files[i] = tuple(DiskKV.create(Path(f"{name}-{p}{i}"), shape, self.dtype)
-                                 for p in "kv")  # fmt: skip
-                keys[i], values[i] = files[i][0].tensor, files[i][1].tensor
-        # the files of the latest caches; an older cache's layers are still maps of their files
-        self.kv_files = [*self.kv_files[-1:], files]
-        valid = torch.zeros(batch, capacity, dtype=torch.bool, device=self.device)
-        self.kv_on_disk = n - held
-        return KVCache(keys, values, valid, 0, getattr(c, "sliding_window", None))
+    @property
+    def kv_files(self) -> list[dict[int, tuple[DiskKV, DiskKV]]]:
+        return self.kv.files
 
     def _act_buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
         if shape not in self.act_files:
@@ -423,8 +319,8 @@ class OffloadRunner:
             normed=[None] * len(rows),
             logits=[None] * len(rows),
             last_only=last_only,
-            mapped_kv=set(self.layers[len(self.layers) - getattr(self, "kv_on_disk", 0) :]),
-            streamed=self._streamed_kv(cache, rows),
+            mapped_kv=set(self.layers[len(self.layers) - self.kv.on_disk :]),
+            streamed=self.kv.streamed(cache, rows),
             cpu_steps=[AttentionStep(step.start, step.end, step.mask[r].cpu()) for r in rows]
             if self.cuda
             else [],
@@ -451,22 +347,6 @@ class OffloadRunner:
         one: a matmul of 128 rows reaches about twice the FLOP rate of four of 32 here."""
         bs = self.policy.batch_size
         return bs * max(1, capacity // max(1, T))
-
-    def _streamed_kv(self, cache: KVCache, rows: list[slice]) -> dict[tuple[int, int], tuple]:
-        """(layer, micro-batch) -> (keys file, values file, first row) for the layers of
-        ``cache`` held in files of this runner: those are streamed by direct I/O."""
-        out = {}
-        for files in self.kv_files:
-            for i, (kf, vf) in files.items():
-                k, v = cache.keys.get(i), cache.values.get(i)
-                if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
-                    continue
-                row0 = kf.rows_of(k)
-                if row0 is None or vf.rows_of(v) != row0 or k.shape[0] != cache.batch:
-                    continue
-                for b, r in enumerate(rows):
-                    out[i, b] = (kf, vf, row0 + r.start)
-        return out
 
     def _run_ops(self, s: _Pass) -> None:
         """Interpret the zig-zag schedule for one forward pass."""
