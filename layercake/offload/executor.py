@@ -342,11 +342,13 @@ class OffloadRunner:
 
     def micro_rows(self, T: int, capacity: int) -> int:
         """Rows per micro-batch for a pass of T tokens: the policy's batch size, or a multiple
-        of it when T is short. The plan holds intermediates for one micro-batch at the full
-        context (batch_size x capacity tokens), so a decode step (T = 1) runs the whole block as
-        one: a matmul of 128 rows reaches about twice the FLOP rate of four of 32 here."""
+        of it when T is short. The plan holds two widest-layer intermediates per token of one
+        micro-batch at the full context (batch_size x capacity tokens) and a pass needs about
+        three per token, so a decode step (T = 1) runs the whole block as one micro-batch (a
+        matmul of 128 rows reaches about twice the FLOP rate of four of 32 here) while a prompt
+        keeps the policy's micro-batches."""
         bs = self.policy.batch_size
-        return bs * max(1, capacity // max(1, T))
+        return bs * max(1, (2 * capacity) // (3 * max(1, T)))
 
     def _run_ops(self, s: _Pass) -> None:
         """Interpret the zig-zag schedule for one forward pass."""
