@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -42,7 +43,7 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
     if a.percent:
         kw["percent"] = a.percent
     else:
-        kw["cpu_memory"] = a.cap
+        kw["cpu_memory"] = cap_bytes(a.cap)  # all of the cap memlimit enforces
         kw["max_context"] = ids.shape[1] + gen
     if a.compress_weight:
         kw.update(compress_weight=True, compress_bits=a.compress_bits)
@@ -73,6 +74,9 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
         bytes_read=r.bytes_read - read0,
         policy=str(r.policy),
         kv_layers_on_disk=getattr(r, "kv_on_disk", 0),
+        kv_gb_read=r.kv_stream.bytes_read / 1e9 if hasattr(r, "kv_stream") else 0.0,
+        kv_gb_written=r.kv_stream.bytes_written / 1e9 if hasattr(r, "kv_stream") else 0.0,
+        times={k: round(v, 2) for k, v in getattr(r, "times", {}).items()},
         tokens=[x.token_ids for x in out],
     )
 
@@ -123,7 +127,7 @@ def dequant_layer_ms(r, repeats: int = 5) -> float:
 def run_accelerate(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace) -> dict:
     folder = Path(a.offload_dir) / "accelerate"
     folder.mkdir(parents=True, exist_ok=True)
-    budget = int(a.accelerate_fraction * _bytes(a.cap))
+    budget = int(a.accelerate_fraction * cap_bytes(a.cap))
     r = run_transformers(
         path,
         ids,
@@ -138,10 +142,12 @@ def run_accelerate(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespac
     return r
 
 
-def _bytes(s: str) -> int:
-    from layercake.offload import parse_bytes
-
-    return parse_bytes(s)
+def cap_bytes(cap: str) -> int:
+    """The cap as memlimit reads it (``numfmt --from=iec``: 1600M is 1600 MiB), so that the
+    budget an engine is given is the memory it really has."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    s = cap.upper().removesuffix("B")
+    return int(float(s.rstrip("KMGT")) * units[s[len(s.rstrip("KMGT")) :]])
 
 
 def worker(a: argparse.Namespace) -> None:
@@ -164,7 +170,7 @@ def measure_machine(offload_dir: Path, threads: int) -> dict:
     Disk: direct reads of every prepared unit file (the executor's own reader, with its number of
     concurrent reads, cold page cache), two passes, the faster one kept.
     """
-    from layercake.offload.executor import READ_STREAMS
+    from layercake.offload.loader import READ_STREAMS
     from layercake.offload.tiers import DirectReader, host_buffer
 
     files = sorted(offload_dir.glob("*/layer.*.bin")) + sorted(offload_dir.glob("*/head.*.bin"))
@@ -206,17 +212,27 @@ def run_case(a: argparse.Namespace, engine: str, batch: int, cap: str | None) ->
     if cap:
         cmd = [str(MEMLIMIT), "--drop-caches", cap, *cmd, "--cap", cap]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    timeout = a.accelerate_timeout if engine == "accelerate" and a.accelerate_timeout else None
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)  # fmt: skip
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # its own process group: memlimit and the worker
+        os.killpg(p.pid, signal.SIGTERM)
+        out, err = p.communicate()
+        err += f"\nstopped after {timeout} s"
     wall = time.perf_counter() - t0
     peak = None
-    for line in p.stderr.splitlines():  # the cgroup's peak: page cache included
+    for line in err.splitlines():  # the cgroup's peak: page cache included
         if line.startswith("memlimit: peak_bytes="):
             peak = int(line.split("=")[1].split()[0])
     if p.returncode != 0:
-        tail = p.stderr.strip().splitlines()[-3:]
+        tail = err.strip().splitlines()[-3:]
         why = "OOM-killed" if p.returncode in (137, -9) else f"exit {p.returncode}"
+        if tail and tail[-1].startswith("stopped after"):
+            why = f"stopped after {timeout} s"
         return {"error": why, "stderr_tail": tail, "wall_s": round(wall, 1), "peak_bytes": peak}
-    r = json.loads(p.stdout.strip().splitlines()[-1])
+    r = json.loads(out.strip().splitlines()[-1])
     r["wall_s"], r["peak_bytes"] = wall, peak
     return r
 
@@ -243,6 +259,13 @@ def main() -> None:
         default=0.5,
         help="Accelerate's max_memory['cpu'] as a fraction of its cap",
     )
+    ap.add_argument(
+        "--accelerate-timeout",
+        type=float,
+        default=600,
+        help="stop an Accelerate case after this many seconds (0: never); its result is then "
+        "a throughput below batch x gen-len / this",
+    )
     ap.add_argument("--micro-batch", type=int, default=32, help="micro-batch size (0: whole)")
     ap.add_argument("--percent", nargs=6, type=float, help="a fixed policy instead of the cap")
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -250,6 +273,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--offload-dir", type=Path, default=DEFAULT_OFFLOAD)
     ap.add_argument("--no-reference", action="store_true", help="skip the in-memory run")
+    ap.add_argument(
+        "--reuse-layout",
+        action="store_true",
+        help="the offload dir already holds the prepared layout: skip the preparing run",
+    )
     ap.add_argument("--compress-weight", action="store_true", help="layercake: int4/int8 weights")
     ap.add_argument("--compress-bits", type=int, default=4)
     a = ap.parse_args()
@@ -259,14 +287,15 @@ def main() -> None:
     # prepare the disk layout once (reused by every run), timed on its own
     t0 = time.perf_counter()
     prep = None
-    if "layercake" in a.engines:  # all weights on disk: every unit's file is written
+    if "layercake" in a.engines and not a.reuse_layout:  # all weights on disk: every unit
         saved, a.percent = a.percent, [0, 0, 100, 0, 100, 0]
         prep = run_case(a, "layercake", 1, None)
         a.percent = saved
         if "error" in prep:
             raise SystemExit(f"preparing the offload layout failed: {prep}")
-    machine = measure_machine(a.offload_dir, a.threads) if prep else {}
-    machine["prepare_and_first_run_s"] = round(time.perf_counter() - t0, 1)
+    machine = measure_machine(a.offload_dir, a.threads) if prep or a.reuse_layout else {}
+    if prep:
+        machine["prepare_and_first_run_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps({"bench": "offload-machine", **machine}), flush=True)
     ref = None
     if not a.no_reference:
@@ -329,9 +358,11 @@ def report(a, engine, B, cap, r, machine, ref) -> dict:
     )
     if ref and "tokens" in ref:
         rec["same_greedy_tokens_as_in_memory"] = r["tokens"] == ref["tokens"][:B]
-    for k in ("dequant_s", "dequant_ms_per_layer"):
+    for k in ("dequant_s", "dequant_ms_per_layer", "kv_gb_read", "kv_gb_written"):
         if k in r:
             rec[k] = round(r[k], 2)
+    if r.get("times"):  # where the executor's time went (blocked on reads, converting weights)
+        rec["times"] = r["times"]
     if engine == "layercake" and machine and "disk_bytes_per_step" in r:
         disk_s = r["disk_bytes_per_step"] / (machine["disk_gbps"] * 1e9)
         # linear FLOPs: every layer on every token; the head only on each row's last token

@@ -48,6 +48,11 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         "--num-batches", type=int, help="micro-batches each loaded layer serves (default 1)"
     )
     o.add_argument(
+        "--cpu-cache-compute",
+        action="store_true",
+        help="CUDA: attention of layers whose KV cache is in host RAM or on disk runs on the CPU",
+    )
+    o.add_argument(
         "--max-context",
         type=int,
         help="prompt + generated tokens the memory budget plans the KV cache for (default 256)",
@@ -140,6 +145,7 @@ def load_from_args(a: argparse.Namespace):
         batch_size=a.batch_size,
         num_batches=a.num_batches,
         max_context=a.max_context,
+        cpu_cache_compute=getattr(a, "cpu_cache_compute", False),
         topology=getattr(a, "topology", None),
         micro_batches=getattr(a, "micro_batches", None),
         compress_weight=a.compress_weight,

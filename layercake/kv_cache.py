@@ -177,8 +177,10 @@ class KVCache:
         """Copy every row of ``src`` (slots [0, src.length)) into ``rows`` of this cache at slots
         [at, at + src.length); the rest of those rows becomes padding."""
         n = src.length
-        for dst_t, src_t in zip(self.tensors(), src.tensors()):
-            dst_t.narrow(2, at, n).index_copy_(0, rows, src_t[:, :, :n])
+        for dst_t, src_t in zip(self.tensors(), src.tensors()):  # layers may be on other devices
+            dst_t.narrow(2, at, n).index_copy_(
+                0, rows.to(dst_t.device), src_t[:, :, :n].to(dst_t.device)
+            )
         self.valid.index_fill_(0, rows, False)
         self.valid.narrow(1, at, n).index_copy_(0, rows, src.valid[:, :n])
 
@@ -186,7 +188,8 @@ class KVCache:
         """Keep only ``rows`` of the batch (drop finished sequences)."""
         for d in (self.keys, self.values):
             for i in d:
-                d[i] = d[i].index_select(0, rows)
+                t = d[i]
+                d[i] = t.index_select(0, rows.to(t.device) if isinstance(t, torch.Tensor) else rows)
         self.valid = self.valid.index_select(0, rows)
 
 

@@ -254,6 +254,7 @@ def load(
     batch_size: int | None = None,
     num_batches: int | None = None,
     max_context: int | None = None,
+    cpu_cache_compute: bool = False,
     topology: str | os.PathLike | None = None,
     micro_batches: int | None = None,
     compress_weight: bool = False,
@@ -272,7 +273,8 @@ def load(
     percentages ``(W_DEV, W_CPU, KV_DEV, KV_CPU, ACT_DEV, ACT_CPU)`` (disk gets the rest) or by
     byte budgets ("1.6GB", "800MiB"); each loaded layer serves ``num_batches`` micro-batches of
     ``batch_size`` sequences (a block) before the next; ``max_context`` is the prompt +
-    generation length budgets plan the KV cache for.
+    generation length budgets plan the KV cache for. ``cpu_cache_compute`` (CUDA): attention of
+    the layers whose KV cache is in host RAM or on disk runs on the CPU (FlexGen's option).
 
     Pipeline (``topology``, a topology file): this process is the topology's first node and
     holds its layers; ``layercake worker`` runs the others' (each with its own device and
@@ -318,7 +320,7 @@ def load(
             runner = offload_runner(
                 ckpt, config, path, parse_parts(parts, config.num_hidden_layers), dev, dt,
                 percent, cpu_memory, device_memory, offload_dir, batch_size, num_batches,
-                max_context, comp,
+                max_context, comp, cpu_cache_compute,
             )  # fmt: skip
             return LLM(runner, tokenizer, config, path)
         model_slice = build_slice(ckpt, parts, dev, dt, config, pack=not compile, compress=comp)

@@ -121,6 +121,12 @@ def cached_attention(
 
     Returns (B, T, H * hd).
     """
+    if isinstance(cache_k, torch.Tensor) and cache_k.device != q.device:
+        # the cache stays in host RAM and attention runs there (FlexGen's CPU attention): only
+        # q, k, v and the result cross the bus
+        dev = cache_k.device
+        out = cached_attention(q.to(dev), k.to(dev), v.to(dev), cache_k, cache_v, step, scale)
+        return out.to(q.device, non_blocking=True)
     if isinstance(cache_k, QuantKV):  # held quantized: written so, read back dequantized
         cache_k.write(step.start, step.end, k)
         cache_v.write(step.start, step.end, v)

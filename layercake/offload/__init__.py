@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from layercake.checkpoint.parts import Parts
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.offload.executor import OffloadRunner
+from layercake.offload.kvdisk import RING
 from layercake.offload.policy import Footprint, Policy, parse_bytes, plan_policy
 from layercake.quant import Compression
 from layercake.runner import LocalRunner
@@ -35,20 +37,23 @@ def offload_runner(
     num_batches: int | None = None,
     max_context: int | None = None,
     compress: Compression | None = None,
+    cpu_cache_compute: bool = False,
 ) -> OffloadRunner | LocalRunner:
     """An ``OffloadRunner`` placed by ``percent`` (FlexGen's six numbers) or, without it, by
     byte budgets planned for blocks of ``batch_size x num_batches`` sequences of up to
     ``max_context`` tokens (longer ones put the cache of the layers that do not fit on disk).
     ``compress``: weights and/or KV cache held quantized in every tier (budgets count their
-    compressed bytes)."""
+    compressed bytes). ``cpu_cache_compute`` (CUDA): attention of layers whose cache is in host
+    RAM or on disk runs on the CPU, where the cache is (FlexGen's ``--cpu-cache-compute``)."""
+    if cpu_cache_compute and device.type != "cuda":
+        raise LayercakeError("--cpu-cache-compute needs --device cuda (on CPU it already is)")
     kw = {"batch_size": batch_size or 32, "num_batches": num_batches or 1}
     directory = Path(offload_dir).expanduser() if offload_dir is not None else None
     cpu_b, dev_b = parse_bytes(cpu_memory), parse_bytes(device_memory)
     if percent is not None:
         policy = Policy.from_percent(percent, **kw)
-        runner = OffloadRunner(
-            ckpt, config, source, parts, policy, device, dtype, directory, compress=compress
-        )
+        runner = OffloadRunner(ckpt, config, source, parts, policy, device, dtype, directory,
+                               compress=compress, cpu_cache_compute=cpu_cache_compute)  # fmt: skip
     else:
         if cpu_b is None and dev_b is None:
             raise LayercakeError("offloading needs --percent or a memory budget")
@@ -57,14 +62,19 @@ def offload_runner(
         if cpu_b is not None:  # a budget for the whole process: what it holds already counts
             cpu_b -= process_rss() + SAFETY
         policy = plan_policy(fp, cpu_b, dev_b, device.type == "cuda", **kw)
+        if policy.cache_disk > 0:  # the ring that holds disk layers' cache rows in RAM
+            ring = RING * fp.kv // max(1, len(parts.layers))
+            fp = replace(fp, activations=fp.activations + ring)
+            policy = plan_policy(fp, cpu_b, dev_b, device.type == "cuda", **kw)
         if policy.w_device == 100 and policy.cache_device == 100 and device.type == "cpu":
             return resident_runner(ckpt, config, parts, device, dtype, policy, compress)
+        # bytes of cache on the compute device (host RAM on CPU); on CUDA the policy's host
+        # share goes to pinned RAM, the rest to disk
         kv_budget = int(fp.kv * policy.cache_device / 100)
-        if device.type == "cuda":
-            kv_budget = int(fp.kv * (policy.cache_device + policy.cache_cpu) / 100)
         runner = OffloadRunner(
-            ckpt, config, source, parts, policy, device, dtype, directory, kv_budget, compress
-        )
+            ckpt, config, source, parts, policy, device, dtype, directory, kv_budget, compress,
+            cpu_cache_compute,
+        )  # fmt: skip
     return runner
 
 

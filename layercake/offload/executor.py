@@ -7,10 +7,8 @@ binds the unit's weights into the model's modules and calls the same blocks ``Lo
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +22,12 @@ from layercake.checkpoint.quantized import load_rows
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.int4mm import Int4Linear, PackedInt4, PackedInt8, kernel8_ok, nbytes8
-from layercake.kv_cache import AttentionStep, KVCache, QuantKV, quantized_layers
+from layercake.kv_cache import AttentionStep, KVCache, QuantKV
 from layercake.models import family
+from layercake.offload.cuda import DeviceKV, WeightStream, to_device_rows, to_host_rows
+from layercake.offload.kvdisk import DiskKV, KVStream
+from layercake.offload.kvtiers import KVTiers
+from layercake.offload.loader import Loader
 from layercake.offload.policy import Policy, split_bytes
 from layercake.offload.schedule import zigzag
 from layercake.offload.store import Entry, Unit, disk_range, packed_part, plan_units, prepare
@@ -39,8 +41,6 @@ from layercake.offload.tiers import (
     keep_in_ram,
 )
 from layercake.quant import Compression, QTensor, dequantize
-
-READ_STREAMS = 4  # concurrent direct reads per unit (see DirectReader.read_into)
 
 
 @dataclass
@@ -58,60 +58,25 @@ class _Placed:
     attr: str
 
 
-class _Loader:
-    """Background reads of units' disk rows into a ring of staging buffers."""
+@dataclass
+class _Pass:
+    """The state of one forward pass through the schedule."""
 
-    def __init__(self, readers: dict[int, DirectReader], ranges: dict[int, tuple[int, int]],
-                 slots: list[torch.Tensor]) -> None:  # fmt: skip
-        self.readers, self.ranges = readers, ranges
-        self.free_slots: queue.Queue[int] = queue.Queue()
-        for i in range(len(slots)):
-            self.free_slots.put(i)
-        self.slots = slots
-        self.todo: queue.Queue[int] = queue.Queue()
-        self.inflight: dict[int, list[Any]] = {}  # unit -> [event, slot, error]
-        self.bytes_read = 0
-        threading.Thread(target=self._run, daemon=True, name="layercake-loader").start()
-
-    def submit(self, unit: int) -> None:
-        if unit in self.inflight or unit not in self.ranges:
-            return
-        self.inflight[unit] = [threading.Event(), None, None]
-        self.todo.put(unit)
-
-    def wait(self, unit: int) -> torch.Tensor | None:
-        if unit not in self.ranges:
-            return None
-        self.submit(unit)
-        ev, slot, err = self.inflight[unit]
-        ev.wait()
-        ev, slot, err = self.inflight[unit]
-        if err is not None:
-            del self.inflight[unit]
-            if slot is not None:
-                self.free_slots.put(slot)
-            raise err
-        return self.slots[slot]
-
-    def free(self, unit: int) -> None:
-        item = self.inflight.pop(unit, None)
-        if item is not None and item[1] is not None:
-            self.free_slots.put(item[1])
-
-    def _run(self) -> None:
-        while True:
-            unit = self.todo.get()
-            slot = self.free_slots.get()
-            item = self.inflight[unit]
-            item[1] = slot
-            try:
-                offset, length = self.ranges[unit]
-                self.bytes_read += self.readers[unit].read_into(
-                    self.slots[slot], offset, length, streams=READ_STREAMS
-                )
-            except Exception as e:  # handed to the compute thread by wait()
-                item[2] = e
-            item[0].set()
+    cache: KVCache
+    step: AttentionStep
+    rows: list[slice]  # micro-batches
+    hs: list[torch.Tensor]  # hidden states per micro-batch
+    ctxs: list[Any]
+    steps: list[AttentionStep]
+    on_disk: set[int]  # micro-batches whose activations live in the file ``act``
+    act: torch.Tensor | None
+    normed: list[torch.Tensor | None]
+    logits: list[torch.Tensor | None]
+    last_only: bool
+    mapped_kv: set[int]  # layers whose cache is a map of a file (compressed cache on disk)
+    streamed: dict[tuple[int, int], tuple]  # (layer, micro-batch) -> direct I/O of its cache
+    cpu_steps: list[AttentionStep]  # CUDA: the steps with their masks in host memory
+    copied: dict[int, Any] = field(default_factory=dict)  # unit -> CUDA event after its copies
 
 
 class OffloadRunner:
@@ -129,6 +94,7 @@ class OffloadRunner:
         offload_dir: Path | None,
         kv_budget: int | None = None,
         compress: Compression | None = None,
+        cpu_cache_compute: bool = False,
     ) -> None:
         self.config, self.parts, self.policy = config, parts, policy
         self.compress = compress
@@ -169,7 +135,18 @@ class OffloadRunner:
         self.loader = self._disk(ckpt, source)
         self.block_size = policy.block_size
         self.act_files: dict[tuple[int, ...], torch.Tensor] = {}
-        self._caches = 0
+        self.kv = KVTiers(config, self.layers, policy, device, dtype, offload_dir, kv_budget,
+                          self.cache_quant)  # fmt: skip
+        self.kv_stream = KVStream(pin=self.cuda)
+        self.cpu_cache_compute = cpu_cache_compute
+        self.wstream: WeightStream | None = None
+        if self.cuda:  # side streams: weights double-buffered, KV rows through a device ring
+            self.wstream = WeightStream(device, self.scratch)
+            self.dev_kv = DeviceKV(device, torch.cuda.Stream(device))
+        # where a pass spends its time: blocked on weight reads, converting weights to the
+        # compute dtype, blocked on KV cache reads, and in total
+        self.times = dict.fromkeys(("weights_wait_s", "materialize_s", "kv_wait_s", "forward_s"),
+                                   0.0)  # fmt: skip
 
     # ---- placement -------------------------------------------------------------------------
     def _int8(self, e: Entry) -> bool:
@@ -260,7 +237,7 @@ class OffloadRunner:
             out.append(_Placed(e, a, b, dev, cpu, scratch, pscratch, owner, attr))
         return out
 
-    def _disk(self, ckpt: Any, source: Path) -> _Loader | None:
+    def _disk(self, ckpt: Any, source: Path) -> Loader | None:
         first_rows = [{p.entry.param: p.b for p in ps} for ps in self.placed]
         ranges = {j: disk_range(u, first_rows[j]) for j, u in enumerate(self.units)}
         ranges = {j: r for j, r in ranges.items() if r[1] > 0}
@@ -276,51 +253,20 @@ class OffloadRunner:
         readers = {j: DirectReader(directory / f"{self.units[j].name}.bin") for j in ranges}
         size = max(r[1] for r in ranges.values()) + ALIGN
         slots = [host_buffer(size, pin=self.cuda) for _ in range(2)]
-        return _Loader(readers, ranges, slots)
+        return Loader(readers, ranges, slots)
 
     # ---- KV cache and activations ----------------------------------------------------------
     def new_cache(self, batch: int, capacity: int) -> KVCache:
-        """The cache of held layers in their tiers: the first layers on the device, then host
-        RAM, then files in the offload dir (mapped: the kernel pages them)."""
-        c = self.config
-        shape = (batch, c.num_key_value_heads, capacity, c.head_dim)
-        itemsize = self.dtype.itemsize
-        if self.cache_quant is not None:
-            itemsize = QuantKV.nbytes_per_value(self.cache_quant, c.head_dim)
-        per_layer = int(2 * itemsize * batch * capacity * c.num_key_value_heads * c.head_dim)
-        n = len(self.layers)
-        if self.kv_budget is not None:
-            in_ram = min(n, self.kv_budget // max(1, per_layer))
-        else:
-            in_ram = round(n * (self.policy.cache_device + self.policy.cache_cpu) / 100)
-        if in_ram < n and self.offload_dir is None:
-            raise LayercakeError("the policy puts KV cache on disk: give an offload dir")
-        if in_ram < n and self.cuda:
-            raise LayercakeError("a KV cache off the GPU is not supported on CUDA yet")
-        keys, values = {}, {}
-        self._caches += 1
-        if self.cache_quant is not None:
-            pos = {i: k for k, i in enumerate(self.layers)}
+        """The cache of held layers in their tiers (see ``KVTiers.new_cache``)."""
+        return self.kv.new_cache(batch, capacity)
 
-            def new(i: int, part: str, s: tuple[int, ...], dt: torch.dtype) -> torch.Tensor:
-                if pos[i] < in_ram:
-                    return torch.zeros(s, dtype=dt, device=self.device)
-                return file_tensor(self.offload_dir / "kv" / f"{self._caches}-{part}{i}", s, dt)
+    @property
+    def kv_on_disk(self) -> int:  # layers of the latest cache on disk
+        return self.kv.on_disk
 
-            keys, values = quantized_layers(
-                self.layers, shape, self.cache_quant, self.dtype, self.device, new
-            )
-        for pos, i in enumerate(self.layers if self.cache_quant is None else ()):
-            if pos < in_ram:
-                keys[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                values[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            else:
-                d = self.offload_dir / "kv"
-                keys[i] = file_tensor(d / f"{self._caches}-k{i}", shape, self.dtype)
-                values[i] = file_tensor(d / f"{self._caches}-v{i}", shape, self.dtype)
-        valid = torch.zeros(batch, capacity, dtype=torch.bool, device=self.device)
-        self.kv_on_disk = n - in_ram
-        return KVCache(keys, values, valid, 0, getattr(c, "sliding_window", None))
+    @property
+    def kv_files(self) -> list[dict[int, tuple[DiskKV, DiskKV]]]:
+        return self.kv.files
 
     def _act_buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
         if shape not in self.act_files:
@@ -446,63 +392,152 @@ class OffloadRunner:
         if token_mask is None:
             token_mask = torch.ones(B, T, dtype=torch.bool)
         step = cache.begin(token_mask.to(self.device))
-        bs = self.policy.batch_size
+        bs = self.micro_rows(T, cache.capacity)
         rows = [slice(a, min(a + bs, B)) for a in range(0, B, bs)]
         m = self.model
         hs = [m.embed(tokens[r], positions[r]) if self.parts.embed else tokens[r] for r in rows]
-        ctxs = [m.context(positions[r], hs[0].dtype) for r in rows]
-        steps = [AttentionStep(step.start, step.end, step.mask[r]) for r in rows]
         on_disk = self._act_on_disk(len(rows))
-        act = self._act_buffer((B, T, hs[0].shape[-1])) if on_disk else None
-        normed: list[torch.Tensor | None] = [None] * len(rows)
-        logits: list[torch.Tensor | None] = [None] * len(rows)
+        s = _Pass(
+            cache=cache,
+            step=step,
+            rows=rows,
+            hs=hs,
+            ctxs=[m.context(positions[r], hs[0].dtype) for r in rows],
+            steps=[AttentionStep(step.start, step.end, step.mask[r]) for r in rows],
+            on_disk=on_disk,
+            act=self._act_buffer((B, T, hs[0].shape[-1])) if on_disk else None,
+            normed=[None] * len(rows),
+            logits=[None] * len(rows),
+            last_only=last_only,
+            mapped_kv=set(self.layers[len(self.layers) - self.kv.on_disk :]),
+            streamed=self.kv.streamed(cache, rows),
+            cpu_steps=[AttentionStep(step.start, step.end, step.mask[r].cpu()) for r in rows]
+            if self.cuda
+            else [],
+        )
+        t0 = time.perf_counter()
+        try:
+            self._run_ops(s)
+        finally:
+            self.kv_stream.drain()  # this step's new slots are on disk before anyone reads them
+            self.kv_stream.abandon()
+            if self.cuda:  # and those of host RAM layers are back in host memory
+                self.dev_kv.finish()
+        self.times["forward_s"] += time.perf_counter() - t0
+        cache.advance(step)
+        if not self.parts.head:
+            hs = [h.to(self.device) for h in hs]
+            return torch.cat(hs) if len(hs) > 1 else hs[0]
+        return torch.cat(s.logits) if len(s.logits) > 1 else s.logits[0]
+
+    def micro_rows(self, T: int, capacity: int) -> int:
+        """Rows per micro-batch for a pass of T tokens: the policy's batch size, or a multiple
+        of it when T is short. The plan holds two widest-layer intermediates per token of one
+        micro-batch at the full context (batch_size x capacity tokens) and a pass needs about
+        three per token, so a decode step (T = 1) runs the whole block as one micro-batch (a
+        matmul of 128 rows reaches about twice the FLOP rate of four of 32 here) while a prompt
+        keeps the policy's micro-batches."""
+        bs = self.policy.batch_size
+        return bs * max(1, (2 * capacity) // (3 * max(1, T)))
+
+    def _run_ops(self, s: _Pass) -> None:
+        """Interpret the zig-zag schedule for one forward pass."""
+        m, cache, rows = self.model, s.cache, s.rows
         weights: dict[str, torch.Tensor] = {}
-        disk_kv = self.layers[len(self.layers) - getattr(self, "kv_on_disk", 0) :]
-        copied: dict[int, Any] = {}  # unit -> CUDA event after its staging copies
         for op in zigzag(len(self.units), len(rows)):
             u = self.units[op.unit]
+            key = (u.index, op.batch)
             if op.kind == "load":
                 if self.loader is not None:
                     self.loader.submit(op.unit)
             elif op.kind == "wait":
-                staging = self.loader.wait(op.unit) if self.loader is not None else None
-                weights = self._materialize(op.unit, staging)
-                if self.cuda and staging is not None:  # the copies out of it are queued, not done
-                    copied[op.unit] = torch.cuda.Event()
-                    copied[op.unit].record()
+                weights = self._weights(s, op.unit)
             elif op.kind == "free":
-                if op.unit in copied:  # the loader may refill the slot only once they are
-                    copied.pop(op.unit).synchronize()
+                if op.unit in s.copied:  # the loader may refill the slot only once they are
+                    s.copied.pop(op.unit).synchronize()
+                if self.wstream is not None:
+                    self.wstream.release(op.unit)
                 if self.loader is not None:
                     self.loader.free(op.unit)
+            elif u.kind != "layer":
+                if op.kind == "compute":
+                    self._head_slab(s, op.batch, u.index, weights["lm_head.weight"])
             elif op.kind == "load_cache":
-                if u.kind == "layer" and u.index in disk_kv:
-                    r = rows[op.batch]
+                r = rows[op.batch]
+                if key in s.streamed:  # read ahead into the ring
+                    kf, vf, row0 = s.streamed[key]
+                    self.kv_stream.fetch(key, kf, vf, row0, r.stop - r.start, s.step.start)
+                elif self._host_kv(s, u.index):
+                    if not self.cpu_cache_compute:  # copied to the device ring ahead
+                        self.dev_kv.fetch(key, cache.keys[u.index][r], cache.values[u.index][r])
+                elif u.index in s.mapped_kv:
                     for kv in (cache.keys[u.index][r], cache.values[u.index][r]):
                         for t in kv.parts() if isinstance(kv, QuantKV) else (kv,):
                             advise_willneed(t)
+            elif op.kind == "store_cache":
+                if key in s.streamed:  # written back behind
+                    self.kv_stream.store(key, s.step.start, s.step.end)
+                elif self._host_kv(s, u.index) and not self.cpu_cache_compute:
+                    self.dev_kv.store(key)
             elif op.kind == "compute":
-                k, r = op.batch, rows[op.batch]
-                if u.kind == "layer":
-                    block = m.blocks()[str(u.index)]
-                    i = u.index
-                    hs[k] = block(hs[k], ctxs[k], cache.keys[i][r], cache.values[i][r], steps[k])
-                    if act is not None and k in on_disk:
-                        hs[k] = act[r].copy_(hs[k])
+                k, r, i = op.batch, rows[op.batch], u.index
+                step = s.steps[k]
+                if key in s.streamed:
+                    t0 = time.perf_counter()
+                    kc, vc = self.kv_stream.get(key)
+                    self.times["kv_wait_s"] += time.perf_counter() - t0
+                    if self.cuda and not self.cpu_cache_compute:
+                        host = kc, vc
+                        kc, vc = (to_device_rows(t, self.device) for t in host)
+                elif self._host_kv(s, i) and not self.cpu_cache_compute:
+                    kc, vc = self.dev_kv.get(key)
                 else:
-                    if normed[k] is None:
-                        h = hs[k][:, -1:] if last_only else hs[k]
-                        normed[k] = m.head(h)  # final norm (and projection) before the vocab
-                        shape = (*normed[k].shape[:-1], self.vocab_size)
-                        logits[k] = torch.empty(shape, dtype=torch.float32, device=self.device)
-                    w = weights["lm_head.weight"]
-                    packed = isinstance(w, (PackedInt4, PackedInt8))
-                    y = w.linear(normed[k]) if packed else F.linear(normed[k], w)
-                    logits[k][..., u.index : u.index + w.shape[0]] = y
-        cache.advance(step)
-        if not self.parts.head:
-            return torch.cat(hs) if len(hs) > 1 else hs[0]
-        return torch.cat(logits) if len(logits) > 1 else logits[0]
+                    kc, vc = cache.keys[i][r], cache.values[i][r]
+                if self.cuda and isinstance(kc, torch.Tensor) and kc.device.type == "cpu":
+                    step = s.cpu_steps[k]  # attention where the cache is (host RAM)
+                h = s.hs[k].to(self.device)  # activations placed in host RAM or on disk come in
+                s.hs[k] = m.blocks()[str(i)](h, s.ctxs[k], kc, vc, step)
+                if key in s.streamed and self.cuda and not self.cpu_cache_compute:
+                    for dev, ring in zip((kc, vc), host):  # back before the ring goes to disk
+                        to_host_rows(dev, ring)
+                if s.act is not None and k in s.on_disk:
+                    s.hs[k] = s.act[r].copy_(s.hs[k])
+
+    def _weights(self, s: _Pass, unit: int) -> dict[str, torch.Tensor]:
+        """Unit's weights ready for its computes (CUDA: materialized on the side stream into the
+        scratch buffer the previous unit does not use, the compute stream waiting for it)."""
+        t0 = time.perf_counter()
+        staging = self.loader.wait(unit) if self.loader is not None else None
+        t1 = time.perf_counter()
+        if self.wstream is None:
+            weights = self._materialize(unit, staging)
+        else:
+            with torch.cuda.stream(self.wstream.stream):
+                self.scratch = self.wstream.begin(unit)
+                weights = self._materialize(unit, staging)
+            ready = self.wstream.ready()
+            if staging is not None:  # the copies out of it are queued, not done
+                s.copied[unit] = ready
+        self.times["weights_wait_s"] += t1 - t0
+        self.times["materialize_s"] += time.perf_counter() - t1
+        return weights
+
+    def _host_kv(self, s: _Pass, layer: int) -> bool:
+        """CUDA: the layer's cache is a host tensor (pinned RAM) rather than on the GPU."""
+        t = s.cache.keys[layer]
+        return self.cuda and isinstance(t, torch.Tensor) and t.device.type == "cpu"
+
+    def _head_slab(self, s: _Pass, k: int, col: int, w: torch.Tensor) -> None:
+        """Micro-batch k's logits for vocabulary columns [col, col + slab rows)."""
+        if s.normed[k] is None:
+            h = s.hs[k][:, -1:] if s.last_only else s.hs[k]
+            h = h.to(self.device)
+            s.normed[k] = self.model.head(h)  # final norm (and projection) before the vocab
+            shape = (*s.normed[k].shape[:-1], self.vocab_size)
+            s.logits[k] = torch.empty(shape, dtype=torch.float32, device=self.device)
+        packed = isinstance(w, (PackedInt4, PackedInt8))
+        y = w.linear(s.normed[k]) if packed else F.linear(s.normed[k], w)
+        s.logits[k][..., col : col + w.shape[0]] = y
 
     def _act_on_disk(self, num_batches: int) -> set[int]:
         keep = round(num_batches * (self.policy.act_device + self.policy.act_cpu) / 100)

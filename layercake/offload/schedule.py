@@ -4,7 +4,8 @@ One forward pass of a block of ``num_batches`` micro-batches through ``num_units
 then slabs of the output head): each unit's weights are loaded once and serve every micro-batch
 before the next unit (FlexGen's zig-zag order along the layer axis). Loads are issued ``lookahead``
 units ahead, wrapping to the next forward pass, so a disk read overlaps the compute before it; a
-micro-batch's KV cache is fetched while the previous micro-batch computes, and written back after.
+micro-batch's KV cache is fetched while the previous micro-batch computes (the next unit's first
+micro-batch during this unit's last one), and written back after.
 """
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ def zigzag(num_units: int, num_batches: int, lookahead: int = 1) -> Iterator[Op]
         yield Op("load", j % num_units)
     for j in range(num_units):
         yield Op("wait", j)
-        yield Op("load_cache", j, 0)
+        if j == 0:
+            yield Op("load_cache", j, 0)
         for k in range(num_batches):
             if k + 1 < num_batches:
                 yield Op("load_cache", j, k + 1)
+            elif j + 1 < num_units:  # the next unit's first micro-batch: read during this one
+                yield Op("load_cache", j + 1, 0)
             yield Op("compute", j, k)
             yield Op("store_cache", j, k)
         yield Op("free", j)

@@ -1,0 +1,70 @@
+"""Background reads of units' disk rows into a ring of staging buffers (one thread; each read
+split into concurrent direct reads)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any
+
+import torch
+
+from layercake.offload.tiers import DirectReader
+
+READ_STREAMS = 4  # concurrent direct reads per unit (see DirectReader.read_into)
+
+
+class Loader:
+    """Background reads of units' disk rows into a ring of staging buffers."""
+
+    def __init__(self, readers: dict[int, DirectReader], ranges: dict[int, tuple[int, int]],
+                 slots: list[torch.Tensor]) -> None:  # fmt: skip
+        self.readers, self.ranges = readers, ranges
+        self.free_slots: queue.Queue[int] = queue.Queue()
+        for i in range(len(slots)):
+            self.free_slots.put(i)
+        self.slots = slots
+        self.todo: queue.Queue[int] = queue.Queue()
+        self.inflight: dict[int, list[Any]] = {}  # unit -> [event, slot, error]
+        self.bytes_read = 0
+        threading.Thread(target=self._run, daemon=True, name="layercake-loader").start()
+
+    def submit(self, unit: int) -> None:
+        if unit in self.inflight or unit not in self.ranges:
+            return
+        self.inflight[unit] = [threading.Event(), None, None]
+        self.todo.put(unit)
+
+    def wait(self, unit: int) -> torch.Tensor | None:
+        if unit not in self.ranges:
+            return None
+        self.submit(unit)
+        ev, slot, err = self.inflight[unit]
+        ev.wait()
+        ev, slot, err = self.inflight[unit]
+        if err is not None:
+            del self.inflight[unit]
+            if slot is not None:
+                self.free_slots.put(slot)
+            raise err
+        return self.slots[slot]
+
+    def free(self, unit: int) -> None:
+        item = self.inflight.pop(unit, None)
+        if item is not None and item[1] is not None:
+            self.free_slots.put(item[1])
+
+    def _run(self) -> None:
+        while True:
+            unit = self.todo.get()
+            slot = self.free_slots.get()
+            item = self.inflight[unit]
+            item[1] = slot
+            try:
+                offset, length = self.ranges[unit]
+                self.bytes_read += self.readers[unit].read_into(
+                    self.slots[slot], offset, length, streams=READ_STREAMS
+                )
+            except Exception as e:  # handed to the compute thread by wait()
+                item[2] = e
+            item[0].set()
