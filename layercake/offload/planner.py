@@ -71,6 +71,12 @@ class Plan:
     def total_memory(self) -> int:
         return sum(self.memory.values())
 
+    @property
+    def weight_form(self) -> str | None:
+        """``int4-g64`` and the like when weights are compressed, else None."""
+        c = self.compress
+        return str(c.weight) if c is not None and c.weight is not None else None
+
     def flags(self) -> str:
         """The engine flags that reproduce this plan (besides the budgets and dirs)."""
         p = self.policy
@@ -89,8 +95,7 @@ class Plan:
             "batch_size": p.batch_size,
             "num_batches": p.num_batches,
             "block": p.block_size,
-            "compress_weight": str(self.compress.weight) if self.compress and
-                               self.compress.weight else None,  # fmt: skip
+            "compress_weight": self.weight_form,
             "resident": self.resident,
             "prompt_len": self.workload.prompt_len,
             "gen_len": self.workload.gen_len,
@@ -311,7 +316,8 @@ def describe(plan: Plan) -> str:
         f"{plan.workload.prompt_len}, {plan.workload.gen_len} new tokens): prefill "
         f"{plan.prefill_s:.2f} s, decode {plan.decode_step_s:.3f} s/step, "
         f"{plan.disk_bytes_per_step / gb:.2f} GB read per step",
-        "memory: " + ", ".join(f"{k} {v / gb:.3f}" for k, v in plan.memory.items() if v)
+        "memory: "
+        + ", ".join(f"{k} {v / gb:.3f}" for k, v in plan.memory.items() if v)
         + f" = {plan.total_memory / gb:.3f} GB"
         + (f" of {plan.budget / gb:.3f} GB" if plan.budget else ""),
     ]
