@@ -63,7 +63,7 @@ def direct_read_gbps(files: list[Path], passes: int = 2, drop_caches: bool = Fal
     return best / 1e9
 
 
-def disk_gbps(directory: Path, nbytes: int = PROBE_BYTES) -> float:
+def disk_gbps(directory: Path, nbytes: int | None = None) -> float:
     """Direct-read GB/s of the file system holding ``directory`` (a probe file written, fsynced,
     dropped from the page cache, read twice, removed)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ def disk_gbps(directory: Path, nbytes: int = PROBE_BYTES) -> float:
     try:
         block = torch.randint(0, 256, (CHUNK_BYTES,), dtype=torch.uint8).numpy().tobytes()
         with open(probe, "wb") as f:
-            for _ in range(max(1, nbytes // CHUNK_BYTES)):
+            for _ in range(max(1, (nbytes or PROBE_BYTES) // CHUNK_BYTES)):
                 f.write(block)
             f.flush()
             os.fsync(f.fileno())

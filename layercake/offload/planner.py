@@ -30,6 +30,7 @@ from layercake.offload.calibrate import UnitTimes
 from layercake.offload.measure import Machine
 from layercake.offload.policy import Footprint, Policy, plan_policy, split_bytes
 from layercake.offload.store import Unit
+from layercake.offload.tiers import ALIGN
 from layercake.quant import Compression
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -175,11 +176,17 @@ def memory_bytes(fp: Footprint, policy: Policy, cuda: bool, static: int, base: i
         out.update(kv_cache=kv, activations=fp.activations)
         return out
     out["weights"] = cpu + (0 if cuda else int(dev * fp.compute_ratio))
-    out["staging"] = math.ceil(2 * U * disk / W) if disk else 0
+    # two slots of a unit's disk rows, each with its tensors' 4 KiB alignment
+    out["staging"] = 2 * (math.ceil(U * disk / W) + fp_align(fp)) if disk else 0
     if not cuda:
         out["scratch"] = fp.scratch or int(U * fp.compute_ratio)
         out.update(kv_cache=kv, activations=fp.activations)
     return out
+
+
+def fp_align(fp: Footprint) -> int:
+    """Alignment slack of one staging slot: every tensor of a unit starts 4 KiB-aligned."""
+    return (getattr(fp, "max_entries", 16) + 2) * ALIGN
 
 
 def search(
@@ -197,7 +204,8 @@ def search(
     """The fastest candidate that fits; ``batch_size`` / ``num_batches`` fix those when given.
     ``base``: host bytes already held (this process) plus the safety margin."""
     found: list[Plan] = []
-    smallest: LayercakeError | None = None
+    smallest: tuple[int, LayercakeError] | None = None  # the error of the smallest block
+    needs_disk = False
     for m in models:
         for bs in (batch_size,) if batch_size else BATCH_SIZES:
             for nb in (num_batches,) if num_batches else NUM_BATCHES:
@@ -209,14 +217,27 @@ def search(
                         plan = _candidate(m, fp, machine, workload, cpu_budget, device_budget,
                                           cuda, base, share, bs, nb)  # fmt: skip
                     except LayercakeError as e:
-                        smallest = smallest if (smallest or bs * nb > 1) else e
+                        if smallest is None or bs * nb < smallest[0]:
+                            smallest = (bs * nb, e)
                         continue
-                    if plan is not None and (offload_dir is not None or not plan.disk_bytes):
+                    if plan is not None and offload_dir is None and plan.disk_bytes_per_step:
+                        needs_disk = True
+                    elif plan is not None:
                         found.append(plan)
-    if not found:
-        raise smallest or LayercakeError(
-            "no placement fits: the weights need the disk tier, give --offload-dir"
+    if not found and needs_disk:
+        raise LayercakeError("the weights do not fit the budget: give --offload-dir for the rest")
+    if not found and cpu_budget is not None and not cuda:
+        m = models[0]
+        fp = m.footprint(1, 1, workload.context)
+        least = base + m.static_bytes + fp.activations + (fp.scratch or fp.max_unit * 2)
+        least += fp.kv + 2 * (fp.max_unit + fp_align(fp)) + 4096
+        raise LayercakeError(
+            f"--cpu-memory {cpu_budget / 1e9:.3f} GB is too small: streaming one layer at a "
+            f"time, batch 1, {workload.context} tokens needs at least {least / 1e9:.3f} GB "
+            f"(this process and safety margin {base / 1e9:.3f} GB included)"
         )
+    if not found:
+        raise smallest[1] if smallest else LayercakeError("no placement fits the budgets")
     found.sort(key=lambda p: (-round(p.throughput, 3), p.total_memory))
     best = found[0]
     alts = [_summary(p) for p in found[1:6]]
@@ -234,6 +255,8 @@ def _candidate(m: Model, fp: Footprint, machine: Machine, w: Workload, cpu_budge
     """The budget placement (``plan_policy``) for this batch with ``share`` of the KV cache in
     RAM; None when it does not fit or repeats another."""
     host = None if cpu_budget is None else cpu_budget - base - m.static_bytes
+    if host is not None:  # the staging slots' alignment, and rounding, stay free
+        host -= 2 * fp_align(fp) + 4096
     fp_s = replace(fp, kv=int(fp.kv * share))
     policy = plan_policy(fp_s, host, device_budget, cuda, bs, nb)
     resident = policy.w_device == 100 and policy.cache_device == 100 and not cuda
