@@ -158,7 +158,7 @@ def _bytes(s: str) -> int:
 
 def worker(a: argparse.Namespace) -> None:
     torch.set_num_threads(a.threads)
-    path = model_path("llama1b")
+    path = model_path(a.model)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     ids = prompts(max(a.batch, 1), a.prompt_len, vocab)[: a.batch]
     fn = run_layercake if a.engine == "layercake" else run_accelerate
@@ -185,7 +185,7 @@ def run_case(a: argparse.Namespace, engine: str, batch: int, cap: str | None) ->
     cmd = [sys.executable, __file__, "--worker", "--engine", engine, "--batch", str(batch)]
     cmd += ["--prompt-len", str(a.prompt_len), "--gen-len", str(a.gen_len)]
     cmd += ["--threads", str(a.threads), "--offload-dir", str(a.offload_dir)]
-    cmd += ["--accelerate-fraction", str(a.accelerate_fraction)]
+    cmd += ["--accelerate-fraction", str(a.accelerate_fraction), "--model", a.model]
     if a.micro_batch:
         cmd += ["--micro-batch", str(a.micro_batch)]
     if a.in_memory:
@@ -218,6 +218,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--engine", default="layercake")
+    ap.add_argument("--model", default="llama1b", help="llama1b (default) or a model path")
     ap.add_argument("--engines", nargs="+", default=["layercake", "accelerate"])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--batches", nargs="+", type=int, default=[8, 32, 128])
@@ -250,7 +251,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker:
         return worker(a)
-    model_path("llama1b")  # written once to the cache
+    model_path(a.model)  # written once to the cache
     # prepare the disk layout once (reused by every run), timed on its own
     t0 = time.perf_counter()
     prep = None

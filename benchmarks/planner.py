@@ -70,6 +70,7 @@ def predict(models, machine, w, r: dict, base: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="llama1b", help="llama1b (default) or a model path")
     ap.add_argument("--cap", default="1600M")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--gen-len", type=int, default=32)
@@ -90,7 +91,7 @@ def main() -> None:
     from layercake.offload.policy import parse_bytes
     from layercake.quant import compression
 
-    path = model_path("llama1b")
+    path = model_path(a.model)
     t0 = time.perf_counter()
     layouts = [False] + ([True] if a.allow_compression or any(CASES[c][3] for c in a.cases) else [])
     for int4 in layouts:  # the disk layouts, written once (or found), outside the cap

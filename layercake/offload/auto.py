@@ -102,16 +102,18 @@ def auto_runner(
     workload: Workload, compress: list[Compression | None],
 ) -> Any:  # fmt: skip
     """The runner of the plan ``auto_plan`` picks (its ``plan`` attribute holds the plan)."""
-    from layercake.offload import offload_runner
+    from layercake.offload import offload_runner, resident_runner
 
     plan = auto_plan(ckpt, config, parts, device, dtype, cpu_memory, device_memory,
                      offload_dir, workload, compress, batch_size, num_batches)  # fmt: skip
     p = plan.policy
-    runner = offload_runner(
-        ckpt, config, source, parts, device, dtype, None if plan.resident else p.percent,
-        cpu_memory, device_memory, offload_dir, p.batch_size, p.num_batches,
-        workload.context, plan.compress,
-    )  # fmt: skip
+    if plan.resident:  # planned to fit: not planned again by other accounting
+        runner = resident_runner(ckpt, config, parts, device, dtype, p, plan.compress)
+    else:
+        runner = offload_runner(
+            ckpt, config, source, parts, device, dtype, p.percent, cpu_memory, device_memory,
+            offload_dir, p.batch_size, p.num_batches, workload.context, plan.compress,
+        )  # fmt: skip
     runner.plan = plan
     return runner
 
