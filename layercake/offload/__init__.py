@@ -97,15 +97,7 @@ def footprint(
     weights are held compressed in every tier, the device's included (ratio 1); each unit is
     dequantized into a compute-dtype scratch."""
     block = batch_size * num_batches
-    from layercake.models import family
-    from layercake.offload.store import plan_units
-
-    fam = family(config.model_type)
-    with torch.device("meta"):
-        model = fam.Model(config, parts)
-    units = plan_units(ckpt, model, parts.layers, parts.head, fam.Model.tied, dtype, compress)
-    if not units:
-        raise LayercakeError(f"part {parts} has no layers or head to offload")
+    _, units = streamed_units(ckpt, config, parts, dtype, compress)
     weights = sum(u.nbytes for u in units)
     itemsize = units[0].entries[0].torch_dtype.itemsize
     scratch = max(sum(e.numel for e in u.entries) for u in units) * dtype.itemsize
@@ -134,6 +126,22 @@ def footprint(
         activations=act,
         kv=kv,
     )
+
+
+def streamed_units(
+    ckpt: Any, config: BaseConfig, parts: Parts, dtype: torch.dtype, compress: Compression | None
+) -> tuple[torch.nn.Module, list]:
+    """The slice's model on the meta device and its streamed units (``store.plan_units``)."""
+    from layercake.models import family
+    from layercake.offload.store import plan_units
+
+    fam = family(config.model_type)
+    with torch.device("meta"):
+        model = fam.Model(config, parts)
+    units = plan_units(ckpt, model, parts.layers, parts.head, fam.Model.tied, dtype, compress)
+    if not units:
+        raise LayercakeError(f"part {parts} has no layers or head to offload")
+    return model, units
 
 
 def process_rss() -> int:

@@ -27,7 +27,7 @@ from layercake.offload.planner import (
     static_bytes,
 )
 from layercake.offload.policy import parse_bytes
-from layercake.offload.store import plan_units, storage_dtype
+from layercake.offload.store import storage_dtype
 from layercake.quant import Compression
 
 
@@ -121,14 +121,10 @@ def auto_runner(
 def _model(ckpt: Any, config: BaseConfig, parts: Parts, device: torch.device,
            dtype: torch.dtype, compress: Compression | None, w: Workload, sizes: list[int],
            remeasure: bool) -> Model:  # fmt: skip
-    from layercake.offload import footprint
+    from layercake.offload import footprint, streamed_units
 
     fam = family(config.model_type)
-    with torch.device("meta"):
-        meta = fam.Model(config, parts)
-    units = plan_units(ckpt, meta, parts.layers, parts.head, fam.Model.tied, dtype, compress)
-    if not units:
-        raise LayercakeError(f"part {parts} has no layers or head to offload")
+    meta, units = streamed_units(ckpt, config, parts, dtype, compress)
     first = next(e for u in units for e in u.entries if len(e.shape) == 2)
     stored = storage_dtype(ckpt, first.src, dtype)
     times = unit_times(ckpt.config_dict(), stored, device, dtype, compress, sizes,
