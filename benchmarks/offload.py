@@ -42,6 +42,7 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
     if a.policy == "auto":  # the planner picks batch, micro-batches, placement (and compression)
         kw = dict(offload_dir=a.offload_dir, cpu_memory=a.cap, policy="auto",
                   max_context=ids.shape[1] + gen, max_sequences=ids.shape[0],
+                  prompt_len=ids.shape[1],
                   allow_compression=a.allow_compression)  # fmt: skip
     elif a.percent:
         kw["percent"] = a.percent

@@ -48,7 +48,7 @@ def case_args(a: argparse.Namespace, bs: int, percent, int4: bool, auto: bool):
     return c
 
 
-def predict(models, machine, w, r: dict, base: int) -> dict:
+def predict(models, machine, w, r: dict, base: int, bs: int, nb: int) -> dict:
     """The cost model's prediction for the policy the worker really ran."""
     from layercake.offload.planner import evaluate
     from layercake.offload.policy import Policy
@@ -56,7 +56,8 @@ def predict(models, machine, w, r: dict, base: int) -> dict:
     int4 = bool(r.get("dequant_ms_per_layer") is not None or "int4" in json.dumps(r.get("plan")))
     m = next((m for m in models if (m.compress is not None) == int4), models[0])
     if "percent" not in r:  # the in-memory runner
-        bs, nb = r["plan"]["batch_size"], r["plan"]["num_batches"]
+        if "plan" in r:
+            bs, nb = r["plan"]["batch_size"], r["plan"]["num_batches"]
         fp = m.footprint(bs, nb, w.context)
         return evaluate(m, fp, machine, w, Policy(100, 0, 100, 0, 100, 0, bs, nb), False, base,
                         resident=True).to_json()  # fmt: skip
@@ -125,7 +126,7 @@ def main() -> None:
             continue
         B = r.get("batch", B)
         total = r["prefill_s"] + r["decode_s"]
-        pred = predict(models, machine, w, r, base)
+        pred = predict(models, machine, w, r, base, bs, nb)
         rec.update(
             policy=r["policy"],
             block=B,

@@ -264,6 +264,7 @@ def load(
     policy: str | None = None,
     allow_compression: bool = False,
     max_sequences: int | None = None,
+    prompt_len: int | None = None,
 ) -> LLM:
     """Load a model: a HF directory (config.json + safetensors) or a .gguf file; ``None`` is the
     embedded SmolLM2-135M-Instruct. ``device`` cpu/cuda/mps; ``dtype`` the compute dtype (fp32
@@ -292,7 +293,8 @@ def load(
     ``policy="auto"`` (with budgets, without ``percent``): the planner measures this machine
     (cached), times the model's layers and picks batch size, micro-batches, placement (and, with
     ``allow_compression``, int4 weights) for the highest predicted throughput within the budgets,
-    for up to ``max_sequences`` sequences of ``max_context`` tokens (half prompt); a given
+    for up to ``max_sequences`` sequences of ``max_context`` tokens, ``prompt_len`` of them
+    prompt (default half); a given
     ``batch_size`` / ``num_batches`` is kept. ``llm.runner.plan`` holds the plan."""
     comp = compression(compress_weight, compress_cache, compress_bits, group_size, gguf_native)
     if policy not in (None, "auto", "budget"):
@@ -326,7 +328,7 @@ def load(
             from layercake.checkpoint.parts import parse_parts
             from layercake.offload.auto import auto_runner, workload_for
 
-            w = workload_for(max_context, max_sequences)
+            w = workload_for(max_context, max_sequences, prompt_len)
             choices = [comp] if comp is not None else [None]
             if allow_compression and comp is None:
                 choices.append(compression(True, False, compress_bits, group_size, gguf_native))

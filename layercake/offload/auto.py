@@ -31,13 +31,19 @@ from layercake.offload.store import storage_dtype
 from layercake.quant import Compression
 
 
-def workload_for(max_context: int | None, max_sequences: int | None) -> Workload:
-    """The workload an engine plans for: ``max_context`` tokens (default 256), half of them
-    prompt, up to ``max_sequences`` (default 64) at once."""
+def workload_for(
+    max_context: int | None, max_sequences: int | None, prompt_len: int | None = None
+) -> Workload:
+    """The workload an engine plans for: ``max_context`` tokens (default 256), ``prompt_len``
+    of them prompt (default half), up to ``max_sequences`` (default 64) at once."""
     context = max_context or 256
-    if context < 2:
-        raise LayercakeError(f"--max-context must be at least 2, got {context}")
-    return Workload(context // 2, context - context // 2, max_sequences or 64)
+    prompt = prompt_len or context // 2
+    if not 1 <= prompt < context:
+        raise LayercakeError(
+            f"planning for prompts of {prompt} tokens in a context of {context}: the context "
+            "must be longer than the prompt (--max-context)"
+        )
+    return Workload(prompt, context - prompt, max_sequences or 64)
 
 
 def auto_plan(

@@ -155,11 +155,12 @@ def _measure(cfg: dict, stored: torch.dtype, device: torch.device, dtype: torch.
 
 def _load_and_step(runner: Any, config: BaseConfig, device: torch.device, dtype: torch.dtype,
                    bs: int, past: int) -> tuple[float, float]:  # fmt: skip
-    """(load, one micro-batch): one forward of one micro-batch and one of two, both decoding
-    ``bs`` rows; the difference is a micro-batch's compute, the rest is the per-step load."""
-    one = _forward_s(runner, config, device, dtype, bs, 1, 1, past, repeats=7)
-    two = _forward_s(runner, config, device, dtype, bs, 2, 1, past, repeats=7)
-    step = max(0.0, two - one)
+    """(load, one micro-batch): one forward of one micro-batch and one of four, all decoding
+    ``bs`` rows; a third of the difference is a micro-batch's compute, the rest of the first
+    the per-step load."""
+    one = _forward_s(runner, config, device, dtype, bs, 1, 1, past, repeats=9)
+    four = _forward_s(runner, config, device, dtype, bs, 4, 1, past, repeats=7)
+    step = max(0.0, (four - one) / 3)
     return max(0.0, one - step), step
 
 

@@ -297,8 +297,12 @@ def _resident(m: Model, policy: Policy, w: Workload) -> tuple[float, float]:
     rows = sum(u.entries[0].shape[0] for u in m.units if u.kind == "head")
     bs, nb = policy.batch_size, policy.num_batches
 
+    # compressed weights stay compressed in memory: every use dequantizes (or unpacks) them
+    load = 0.0 if m.compress is None or m.compress.weight is None else 1.0
+    load *= layers * m.times.layer_load_s + rows * m.times.head_load_s_per_row
+
     def step(table: dict[int, float]) -> float:
-        return nb * (layers * _at(table, bs) + rows * _at(m.times.head_s_per_row, bs))
+        return load + nb * (layers * _at(table, bs) + rows * _at(m.times.head_s_per_row, bs))
 
     return step(m.times.decode_layer_s), step(m.times.prefill_layer_s)
 
