@@ -228,3 +228,17 @@ def test_compression_is_considered_only_when_allowed(bf16_model, tmp_path):
     both = auto_plan(compress=[None, compression(True, group_size=32)], **kw)
     assert both.throughput >= lossless.throughput - 1e-9
     assert replace(both, alternatives=[]).total_memory <= budget
+
+
+def test_cli_generate_policy_auto(tiny_chat_llama, tmp_path, capsys):
+    from layercake.cli import main
+
+    argv = ["generate", "--model", str(tiny_chat_llama), "--prompt", "w1 w2 w3",
+            "--max-new-tokens", "3", "--cpu-memory", "50MB", "--offload-dir", str(tmp_path),
+            "--max-context", "16"]  # fmt: skip
+    assert main(argv + ["--policy", "auto"]) == 0
+    auto = capsys.readouterr().out
+    assert main(argv[:-6]) == 0  # in memory
+    assert capsys.readouterr().out == auto
+    assert main(argv + ["--policy", "auto", "--percent", "0", "0", "100", "0", "100", "0"]) == 2
+    assert "not --percent" in capsys.readouterr().err
