@@ -107,6 +107,7 @@ class Plan:
             "memory": self.memory,
             "budget_bytes": self.budget,
             "disk_bytes_per_step": self.disk_bytes_per_step,
+            "alternatives": self.alternatives,
         }
 
 
@@ -134,7 +135,9 @@ def step_seconds(
     total, read = 0.0, 0
     for u in m.units:
         dev, _, disk = split_bytes(u.nbytes, policy.w_device, policy.w_cpu)
-        ready = 0.0 if dev == u.nbytes else 1.0  # rows all resident in the compute dtype
+        # the load term: on CUDA the copies of the rows off the device, on CPU a pass over the
+        # whole unit (its rows are converted into one scratch) unless all are resident
+        ready = 0.0 if dev == u.nbytes else (1 - dev / u.nbytes if cuda else 1.0)
         if u.kind == "layer":
             compute = ready * m.times.layer_load_s + nb * blk
         else:
