@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -173,7 +174,7 @@ def _load_and_step(runner: Any, config: BaseConfig, device: torch.device, dtype:
 def _forward_s(runner: Any, config: BaseConfig, device: torch.device, dtype: torch.dtype,
                bs: int, nb: int, T: int, past: int, repeats: int) -> float:  # fmt: skip
     """Seconds of one forward of ``nb`` micro-batches of ``bs`` rows, ``T`` new tokens each
-    after ``past`` cached ones (the fastest of ``repeats``)."""
+    after ``past`` cached ones (the median of up to ``repeats``)."""
     B = bs * nb
     runner.policy = replace(runner.policy, batch_size=bs, num_batches=nb)
     cache = runner.new_cache(B, past + T)
@@ -189,4 +190,6 @@ def _forward_s(runner: Any, config: BaseConfig, device: torch.device, dtype: tor
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return min(times[1:] or times)  # the first touches fresh buffers
+    # the median, not the fastest: a run meets this machine's typical moments (it is shared),
+    # not its best; the first sample touches fresh buffers and is left out
+    return statistics.median(times[1:] or times)
