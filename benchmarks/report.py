@@ -66,7 +66,8 @@ def planner_section(rows: list[dict]) -> list[str]:
                    f"{m['matmul_gflops']} GFLOP/s; plan: `{m['plan']['flags']}`.")  # fmt: skip
         out.append("")
     head = ["case", "policy", "block", "measured tok/s", "predicted tok/s", "error",
-            "prefill s (pred)", "decode s/step (pred)", "peak MB (cap)", "planned MB"]  # fmt: skip
+            "prefill s (pred)", "decode s/step (pred)", "peak RSS MiB (cap)",
+            "planned MiB"]  # fmt: skip
     body = [
         [r["case"], r["policy"], r["block"], r["measured_tok_s"], r["predicted_tok_s"],
          f"{100 * r['prediction_error']:+.1f} %",
@@ -125,7 +126,10 @@ def plots(rows: list[dict], folder: Path) -> list[str]:
             kind = ("planned" if r["case"] == "planned" else "all weights on disk"
                     if "all-disk" in r["case"] else "int4 weights" if r["int4"]
                     else "budget placement")  # fmt: skip
-            series[f"{kind} ({r['cap']})"].append((r["block"], r["measured_tok_s"]))
+            nb = r["policy"].rsplit(" x ", 1)[-1] if " x " in r["policy"] else "1"
+            series[f"{kind}, {nb} micro-batch(es) ({r['cap']})"].append(
+                (r["block"], r["measured_tok_s"])
+            )
         elif r.get("bench") == "offload" and r.get("engine") == "layercake" and r.get("cap"):
             if "throughput_tok_s" in r:
                 series[f"offload.py budget ({r['cap']})"].append(
