@@ -126,7 +126,7 @@ def plots(rows: list[dict], folder: Path) -> list[str]:
             kind = ("planned" if r["case"] == "planned" else "all weights on disk"
                     if "all-disk" in r["case"] else "int4 weights" if r["int4"]
                     else "budget placement")  # fmt: skip
-            nb = r["policy"].rsplit(" x ", 1)[-1] if " x " in r["policy"] else "1"
+            nb = r["policy"].rsplit(" x ", 1)[-1].rstrip(")") if " x " in r["policy"] else "1"
             series[f"{kind}, {nb} micro-batch(es) ({r['cap']})"].append(
                 (r["block"], r["measured_tok_s"])
             )
