@@ -40,7 +40,12 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
     t0 = time.perf_counter()
     kw = dict(offload_dir=a.offload_dir, batch_size=min(a.micro_batch or 10**9, ids.shape[0]))
     kw["num_batches"] = max(1, ids.shape[0] // kw["batch_size"])
-    if a.percent:
+    if a.policy == "auto":  # the planner picks batch, micro-batches, placement (and compression)
+        kw = dict(offload_dir=a.offload_dir, cpu_memory=a.cap, policy="auto",
+                  max_context=ids.shape[1] + gen, max_sequences=ids.shape[0],
+                  prompt_len=ids.shape[1],
+                  allow_compression=a.allow_compression)  # fmt: skip
+    elif a.percent:
         kw["percent"] = a.percent
     else:
         kw["cpu_memory"] = cap_bytes(a.cap)  # all of the cap memlimit enforces
@@ -50,13 +55,18 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
     llm = layercake.load(path, **kw)
     load_s = time.perf_counter() - t0
     r = llm.runner
+    plan = getattr(r, "plan", None)
+    if plan is not None:  # as many prompts as the planned block
+        ids = ids[: r.block_size]
+    extra0 = {} if plan is None else {"plan": plan.to_json(), "batch": ids.shape[0]}
     read0 = getattr(r, "bytes_read", 0)
     dq0 = dequant_seconds(r)
     out = llm.generate(ids.tolist(), max_new_tokens=gen, ignore_eos=True)
     s = llm.last_stats
     extra = {}
-    if a.compress_weight:
+    if a.compress_weight or (plan is not None and plan.compress is not None):
         extra = dict(dequant_s=dequant_seconds(r) - dq0, dequant_ms_per_layer=dequant_layer_ms(r))
+    extra.update(extra0)
     if not hasattr(r, "units"):  # everything fit the budget: the in-memory runner
         policy = f"in memory ({getattr(r, 'policy', '')})"
         return dict(load_s=load_s, prefill_s=s.prefill_s, decode_s=s.decode_s,
@@ -73,6 +83,9 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
         disk_bytes_per_step=r.disk_bytes,
         bytes_read=r.bytes_read - read0,
         policy=str(r.policy),
+        percent=list(r.policy.percent),
+        micro_batch=r.policy.batch_size,
+        num_batches=r.policy.num_batches,
         kv_layers_on_disk=getattr(r, "kv_on_disk", 0),
         kv_gb_read=r.kv_stream.bytes_read / 1e9 if hasattr(r, "kv_stream") else 0.0,
         kv_gb_written=r.kv_stream.bytes_written / 1e9 if hasattr(r, "kv_stream") else 0.0,
@@ -152,7 +165,7 @@ def cap_bytes(cap: str) -> int:
 
 def worker(a: argparse.Namespace) -> None:
     torch.set_num_threads(a.threads)
-    path = model_path("llama1b")
+    path = model_path(a.model)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     ids = prompts(max(a.batch, 1), a.prompt_len, vocab)[: a.batch]
     fn = run_layercake if a.engine == "layercake" else run_accelerate
@@ -165,42 +178,21 @@ def worker(a: argparse.Namespace) -> None:
 
 
 def measure_machine(offload_dir: Path, threads: int) -> dict:
-    """Disk bandwidth and fp32 matmul peak, the two rates the bound is made of.
-
-    Disk: direct reads of every prepared unit file (the executor's own reader, with its number of
-    concurrent reads, cold page cache), two passes, the faster one kept.
-    """
-    from layercake.offload.loader import READ_STREAMS
-    from layercake.offload.tiers import DirectReader, host_buffer
+    """Disk bandwidth and fp32 matmul peak, the two rates the bound is made of (the planner's
+    own measurements). Disk: direct reads of every prepared unit file (the executor's reader and
+    number of concurrent reads, cold page cache), two passes, the faster one kept."""
+    from layercake.offload.measure import direct_read_gbps, matmul_gflops
 
     files = sorted(offload_dir.glob("*/layer.*.bin")) + sorted(offload_dir.glob("*/head.*.bin"))
-    buf = host_buffer(max(f.stat().st_size for f in files))
-    disk = 0.0
-    for _ in range(2):
-        subprocess.run(["sync"], check=True)
-        Path("/proc/sys/vm/drop_caches").write_text("1")
-        t0, n = time.perf_counter(), 0
-        for f in files:
-            r = DirectReader(f)
-            n += r.read_into(buf, 0, f.stat().st_size, streams=READ_STREAMS)
-            r.close()
-        disk = max(disk, n / (time.perf_counter() - t0))
-    torch.set_num_threads(threads)
-    x, w = torch.randn(1024, 2048), torch.randn(8192, 2048)
-    best = float("inf")  # the best of several: the peak, not what a busy moment allows
-    for _ in range(8):
-        t0 = time.perf_counter()
-        torch.nn.functional.linear(x, w)
-        best = min(best, time.perf_counter() - t0)
-    flops = 2 * 1024 * 2048 * 8192 / best
-    return {"disk_gbps": round(disk / 1e9, 3), "matmul_gflops": round(flops / 1e9, 1)}
+    disk = direct_read_gbps(files, passes=2, drop_caches=True)
+    return {"disk_gbps": round(disk, 3), "matmul_gflops": round(matmul_gflops(threads), 1)}
 
 
 def run_case(a: argparse.Namespace, engine: str, batch: int, cap: str | None) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", "--engine", engine, "--batch", str(batch)]
     cmd += ["--prompt-len", str(a.prompt_len), "--gen-len", str(a.gen_len)]
     cmd += ["--threads", str(a.threads), "--offload-dir", str(a.offload_dir)]
-    cmd += ["--accelerate-fraction", str(a.accelerate_fraction)]
+    cmd += ["--accelerate-fraction", str(a.accelerate_fraction), "--model", a.model]
     if a.micro_batch:
         cmd += ["--micro-batch", str(a.micro_batch)]
     if a.in_memory:
@@ -209,6 +201,8 @@ def run_case(a: argparse.Namespace, engine: str, batch: int, cap: str | None) ->
         cmd += ["--percent", *map(str, a.percent)]
     if getattr(a, "compress_weight", False):
         cmd += ["--compress-weight", "--compress-bits", str(a.compress_bits)]
+    if getattr(a, "policy", None):
+        cmd += ["--policy", a.policy] + (["--allow-compression"] if a.allow_compression else [])
     if cap:
         cmd = [str(MEMLIMIT), "--drop-caches", cap, *cmd, "--cap", cap]
     t0 = time.perf_counter()
@@ -241,6 +235,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--engine", default="layercake")
+    ap.add_argument("--model", default="llama1b", help="llama1b (default) or a model path")
     ap.add_argument("--engines", nargs="+", default=["layercake", "accelerate"])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--batches", nargs="+", type=int, default=[8, 32, 128])
@@ -280,10 +275,12 @@ def main() -> None:
     )
     ap.add_argument("--compress-weight", action="store_true", help="layercake: int4/int8 weights")
     ap.add_argument("--compress-bits", type=int, default=4)
+    ap.add_argument("--policy", choices=["auto"], help="layercake: the planner picks the policy")
+    ap.add_argument("--allow-compression", action="store_true", help="with --policy auto")
     a = ap.parse_args()
     if a.worker:
         return worker(a)
-    model_path("llama1b")  # written once to the cache
+    model_path(a.model)  # written once to the cache
     # prepare the disk layout once (reused by every run), timed on its own
     t0 = time.perf_counter()
     prep = None

@@ -1,5 +1,5 @@
-"""Command line: ``layercake generate | batch | serve``. Later commands (worker, bench, plan,
-split) join the same parser. A user mistake prints one line and exits 2, never a traceback."""
+"""Command line: ``layercake generate | batch | serve | plan | worker | split``. A user mistake
+prints one line and exits 2, never a traceback."""
 
 from __future__ import annotations
 
@@ -43,6 +43,18 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         "from --offload-dir",
     )
     o.add_argument("--offload-dir", help="directory for the disk tier (a prepared copy per model)")
+    o.add_argument(
+        "--policy",
+        choices=("auto", "budget"),
+        help="with budgets and no --percent: 'auto' plans batch, micro-batches and placement "
+        "from this machine's measured rates (see `layercake plan`); 'budget' (default) fills "
+        "the budgets at the given batch",
+    )
+    o.add_argument(
+        "--allow-compression",
+        action="store_true",
+        help="--policy auto may hold weights as int4 when that is predicted faster (lossy)",
+    )
     o.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 32)")
     o.add_argument(
         "--num-batches", type=int, help="micro-batches each loaded layer serves (default 1)"
@@ -128,7 +140,9 @@ def sampling_kwargs(a: argparse.Namespace) -> dict:
     )
 
 
-def load_from_args(a: argparse.Namespace):
+def load_from_args(a: argparse.Namespace, max_sequences: int | None = None):
+    """The model the engine options describe; ``max_sequences`` bounds the block --policy auto
+    plans (one for generate, the input's lines for batch)."""
     import layercake
 
     return layercake.load(
@@ -152,6 +166,9 @@ def load_from_args(a: argparse.Namespace):
         compress_cache=a.compress_cache,
         compress_bits=a.compress_bits,
         group_size=a.group_size,
+        policy=getattr(a, "policy", None),
+        allow_compression=getattr(a, "allow_compression", False),
+        max_sequences=max_sequences,
     )
 
 
@@ -159,7 +176,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from layercake.sampling import SamplingParams
 
     SamplingParams(**sampling_kwargs(a)).validate()  # a bad flag fails before the model loads
-    llm = load_from_args(a)
+    llm = load_from_args(a, max_sequences=1)
     if a.chat:
         messages = [{"role": "system", "content": a.system}] if a.system else []
         prompt = llm.chat_prompt(messages + [{"role": "user", "content": a.prompt}])
@@ -252,7 +269,9 @@ def cmd_batch(a: argparse.Namespace) -> int:
     out = Path(a.output)
     if not out.parent.is_dir():
         raise LayercakeError(f"output directory {out.parent} does not exist")
-    llm = load_from_args(a)
+    with open(a.input, "rb") as f:
+        lines = sum(1 for line in f if line.strip())
+    llm = load_from_args(a, max_sequences=max(1, lines))
     summary = run_batch(llm, a.input, a.output, engine_slots(llm, a), defaults, a.max_context)
     print(json.dumps(summary))
     return 0
@@ -275,6 +294,54 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(a: argparse.Namespace) -> int:
+    import json
+
+    from layercake.offload.auto import plan_from_args
+
+    plan = plan_from_args(a)
+    if a.json:
+        print(json.dumps(plan.to_json()))
+    else:
+        from layercake.offload.planner import describe
+
+        print(describe(plan))
+    return 0
+
+
+def add_plan_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="pick an offloading policy for memory budgets from this machine's measured rates",
+        description="Measures the machine once (disk reads in --offload-dir, matmul, host-device "
+        "copies; cached in ~/.cache/layercake), times the model's layers, then searches batch "
+        "size, micro-batches, placement and compression with a cost model and prints the "
+        "fastest policy that fits, as engine flags, with its predicted throughput and memory.",
+    )
+    p.add_argument("--model", help="HF model directory or .gguf file (default: embedded model)")
+    p.add_argument("--parts", default="f")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--cpu-memory", help="host RAM budget for the whole process, e.g. 1.6GB")
+    p.add_argument("--device-memory", help="device memory budget (CUDA)")
+    p.add_argument("--offload-dir", help="directory for the disk tier")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default 32)")
+    p.add_argument("--gen-len", type=int, default=32, help="generated tokens (default 32)")
+    p.add_argument("--max-sequences", type=int, default=256,
+                   help="most sequences run at once (default 256)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, help="keep this micro-batch size")
+    p.add_argument("--num-batches", type=int, help="keep this number of micro-batches")
+    p.add_argument("--compress-weight", action="store_true", help="plan with int4/int8 weights")
+    p.add_argument("--allow-compression", action="store_true",
+                   help="also consider int4 weights (lossy)")  # fmt: skip
+    p.add_argument("--compress-bits", type=int)
+    p.add_argument("--group-size", type=int)
+    p.add_argument("--remeasure", action="store_true", help="measure again, ignoring the cache")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    p.set_defaults(func=cmd_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layercake", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -287,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_options(g)
     g.set_defaults(func=cmd_generate)
     add_dist_commands(sub)
+    add_plan_command(sub)
     b = sub.add_parser(
         "batch",
         help="answer a JSONL file of requests into a JSONL file of results (resumable)",

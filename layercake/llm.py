@@ -262,6 +262,10 @@ def load(
     compress_bits: int | None = None,
     group_size: int | None = None,
     gguf_native: bool = True,
+    policy: str | None = None,
+    allow_compression: bool = False,
+    max_sequences: int | None = None,
+    prompt_len: int | None = None,
 ) -> LLM:
     """Load a model: a HF directory (config.json + safetensors) or a .gguf file; ``None`` is the
     embedded SmolLM2-135M-Instruct. ``device`` cpu/cuda/mps; ``dtype`` the compute dtype (fp32
@@ -288,8 +292,19 @@ def load(
     narrower). With ``gguf_native``
     GGUF Q4_0 / Q4_1 / Q8_0 weights keep their own form (group 32) instead of being re-quantized.
     Combines with any part spec, offloading policy and device; not with ``compile`` or (yet)
-    ``topology``."""
+    ``topology``.
+
+    ``policy="auto"`` (with budgets, without ``percent``): the planner measures this machine
+    (cached), times the model's layers and picks batch size, micro-batches, placement (and, with
+    ``allow_compression``, int4 weights) for the highest predicted throughput within the budgets,
+    for up to ``max_sequences`` sequences of ``max_context`` tokens, ``prompt_len`` of them
+    prompt (default half); a given
+    ``batch_size`` / ``num_batches`` is kept. ``llm.runner.plan`` holds the plan."""
     comp = compression(compress_weight, compress_cache, compress_bits, group_size, gguf_native)
+    if policy not in (None, "auto", "budget"):
+        raise LayercakeError(f"unknown policy {policy!r}: use auto or budget")
+    if policy == "auto" and percent is not None:
+        raise LayercakeError("--policy auto plans the placement: give budgets, not --percent")
     if comp is not None and comp.weight is not None and compile:
         raise LayercakeError(
             "--compile does not combine with --compress-weight (compiled layers need plain "
@@ -312,6 +327,19 @@ def load(
             from layercake.dist.pipeline import pipeline_runner
 
             runner = pipeline_runner(topology, ckpt, config, path, dtype, micro_batches)
+            return LLM(runner, tokenizer, config, path)
+        if policy == "auto":
+            from layercake.checkpoint.parts import parse_parts
+            from layercake.offload.auto import auto_runner, workload_for
+
+            w = workload_for(max_context, max_sequences, prompt_len)
+            choices = [comp] if comp is not None else [None]
+            if allow_compression and comp is None:
+                choices.append(compression(True, False, compress_bits, group_size, gguf_native))
+            runner = auto_runner(
+                ckpt, config, path, parse_parts(parts, config.num_hidden_layers), dev, dt,
+                cpu_memory, device_memory, offload_dir, batch_size, num_batches, w, choices,
+            )  # fmt: skip
             return LLM(runner, tokenizer, config, path)
         if percent is not None or device_memory is not None or cpu_memory is not None:
             from layercake.checkpoint.parts import parse_parts

@@ -109,18 +109,7 @@ def footprint(
     dequantized into a compute-dtype scratch, or (``packed``, the int4 CPU kernel's form) has
     its scales transposed and its values gathered from two tiers into a byte scratch."""
     block = batch_size * num_batches
-    from layercake.models import family
-    from layercake.offload.store import plan_units
-
-    fam = family(config.model_type)
-    with torch.device("meta"):
-        model = fam.Model(config, parts)
-    packed = packed and dtype == torch.float32
-    units = plan_units(
-        ckpt, model, parts.layers, parts.head, fam.Model.tied, dtype, compress, packed
-    )
-    if not units:
-        raise LayercakeError(f"part {parts} has no layers or head to offload")
+    units = streamed_units(ckpt, config, parts, dtype, compress, packed)[1]
     weights = sum(u.nbytes for u in units)
     itemsize = units[0].entries[0].torch_dtype.itemsize
     scratch = max(
@@ -151,6 +140,27 @@ def footprint(
         activations=act,
         kv=kv,
     )
+
+
+def streamed_units(
+    ckpt: Any, config: BaseConfig, parts: Parts, dtype: torch.dtype,
+    compress: Compression | None, packed: bool = False,
+) -> tuple[torch.nn.Module, list]:  # fmt: skip
+    """The slice's model on the meta device and its streamed units (``store.plan_units``;
+    ``packed``: CPU compute, int4 weights in the kernel's form)."""
+    from layercake.models import family
+    from layercake.offload.store import plan_units
+
+    fam = family(config.model_type)
+    with torch.device("meta"):
+        model = fam.Model(config, parts)
+    packed = packed and dtype == torch.float32
+    units = plan_units(
+        ckpt, model, parts.layers, parts.head, fam.Model.tied, dtype, compress, packed
+    )
+    if not units:
+        raise LayercakeError(f"part {parts} has no layers or head to offload")
+    return model, units
 
 
 def process_rss() -> int:
