@@ -69,7 +69,8 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
         "hold weights and/or the KV cache as group-wise int4/int8 (asymmetric: a scale and a "
         "zero per group). Combines with every part spec, offloading placement (weights stay "
         "compressed on disk and in RAM and are dequantized just before use) and device; not "
-        "with --compile. --compress-bits and --group-size apply to both and need one of the two",
+        "with --compile (--packed is). --compress-bits and --group-size apply to both and need "
+        "one of the two",
     )
     c.add_argument(
         "--compress-weight",
@@ -85,6 +86,14 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
         type=int,
         help="values per scale/zero, a multiple of 4 dividing every compressed width (default "
         "64; the cache uses head_dim when that is narrower)",
+    )
+    c.add_argument(
+        "--packed",
+        action="store_true",
+        help="fast CPU decoding of 1-8 streams: weights as --compress-weight (int4 kernels; GGUF "
+        "Q4_0/Q4_1 exact, a Q8_0 head as per-row int8), q/k/v and gate/up fused, a lean "
+        "one-token step; with --compile that step is one compiled graph (compiles on first use). "
+        "In-memory llama-family models on the CPU",
     )
 
 
@@ -142,6 +151,7 @@ def load_from_args(a: argparse.Namespace):
         compress_cache=a.compress_cache,
         compress_bits=a.compress_bits,
         group_size=a.group_size,
+        packed=getattr(a, "packed", False),
     )
 
 
