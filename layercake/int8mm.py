@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from layercake.int4mm import Int4Linear
 from layercake.quant import BLOCK_ELEMENTS, QTensor, dequantize
 
