@@ -8,6 +8,7 @@ difference). llama.cpp only reads GGUF files, so it runs on the SmolLM2 GGUF onl
 
   python benchmarks/decode.py                                  # SmolLM2, prompt 32, generate 128
   python benchmarks/decode.py --models llama1b --engines layercake-fp32 layercake-packed
+  python benchmarks/decode.py --profile --engines layercake-packed layercake-packed-compiled
 """
 
 from __future__ import annotations
@@ -75,11 +76,62 @@ def run_llama_cpp(path: Path, ids: torch.Tensor, gen: int, threads: int) -> dict
                 tokens=[toks])  # fmt: skip
 
 
+def profile(path: Path, ids: torch.Tensor, steps: int, **load_kw) -> dict:
+    """Where a packed decode step's time goes, in ms per token: the packed matmuls alone (every
+    layer's and the head's, in step order, on fixed activations), the whole one-token forward,
+    and a token of ``generate`` (the forward plus sampling and detokenizing)."""
+    import layercake
+    from layercake.decode import _mm4
+
+    llm = layercake.load(path, **load_kw)
+    llm.generate(ids[0].tolist(), max_new_tokens=8, ignore_eos=True)  # warm (compiles)
+    r = llm.runner
+    mats = [w for L in r.layers for w in (L.qkv, L.o, L.gate_up, L.down)]
+    xs = [torch.randn(1, w.shape[1]).bfloat16() for w in mats]
+    hx = torch.randn(1, r.hidden)
+
+    def matmuls() -> None:
+        for w, x in zip(mats, xs):
+            _mm4(x, w.data, w.group_size, w.sz)
+        r.head(hx)
+
+    def timed(fn, n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n * 1e3
+
+    timed(matmuls, 3)
+    mm = timed(matmuls, steps)
+    head = timed(lambda: r.head(hx), steps)
+    cache = r.new_cache(1, ids.shape[1] + steps + 1)
+    P = ids.shape[1]
+    r.forward(ids, torch.arange(P)[None], cache, last_only=True)
+    tok, pos = torch.tensor([[7]]), torch.tensor([[P]])
+
+    def step() -> None:
+        r.forward(tok, pos, cache)
+        pos.add_(1)
+
+    fwd = timed(step, steps)
+    llm.generate(ids[0].tolist(), max_new_tokens=steps + 1, ignore_eos=True)
+    gen = llm.last_stats.decode_s / llm.last_stats.decode_steps * 1e3
+    return dict(matmul_ms=round(mm, 3), head_ms=round(head, 3), forward_ms=round(fwd, 3),
+                other_ops_ms=round(fwd - mm, 3), generate_ms=round(gen, 3),
+                loop_ms=round(gen - fwd, 3))  # fmt: skip
+
+
 def worker(a: argparse.Namespace) -> None:
     torch.set_num_threads(a.threads)
     path = model_path(a.model)
     ids = prompt_ids(a.model, path, a.prompt_len)
     kw = ENGINES[a.engine]
+    if a.profile:
+        rec = dict(bench="decode-profile", engine=a.engine, model=a.model, threads=a.threads)
+        rec.update(profile(path, ids, a.gen_len, **kw))
+        print(json.dumps(rec))
+        print(json.dumps({"tokens": [[]]}))
+        return
     if a.engine == "llama.cpp":
         r = run_llama_cpp(path, ids, a.gen_len, a.threads)
     elif kw is None:
@@ -110,7 +162,7 @@ def worker(a: argparse.Namespace) -> None:
 def run_case(a: argparse.Namespace, model: str, engine: str) -> tuple[dict, list] | None:
     cmd = [sys.executable, __file__, "--worker", "--model", model, "--engine", engine,
            "--prompt-len", str(a.prompt_len), "--gen-len", str(a.gen_len),
-           "--threads", str(a.threads)]  # fmt: skip
+           "--threads", str(a.threads)] + ["--profile"] * a.profile  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode or len(lines) < 2:
@@ -128,6 +180,11 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="runs per case; the median is reported")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="packed engines: ms per token in matmuls, other ops of the forward, the loop",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--engine", help=argparse.SUPPRESS)
@@ -147,7 +204,12 @@ def main() -> None:
                 r = run_case(a, m, e)
                 if r is not None:
                     runs[e].append(r)
-        report(runs)
+        if a.profile:
+            for rs in runs.values():
+                for rec, _ in rs:
+                    print(json.dumps(rec), flush=True)
+        else:
+            report(runs)
 
 
 def report(runs: dict[str, list[tuple[dict, list]]]) -> None:

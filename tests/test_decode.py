@@ -135,3 +135,14 @@ def test_compiled_step_gives_the_eager_tokens(packable):
     eager = layercake.load(packable, packed=True).generate(prompts, max_new_tokens=10)
     comp = layercake.load(packable, packed=True, compile=True).generate(prompts, max_new_tokens=10)
     assert [r.token_ids for r in comp] == [r.token_ids for r in eager]
+
+
+def test_cli_packed(packable, capsys):
+    from layercake.cli import main
+
+    assert main(["generate", "--model", str(packable), "--packed", "--prompt", "x",
+                 "--max-new-tokens", "3", "--ignore-eos"]) == 2  # fmt: skip
+    assert "no tokenizer" in capsys.readouterr().err  # the option itself was accepted
+    assert main(["generate", "--model", str(packable), "--packed", "--cpu-memory", "1GB",
+                 "--prompt", "x"]) == 2  # fmt: skip
+    assert "in-memory" in capsys.readouterr().err
