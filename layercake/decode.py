@@ -240,8 +240,12 @@ class DecodeRunner:
         h = self.embed(tokens.view(B))  # (B, D)
         freqs = positions.view(B, 1).float() * self.inv_freq  # (B, hd/2)
         ang = torch.cat((freqs, freqs), dim=-1)  # (B, hd)
-        rope = torch.diag_embed(ang.cos()) + self.rot * ang.sin()[:, None, :]  # (B, hd, hd)
-        if mask is None:  # static shapes: every slot, the unwritten ones masked off
+        compiled = mask is None
+        if compiled:  # elementwise RoPE: the compiler fuses it into its neighbours
+            cos, sin = ang.cos()[:, None], ang.sin()[:, None]  # (B, 1, hd)
+        else:  # one op per layer instead of six
+            rope = torch.diag_embed(ang.cos()) + self.rot * ang.sin()[:, None, :]  # (B, hd, hd)
+        if compiled:  # static shapes: every slot, the unwritten ones masked off
             cap = cache.capacity
             idx = torch.arange(cap)
             mask = (cache.valid & (idx <= slot)) | (idx == slot)  # (B, cap)
@@ -252,7 +256,12 @@ class DecodeRunner:
             qkv = _mm4(x, L.qkv.data, L.qkv.group_size, L.qkv.sz).float()  # (B, nq + 2 nk)
             if L.qkv_bias is not None:
                 qkv = qkv + L.qkv_bias
-            qk = torch.bmm(qkv[:, : nq + nk].view(B, H + KV, hd), rope)  # (B, H + KV, hd)
+            qk = qkv[:, : nq + nk].view(B, H + KV, hd)
+            if compiled:
+                half = hd // 2
+                qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
+            else:
+                qk = torch.bmm(qk, rope)  # (B, H + KV, hd)
             v = qkv[:, nq + nk :].view(B, KV, 1, hd)
             k = qk[:, H:].view(B, KV, 1, hd)
             if isinstance(slot, int):
