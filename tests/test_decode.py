@@ -146,3 +146,29 @@ def test_cli_packed(packable, capsys):
     assert main(["generate", "--model", str(packable), "--packed", "--cpu-memory", "1GB",
                  "--prompt", "x"]) == 2  # fmt: skip
     assert "in-memory" in capsys.readouterr().err
+
+
+def test_continuous_batching_on_the_fast_path(packable, monkeypatch):
+    """The server's engine (admission into free rows, cache shifts, finished rows masked) runs
+    its decode steps through the fast path and gives each request its solo greedy tokens."""
+    from layercake.engine import Engine, Request
+    from layercake.sampling import SamplingParams
+
+    llm = layercake.load(packable, packed=True)
+    prompts = [[5, 6, 7], [9], [11, 12, 13, 14, 15], [20, 21]]
+    lengths = [6, 3, 9, 4]
+    solo = [llm.generate(p, max_new_tokens=n, ignore_eos=True)[0].token_ids
+            for p, n in zip(prompts, lengths)]  # fmt: skip
+    steps = []
+    fast = DecodeRunner._forward
+    monkeypatch.setattr(DecodeRunner, "_forward", lambda *a: steps.append(1) or fast(*a))
+    eng = Engine(llm.runner, [], lambda ids: "", slots=2, capacity=32)
+    reqs = [Request(p, SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True))
+            for p, n in zip(prompts, lengths)]  # fmt: skip
+    for r in reqs:
+        eng.add(r)
+    got = {id(r): [] for r in reqs}
+    for req, ev in eng.run():
+        got[id(req)].append(ev.token_id)
+    assert [got[id(r)] for r in reqs] == solo
+    assert len(steps) >= max(lengths) - 1
