@@ -49,16 +49,25 @@ def linear_params(model: torch.nn.Module) -> int:
     return sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "in_features"))
 
 
-def run_layercake(path: Path, ids: torch.Tensor, gen: int, compile: bool) -> dict:
+def run_layercake(
+    path: Path, ids: torch.Tensor, gen: int, compile: bool, warmup: int = 0, **load_kw
+) -> dict:
+    """``load_kw`` go to ``layercake.load``; ``warmup`` tokens are generated once before the
+    timed run (a compiled step compiles then), their time reported as ``warmup_s``."""
     import layercake
 
     t0 = time.perf_counter()
-    llm = layercake.load(path, compile=compile)
+    llm = layercake.load(path, compile=compile, **load_kw)
     load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if warmup:
+        llm.generate(ids.tolist(), max_new_tokens=warmup, ignore_eos=True)
+    warmup_s = time.perf_counter() - t0
     out = llm.generate(ids.tolist(), max_new_tokens=gen, ignore_eos=True)
     s = llm.last_stats
     return dict(
         load_s=load_s,
+        warmup_s=warmup_s,
         prefill_s=s.prefill_s,
         decode_s=s.decode_s,
         params=sum(linear_params(sl) for sl in llm.runner.slices),

@@ -88,7 +88,8 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
         "dequantize step; bf16 activations), the output head is held int8 per row (int8 "
         "kernel); elsewhere weights are dequantized just before use. Combines with every part "
         "spec, offloading placement (weights stay compressed on disk and in RAM) and device; "
-        "not with --compile or --topology. --compress-bits and --group-size apply to both and "
+        "not with --compile (--packed is) or --topology. --compress-bits and --group-size apply "
+        "to both and "
         "need one of the two",
     )
     c.add_argument(
@@ -106,6 +107,14 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
         help="values per scale/zero, a multiple of 4 dividing every compressed width (default "
         "32: 64 costs +57 %% perplexity on SmolLM2, see README; the cache uses head_dim when "
         "that is narrower)",
+    )
+    c.add_argument(
+        "--packed",
+        action="store_true",
+        help="fast CPU decoding of 1-8 streams: weights as --compress-weight (int4 kernels; GGUF "
+        "Q4_0/Q4_1 exact, a Q8_0 head as per-row int8), q/k/v and gate/up fused, a lean "
+        "one-token step; with --compile that step is one compiled graph (compiles on first use). "
+        "In-memory llama-family models on the CPU",
     )
 
 
@@ -169,6 +178,7 @@ def load_from_args(a: argparse.Namespace, max_sequences: int | None = None):
         policy=getattr(a, "policy", None),
         allow_compression=getattr(a, "allow_compression", False),
         max_sequences=max_sequences,
+        packed=getattr(a, "packed", False),
     )
 
 

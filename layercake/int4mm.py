@@ -25,12 +25,13 @@ a per-row offset times the sum of the activations.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from layercake.quant import BLOCK_ELEMENTS, QTensor, QuantSpec
+from layercake.quant import BLOCK_ELEMENTS, QTensor, QuantSpec, dequantize
 
 BLOCK_N = 64
 GROUPS = (32, 64, 128, 256)  # the group sizes the kernel takes
@@ -134,14 +135,21 @@ class PackedInt4:
         return cls(data.view(out, -1), sz_for_kernel(sz), spec.group_size)
 
 
+@functools.cache
+def _ones(rows: int) -> torch.Tensor:
+    return torch.ones(rows, dtype=SZ_DTYPE)
+
+
 @dataclass
 class PackedInt8:
-    """A weight (out, in) as int8 ``data`` with a bf16 ``scale`` and an fp32 ``offset`` per
-    row: ``W = scale * data + offset``."""
+    """A weight (out, in) as int8 ``data`` with an fp32 ``scale`` and (asymmetric) an fp32
+    ``offset`` per row: ``W = scale * data + offset``. The kernel runs with unit scales (bf16
+    activations; fp32 ones take a path 10-20x slower) and the fp32 scales are applied to its
+    result, so they are not rounded to bf16."""
 
     data: torch.Tensor
     scale: torch.Tensor
-    offset: torch.Tensor
+    offset: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -150,8 +158,9 @@ class PackedInt8:
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         N, K = self.shape
         x2 = x.reshape(-1, K)
-        y = _mm8(x2.to(SZ_DTYPE), self.data, self.scale).to(x.dtype)
-        y.addmm_(x2.sum(-1, keepdim=True), self.offset.view(1, N))
+        y = _mm8(x2.to(SZ_DTYPE), self.data, _ones(N)).float().mul_(self.scale)
+        if self.offset is not None:
+            y.addmm_(x2.sum(-1, keepdim=True), self.offset.view(1, N))
         if bias is not None:
             y += bias
         return y.view(*x.shape[:-1], N)
@@ -160,10 +169,10 @@ class PackedInt8:
     def empty(cls, rows: int, width: int, out: torch.Tensor | None = None) -> PackedInt8:
         """Uninitialized, in ``out`` (uint8, at least ``nbytes8`` bytes, 4-aligned) or new."""
         out = torch.empty(nbytes8(rows, width), dtype=torch.uint8) if out is None else out
-        a = nbytes8(rows, width) - 4 * rows
+        a = (rows * width + 3) // 4 * 4
         data = out[: rows * width].view(rows, width).view(torch.int8)
-        scale = out[rows * width : rows * width + 2 * rows].view(SZ_DTYPE)
-        return cls(data, scale, out[a : a + 4 * rows].view(torch.float32))
+        scale = out[a : a + 4 * rows].view(torch.float32)
+        return cls(data, scale, out[a + 4 * rows : a + 8 * rows].view(torch.float32))
 
     def fill(self, r0: int, rows: torch.Tensor) -> None:
         """Rows [r0, r0 + n) from the row layout of int8 with one group per row (uint8 values,
@@ -184,10 +193,46 @@ class PackedInt8:
         p.fill(0, rows)
         return p
 
+    @classmethod
+    def from_float(cls, w: torch.Tensor) -> PackedInt8:
+        """Symmetric per-row int8 of a float weight (out, in), ``scale = max |w| / 127``, in
+        row blocks."""
+        N, K = w.shape
+        p = cls(torch.empty(N, K, dtype=torch.int8), torch.empty(N))
+        step = max(1, BLOCK_ELEMENTS // K)
+        for r in range(0, N, step):
+            p._symmetric(r, w[r : r + step].float())
+        return p
+
+    @classmethod
+    def from_quantized(cls, q: QTensor) -> PackedInt8:
+        """Symmetric per-row int8 of a group-quantized 2-D weight (e.g. GGUF Q8_0 rows: an
+        extra rounding of at most half a step of the row's scale), dequantized block by block
+        through one small fp32 buffer."""
+        N, K = q.shape
+        p = cls(torch.empty(N, K, dtype=torch.int8), torch.empty(N))
+        step = max(1, BLOCK_ELEMENTS // 16 // K)
+        buf = torch.empty(min(N, step), K)
+        for r in range(0, N, step):
+            n = min(step, N - r)
+            part = QTensor(q.data[r : r + n], q.scale[r : r + n], q.zero[r : r + n], q.spec, (n, K))
+            p._symmetric(r, dequantize(part, buf[:n]))
+        return p
+
+    def _symmetric(self, r0: int, w: torch.Tensor) -> None:
+        s = w.abs().amax(1) / 127
+        s = torch.where(s > 0, s, 1.0)
+        self.data[r0 : r0 + len(w)].copy_(torch.round(w / s[:, None]).clamp_(-127, 127))
+        self.scale[r0 : r0 + len(w)].copy_(s)
+
+
+def int8_available() -> bool:
+    return _mm8 is not None
+
 
 def nbytes8(rows: int, width: int) -> int:
     """Bytes of a ``PackedInt8`` of ``rows`` x ``width``: values, scales, offsets (aligned)."""
-    return (rows * width + 2 * rows + 3) // 4 * 4 + 4 * rows
+    return (rows * width + 3) // 4 * 4 + 8 * rows
 
 
 class Int4Linear(nn.Module):

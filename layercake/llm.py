@@ -266,6 +266,7 @@ def load(
     allow_compression: bool = False,
     max_sequences: int | None = None,
     prompt_len: int | None = None,
+    packed: bool = False,
 ) -> LLM:
     """Load a model: a HF directory (config.json + safetensors) or a .gguf file; ``None`` is the
     embedded SmolLM2-135M-Instruct. ``device`` cpu/cuda/mps; ``dtype`` the compute dtype (fp32
@@ -299,13 +300,25 @@ def load(
     ``allow_compression``, int4 weights) for the highest predicted throughput within the budgets,
     for up to ``max_sequences`` sequences of ``max_context`` tokens, ``prompt_len`` of them
     prompt (default half); a given
-    ``batch_size`` / ``num_batches`` is kept. ``llm.runner.plan`` holds the plan."""
+    ``batch_size`` / ``num_batches`` is kept. ``llm.runner.plan`` holds the plan.
+
+    ``packed``: fast CPU decoding for batches of 1-8 (``decode.DecodeRunner``): weights held
+    as with ``compress_weight`` (int4, GGUF Q4_0/Q4_1 kept exactly; an 8-bit head becomes
+    per-row int8), q/k/v and gate/up fused, a lean one-token step; with ``compile`` that step
+    is one compiled graph (the first steps of each batch size compile it: tens of seconds).
+    In-memory models of the llama family on the CPU only."""
+    if packed:
+        if topology is not None or any(v is not None for v in (percent, device_memory, cpu_memory)):
+            raise LayercakeError(
+                "--packed is for in-memory models: not with offloading or --topology"
+            )
+        compress_weight = True
     comp = compression(compress_weight, compress_cache, compress_bits, group_size, gguf_native)
     if policy not in (None, "auto", "budget"):
         raise LayercakeError(f"unknown policy {policy!r}: use auto or budget")
     if policy == "auto" and percent is not None:
         raise LayercakeError("--policy auto plans the placement: give budgets, not --percent")
-    if comp is not None and comp.weight is not None and compile:
+    if comp is not None and comp.weight is not None and compile and not packed:
         raise LayercakeError(
             "--compile does not combine with --compress-weight (compiled layers need plain "
             "weights); use one or the other"
@@ -352,12 +365,16 @@ def load(
             )  # fmt: skip
             return LLM(runner, tokenizer, config, path)
         model_slice = build_slice(ckpt, parts, dev, dt, config, pack=not compile, compress=comp)
-    if compile:
+    if compile and not packed:
         for name, m in model_slice.named_modules():
             if name.endswith(".mlp"):
                 m.compile(dynamic=True)
     cache_quant = comp.cache_spec(config.head_dim) if comp is not None else None
     runner = LocalRunner([model_slice], config, dev, dt, cache_quant)
+    if packed:
+        from layercake.decode import DecodeRunner
+
+        runner = DecodeRunner(runner, compile=compile)
     return LLM(runner, tokenizer, config, path)
 
 

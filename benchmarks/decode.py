@@ -1,0 +1,239 @@
+"""Single-stream decode and prompt speed: layercake fp32, layercake packed (eager and compiled),
+transformers and llama.cpp (llama-cpp-python, when installed) on the same checkpoint, same run.
+
+Each (model, engine) case runs in its own process and prints one JSON line; ``--repeats``
+alternates the engines and reports each one's median-decode run. Greedy tokens are compared with
+layercake fp32's (``same_tokens``: positions equal; ``same_prefix``: equal until the first
+difference). llama.cpp only reads GGUF files, so it runs on the SmolLM2 GGUF only.
+
+  python benchmarks/decode.py                                  # SmolLM2, prompt 32, generate 128
+  python benchmarks/decode.py --models llama1b --engines layercake-fp32 layercake-packed
+  python benchmarks/decode.py --profile --engines layercake-packed layercake-packed-compiled
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from generation import model_path, prompts, run_layercake, run_transformers  # noqa: E402
+
+TEXT = HERE / "data/gettysburg.txt"
+ENGINES = {  # name -> layercake.load options (None: another engine)
+    "layercake-fp32": dict(),
+    "layercake-packed": dict(packed=True),
+    "layercake-packed-compiled": dict(packed=True, compile=True),
+    "transformers": None,
+    "llama.cpp": None,
+}
+
+
+def prompt_ids(model: str, path: Path, length: int) -> torch.Tensor:
+    """Real English for SmolLM2 (the tokens of the shipped text), random ids otherwise."""
+    if model == "smollm2":
+        from layercake.checkpoint import open_checkpoint
+        from layercake.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_gguf(open_checkpoint(path))
+        ids = tok.encode(TEXT.read_text(), add_special_tokens=False)[:length]
+        return torch.tensor([ids])
+    from layercake.checkpoint import open_checkpoint
+
+    return prompts(1, length, open_checkpoint(path).config_dict()["vocab_size"])
+
+
+def run_llama_cpp(path: Path, ids: torch.Tensor, gen: int, threads: int) -> dict:
+    """llama-cpp-python's ``generate``, greedy (temp 0): the first yielded token ends the
+    prompt phase, the other ``gen - 1`` are the decode steps (as layercake counts them)."""
+    from llama_cpp import Llama
+
+    t0 = time.perf_counter()
+    llm = Llama(model_path=str(path), n_ctx=ids.shape[1] + gen + 8, n_threads=threads,
+                n_threads_batch=threads, n_batch=512, verbose=False)  # fmt: skip
+    load_s = time.perf_counter() - t0
+    prompt = ids[0].tolist()
+    llm.eval(prompt[:4])  # warm the kernels once, as layercake's warm-up run does
+    llm.reset()
+    toks, times = [], []
+    t0 = time.perf_counter()
+    for t in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+        times.append(time.perf_counter())
+        toks.append(t)
+        if len(toks) == gen:
+            break
+    return dict(load_s=load_s, prefill_s=times[0] - t0, decode_s=times[-1] - times[0],
+                tokens=[toks])  # fmt: skip
+
+
+def profile(path: Path, ids: torch.Tensor, steps: int, **load_kw) -> dict:
+    """Where a packed decode step's time goes, in ms per token: the packed matmuls alone (every
+    layer's and the head's, in step order, on fixed activations), the whole one-token forward,
+    and a token of ``generate`` (the forward plus sampling and detokenizing)."""
+    import layercake
+    from layercake.decode import _mm4
+
+    llm = layercake.load(path, **load_kw)
+    llm.generate(ids[0].tolist(), max_new_tokens=8, ignore_eos=True)  # warm (compiles)
+    r = llm.runner
+    mats = [w for L in r.layers for w in (L.qkv, L.o, L.gate_up, L.down)]
+    xs = [torch.randn(1, w.shape[1]).bfloat16() for w in mats]
+    hx = torch.randn(1, r.hidden)
+
+    def matmuls() -> None:
+        for w, x in zip(mats, xs):
+            _mm4(x, w.data, w.group_size, w.sz)
+        r.head(hx)
+
+    def timed(fn, n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n * 1e3
+
+    timed(matmuls, 3)
+    mm = timed(matmuls, steps)
+    head = timed(lambda: r.head(hx), steps)
+    cache = r.new_cache(1, ids.shape[1] + steps + 1)
+    P = ids.shape[1]
+    r.forward(ids, torch.arange(P)[None], cache, last_only=True)
+    tok, pos = torch.tensor([[7]]), torch.tensor([[P]])
+
+    def step() -> None:
+        r.forward(tok, pos, cache)
+        pos.add_(1)
+
+    fwd = timed(step, steps)
+    llm.generate(ids[0].tolist(), max_new_tokens=steps + 1, ignore_eos=True)
+    gen = llm.last_stats.decode_s / llm.last_stats.decode_steps * 1e3
+    return dict(matmul_ms=round(mm, 3), head_ms=round(head, 3), forward_ms=round(fwd, 3),
+                other_ops_ms=round(fwd - mm, 3), generate_ms=round(gen, 3),
+                loop_ms=round(gen - fwd, 3))  # fmt: skip
+
+
+def worker(a: argparse.Namespace) -> None:
+    torch.set_num_threads(a.threads)
+    path = model_path(a.model)
+    ids = prompt_ids(a.model, path, a.prompt_len)
+    kw = ENGINES[a.engine]
+    if a.profile:
+        rec = dict(bench="decode-profile", engine=a.engine, model=a.model, threads=a.threads)
+        rec.update(profile(path, ids, a.gen_len, **kw))
+        print(json.dumps(rec))
+        print(json.dumps({"tokens": [[]]}))
+        return
+    if a.engine == "llama.cpp":
+        r = run_llama_cpp(path, ids, a.gen_len, a.threads)
+    elif kw is None:
+        r = run_transformers(path, ids, a.gen_len, False)
+    else:
+        kw = dict(kw)
+        r = run_layercake(path, ids, a.gen_len, kw.pop("compile", False), warmup=8, **kw)
+    rec = dict(
+        bench="decode",
+        engine=a.engine,
+        model=a.model,
+        weights="real" if a.model == "smollm2" else "random",
+        batch=1,
+        prompt_len=a.prompt_len,
+        gen_len=a.gen_len,
+        threads=a.threads,
+        load_s=round(r["load_s"], 3),
+        warmup_s=round(r.get("warmup_s", 0.0), 3),
+        ttft_s=round(r["prefill_s"], 4),
+        prefill_tok_s=round(a.prompt_len / r["prefill_s"], 1),
+        decode_tok_s=round((a.gen_len - 1) / r["decode_s"], 1),
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    )
+    print(json.dumps(rec))
+    print(json.dumps({"tokens": r["tokens"]}))
+
+
+def run_case(a: argparse.Namespace, model: str, engine: str) -> tuple[dict, list] | None:
+    cmd = [sys.executable, __file__, "--worker", "--model", model, "--engine", engine,
+           "--prompt-len", str(a.prompt_len), "--gen-len", str(a.gen_len),
+           "--threads", str(a.threads)] + ["--profile"] * a.profile  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode or len(lines) < 2:
+        err = p.stderr.strip().splitlines()[-1:]
+        print(json.dumps(dict(bench="decode", engine=engine, model=model, error=err)), flush=True)
+        return None
+    return json.loads(lines[0]), json.loads(lines[1])["tokens"][0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["smollm2"])
+    ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--gen-len", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1, help="runs per case; the median is reported")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="packed engines: ms per token in matmuls, other ops of the forward, the loop",
+    )
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--engine", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        return worker(a)
+    for m in a.models:
+        model_path(m)  # write the random checkpoint once, outside the timed processes
+        engines = [e for e in a.engines if e != "llama.cpp" or m == "smollm2"]
+        if "llama.cpp" in engines and importlib.util.find_spec("llama_cpp") is None:
+            print(json.dumps(dict(bench="decode", engine="llama.cpp", model=m,
+                                  skipped="llama-cpp-python is not installed")))  # fmt: skip
+            engines.remove("llama.cpp")
+        runs: dict[str, list[tuple[dict, list]]] = {e: [] for e in engines}
+        for _ in range(a.repeats):  # engines alternate, so drift in the machine hits all
+            for e in engines:
+                r = run_case(a, m, e)
+                if r is not None:
+                    runs[e].append(r)
+        if a.profile:
+            for rs in runs.values():
+                for rec, _ in rs:
+                    print(json.dumps(rec), flush=True)
+        else:
+            report(runs)
+
+
+def report(runs: dict[str, list[tuple[dict, list]]]) -> None:
+    """One line per engine (its median-decode run), with ratios to llama.cpp and tokens
+    compared with layercake fp32's."""
+    best = {}
+    for e, rs in runs.items():
+        if rs:
+            rs = sorted(rs, key=lambda r: r[0]["decode_tok_s"])
+            rec, toks = rs[len(rs) // 2]
+            rec["decode_runs"] = [r[0]["decode_tok_s"] for r in rs]
+            best[e] = (rec, toks)
+    ref = best.get("llama.cpp", (None, None))[0]
+    fp32 = best.get("layercake-fp32", (None, None))[1]
+    for rec, toks in best.values():
+        if ref is not None:
+            rec["decode_vs_llama_cpp"] = round(rec["decode_tok_s"] / ref["decode_tok_s"], 3)
+            rec["prefill_vs_llama_cpp"] = round(rec["prefill_tok_s"] / ref["prefill_tok_s"], 3)
+        if fp32 is not None:
+            same = [x == y for x, y in zip(toks, fp32)]
+            rec["same_tokens"] = f"{sum(same)}/{len(fp32)}"
+            rec["same_prefix"] = same.index(False) if False in same else len(same)
+        print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    main()
