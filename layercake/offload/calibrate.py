@@ -8,11 +8,13 @@ head-only one are written to a temporary directory and run by ``OffloadRunner``,
 executor does (a bf16 -> fp32 copy, a dequantization, a packed int4 matmul) is what is timed.
 
 Results are cached next to the machine's rates (``measure.py``), keyed by the machine, the layer's
-shapes, the compression and the lengths; only batch sizes not yet measured are run.
+shapes, the compression, the lengths and a digest of layercake's sources (a changed executor is
+timed again); only batch sizes not yet measured are run.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import statistics
@@ -50,11 +52,23 @@ class UnitTimes:
     head_s_per_row: dict[int, float]
 
 
+@functools.cache
+def code_digest() -> str:
+    """A digest of layercake's own sources: times measured through the runner are measured
+    again once its code changes (a new kernel, a new executor)."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def _key(cfg: dict, stored: torch.dtype, dtype: torch.dtype, device: torch.device,
          compress: Compression | None, prompt_len: int, decode_len: int) -> str:  # fmt: skip
     shape = {k: v for k, v in cfg.items() if k not in ("num_hidden_layers", "vocab_size")}
-    ident = json.dumps([shape, str(stored), str(dtype), str(compress), prompt_len, decode_len],
-                       sort_keys=True, default=str)  # fmt: skip
+    ident = json.dumps([shape, str(stored), str(dtype), str(compress), prompt_len, decode_len,
+                        code_digest()], sort_keys=True, default=str)  # fmt: skip
     machine = machine_key(device.type, torch.get_num_threads(), None)
     return f"{machine}|{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
