@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--offload-dir", type=Path, default=DEFAULT_OFFLOAD)
+    ap.add_argument("--model", default="llama1b", help="llama1b (default) or a model path")
     a = ap.parse_args()
     a.percent, a.accelerate_fraction, a.compress_bits, a.in_memory = None, 0.5, 4, False
     model_path("llama1b")  # written once to the cache
