@@ -60,12 +60,15 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
         ids = ids[: r.block_size]
     extra0 = {} if plan is None else {"plan": plan.to_json(), "batch": ids.shape[0]}
     read0 = getattr(r, "bytes_read", 0)
-    dq0 = dequant_seconds(r)
+    dq0, units0 = dequant_seconds(r), getattr(r, "dequant_units", 0)
     out = llm.generate(ids.tolist(), max_new_tokens=gen, ignore_eos=True)
     s = llm.last_stats
     extra = {}
     if a.compress_weight or (plan is not None and plan.compress is not None):
         extra = dict(dequant_s=dequant_seconds(r) - dq0, dequant_ms_per_layer=dequant_layer_ms(r))
+        units = getattr(r, "dequant_units", 0) - units0
+        if units:  # streamed: the time each compressed unit took to get ready, in this run
+            extra["dequant_ms_per_unit_in_run"] = 1000 * extra["dequant_s"] / units
     extra.update(extra0)
     if not hasattr(r, "units"):  # everything fit the budget: the in-memory runner
         policy = f"in memory ({getattr(r, 'policy', '')})"
