@@ -151,6 +151,11 @@ class PackedInt8:
     scale: torch.Tensor
     offset: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        # the kernel's unit scales: made here, not in ``linear`` (a compiled step must see a
+        # plain input tensor, not a constant it would lower)
+        self.ones = _ones(self.data.shape[0])
+
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.data.shape)
@@ -158,7 +163,7 @@ class PackedInt8:
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         N, K = self.shape
         x2 = x.reshape(-1, K)
-        y = _mm8(x2.to(SZ_DTYPE), self.data, _ones(N)).float().mul_(self.scale)
+        y = _mm8(x2.to(SZ_DTYPE), self.data, self.ones).float().mul_(self.scale)
         if self.offset is not None:
             y.addmm_(x2.sum(-1, keepdim=True), self.offset.view(1, N))
         if bias is not None:
