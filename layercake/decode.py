@@ -120,8 +120,7 @@ def _requantize_int4(q: QTensor, group: int) -> PackedInt4:
     step = max(64, BLOCK_ELEMENTS // 16 // K)
     for r in range(0, N, step):
         n = min(step, N - r)
-        part = QTensor(q.data[r : r + n], q.scale[r : r + n], q.zero[r : r + n], q.spec, (n, K))
-        quantize(dequantize(part), 4, group).to_rows(rows[r : r + n])
+        quantize(dequantize(q.row_range(r, r + n)), 4, group).to_rows(rows[r : r + n])
     return PackedInt4.from_parts(*pack(QTensor.from_rows(rows, (N, K), spec)), spec)
 
 

@@ -130,9 +130,8 @@ class PackedInt4:
 
     @classmethod
     def from_parts(cls, data: torch.Tensor, sz: torch.Tensor, spec: QuantSpec) -> PackedInt4:
-        """From ``pack``'s (data, sz) rows."""
-        out = data.numel() * 2 // (sz.shape[1] // 2 * spec.group_size)
-        return cls(data.view(out, -1), sz_for_kernel(sz), spec.group_size)
+        """From ``pack``'s (data, sz) rows (``sz`` has one row per output row)."""
+        return cls(data.view(sz.shape[0], -1), sz_for_kernel(sz), spec.group_size)
 
 
 @functools.cache
@@ -220,8 +219,7 @@ class PackedInt8:
         buf = torch.empty(min(N, step), K)
         for r in range(0, N, step):
             n = min(step, N - r)
-            part = QTensor(q.data[r : r + n], q.scale[r : r + n], q.zero[r : r + n], q.spec, (n, K))
-            p._symmetric(r, dequantize(part, buf[:n]))
+            p._symmetric(r, dequantize(q.row_range(r, r + n), buf[:n]))
         return p
 
     def _symmetric(self, r0: int, w: torch.Tensor) -> None:

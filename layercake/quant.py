@@ -79,6 +79,12 @@ class QTensor:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero))
 
+    def row_range(self, r0: int, r1: int) -> QTensor:
+        """Rows [r0, r1) of a 2-D tensor, as views."""
+        n = min(r1, self.shape[0]) - r0
+        return QTensor(self.data[r0:r1], self.scale[r0:r1], self.zero[r0:r1], self.spec,
+                       (n, *self.shape[1:]))  # fmt: skip
+
     def to_rows(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The row layout: a (rows, row_bytes) uint8 tensor (into ``out`` when given)."""
         width = self.shape[-1]
