@@ -108,18 +108,18 @@ def profile(path: Path, ids: torch.Tensor, steps: int, **load_kw) -> dict:
     layer's and the head's, in step order, on fixed activations), the whole one-token forward,
     and a token of ``generate`` (the forward plus sampling and detokenizing)."""
     import layercake
-    from layercake.decode import _mm4
+    from layercake.decode import _mm
 
     llm = layercake.load(path, **load_kw)
     llm.generate(ids[0].tolist(), max_new_tokens=8, ignore_eos=True)  # warm (compiles)
     r = llm.runner
     mats = [w for L in r.layers for w in (L.qkv, L.o, L.gate_up, L.down)]
-    xs = [torch.randn(1, w.shape[1]).bfloat16() for w in mats]
+    xs = [torch.randn(1, w.shape[1]) for w in mats]
     hx = torch.randn(1, r.hidden)
 
     def matmuls() -> None:
         for w, x in zip(mats, xs):
-            _mm4(x, w.data, w.group_size, w.sz)
+            _mm(w, x)
         r.head(hx)
 
     def timed(fn, n: int) -> float:

@@ -364,7 +364,9 @@ def load(
                 max_context, comp, cpu_cache_compute,
             )  # fmt: skip
             return LLM(runner, tokenizer, config, path)
-        model_slice = build_slice(ckpt, parts, dev, dt, config, pack=not compile, compress=comp)
+        model_slice = build_slice(
+            ckpt, parts, dev, dt, config, pack=not compile, compress=comp, blocks=packed
+        )
     if compile and not packed:
         for name, m in model_slice.named_modules():
             if name.endswith(".mlp"):

@@ -125,7 +125,7 @@ def test_fast_step_gives_the_general_path_tokens(packable, prompts):
 
 def test_unsupported_runners_are_explained(packable):
     plain = layercake.load(packable)
-    assert "packed int4" in unsupported(plain.runner)
+    assert "not one packed kind" in unsupported(plain.runner)
     with pytest.raises(layercake.LayercakeError, match="in-memory"):
         layercake.load(packable, packed=True, cpu_memory="1GB")
 

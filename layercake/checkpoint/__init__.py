@@ -9,6 +9,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from layercake import blockmm
 from layercake.checkpoint.parts import Parts, parse_parts
 from layercake.checkpoint.quantized import load_rows, quant_spec, weight_quant
 from layercake.config import BaseConfig, load_config
@@ -60,13 +61,15 @@ def build_slice(
     config: BaseConfig | None = None,
     pack: bool = False,
     compress: Compression | None = None,
+    blocks: bool = False,
 ) -> DecoderSlice:
     """Build the slice on the meta device, then assign each parameter from the checkpoint.
 
     Only the tensors the slice holds are read. A tensor already in ``dtype`` on the CPU stays a
     view of the checkpoint's memory map: weights are never held twice. With ``pack`` (fp32 on
     the CPU), linear weights are packed for MKL's GEMM straight from the checkpoint. With
-    ``compress.weight``, linear weights are held quantized (``QuantLinear``) instead.
+    ``compress.weight``, linear weights are held quantized (``QuantLinear``) instead; with
+    ``blocks`` too, group-32 ones the block kernel takes become ``BlockLinear`` (``blockmm``).
     """
     config = config or load_config(ckpt.config_dict())
     if isinstance(parts, str):
@@ -101,7 +104,7 @@ def build_slice(
         state[name] = loaded[src, want]
     model.load_state_dict(state, assign=True, strict=not (packed or quantized))
     if quantized:
-        _quantize_linears(ckpt, model, quantized, compress, device, dtype)
+        _quantize_linears(ckpt, model, quantized, compress, device, dtype, blocks)
     scratch = torch.empty(BLOCK_BYTES // 4) if packed else None
     for owner_name, src in packed:
         parent, _, child = owner_name.rpartition(".")
@@ -118,7 +121,7 @@ def build_slice(
 
 def _quantize_linears(
     ckpt: Checkpoint, model: nn.Module, linears: list[tuple[str, str]], compress: Compression,
-    device: torch.device | str, dtype: torch.dtype,
+    device: torch.device | str, dtype: torch.dtype, blocks: bool = False,
 ) -> None:  # fmt: skip
     """Replace each linear by a ``QuantLinear`` read straight into the quantized row layout;
     all of them dequantize into one shared workspace (a block of at most 64 MB). An int4 weight
@@ -133,7 +136,10 @@ def _quantize_linears(
             raise LayercakeError(f"tensor {src!r} does not have the shape {(o, i)} config says")
         linear = model.get_submodule(owner_name)
         fp32 = dtype == torch.float32
-        if kernel_ok((o, i), spec, device) and fp32:
+        if blocks and fp32 and blockmm.takes((o, i), spec, device):
+            q = QTensor.from_rows(rows, (o, i), spec)
+            module = blockmm.BlockLinear.from_quantized(q, linear.bias)
+        elif kernel_ok((o, i), spec, device) and fp32:
             data, sz = pack(QTensor.from_rows(rows, (o, i), spec))
             module = Int4Linear(PackedInt4.from_parts(data, sz, spec), linear.bias)
         elif kernel8_ok((o, i), spec, device) and fp32:

@@ -1,0 +1,334 @@
+// layercake's CPU kernels (AVX2 + FMA + F16C), built on first use by layercake/kernels.py.
+//
+// block_mm: matmul on group-32 quantized weights held as GGUF-style blocks.
+//
+// A weight (N, K) is N rows of G = K / 32 blocks; a block has a fp16 scale d, a fp16 offset m
+// and 32 values q, w = d * q + m. A row holds its G scales, then its G offsets, then its values
+// (the fields of GGUF's blocks, regrouped so that a row's scales convert 8 at a time):
+//   4 bits (20 bytes a block, GGUF Q4_1's fields): 16 bytes of values a block; byte j holds
+//     value j (low nibble) and value j + 16 (high nibble), q in 0..15.
+//   8 bits (36 bytes a block): 32 int8 values a block, q in -127..127 (GGUF Q8_0 is m = 0).
+// The activations are quantized per block of 32 to int8 (x ~ dx * xq, llama.cpp's Q8 form for
+// its dot products), and sx = dx * sum(xq) is kept for the offsets:
+//   y[n] = sum_blocks  d * dx * dot(q, xq)  +  m * sx
+// which is exactly the dequantized weight times the quantized activations. (The exact sum of x
+// for sx looks more precise but is not: the offsets then no longer cancel the error of the
+// all-positive 4-bit values, and the result's error doubles.)
+// dot(q, xq) runs on integer multiply-adds (maddubs: 32 products per instruction); the weights'
+// bytes are read once per call for up to 4 rows of activations and once per 4 rows beyond.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t QK = 32;
+constexpr int64_t MT = 4;       // rows of activations per pass over a weight row
+constexpr int64_t CHUNK = 16;
+constexpr int64_t PF = 4;       // rows prefetched ahead (measured best of 2, 4, 8, 16)
+
+inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// x (M, K) -> xq (M, K) int8, dx and sx (M, K / 32); AVX2, as llama.cpp's quantize_row_q8_1
+// With ``pairs``, each pair of blocks (A, B) is stored as [A 0..15, B 0..15, A 16..31, B 16..31]
+// (the order of a 4-bit row's nibbles, see row_dot); an odd last block stays in order.
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, float* sx,
+                   bool pairs) {
+  const int64_t G = K / QK;
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t i = 0; i < M * G; ++i) {
+    const float* v = x + i * QK;
+    __m256 a[4];
+    __m256 amax = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+      a[j] = _mm256_loadu_ps(v + 8 * j);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, a[j]));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(amax, 1), _mm256_castps256_ps128(amax));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float d = _mm_cvtss_f32(m4) / 127.f;
+    const __m256 id = _mm256_set1_ps(d > 0.f ? 127.f / _mm_cvtss_f32(m4) : 0.f);
+    __m256i q[4];
+    for (int j = 0; j < 4; ++j)
+      q[j] = _mm256_cvtps_epi32(
+          _mm256_round_ps(_mm256_mul_ps(a[j], id), _MM_ROUND_NEAREST | _MM_FROUND_NO_EXC));
+    const __m256i s32 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256(s32, 1));
+    s4 = _mm_hadd_epi32(s4, s4);
+    s4 = _mm_hadd_epi32(s4, s4);
+    // int32 -> int8 in order: the packs interleave 128-bit lanes, the permute restores them
+    const __m256i p16a = _mm256_packs_epi32(q[0], q[1]), p16b = _mm256_packs_epi32(q[2], q[3]);
+    const __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256i qv = _mm256_permutevar8x32_epi32(p8, perm);
+    const int64_t g = i % G;
+    if (pairs && g + 1 - (g & 1) < G) {  // in a whole pair: scatter the halves
+      int8_t* base = xq + (i - (g & 1)) * QK + 16 * (g & 1);
+      _mm_storeu_si128((__m128i*)base, _mm256_castsi256_si128(qv));
+      _mm_storeu_si128((__m128i*)(base + 32), _mm256_extracti128_si256(qv, 1));
+    } else {
+      _mm256_storeu_si256((__m256i*)(xq + i * QK), qv);
+    }
+    dx[i] = d;
+    sx[i] = d * (float)_mm_cvtsi128_si32(s4);
+  }
+}
+
+// A row's fp16 offsets m[0..G) dotted with sx[0..G), and its fp16 scales d[0..G) times dx,
+// as the block loop reads them: 4 bits, one 8-lane vector per pair of blocks (4 lanes each);
+// 8 bits, one float per block.
+template <int BITS>
+inline float prepare(const uint8_t* row, int64_t G, const float* dx, const float* sx, float* scale) {
+  const uint16_t* d16 = (const uint16_t*)row;
+  const uint16_t* m16 = d16 + G;
+  __m256 o8 = _mm256_setzero_ps();
+  float o = 0.f;
+  int64_t g = 0;
+  const __m256i lo = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  const __m256i two = _mm256_set1_epi32(2);
+  for (; g + 8 <= G; g += 8) {
+    const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(m16 + g)));
+    o8 = _mm256_fmadd_ps(m, _mm256_loadu_ps(sx + g), o8);
+    const __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(d16 + g))),
+                                   _mm256_loadu_ps(dx + g));
+    if constexpr (BITS == 4) {
+      __m256i idx = lo;
+      for (int k = 0; k < 4; ++k, idx = _mm256_add_epi32(idx, two))
+        _mm256_storeu_ps(scale + 4 * g + 8 * k, _mm256_permutevar8x32_ps(s, idx));
+    } else {
+      _mm256_storeu_ps(scale + g, s);
+    }
+  }
+  for (; g < G; ++g) {
+    o += _cvtsh_ss(m16[g]) * sx[g];
+    const float s = _cvtsh_ss(d16[g]) * dx[g];
+    if constexpr (BITS == 4) {
+      for (int k = 0; k < 4; ++k) scale[4 * g + k] = s;  // block g's half of its pair's vector
+    } else {
+      scale[g] = s;
+    }
+  }
+  return o + hsum(o8);
+}
+
+// R rows of activations against one weight row: y[r * ldy]. ``scale`` has room for R rows of
+// 4 * G floats. (Two weight rows at a time, for more independent chains, measured 1.8x slower
+// streaming from RAM: the hardware prefetcher follows one stream per thread better.)
+//
+// 4 bits, two blocks per step: one 32-byte load holds blocks A and B's values; its low nibbles
+// are [A 0..15 | B 0..15], its high nibbles [A 16..31 | B 16..31], and the activations were
+// quantized into that order (see quantize_rows), so each step is one load, two masks, two
+// integer dots, one int16 add (at most 2 * 2 * 15 * 127 = 7620: no overflow), one widening add
+// and one FMA with the pair's scales. An odd last block goes alone.
+template <int BITS, int R>
+inline void row_dot(const uint8_t* w, int64_t G, const int8_t* xq, const float* dx,
+                    const float* sx, int64_t K, float* y, int64_t ldy, float* scale) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t SS = BITS == 4 ? 4 * G : G;  // scale floats per activation row
+  __m256 acc[R];
+  float off[R];
+  for (int r = 0; r < R; ++r) {
+    off[r] = prepare<BITS>(w, G, dx + r * G, sx + r * G, scale + r * SS);
+    acc[r] = _mm256_setzero_ps();
+  }
+  const uint8_t* qs = w + 4 * G;
+  if constexpr (BITS == 4) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    int64_t g = 0;
+    for (; g + 2 <= G; g += 2) {
+      const __m256i raw = _mm256_loadu_si256((const __m256i*)(qs + 16 * g));
+      const __m256i lo = _mm256_and_si256(raw, m4);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+      for (int r = 0; r < R; ++r) {
+        const __m256i xlo = _mm256_loadu_si256((const __m256i*)(xq + r * K + g * QK));
+        const __m256i xhi = _mm256_loadu_si256((const __m256i*)(xq + r * K + g * QK + 32));
+        const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo),
+                                             _mm256_maddubs_epi16(hi, xhi));
+        const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+        acc[r] = _mm256_fmadd_ps(p, _mm256_loadu_ps(scale + r * SS + 4 * g), acc[r]);
+      }
+    }
+    if (g < G) {  // one block: [0..15 | 16..31]
+      const __m128i raw = _mm_loadu_si128((const __m128i*)(qs + 16 * g));
+      const __m128i m = _mm_set1_epi8(0x0F);
+      const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m),
+                                         _mm_and_si128(raw, m));
+      for (int r = 0; r < R; ++r) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + r * K + g * QK));
+        const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones));
+        acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(scale[r * SS + 4 * g]), acc[r]);
+      }
+    }
+  } else {
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * g));
+      const __m256i aq = _mm256_sign_epi8(q, q);
+      for (int r = 0; r < R; ++r) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + r * K + g * QK));
+        const __m256i p16 = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(xv, q));
+        const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+        acc[r] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(scale + r * SS + g), acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r * ldy] = hsum(acc[r]) + off[r];
+}
+
+template <int BITS>
+void rows_dot(const uint8_t* w, int64_t G, const int8_t* xq, const float* dx, const float* sx,
+              int64_t K, float* y, int64_t ldy, int64_t rows, float* scale) {
+  switch (rows) {
+    case 1: return row_dot<BITS, 1>(w, G, xq, dx, sx, K, y, ldy, scale);
+    case 2: return row_dot<BITS, 2>(w, G, xq, dx, sx, K, y, ldy, scale);
+    case 3: return row_dot<BITS, 3>(w, G, xq, dx, sx, K, y, ldy, scale);
+    default: return row_dot<BITS, 4>(w, G, xq, dx, sx, K, y, ldy, scale);
+  }
+}
+
+template <int BITS>
+void block_mm(const float* x, const uint8_t* w, float* y, int64_t M, int64_t N, int64_t K) {
+  constexpr int64_t BS = BITS == 4 ? 20 : 36;
+  const int64_t G = K / QK;
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> dx(M * G), sx(M * G);
+  quantize_rows(x, M, K, xq.data(), dx.data(), sx.data(), BITS == 4);
+  const int64_t row_bytes = G * BS;
+  at::parallel_for(0, (N + CHUNK - 1) / CHUNK, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> scale(MT * 4 * G);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t n0 = c * CHUNK, n1 = std::min(N, n0 + CHUNK);
+      for (int64_t m0 = 0; m0 < M; m0 += MT) {
+        const int64_t rows = std::min(MT, M - m0);
+        const int8_t* xr = xq.data() + m0 * K;
+        const float *dr = dx.data() + m0 * G, *sr = sx.data() + m0 * G;
+        float* yr = y + m0 * N;
+        for (int64_t n = n0; n < n1; ++n) {
+          if (m0 == 0 && n + PF < N) {  // the row PF ahead, while this one computes
+            const char* next = (const char*)(w + (n + PF) * row_bytes);
+            for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+          }
+          rows_dot<BITS>(w + n * row_bytes, G, xr, dr, sr, K, yr + n, N, rows, scale.data());
+        }
+      }
+    }
+  });
+}
+
+at::Tensor block_mm_op(const at::Tensor& x, const at::Tensor& w, int64_t bits) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "block_mm: CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "block_mm: x must be 2-D float32");
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2, "block_mm: w must be 2-D uint8");
+  TORCH_CHECK(bits == 4 || bits == 8, "block_mm: bits must be 4 or 8");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t BS = bits == 4 ? 20 : 36;
+  TORCH_CHECK(K % QK == 0 && w.size(1) == K / QK * BS, "block_mm: shapes do not match: x ",
+              x.sizes(), ", w ", w.sizes(), ", bits ", bits);
+  at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  if (bits == 4)
+    block_mm<4>(xc.data_ptr<float>(), wc.data_ptr<uint8_t>(), y.data_ptr<float>(), M, N, K);
+  else
+    block_mm<8>(xc.data_ptr<float>(), wc.data_ptr<uint8_t>(), y.data_ptr<float>(), M, N, K);
+  return y;
+}
+
+// One query per row against a KV cache: q (B, H, D), keys / values (B, KV, S, D) with unit
+// stride in D, mask (B, S) bool (false: skip the slot); out (B, H, D). The H / KV query heads
+// of a KV head share it (GQA). Masked slots cost nothing, so a cache allocated long but
+// filled short is cheap.
+inline float dot(const float* a, const float* b, int64_t D) {
+  int64_t d = 0;
+  __m256 acc = _mm256_setzero_ps();
+  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+  float s = hsum(acc);
+  for (; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+
+inline void axpy(float a, const float* x, float* y, int64_t D) {
+  int64_t d = 0;
+  const __m256 av = _mm256_set1_ps(a);
+  for (; d + 8 <= D; d += 8)
+    _mm256_storeu_ps(y + d, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + d), _mm256_loadu_ps(y + d)));
+  for (; d < D; ++d) y[d] += a * x[d];
+}
+
+at::Tensor decode_attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& mask, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(), "decode_attention: shapes");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+                  v.scalar_type() == at::kFloat && mask.scalar_type() == at::kBool,
+              "decode_attention: float32 q, k, v and a bool mask");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KV = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && H % KV == 0 && mask.numel() == B * S,
+              "decode_attention: shapes do not match");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: keys/values need unit stride");
+  at::Tensor qc = q.contiguous(), mc = mask.reshape({B, S}).contiguous();
+  at::Tensor out = at::empty({B, H, D}, q.options());
+  const float* qp = qc.data_ptr<float>();
+  const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const bool* mp = mc.data_ptr<bool>();
+  float* op = out.data_ptr<float>();
+  const int64_t group = H / KV;
+  const int64_t grain = std::max<int64_t>(1, ((int64_t)1 << 16) / std::max<int64_t>(1, S * D));
+  at::parallel_for(0, B * H, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(S);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H, kh = h / group;
+      const float* qi = qp + i * D;
+      const float* kb = kp + b * k.stride(0) + kh * k.stride(1);
+      const float* vb = vp + b * v.stride(0) + kh * v.stride(1);
+      const bool* mb = mp + b * S;
+      float mx = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        if (!mb[s]) continue;
+        p[s] = dot(qi, kb + s * k.stride(2), D) * (float)scale;
+        mx = std::max(mx, p[s]);
+      }
+      float* o = op + i * D;
+      std::fill(o, o + D, 0.f);
+      if (mx == -INFINITY) continue;  // nothing to attend to: zeros
+      float total = 0.f;
+      for (int64_t s = 0; s < S; ++s) {
+        if (!mb[s]) continue;
+        const float e = std::exp(p[s] - mx);
+        total += e;
+        axpy(e, vb + s * v.stride(2), o, D);
+      }
+      const float inv = 1.f / total;
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(layercake, m) {
+  m.def("block_mm(Tensor x, Tensor w, int bits) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(layercake, CPU, m) {
+  m.impl("block_mm", &block_mm_op);
+  m.impl("decode_attention", &decode_attention_op);
+}

@@ -1,0 +1,131 @@
+"""layercake's own CPU kernels (``csrc/kernels.cpp``): built on first use, registered as
+``torch.ops.layercake.*`` so that ``torch.compile`` graphs call them directly.
+
+- ``block_mm``: matmul on int4/int8 weights held as blocks (see ``blockmm``).
+- ``decode_attention``: one query per row against a KV cache, skipping masked slots. PyTorch's
+  SDPA costs ~60 us a call at these sizes (9 heads, 256 slots), as much as a layer's matmuls.
+
+The C++ is compiled with the system compiler against the installed PyTorch (tens of seconds,
+once: cached under ``$LAYERCAKE_CACHE`` or ``~/.cache/layercake``, in ``kernels/``, keyed by
+the source and the PyTorch version). Where it cannot be (not x86-64 Linux, no AVX2/FMA/F16C,
+no compiler, ``LAYERCAKE_NO_KERNELS`` set), ``available()`` is False, ``unavailable_reason()``
+says why, and callers keep PyTorch's kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
+CPU_FLAGS = ("avx2", "fma", "f16c")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LAYERCAKE_CACHE") or Path.home() / ".cache" / "layercake"
+    return Path(root) / "kernels"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _build(target: Path) -> None:
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (c++ / g++) on PATH")
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c",
+           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", str(SOURCE)]  # fmt: skip
+    cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
+    libs = cpp_extension.library_paths()
+    cmd += [f"-L{p}" for p in libs] + [f"-Wl,-rpath,{p}" for p in libs]
+    cmd += ["-lc10", "-ltorch_cpu"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        r = subprocess.run([*cmd, "-o", str(out)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{r.stderr[-2000:]}")
+        os.replace(out, target)  # atomic: concurrent builders each publish a whole file
+    for old in target.parent.glob("kernels-*.so"):  # builds of other sources / PyTorch versions
+        if old != target:
+            old.unlink(missing_ok=True)
+
+
+def _fake_block_mm(x: torch.Tensor, w: torch.Tensor, bits: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def _fake_attention(q, k, v, mask, scale: float) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+@functools.cache
+def _load() -> str | None:
+    """Build (once) and register the kernels; None when they work, else why not."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"{platform.system()} {platform.machine()} (the kernels are for x86-64 Linux)"
+    missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    if os.environ.get("LAYERCAKE_NO_KERNELS"):
+        return "LAYERCAKE_NO_KERNELS is set"
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    target = cache_dir() / f"kernels-{key}.so"
+    try:
+        if not target.is_file():
+            _build(target)
+        torch.ops.load_library(str(target))
+    except (RuntimeError, OSError) as e:
+        return str(e)
+    torch.library.register_fake("layercake::block_mm")(_fake_block_mm)
+    torch.library.register_fake("layercake::decode_attention")(_fake_attention)
+    return None
+
+
+def unavailable_reason() -> str | None:
+    return _load()
+
+
+def available() -> bool:
+    return _load() is None
+
+
+def require() -> None:
+    why = _load()
+    if why is not None:
+        raise RuntimeError(f"layercake's CPU kernels are not available: {why}")
+
+
+def block_mm(x: torch.Tensor, w: torch.Tensor, bits: int) -> torch.Tensor:
+    """``x (M, K) fp32 @ W.T`` for W held as blocks ``w`` (N, K / 32 * block bytes) uint8."""
+    if not hasattr(torch.ops.layercake, "block_mm"):
+        require()
+    return torch.ops.layercake.block_mm(x, w, bits)
+
+
+def decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q (B, H, D) against keys/values (B, KV, S, D) where ``mask`` (B, S) is True -> (B, H, D)."""
+    if not hasattr(torch.ops.layercake, "decode_attention"):
+        require()
+    return torch.ops.layercake.decode_attention(q, keys, values, mask, scale)

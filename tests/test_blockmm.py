@@ -1,0 +1,139 @@
+"""layercake's own CPU kernels: block matmul on int4/int8 blocks and one-query attention, against
+plain PyTorch on the same values."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from layercake import kernels
+from layercake.blockmm import BlockLinear, from_blocks, takes, to_blocks
+from layercake.quant import QTensor, QuantSpec, dequantize, from_gguf, quantize
+
+pytestmark = pytest.mark.skipif(
+    not kernels.available(), reason=f"no CPU kernels here: {kernels.unavailable_reason()}"
+)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def quantized_x(x: torch.Tensor) -> torch.Tensor:
+    """The activations as the kernel sees them: int8 per block of 32, scale max|x| / 127."""
+    xb = x.view(x.shape[0], -1, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, 0.0)
+    return (torch.round(xb * inv) * (amax / 127)).view_as(x)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 32), (8, 64), (8, 96)])
+def test_blocks_hold_the_quantized_values(bits, group):
+    """4 bits: exactly. 8 bits: the offset ``zero + 128 scale`` is rounded to fp16, an error of
+    at most 2^-11 of it (a few % of a step for groups far from zero; 0 for GGUF Q8_0)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 192, generator=g) + torch.linspace(-3, 3, 40)[:, None]
+    q = quantize(w, bits, group)
+    got, want = from_blocks(to_blocks(q), bits), dequantize(q)
+    if bits == 4:
+        assert torch.equal(got, want)
+    else:
+        scale = q.scale.float().repeat_interleave(group, -1)
+        offset = q.zero.float().repeat_interleave(group, -1) + 128 * scale
+        assert ((got - want).abs() <= offset.abs() * 2**-11 + 1e-6).all()
+        assert ((got - want).abs() <= 0.1 * scale).all()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_blocks_move_exactly(qtype):
+    import gguf
+
+    w = (torch.randn(64, 128, generator=torch.Generator().manual_seed(1)) * 0.05).numpy()
+    kind = getattr(gguf.GGMLQuantizationType, qtype)
+    raw = gguf.quants.quantize(w, kind)
+    want = torch.from_numpy(gguf.quants.dequantize(raw, kind)).float()
+    rows, spec = from_gguf(torch.from_numpy(raw), qtype)
+    blocks = to_blocks(QTensor.from_rows(rows, (64, 128), spec))
+    assert torch.equal(from_blocks(blocks, spec.bits), want)
+
+
+# K: an odd number of blocks (alone at the end), one block, even; M: 1..4 rows a pass and tails
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("K", [32, 96, 544, 576])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, 33])
+def test_block_mm_equals_the_dequantized_matmul(bits, K, M):
+    g = torch.Generator().manual_seed(K + M + bits)
+    N = 37  # not a multiple of the kernel's row chunks
+    q = quantize(torch.randn(N, K, generator=g), bits, 32)
+    blocks = to_blocks(q)
+    W = from_blocks(blocks, bits)
+    x = torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 4
+    y = kernels.block_mm(x, blocks, bits)
+    # exactly the dequantized weights times the int8-rounded activations (fp32 sums)
+    torch.testing.assert_close(y, quantized_x(x) @ W.T, rtol=1e-4, atol=1e-4)
+    assert rel(y, x @ W.T) < 1.5e-2  # and close to the unrounded product
+
+
+def test_block_mm_zero_rows_and_bad_shapes():
+    q = quantize(torch.randn(8, 64), 4, 32)
+    blocks = to_blocks(q)
+    assert torch.equal(kernels.block_mm(torch.zeros(2, 64), blocks, 4), torch.zeros(2, 8))
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        kernels.block_mm(torch.zeros(1, 96), blocks, 4)
+    with pytest.raises(RuntimeError, match="bits must be 4 or 8"):
+        kernels.block_mm(torch.zeros(1, 64), blocks, 5)
+
+
+def test_block_linear_bias_and_leading_dims():
+    g = torch.Generator().manual_seed(3)
+    q = quantize(torch.randn(48, 64, generator=g), 4, 32)
+    bias = torch.randn(48, generator=g)
+    lin = BlockLinear.from_quantized(q, bias)
+    x = torch.randn(2, 3, 64, generator=g)
+    y = lin(x)
+    assert y.shape == (2, 3, 48)
+    ref = F.linear(quantized_x(x.view(6, 64)), dequantize(q), bias).view(2, 3, 48)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_takes():
+    assert takes((64, 64), QuantSpec(4, 32)) and takes((64, 128), QuantSpec(8, 128))
+    assert not takes((64, 128), QuantSpec(4, 64))  # 4-bit blocks are groups of 32
+    assert not takes((64, 48), QuantSpec(8, 16))
+    assert not takes((64, 64), QuantSpec(4, 32), "meta")
+
+
+@pytest.mark.parametrize("B,H,KV,S", [(1, 9, 3, 40), (3, 4, 4, 7), (2, 8, 2, 300)])
+def test_decode_attention_equals_sdpa(B, H, KV, S):
+    g = torch.Generator().manual_seed(B * S)
+    D = 64
+    q = torch.randn(B, H, D, generator=g)
+    k, v = torch.randn(B, KV, S, D, generator=g), torch.randn(B, KV, S, D, generator=g)
+    mask = torch.rand(B, S, generator=g) < 0.7
+    mask[:, -1] = True
+    got = kernels.decode_attention(q, k, v, mask, D**-0.5)
+    ref = F.scaled_dot_product_attention(
+        q[:, :, None], k, v, attn_mask=mask[:, None, None], enable_gqa=True
+    )[:, :, 0]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # a strided view of a longer cache (the eager decode step's first slots)
+    big = torch.zeros(B, KV, S + 16, D)
+    big[:, :, :S] = k
+    bigv = torch.zeros(B, KV, S + 16, D)
+    bigv[:, :, :S] = v
+    got2 = kernels.decode_attention(q, big[:, :, :S], bigv[:, :, :S], mask, D**-0.5)
+    torch.testing.assert_close(got2, got)
+
+
+def test_unavailable_kernels_fall_back(tmp_path):
+    """With the kernels switched off, packed models still load (PyTorch's int4 kernel)."""
+    code = (
+        "from layercake import kernels; import sys;"
+        "assert not kernels.available(); print(kernels.unavailable_reason())"
+    )
+    env = {"LAYERCAKE_NO_KERNELS": "1", "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "LAYERCAKE_NO_KERNELS" in r.stdout
