@@ -4,6 +4,10 @@
 - ``block_mm``: matmul on int4/int8 weights held as blocks (see ``blockmm``).
 - ``decode_attention``: one query per row against a KV cache, skipping masked slots. PyTorch's
   SDPA costs ~60 us a call at these sizes (9 heads, 256 slots), as much as a layer's matmuls.
+- ``bf16_mm``: fp32 activations times bf16 weights, widened in registers: an offloaded bf16
+  layer needs no fp32 copy. Measured here (2 threads, 8192 x 2048): 110 GFLOP/s at 32 rows and
+  132 at 128, against 42 and 81 for converting to fp32 and then MKL's GEMM (the same from
+  ~1024 rows on).
 
 The C++ is compiled with the system compiler against the installed PyTorch (tens of seconds,
 once: cached under ``$LAYERCAKE_CACHE`` or ``~/.cache/layercake``, in ``kernels/``, keyed by
@@ -24,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch import nn
 
 SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
 CPU_FLAGS = ("avx2", "fma", "f16c")
@@ -78,6 +83,10 @@ def _fake_attention(q, k, v, mask, scale: float) -> torch.Tensor:
     return torch.empty_like(q)
 
 
+def _fake_bf16_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
 @functools.cache
 def _load() -> str | None:
     """Build (once) and register the kernels; None when they work, else why not."""
@@ -98,6 +107,7 @@ def _load() -> str | None:
         return str(e)
     torch.library.register_fake("layercake::block_mm")(_fake_block_mm)
     torch.library.register_fake("layercake::decode_attention")(_fake_attention)
+    torch.library.register_fake("layercake::bf16_mm")(_fake_bf16_mm)
     return None
 
 
@@ -129,3 +139,38 @@ def decode_attention(
     if not hasattr(torch.ops.layercake, "decode_attention"):
         require()
     return torch.ops.layercake.decode_attention(q, keys, values, mask, scale)
+
+
+def bf16_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x (M, K) fp32 @ W.T`` for W (N, K) bf16, in fp32."""
+    if not hasattr(torch.ops.layercake, "bf16_mm"):
+        require()
+    return torch.ops.layercake.bf16_mm(x, w)
+
+
+class BF16Linear(nn.Module):
+    """``y = x @ W.T + b`` in fp32 with W held in bf16 (``bf16_mm``): ``weight`` is bound per use
+    by the offload executor, one (N, K) tensor or a list of row blocks in order (rows held in
+    different tiers: each multiplies where it lies, nothing is gathered)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        require()
+        self.weight: torch.Tensor | list[torch.Tensor] | None = None
+        self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bf16_linear(x, self.weight, self.bias)
+
+
+def bf16_linear(
+    x: torch.Tensor, weight: torch.Tensor | list[torch.Tensor], bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ W.T + b`` in fp32 for W (N, K) bf16, or W given as a list of row blocks in order."""
+    parts = weight if isinstance(weight, list) else [weight]
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    ys = [bf16_mm(x2, w) for w in parts]
+    y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], y.shape[-1])

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import layercake
+from layercake import kernels
 from layercake.errors import LayercakeError
 from layercake.offload.policy import Footprint, Policy, parse_bytes, plan_policy
 from layercake.offload.schedule import zigzag
@@ -156,7 +157,7 @@ def test_offload_bf16_checkpoint_and_budget(tmp_path, monkeypatch):
     fp = off.footprint(ckpt, config, Parts.full(3), torch.float32, 4, 1, context=16)
     monkeypatch.setattr(off, "process_rss", lambda: 0)
     monkeypatch.setattr(off, "SAFETY", 0)
-    budget = fp.activations + 2 * fp.max_unit + fp.kv + 2 * fp.max_unit + fp.weights // 4
+    budget = fp.activations + fp.work + fp.kv + 2 * fp.max_unit + fp.weights // 4
     llm = layercake.load(path, cpu_memory=budget, offload_dir=tmp_path / "off", batch_size=4,
                          max_context=16)  # fmt: skip
     pol = llm.runner.policy
@@ -165,6 +166,10 @@ def test_offload_bf16_checkpoint_and_budget(tmp_path, monkeypatch):
     # host-RAM rows of bf16 tensors are views of the checkpoint's map, not copies
     placed = [p for ps in llm.runner.placed for p in ps if p.cpu is not None]
     assert placed and all(p.cpu.dtype == torch.bfloat16 for p in placed)
+    if kernels.available():  # the linears multiply those rows as they lie, in bf16
+        assert llm.runner.direct and all(p.direct for p in placed if p.cpu.dim() == 2)
+        assert any(isinstance(m, kernels.BF16Linear) for m in llm.runner.model.modules())
+        assert llm.runner.scratch.numel() < 4096  # only the norms convert
     # the prepared layout is reused: a second load writes nothing
     files = {p: p.stat().st_mtime_ns for p in (tmp_path / "off").rglob("*.bin")}
     layercake.load(path, percent=(0, 0, 100, 0, 100, 0), offload_dir=tmp_path / "off")

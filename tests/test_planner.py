@@ -79,7 +79,7 @@ W = Workload(8, 8, 8)
 
 def _budgets(m: Model) -> list[int]:
     fp = m.footprint(1, 1, W.context)
-    floor = fp.activations + 2 * fp.max_unit + int(fp.max_unit * fp.compute_ratio) + fp.kv
+    floor = fp.activations + 2 * fp.max_unit + fp.work + fp.kv
     return [floor + k * fp.weights // 4 for k in (1, 2, 3, 4, 8, 12)]
 
 

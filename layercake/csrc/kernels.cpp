@@ -321,14 +321,92 @@ at::Tensor decode_attention_op(const at::Tensor& q, const at::Tensor& k, const a
   return out;
 }
 
+// bf16_mm: y (M, N) fp32 = x (M, K) fp32 @ W.T for W (N, K) bf16, converting W's values in
+// registers (a bf16 is the top half of a float: widen and shift), so an offloaded bf16 layer
+// needs no fp32 copy of its weights. Tiles of MR activation rows x NR weight rows, 12 FMA chains,
+// over K in blocks of KC (the tile's activations stay in L1); each task owns NC weight rows
+// (kept in L2 while every activation tile passes over them).
+constexpr int64_t MR = 6, NR = 2, KC = 512, NC = 64;
+
+inline __m256 bf16x8(const uint16_t* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+template <int R, int C>
+inline void bf16_tile(const float* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t k0,
+                      int64_t k1, float* y, int64_t ldy) {
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  int64_t k = k0;
+  for (; k + 8 <= k1; k += 8) {
+    __m256 wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = bf16x8(w + c * ldw + k);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + r * ldx + k);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      float s = hsum(acc[r][c]);
+      for (int64_t kk = k; kk < k1; ++kk) {  // K not a multiple of 8
+        uint32_t bits = (uint32_t)w[c * ldw + kk] << 16;
+        float wf;
+        std::memcpy(&wf, &bits, 4);
+        s += x[r * ldx + kk] * wf;
+      }
+      y[r * ldy + c] += s;
+    }
+}
+
+template <int R>
+inline void bf16_rows(const float* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t k0,
+                      int64_t k1, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) bf16_tile<R, NR>(x, ldx, w + n * ldw, ldw, k0, k1, y + n, ldy);
+  for (; n < n1; ++n) bf16_tile<R, 1>(x, ldx, w + n * ldw, ldw, k0, k1, y + n, ldy);
+}
+
+at::Tensor bf16_mm_op(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "bf16_mm: CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "bf16_mm: x must be 2-D float32");
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2, "bf16_mm: w must be 2-D bf16");
+  TORCH_CHECK(x.size(1) == w.size(1), "bf16_mm: shapes do not match: x ", x.sizes(), ", w ",
+              w.sizes());
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  at::Tensor y = at::zeros({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const float* xp = xc.data_ptr<float>();
+  const uint16_t* wp = (const uint16_t*)wc.data_ptr<at::BFloat16>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (N + NC - 1) / NC, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t n0 = c * NC, n1 = std::min(N, n0 + NC);
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t k1 = std::min(K, k0 + KC);
+        int64_t m = 0;
+        for (; m + MR <= M; m += MR)
+          bf16_rows<MR>(xp + m * K, K, wp, K, k0, k1, yp + m * N, N, n0, n1);
+        for (; m < M; ++m) bf16_rows<1>(xp + m * K, K, wp, K, k0, k1, yp + m * N, N, n0, n1);
+      }
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(layercake, m) {
   m.def("block_mm(Tensor x, Tensor w, int bits) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
+  m.def("bf16_mm(Tensor x, Tensor w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(layercake, CPU, m) {
   m.impl("block_mm", &block_mm_op);
   m.impl("decode_attention", &decode_attention_op);
+  m.impl("bf16_mm", &bf16_mm_op);
 }

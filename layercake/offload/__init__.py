@@ -116,6 +116,10 @@ def footprint(
         sum(e.nbytes if e.form else e.numel * dtype.itemsize for e in u.entries) for u in units
     )
     compressed = compress is not None and compress.weight is not None
+    direct = direct_bf16(units, dtype, compress)  # then only vectors (norms, biases) convert
+    direct_scratch = max(
+        sum(e.numel * dtype.itemsize for e in u.entries if len(e.shape) == 1) for u in units
+    )
     widest = (
         max(e.shape[0] for u in units for e in u.entries if u.kind == "layer")
         if any(u.kind == "layer" for u in units)
@@ -135,10 +139,23 @@ def footprint(
     return Footprint(
         weights=weights,
         compute_ratio=1.0 if compressed else dtype.itemsize / itemsize,
-        scratch=scratch if compressed else 0,
+        scratch=scratch if compressed else direct_scratch if direct else 0,
+        direct=direct,
         max_unit=max(u.nbytes for u in units),
         activations=act,
         kv=kv,
+    )
+
+
+def direct_bf16(units: list, dtype: torch.dtype, compress: Compression | None) -> bool:
+    """Whether streamed bf16 weights multiply as stored (fp32 compute on the CPU, our kernel)."""
+    from layercake import kernels
+
+    return (
+        (compress is None or compress.weight is None)
+        and dtype == torch.float32
+        and all(e.torch_dtype == torch.bfloat16 for u in units for e in u.entries)
+        and kernels.available()
     )
 
 

@@ -16,12 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layercake import kernels
 from layercake.checkpoint import _embedding_dtype
 from layercake.checkpoint.parts import Parts
 from layercake.checkpoint.quantized import load_rows
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.int4mm import Int4Linear, PackedInt4, PackedInt8, kernel8_ok, nbytes8
+from layercake.kernels import BF16Linear, bf16_linear
 from layercake.kv_cache import AttentionStep, KVCache, QuantKV
 from layercake.models import family
 from layercake.offload.cuda import DeviceKV, WeightStream, to_device_rows, to_host_rows
@@ -56,6 +58,7 @@ class _Placed:
     pscratch: tuple[int, int] | None  # a packed part's (offset, nbytes) in the byte scratch
     owner: nn.Module | None
     attr: str
+    direct: bool = False  # bf16 rows multiplied as they lie (``kernels.bf16_mm``), never copied
 
 
 @dataclass
@@ -114,6 +117,13 @@ class OffloadRunner:
             ckpt, self.model, parts.layers, parts.head, fam.Model.tied, dtype, compress,
             packed=device.type == "cpu" and dtype == torch.float32,
         )  # fmt: skip
+        # streamed bf16 weights multiply as stored (all resident ones are held in fp32 instead)
+        self.direct = (
+            device.type == "cpu"
+            and dtype == torch.float32
+            and policy.w_device < 100
+            and kernels.available()
+        )
         self._packed_modules()
         self._bind_static(ckpt, fam.Model.tied)
         if parts.head:
@@ -158,15 +168,32 @@ class OffloadRunner:
             and kernel8_ok(e.shape, e.spec, self.device)
         )
 
+    def _direct(self, e: Entry, u: Unit) -> bool:
+        """Whether ``e`` is multiplied in bf16 as stored: a linear weight or a head slab."""
+        if not self.direct or e.quant or e.form or e.torch_dtype != torch.bfloat16:
+            return False
+        if u.kind == "head":
+            return True
+        owner = self.model.get_submodule(e.param.rpartition(".")[0])
+        return e.param.endswith(".weight") and type(owner) in (nn.Linear, BF16Linear)
+
     def _packed_modules(self) -> None:
-        """Linears whose weight is held in the int4 kernel's form become ``Int4Linear``s (their
-        weight bound per unit); the head's slabs are multiplied in ``forward``."""
+        """Linears whose weight is held in the int4 kernel's form become ``Int4Linear``s, those
+        multiplied in bf16 ``BF16Linear``s (their weight bound per unit); the head's slabs are
+        multiplied in ``forward``."""
         for u in self.units:
             for e in u.entries:
-                if (e.form == "data" or self._int8(e)) and u.kind == "layer":
-                    name = e.param.rpartition(".")[0]
-                    parent, _, child = name.rpartition(".")
-                    setattr(self.model.get_submodule(parent), child, Int4Linear(None))
+                if u.kind != "layer":
+                    continue
+                if e.form == "data" or self._int8(e):
+                    module = Int4Linear(None)
+                elif self._direct(e, u):
+                    module = BF16Linear()
+                else:
+                    continue
+                name = e.param.rpartition(".")[0]
+                parent, _, child = name.rpartition(".")
+                setattr(self.model.get_submodule(parent), child, module)
 
     def _bind_static(self, ckpt: Any, tied: dict[str, str]) -> None:
         """Embeddings, final norm and other small non-layer tensors stay resident; a table
@@ -208,8 +235,9 @@ class OffloadRunner:
                 # else (dequantized) only the rows kept here are held
                 mapped = ckpt.stored_dtype(e.src) == e.torch_dtype
             dev = cpu = None
+            direct = self._direct(e, u)
             if a:
-                dt = e.torch_dtype if e.form else torch.uint8 if e.quant else self.dtype
+                dt = e.torch_dtype if e.form or direct else torch.uint8 if e.quant else self.dtype
                 dev = rows[:a].to(self.device, dt)
                 if dev.data_ptr() == rows.data_ptr() and not mapped and a < n:
                     dev = dev.clone()
@@ -231,10 +259,10 @@ class OffloadRunner:
             elif self._int8(e):  # values moved to int8, scales and offsets: the int8 kernel's
                 pscratch = (poffset, nbytes8(*e.shape))
                 poffset += align_up(pscratch[1])
-            elif not e.form and (a < n or e.quant):
+            elif not e.form and not direct and (a < n or e.quant):
                 scratch = (offset, e.numel)
                 offset += e.numel
-            out.append(_Placed(e, a, b, dev, cpu, scratch, pscratch, owner, attr))
+            out.append(_Placed(e, a, b, dev, cpu, scratch, pscratch, owner, attr, direct))
         return out
 
     def _disk(self, ckpt: Any, source: Path) -> Loader | None:
@@ -293,6 +321,14 @@ class OffloadRunner:
                 if p.owner is not None:
                     p.owner.weight = t
                 out[e.param.removesuffix("#sz")] = t
+                continue
+            if p.direct:  # bf16 rows where they lie: one tensor per tier
+                segs = self._segments(p, staging, disk_start)
+                parts = [raw.view(e.torch_dtype).view(r1 - r0, -1) for r0, r1, raw in segs]
+                t = parts[0] if len(parts) == 1 else parts
+                if p.owner is not None:
+                    p.owner.weight = t
+                out[e.param] = t
                 continue
             if p.pscratch is not None:  # per-row int8
                 t0 = time.perf_counter()
@@ -535,9 +571,13 @@ class OffloadRunner:
             s.normed[k] = self.model.head(h)  # final norm (and projection) before the vocab
             shape = (*s.normed[k].shape[:-1], self.vocab_size)
             s.logits[k] = torch.empty(shape, dtype=torch.float32, device=self.device)
-        packed = isinstance(w, (PackedInt4, PackedInt8))
-        y = w.linear(s.normed[k]) if packed else F.linear(s.normed[k], w)
-        s.logits[k][..., col : col + w.shape[0]] = y
+        if isinstance(w, (PackedInt4, PackedInt8)):
+            y = w.linear(s.normed[k])
+        elif isinstance(w, list) or w.dtype == torch.bfloat16:  # multiplied as stored
+            y = bf16_linear(s.normed[k], w)
+        else:
+            y = F.linear(s.normed[k], w)
+        s.logits[k][..., col : col + y.shape[-1]] = y
 
     def _act_on_disk(self, num_batches: int) -> set[int]:
         keep = round(num_batches * (self.policy.act_device + self.policy.act_cpu) / 100)

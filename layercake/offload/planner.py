@@ -182,7 +182,7 @@ def memory_bytes(fp: Footprint, policy: Policy, cuda: bool, static: int, base: i
     # two slots of a unit's disk rows, each with its tensors' 4 KiB alignment
     out["staging"] = 2 * (math.ceil(U * disk / W) + fp_align(fp)) if disk else 0
     if not cuda:
-        out["scratch"] = fp.scratch or int(U * fp.compute_ratio)
+        out["scratch"] = fp.work
         out.update(kv_cache=kv, activations=fp.activations)
     return out
 
@@ -232,7 +232,7 @@ def search(
     if not found and cpu_budget is not None and not cuda:
         m = models[0]
         fp = m.footprint(1, 1, workload.context)
-        least = base + m.static_bytes + fp.activations + (fp.scratch or fp.max_unit * 2)
+        least = base + m.static_bytes + fp.activations + fp.work
         least += fp.kv + 2 * (fp.max_unit + fp_align(fp)) + 4096
         raise LayercakeError(
             f"--cpu-memory {cpu_budget / 1e9:.3f} GB is too small: streaming one layer at a "

@@ -117,6 +117,14 @@ class Footprint:
     activations: int  # hidden states, MLP intermediates and logits of one block
     kv: int  # the KV cache of one block at the planned context
     scratch: int = 0  # compressed weights: one unit dequantized (else max_unit * compute_ratio)
+    # bf16 weights multiply as stored on the CPU when not all resident (``kernels.bf16_mm``):
+    # only a unit's vectors (norms, biases) convert, into ``scratch``
+    direct: bool = False
+
+    @property
+    def work(self) -> int:
+        """The scratch a streamed (not all resident) placement converts weights into."""
+        return self.scratch or int(self.max_unit * self.compute_ratio)
 
 
 def plan_policy(
@@ -133,10 +141,9 @@ def plan_policy(
     (no conversion per step) when all of them fit that way, else in the storage dtype (twice as
     many fit, converted as they are used). The KV cache gets RAM before the weights' share."""
     kw = {"batch_size": batch_size, "num_batches": num_batches}
-    scratch = fp.scratch or int(fp.max_unit * fp.compute_ratio)
     if not cuda:
         budget = (cpu_memory or 0) + (device_memory or 0)
-        fixed = fp.activations + scratch
+        fixed = fp.activations + fp.work
         resident = fp.weights * fp.compute_ratio + fp.activations + fp.kv
         if fp.scratch:  # compressed, resident: dequantized a block (<= 64 MB fp32) at a time
             resident += min(fp.scratch, 64 * 2**20)
@@ -144,6 +151,7 @@ def plan_policy(
             return Policy(100, 0, 100, 0, 100, 0, **kw)
         return _split(fp, budget, fixed, **kw)
     # CUDA: device memory holds compute buffers, cache and what weights fit; host RAM the rest
+    scratch = fp.scratch or int(fp.max_unit * fp.compute_ratio)
     dev_budget = (device_memory or 0) - fp.activations - scratch
     if dev_budget < 0:
         raise LayercakeError(

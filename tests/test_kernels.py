@@ -1,5 +1,5 @@
-"""layercake's own CPU kernels: block matmul on int4/int8 blocks and one-query attention, against
-plain PyTorch on the same values."""
+"""layercake's own CPU kernels: block matmul on int4/int8 blocks, one-query attention and the
+bf16-weight matmul, against plain PyTorch on the same values."""
 
 import subprocess
 import sys
@@ -125,6 +125,30 @@ def test_decode_attention_equals_sdpa(B, H, KV, S):
     bigv[:, :, :S] = v
     got2 = kernels.decode_attention(q, big[:, :, :S], bigv[:, :, :S], mask, D**-0.5)
     torch.testing.assert_close(got2, got)
+
+
+@pytest.mark.parametrize("M", [1, 5, 6, 7, 13])
+@pytest.mark.parametrize("N,K", [(1, 8), (3, 20), (65, 96), (130, 1030)])
+def test_bf16_mm_equals_fp32_matmul(M, N, K):
+    """Tiles of 6 rows x 2 weight rows, K in blocks of 512 with a tail not a multiple of 8, row
+    chunks of 64: every edge."""
+    g = torch.Generator().manual_seed(M * N + K)
+    w = torch.randn(N, K, generator=g).bfloat16()
+    x = torch.randn(M, K, generator=g)
+    torch.testing.assert_close(kernels.bf16_mm(x, w), x @ w.float().T, rtol=1e-5, atol=1e-4)
+
+
+def test_bf16_linear_over_row_blocks():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 64, generator=g).bfloat16()
+    b = torch.randn(40, generator=g)
+    x = torch.randn(2, 3, 64, generator=g)
+    want = F.linear(x, w.float(), b)
+    torch.testing.assert_close(kernels.bf16_linear(x, w, b), want, rtol=1e-5, atol=1e-5)
+    blocks = [w[:7], w[7:30], w[30:]]  # rows held in three tiers
+    torch.testing.assert_close(kernels.bf16_linear(x, blocks, b), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        kernels.bf16_mm(torch.zeros(1, 32), w)
 
 
 def test_unavailable_kernels_fall_back(tmp_path):
