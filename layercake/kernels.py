@@ -24,6 +24,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -56,6 +57,8 @@ def _build(target: Path) -> None:
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         raise RuntimeError("no C++ compiler (c++ / g++) on PATH")
+    print(f"layercake: compiling its CPU kernels (once, ~10 s; cached in {target.parent})",
+          file=sys.stderr)  # fmt: skip
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c",
            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", str(SOURCE)]  # fmt: skip
@@ -104,6 +107,8 @@ def _load() -> str | None:
             _build(target)
         torch.ops.load_library(str(target))
     except (RuntimeError, OSError) as e:
+        first = str(e).splitlines()[0]
+        print(f"layercake: CPU kernels unavailable ({first}); using PyTorch's", file=sys.stderr)
         return str(e)
     torch.library.register_fake("layercake::block_mm")(_fake_block_mm)
     torch.library.register_fake("layercake::decode_attention")(_fake_attention)

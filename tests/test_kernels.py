@@ -151,13 +151,26 @@ def test_bf16_linear_over_row_blocks():
         kernels.bf16_mm(torch.zeros(1, 32), w)
 
 
-def test_unavailable_kernels_fall_back(tmp_path):
-    """With the kernels switched off, packed models still load (PyTorch's int4 kernel)."""
-    code = (
-        "from layercake import kernels; import sys;"
-        "assert not kernels.available(); print(kernels.unavailable_reason())"
-    )
-    env = {"LAYERCAKE_NO_KERNELS": "1", "PATH": "/usr/bin:/bin"}
+def test_a_failed_build_says_why_and_falls_back(tmp_path):
+    code = "from layercake import kernels; print(kernels.available(), kernels.unavailable_reason())"
+    env = {"CXX": "/nonexistent/c++", "LAYERCAKE_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "LAYERCAKE_NO_KERNELS" in r.stdout
+    assert r.stdout.startswith("False") and "/nonexistent/c++" in r.stdout
+    assert "CPU kernels unavailable" in r.stderr and "using PyTorch's" in r.stderr
+
+
+def test_unavailable_kernels_fall_back(tmp_path):
+    """With the kernels switched off, --packed runs on PyTorch's int4 kernel and SDPA."""
+    code = (
+        "from layercake import kernels; import layercake, sys\n"
+        "from layercake.decode import Blocks\n"
+        "assert not kernels.available(); print(kernels.unavailable_reason())\n"
+        "llm = layercake.load(packed=True); r = llm.runner\n"
+        "assert not r.own_kernels and not isinstance(r.layers[0].qkv, Blocks)\n"
+        "print(llm.generate(['Hi'], max_new_tokens=3, ignore_eos=True)[0].completion_tokens)\n"
+    )
+    env = {"LAYERCAKE_NO_KERNELS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["LAYERCAKE_NO_KERNELS", "is", "set", "3"]
