@@ -5,9 +5,9 @@
 - ``decode_attention``: one query per row against a KV cache, skipping masked slots. PyTorch's
   SDPA costs ~60 us a call at these sizes (9 heads, 256 slots), as much as a layer's matmuls.
 - ``bf16_mm``: fp32 activations times bf16 weights, widened in registers: an offloaded bf16
-  layer needs no fp32 copy. Measured here (2 threads, 8192 x 2048): 110 GFLOP/s at 32 rows and
-  132 at 128, against 42 and 81 for converting to fp32 and then MKL's GEMM (the same from
-  ~1024 rows on).
+  layer needs no fp32 copy. Measured here (2 threads, 8192 x 2048): 159 GFLOP/s at 32 rows,
+  178 at 128 and 174 at 1024, against 38, 78 and 116 for converting to fp32 and then MKL's
+  GEMM (MKL alone on fp32 weights: ~140-160).
 
 The C++ is compiled with the system compiler against the installed PyTorch (tens of seconds,
 once: cached under ``$LAYERCAKE_CACHE`` or ``~/.cache/layercake``, in ``kernels/``, keyed by
