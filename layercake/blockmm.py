@@ -16,8 +16,9 @@ rounds them to bf16: ~0.2 %); ``benchmarks/quality.py`` measures the perplexity 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from torch import nn
 
 from layercake import kernels
 from layercake.quant import SCALE_DTYPE, QTensor, QuantSpec
@@ -86,27 +87,27 @@ def from_blocks(w: torch.Tensor, bits: int) -> torch.Tensor:
     return (scale.float()[..., None] * q + offset.float()[..., None]).view(N, -1)
 
 
-class BlockLinear(nn.Module):
-    """``y = x @ W.T + b`` with W held as blocks (see ``to_blocks``); fp32 in and out."""
+@dataclass
+class Blocks:
+    """A weight (out, in) held as blocks (see ``to_blocks``); ``linear`` is ``x @ W.T`` in fp32
+    (the same interface as ``int4mm.PackedInt4``, so an ``Int4Linear`` holds it)."""
 
-    def __init__(self, blocks: torch.Tensor, bits: int, bias: torch.Tensor | None = None):
-        super().__init__()
-        kernels.require()
-        self.blocks, self.bits = blocks, bits
-        self.out_features = blocks.shape[0]
-        self.in_features = blocks.shape[1] // BLOCK_BYTES[bits] * GROUP
-        b = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
-        self.register_parameter("bias", b)
+    data: torch.Tensor  # (out, in / 32 * block bytes) uint8
+    bits: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        N, nbytes = self.data.shape
+        return N, nbytes // BLOCK_BYTES[self.bits] * GROUP
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        N, K = self.shape
+        y = kernels.block_mm(x.reshape(-1, K).float(), self.data, self.bits)
+        if bias is not None:
+            y += bias
+        return y.view(*x.shape[:-1], N)
 
     @classmethod
-    def from_quantized(cls, q: QTensor, bias: torch.Tensor | None = None) -> BlockLinear:
-        return cls(to_blocks(q), q.spec.bits, bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = kernels.block_mm(x.reshape(-1, self.in_features).float(), self.blocks, self.bits)
-        if self.bias is not None:
-            y += self.bias
-        return y.view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int{self.bits}-g{GROUP} blocks"
+    def from_quantized(cls, q: QTensor) -> Blocks:
+        kernels.require()
+        return cls(to_blocks(q), q.spec.bits)

@@ -28,14 +28,14 @@ goes to the wrapped runner unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from layercake import blockmm, kernels
-from layercake.blockmm import BlockLinear
+from layercake import kernels
+from layercake.blockmm import Blocks
 from layercake.int4mm import Int4Linear, PackedInt4, PackedInt8, pack
 from layercake.kv_cache import KVCache
 from layercake.quant import BLOCK_ELEMENTS, QTensor, QuantLinear, QuantSpec, dequantize, quantize
@@ -45,7 +45,6 @@ FAMILIES = ("llama", "mistral", "qwen2")
 CAPACITY_STEP = 256  # compiled steps: cache capacities are rounded up to this (fewer shapes)
 _mm4 = torch.ops.aten._weight_int4pack_mm_for_cpu
 BF16 = torch.bfloat16
-COMPILE_OPTIONS = {"cpp_wrapper": True}
 
 
 @dataclass
@@ -63,19 +62,6 @@ class _Layer:
     down_bias: torch.Tensor | None
 
 
-@dataclass
-class Blocks:
-    """A weight held as blocks for ``blockmm`` (the same interface as ``PackedInt4`` here)."""
-
-    data: torch.Tensor  # (N, K / 32 * block bytes) uint8
-    bits: int
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        N, nbytes = self.data.shape
-        return N, nbytes // blockmm.BLOCK_BYTES[self.bits] * blockmm.GROUP
-
-
 def _mm(w: PackedInt4 | Blocks, x: torch.Tensor) -> torch.Tensor:
     """``x @ W.T``: fp32 out of the block kernel; bf16 out of PyTorch's int4 kernel."""
     if isinstance(w, Blocks):
@@ -83,41 +69,28 @@ def _mm(w: PackedInt4 | Blocks, x: torch.Tensor) -> torch.Tensor:
     return _mm4(x.to(BF16), w.data, w.group_size, w.sz)
 
 
-def fuse(linears: list[Int4Linear] | list[BlockLinear]) -> tuple[PackedInt4 | Blocks, Any]:
+def fuse(linears: list[Int4Linear]) -> tuple[PackedInt4 | Blocks, torch.Tensor | None]:
     """One weight computing every linear's outputs side by side (rows concatenated), and
     their biases so (None when none has one). Each linear is re-pointed at its rows of the fused
     data (a view: the kernels' rows are contiguous bytes), so the old bytes are freed."""
+    ws = [m.weight for m in linears]
+    data = torch.cat([w.data for w in ws])  # (sum N, ...): rows are contiguous bytes
+    fused = replace(ws[0], data=data)
+    if isinstance(fused, PackedInt4):
+        fused.sz = torch.cat([w.sz for w in ws], dim=1)  # (groups, sum N, 2)
+    r = 0
+    for m, w in zip(linears, ws):
+        n = w.data.shape[0]
+        m.weight = replace(w, data=data[r : r + n])
+        r += n
     biases = [m.bias for m in linears]
     bias = None
     if any(b is not None for b in biases):
         parts = [
-            b if b is not None else torch.zeros(m.out_features if isinstance(m, BlockLinear)
-                                                else m.weight.shape[0])
-            for b, m in zip(biases, linears)
-        ]  # fmt: skip
+            b if b is not None else torch.zeros(m.weight.shape[0]) for b, m in zip(biases, linears)
+        ]
         bias = torch.cat([p.detach().float() for p in parts])
-    if isinstance(linears[0], BlockLinear):
-        data = torch.cat([m.blocks for m in linears])
-        r = 0
-        for m in linears:
-            n = m.blocks.shape[0]
-            m.blocks = data[r : r + n]
-            r += n
-        return Blocks(data, linears[0].bits), bias
-    ws = [m.weight for m in linears]
-    G = ws[0].group_size
-    data = torch.cat([w.data for w in ws])  # (sum N, K / 2)
-    sz = torch.cat([w.sz for w in ws], dim=1)  # (groups, sum N, 2)
-    r = 0
-    for m in linears:
-        n = m.weight.data.shape[0]
-        m.weight = PackedInt4(data[r : r + n], m.weight.sz, G)
-        r += n
-    return PackedInt4(data, sz, G), bias
-
-
-def _weight(m: Int4Linear | BlockLinear) -> PackedInt4 | Blocks:
-    return Blocks(m.blocks, m.bits) if isinstance(m, BlockLinear) else m.weight
+    return fused, bias
 
 
 def unsupported(runner: Any) -> str | None:
@@ -140,11 +113,13 @@ def unsupported(runner: Any) -> str | None:
         a, m = block.self_attn, block.mlp
         for group in ((a.q_proj, a.k_proj, a.v_proj), (a.o_proj,), (m.gate_proj, m.up_proj),
                       (m.down_proj,)):  # fmt: skip
-            kinds = {type(lin) for lin in group}
-            if len(kinds) > 1 or not kinds <= {Int4Linear, BlockLinear}:
+            kinds = {
+                type(lin.weight) if isinstance(lin, Int4Linear) else type(lin) for lin in group
+            }
+            if len(kinds) > 1 or not kinds <= {PackedInt4, Blocks}:
                 names = ", ".join(sorted(k.__name__ for k in kinds))
                 return f"layer {name} has {names} weights, not one packed kind"
-    if not isinstance(model.lm_head, Int4Linear | QuantLinear | BlockLinear):
+    if not isinstance(model.lm_head, Int4Linear | QuantLinear):
         return f"the head is a {type(model.lm_head).__name__}, not packed"
     if isinstance(model.lm_head, QuantLinear) and model.lm_head.spec.bits != 8:
         return "the head is a 4-bit layer the int4 kernel does not take"
@@ -218,14 +193,14 @@ class DecodeRunner:
             gu, gu_b = fuse([m.gate_proj, m.up_proj])
             ln1, ln2 = block.input_layernorm.weight, block.post_attention_layernorm.weight
             self.layers.append(
-                _Layer(int(name), ln1, ln2, qkv, qkv_b, _weight(a.o_proj), a.o_proj.bias,
-                       gu, gu_b, _weight(m.down_proj), m.down_proj.bias)
+                _Layer(int(name), ln1, ln2, qkv, qkv_b, a.o_proj.weight, a.o_proj.bias,
+                       gu, gu_b, m.down_proj.weight, m.down_proj.bias)
             )  # fmt: skip
         self.own_kernels = kernels.available()
         self._static = None
         if compile:
             self._static = torch.compile(
-                self._forward, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS
+                self._forward, fullgraph=True, dynamic=False, options={"cpp_wrapper": True}
             )
         self._slot = torch.zeros(1, dtype=torch.long)
 
@@ -255,17 +230,13 @@ class DecodeRunner:
                     raise ValueError(f"KV cache full: {s + 1} tokens > capacity {cache.capacity}")
                 cache.valid[:, s] = True if token_mask is None else token_mask[:, 0]
                 self._slot.fill_(s)
-                out = self._static(
-                    tokens, positions, cache.keys, cache.values, cache.valid, self._slot, None
-                )
+                out = self._static(tokens, positions, cache, self._slot, None)
                 cache.length = s + 1
                 return out
             if token_mask is None:
                 token_mask = torch.ones(B, 1, dtype=torch.bool)
             step = cache.begin(token_mask)
-            out = self._forward(
-                tokens, positions, cache.keys, cache.values, cache.valid, step.start, step.mask
-            )
+            out = self._forward(tokens, positions, cache, step.start, step.mask)
             cache.advance(step)
             return out
 
@@ -273,9 +244,7 @@ class DecodeRunner:
         self,
         tokens: torch.Tensor,  # (B, 1)
         positions: torch.Tensor,  # (B, 1)
-        cache_k: dict[int, torch.Tensor],  # layer -> (B, KV, cap, hd)
-        cache_v: dict[int, torch.Tensor],
-        valid: torch.Tensor,  # (B, cap) bool
+        cache: KVCache,
         slot: int | torch.Tensor,  # the cache slot written: an int (eager) or a (1,) tensor
         mask: torch.Tensor | None,  # (B, 1, 1, slot + 1) bool (eager); None: built here
     ) -> torch.Tensor:
@@ -291,12 +260,12 @@ class DecodeRunner:
         else:  # one op per layer instead of six
             rope = torch.diag_embed(ang.cos()) + self.rot * ang.sin()[:, None, :]  # (B, hd, hd)
         if compiled:  # static shapes: every slot, the unwritten ones masked off
-            cap = valid.shape[1]
+            cap = cache.capacity
             idx = torch.arange(cap)
-            mask = (valid & (idx <= slot)) | (idx == slot)  # (B, cap)
+            mask = (cache.valid & (idx <= slot)) | (idx == slot)  # (B, cap)
             mask = mask.view(B, 1, 1, cap)
         for L in self.layers:
-            kc, vc = cache_k[L.index], cache_v[L.index]  # (B, KV, cap, hd)
+            kc, vc = cache.keys[L.index], cache.values[L.index]  # (B, KV, cap, hd)
             x = F.rms_norm(h, (D,), L.ln1, self.eps)
             qkv = _mm(L.qkv, x).float()  # (B, nq + 2 nk)
             if L.qkv_bias is not None:

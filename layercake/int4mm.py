@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -239,10 +240,11 @@ def nbytes8(rows: int, width: int) -> int:
 
 
 class Int4Linear(nn.Module):
-    """``y = x @ W.T + b`` with W a ``PackedInt4`` or ``PackedInt8`` (held, or bound per use by
-    the offload executor: ``weight`` is a plain attribute, ``bias`` a parameter slot)."""
+    """``y = x @ W.T + b`` with W a ``PackedInt4``, ``PackedInt8`` or ``blockmm.Blocks`` (held, or
+    bound per use by the offload executor: ``weight`` is a plain attribute, ``bias`` a parameter
+    slot)."""
 
-    def __init__(self, weight: PackedInt4 | PackedInt8 | None, bias: torch.Tensor | None = None):
+    def __init__(self, weight: Any, bias: torch.Tensor | None = None):
         super().__init__()
         self.weight = weight
         b = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
@@ -257,4 +259,6 @@ class Int4Linear(nn.Module):
         out, width = self.weight.shape
         if isinstance(self.weight, PackedInt8):
             return f"in={width}, out={out}, int8 per row, packed"
+        if not isinstance(self.weight, PackedInt4):  # blockmm.Blocks
+            return f"in={width}, out={out}, int{self.weight.bits}-g32 blocks"
         return f"in={width}, out={out}, int4-g{self.weight.group_size} packed"

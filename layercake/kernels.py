@@ -130,27 +130,28 @@ def require() -> None:
         raise RuntimeError(f"layercake's CPU kernels are not available: {why}")
 
 
+def _op(name: str):
+    """The registered op ``torch.ops.layercake.<name>`` (built and loaded first if need be)."""
+    if not hasattr(torch.ops.layercake, name):
+        require()
+    return getattr(torch.ops.layercake, name)
+
+
 def block_mm(x: torch.Tensor, w: torch.Tensor, bits: int) -> torch.Tensor:
     """``x (M, K) fp32 @ W.T`` for W held as blocks ``w`` (N, K / 32 * block bytes) uint8."""
-    if not hasattr(torch.ops.layercake, "block_mm"):
-        require()
-    return torch.ops.layercake.block_mm(x, w, bits)
+    return _op("block_mm")(x, w, bits)
 
 
 def decode_attention(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """q (B, H, D) against keys/values (B, KV, S, D) where ``mask`` (B, S) is True -> (B, H, D)."""
-    if not hasattr(torch.ops.layercake, "decode_attention"):
-        require()
-    return torch.ops.layercake.decode_attention(q, keys, values, mask, scale)
+    return _op("decode_attention")(q, keys, values, mask, scale)
 
 
 def bf16_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x (M, K) fp32 @ W.T`` for W (N, K) bf16, in fp32."""
-    if not hasattr(torch.ops.layercake, "bf16_mm"):
-        require()
-    return torch.ops.layercake.bf16_mm(x, w)
+    return _op("bf16_mm")(x, w)
 
 
 class BF16Linear(nn.Module):

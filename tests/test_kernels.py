@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from layercake import kernels
-from layercake.blockmm import BlockLinear, from_blocks, takes, to_blocks
+from layercake.blockmm import Blocks, from_blocks, takes, to_blocks
+from layercake.int4mm import Int4Linear
 from layercake.quant import QTensor, QuantSpec, dequantize, from_gguf, quantize
 
 pytestmark = pytest.mark.skipif(
@@ -90,7 +91,7 @@ def test_block_linear_bias_and_leading_dims():
     g = torch.Generator().manual_seed(3)
     q = quantize(torch.randn(48, 64, generator=g), 4, 32)
     bias = torch.randn(48, generator=g)
-    lin = BlockLinear.from_quantized(q, bias)
+    lin = Int4Linear(Blocks.from_quantized(q), bias)
     x = torch.randn(2, 3, 64, generator=g)
     y = lin(x)
     assert y.shape == (2, 3, 48)
@@ -164,7 +165,7 @@ def test_unavailable_kernels_fall_back(tmp_path):
     """With the kernels switched off, --packed runs on PyTorch's int4 kernel and SDPA."""
     code = (
         "from layercake import kernels; import layercake, sys\n"
-        "from layercake.decode import Blocks\n"
+        "from layercake.blockmm import Blocks\n"
         "assert not kernels.available(); print(kernels.unavailable_reason())\n"
         "llm = layercake.load(packed=True); r = llm.runner\n"
         "assert not r.own_kernels and not isinstance(r.layers[0].qkv, Blocks)\n"

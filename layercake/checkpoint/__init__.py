@@ -69,7 +69,7 @@ def build_slice(
     view of the checkpoint's memory map: weights are never held twice. With ``pack`` (fp32 on
     the CPU), linear weights are packed for MKL's GEMM straight from the checkpoint. With
     ``compress.weight``, linear weights are held quantized (``QuantLinear``) instead; with
-    ``blocks`` too, group-32 ones the block kernel takes become ``BlockLinear`` (``blockmm``).
+    ``blocks`` too, those the block kernel takes are held as ``blockmm.Blocks``.
     """
     config = config or load_config(ckpt.config_dict())
     if isinstance(parts, str):
@@ -138,7 +138,7 @@ def _quantize_linears(
         fp32 = dtype == torch.float32
         if blocks and fp32 and blockmm.takes((o, i), spec, device):
             q = QTensor.from_rows(rows, (o, i), spec)
-            module = blockmm.BlockLinear.from_quantized(q, linear.bias)
+            module = Int4Linear(blockmm.Blocks.from_quantized(q), linear.bias)
         elif kernel_ok((o, i), spec, device) and fp32:
             data, sz = pack(QTensor.from_rows(rows, (o, i), spec))
             module = Int4Linear(PackedInt4.from_parts(data, sz, spec), linear.bias)
