@@ -116,7 +116,9 @@ class Footprint:
     max_unit: int  # the largest unit, storage dtype
     activations: int  # hidden states, MLP intermediates and logits of one block
     kv: int  # the KV cache of one block at the planned context
-    scratch: int = 0  # compressed weights: one unit dequantized (else max_unit * compute_ratio)
+    # compressed weights: one unit dequantized; ``direct``: a unit's vectors converted (else
+    # max_unit * compute_ratio)
+    scratch: int = 0
     # bf16 weights multiply as stored on the CPU when not all resident (``kernels.bf16_mm``):
     # only a unit's vectors (norms, biases) convert, into ``scratch``
     direct: bool = False
