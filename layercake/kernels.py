@@ -90,6 +90,10 @@ def _fake_bf16_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[0])
 
 
+def _fake_bf16_mm_out(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> None:
+    return None
+
+
 @functools.cache
 def _load() -> str | None:
     """Build (once) and register the kernels; None when they work, else why not."""
@@ -113,6 +117,7 @@ def _load() -> str | None:
     torch.library.register_fake("layercake::block_mm")(_fake_block_mm)
     torch.library.register_fake("layercake::decode_attention")(_fake_attention)
     torch.library.register_fake("layercake::bf16_mm")(_fake_bf16_mm)
+    torch.library.register_fake("layercake::bf16_mm_out")(_fake_bf16_mm_out)
     return None
 
 
@@ -149,9 +154,13 @@ def decode_attention(
     return _op("decode_attention")(q, keys, values, mask, scale)
 
 
-def bf16_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x (M, K) fp32 @ W.T`` for W (N, K) bf16, in fp32."""
-    return _op("bf16_mm")(x, w)
+def bf16_mm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x (M, K) fp32 @ W.T`` for W (N, K) bf16, in fp32; into ``out`` (M, N) when given, which
+    may be a range of columns of a wider tensor (unit column stride)."""
+    if out is None:
+        return _op("bf16_mm")(x, w)
+    _op("bf16_mm_out")(x, w, out)
+    return out
 
 
 class BF16Linear(nn.Module):
@@ -170,13 +179,24 @@ class BF16Linear(nn.Module):
 
 
 def bf16_linear(
-    x: torch.Tensor, weight: torch.Tensor | list[torch.Tensor], bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor | list[torch.Tensor],
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ W.T + b`` in fp32 for W (N, K) bf16, or W given as a list of row blocks in order."""
+    """``x @ W.T + b`` in fp32 for W (N, K) bf16, or W given as a list of row blocks in order
+    (each multiplied into its columns of the output); into ``out`` (.., N) when given."""
     parts = weight if isinstance(weight, list) else [weight]
     x2 = x.reshape(-1, x.shape[-1]).float()
-    ys = [bf16_mm(x2, w) for w in parts]
-    y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+    if out is None and len(parts) == 1:
+        y = bf16_mm(x2, parts[0])
+    else:
+        n = sum(w.shape[0] for w in parts)
+        y = x2.new_empty(x2.shape[0], n) if out is None else out.view(-1, n)
+        col = 0
+        for w in parts:
+            bf16_mm(x2, w, out=y[:, col : col + w.shape[0]])
+            col += w.shape[0]
     if bias is not None:
         y += bias
     return y.view(*x.shape[:-1], y.shape[-1])

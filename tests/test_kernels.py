@@ -152,6 +152,28 @@ def test_bf16_linear_over_row_blocks():
         kernels.bf16_mm(torch.zeros(1, 32), w)
 
 
+@pytest.mark.parametrize("K", [64, 4100])
+def test_bf16_mm_into_columns_of_a_wider_output(K):
+    """``out=``: a range of columns of a wider tensor (the head's slabs write their logits in
+    place). Every value is stored, not added to what was there (NaN before), columns outside
+    stay as they were, and a second K block adds to the first. Over many row tasks (N = 1000,
+    96 rows a task) handed out to the threads as they finish."""
+    g = torch.Generator().manual_seed(K)
+    w = torch.randn(1000, K, generator=g).bfloat16()
+    x = torch.randn(6, K, generator=g)
+    out = torch.full((6, 1300), float("nan"))
+    kernels.bf16_mm(x, w, out=out[:, 100:1100])
+    torch.testing.assert_close(out[:, 100:1100], x @ w.float().T, rtol=1e-5, atol=1e-3)
+    assert out[:, :100].isnan().all() and out[:, 1100:].isnan().all()
+    logits = torch.full((2, 3, 1200), float("nan"))  # bf16_linear over row blocks, in place
+    xs = x[:6].view(2, 3, K)
+    kernels.bf16_linear(xs, [w[:10], w[10:]], out=logits[..., 200:])
+    torch.testing.assert_close(logits[..., 200:], xs @ w.float().T, rtol=1e-5, atol=1e-3)
+    assert logits[..., :200].isnan().all()
+    with pytest.raises(RuntimeError, match="unit column stride"):
+        kernels.bf16_mm(x, w, out=torch.zeros(1000, 6).T)
+
+
 def test_a_failed_build_says_why_and_falls_back(tmp_path):
     code = "from layercake import kernels; print(kernels.available(), kernels.unavailable_reason())"
     env = {"CXX": "/nonexistent/c++", "LAYERCAKE_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}

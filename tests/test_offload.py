@@ -15,7 +15,7 @@ import torch
 import layercake
 from layercake import kernels
 from layercake.errors import LayercakeError
-from layercake.offload.policy import Footprint, Policy, parse_bytes, plan_policy
+from layercake.offload.policy import STAGING_SLOTS, Footprint, Policy, parse_bytes, plan_policy
 from layercake.offload.schedule import zigzag
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15], [20, 21, 22]]
@@ -93,7 +93,7 @@ def test_plan_respects_budget_and_is_monotonic():
     for budget in (700e6, 900e6, 1.2e9, 1.8e9, 2.5e9):
         p = plan_policy(_fp(), int(budget), None, False, 32, 1)
         resident = 2e9 * (p.w_device * 2 + p.w_cpu) / 100
-        staging = 2 * 100e6 * p.w_disk / 100
+        staging = STAGING_SLOTS * 100e6 * p.w_disk / 100
         kv = 100e6 * (p.cache_device + p.cache_cpu) / 100
         assert resident + staging + kv + 100e6 + 200e6 <= budget + 1
         held = p.w_device + p.w_cpu
@@ -103,7 +103,8 @@ def test_plan_respects_budget_and_is_monotonic():
 
 
 def test_plan_budget_too_small_says_minimum():
-    with pytest.raises(LayercakeError, match=r"at least 0\.50 GB"):
+    least = (300e6 + STAGING_SLOTS * 100e6) / 1e9  # activations + scratch, and the slots
+    with pytest.raises(LayercakeError, match=rf"at least {least:.2f} GB"):
         plan_policy(_fp(), int(400e6), None, False, 32, 1)
 
 
@@ -157,7 +158,7 @@ def test_offload_bf16_checkpoint_and_budget(tmp_path, monkeypatch):
     fp = off.footprint(ckpt, config, Parts.full(3), torch.float32, 4, 1, context=16)
     monkeypatch.setattr(off, "process_rss", lambda: 0)
     monkeypatch.setattr(off, "SAFETY", 0)
-    budget = fp.activations + fp.work + fp.kv + 2 * fp.max_unit + fp.weights // 4
+    budget = fp.activations + fp.work + fp.kv + STAGING_SLOTS * fp.max_unit + fp.weights // 20
     llm = layercake.load(path, cpu_memory=budget, offload_dir=tmp_path / "off", batch_size=4,
                          max_context=16)  # fmt: skip
     pol = llm.runner.policy

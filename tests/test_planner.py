@@ -20,7 +20,7 @@ from layercake.offload import calibrate, measure
 from layercake.offload.calibrate import UnitTimes
 from layercake.offload.measure import Machine
 from layercake.offload.planner import Model, Workload, memory_bytes, search
-from layercake.offload.policy import plan_policy
+from layercake.offload.policy import STAGING_SLOTS, plan_policy
 from layercake.offload.store import plan_units
 
 PROMPTS = [[1, 5, 9, 2], [3, 3, 7], [8, 1, 4, 4, 6]]
@@ -79,7 +79,7 @@ W = Workload(8, 8, 8)
 
 def _budgets(m: Model) -> list[int]:
     fp = m.footprint(1, 1, W.context)
-    floor = fp.activations + 2 * fp.max_unit + fp.work + fp.kv
+    floor = fp.activations + STAGING_SLOTS * fp.max_unit + fp.work + fp.kv
     return [floor + k * fp.weights // 4 for k in (1, 2, 3, 4, 8, 12)]
 
 
@@ -124,7 +124,7 @@ def test_memory_model_matches_budget_placement(bf16_model):
     for budget in _budgets(m)[:4]:
         pol = plan_policy(fp, budget, None, False, 4, 1)
         held = sum(memory_bytes(fp, pol, False, 0, 0).values())
-        assert held <= budget + 2 * 18 * 4096 + 4096
+        assert held <= budget + STAGING_SLOTS * 18 * 4096 + 4096
 
 
 def test_budget_too_small_says_the_minimum(bf16_model, tmp_path):
@@ -218,7 +218,7 @@ def test_compression_is_considered_only_when_allowed(bf16_model, tmp_path):
     ckpt = open_checkpoint(bf16_model)
     config = load_config(ckpt.config_dict())
     m = synthetic(bf16_model)
-    budget = _budgets(m)[0]
+    budget = _budgets(m)[1]
     kw = dict(ckpt=ckpt, config=config, parts=Parts.full(config.num_hidden_layers),
               device=torch.device("cpu"), dtype=torch.float32, cpu_memory=budget,
               device_memory=None, offload_dir=tmp_path / "off",

@@ -30,7 +30,7 @@ from layercake.offload.cuda import DeviceKV, WeightStream, to_device_rows, to_ho
 from layercake.offload.kvdisk import DiskKV, KVStream
 from layercake.offload.kvtiers import KVTiers
 from layercake.offload.loader import Loader
-from layercake.offload.policy import Policy, split_bytes
+from layercake.offload.policy import STAGING_SLOTS, Policy, split_bytes
 from layercake.offload.schedule import zigzag
 from layercake.offload.store import Entry, Unit, disk_range, packed_part, plan_units, prepare
 from layercake.offload.tiers import (
@@ -280,7 +280,7 @@ class OffloadRunner:
         self.disk_ranges = ranges
         readers = {j: DirectReader(directory / f"{self.units[j].name}.bin") for j in ranges}
         size = max(r[1] for r in ranges.values()) + ALIGN
-        slots = [host_buffer(size, pin=self.cuda) for _ in range(2)]
+        slots = [host_buffer(size, pin=self.cuda) for _ in range(STAGING_SLOTS)]
         return Loader(readers, ranges, slots)
 
     # ---- KV cache and activations ----------------------------------------------------------
@@ -480,7 +480,7 @@ class OffloadRunner:
         """Interpret the zig-zag schedule for one forward pass."""
         m, cache, rows = self.model, s.cache, s.rows
         weights: dict[str, torch.Tensor] = {}
-        for op in zigzag(len(self.units), len(rows)):
+        for op in zigzag(len(self.units), len(rows), lookahead=STAGING_SLOTS - 1):
             u = self.units[op.unit]
             key = (u.index, op.batch)
             if op.kind == "load":
@@ -573,8 +573,10 @@ class OffloadRunner:
             s.logits[k] = torch.empty(shape, dtype=torch.float32, device=self.device)
         if isinstance(w, (PackedInt4, PackedInt8)):
             y = w.linear(s.normed[k])
-        elif isinstance(w, list) or w.dtype == torch.bfloat16:  # multiplied as stored
-            y = bf16_linear(s.normed[k], w)
+        elif isinstance(w, list) or w.dtype == torch.bfloat16:  # multiplied as stored, in place
+            n = sum(p.shape[0] for p in w) if isinstance(w, list) else w.shape[0]
+            bf16_linear(s.normed[k], w, out=s.logits[k][..., col : col + n])
+            return
         else:
             y = F.linear(s.normed[k], w)
         s.logits[k][..., col : col + y.shape[-1]] = y
@@ -588,3 +590,8 @@ class OffloadRunner:
     @property
     def bytes_read(self) -> int:
         return self.loader.bytes_read if self.loader is not None else 0
+
+    @property
+    def read_s(self) -> float:
+        """Seconds the loader spent reading weights (its rate: ``bytes_read / read_s``)."""
+        return self.loader.read_s if self.loader is not None else 0.0

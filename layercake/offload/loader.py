@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ class Loader:
         self.todo: queue.Queue[int] = queue.Queue()
         self.inflight: dict[int, list[Any]] = {}  # unit -> [event, slot, error]
         self.bytes_read = 0
+        self.read_s = 0.0  # time spent reading: bytes_read / read_s is the rate the disk gave
         threading.Thread(target=self._run, daemon=True, name="layercake-loader").start()
 
     def submit(self, unit: int) -> None:
@@ -62,9 +64,11 @@ class Loader:
             item[1] = slot
             try:
                 offset, length = self.ranges[unit]
+                t0 = time.perf_counter()
                 self.bytes_read += self.readers[unit].read_into(
                     self.slots[slot], offset, length, streams=READ_STREAMS
                 )
+                self.read_s += time.perf_counter() - t0
             except Exception as e:  # handed to the compute thread by wait()
                 item[2] = e
             item[0].set()

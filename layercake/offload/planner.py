@@ -11,7 +11,7 @@ thread). Throughput is FlexGen's: block x generated tokens / (prefill + decode t
 Memory, per candidate: ``footprint`` (the runner's own accounting: one block's activations and
 logits, the conversion scratch, the KV cache at the planned context) plus resident embeddings and
 norms, the process as it is now and ``SAFETY``; ``plan_policy`` places weights in what is left,
-with the loader's two staging buffers for the disk share. Candidates that do not fit are dropped,
+with the loader's staging buffers for the disk share. Candidates that do not fit are dropped,
 never squeezed: the plan never holds more than the budget.
 """
 
@@ -28,7 +28,13 @@ from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.offload.calibrate import UnitTimes
 from layercake.offload.measure import Machine
-from layercake.offload.policy import Footprint, Policy, plan_policy, split_bytes
+from layercake.offload.policy import (
+    STAGING_SLOTS,
+    Footprint,
+    Policy,
+    plan_policy,
+    split_bytes,
+)
 from layercake.offload.store import Unit
 from layercake.offload.tiers import ALIGN
 from layercake.quant import Compression
@@ -179,8 +185,8 @@ def memory_bytes(fp: Footprint, policy: Policy, cuda: bool, static: int, base: i
         out.update(kv_cache=kv, activations=fp.activations)
         return out
     out["weights"] = cpu + (0 if cuda else int(dev * fp.compute_ratio))
-    # two slots of a unit's disk rows, each with its tensors' 4 KiB alignment
-    out["staging"] = 2 * (math.ceil(U * disk / W) + fp_align(fp)) if disk else 0
+    # the slots of a unit's disk rows, each with its tensors' 4 KiB alignment
+    out["staging"] = STAGING_SLOTS * (math.ceil(U * disk / W) + fp_align(fp)) if disk else 0
     if not cuda:
         out["scratch"] = fp.work
         out.update(kv_cache=kv, activations=fp.activations)
@@ -233,7 +239,7 @@ def search(
         m = models[0]
         fp = m.footprint(1, 1, workload.context)
         least = base + m.static_bytes + fp.activations + fp.work
-        least += fp.kv + 2 * (fp.max_unit + fp_align(fp)) + 4096
+        least += fp.kv + STAGING_SLOTS * (fp.max_unit + fp_align(fp)) + 4096
         raise LayercakeError(
             f"--cpu-memory {cpu_budget / 1e9:.3f} GB is too small: streaming one layer at a "
             f"time, batch 1, {workload.context} tokens needs at least {least / 1e9:.3f} GB "
@@ -259,7 +265,7 @@ def _candidate(m: Model, fp: Footprint, machine: Machine, w: Workload, cpu_budge
     RAM; None when it does not fit or repeats another."""
     host = None if cpu_budget is None else cpu_budget - base - m.static_bytes
     if host is not None:  # the staging slots' alignment, and rounding, stay free
-        host -= 2 * fp_align(fp) + 4096
+        host -= STAGING_SLOTS * fp_align(fp) + 4096
     fp_s = replace(fp, kv=int(fp.kv * share))
     policy = plan_policy(fp_s, host, device_budget, cuda, bs, nb)
     resident = policy.w_device == 100 and policy.cache_device == 100 and not cuda

@@ -107,6 +107,14 @@ def split_bytes(total: int, policy_dev: float, policy_cpu: float) -> tuple[int, 
     return dev, cpu, total - dev - cpu
 
 
+# The loader's ring of staging buffers for units' disk rows: one being computed on, two being read
+# ahead. With two (one read ahead) a decode step whose reads take nearly as long as its compute
+# (the 1B model at 128 rows under 1.6 GB: 73 ms of reads against 81 ms of matmuls a layer) waited
+# 0.1-0.2 s a step for weights (of ~1.8 s); with three it waits none. The third costs a unit's disk
+# share of RAM, taken from the resident weights.
+STAGING_SLOTS = 3
+
+
 @dataclass(frozen=True)
 class Footprint:
     """What a placement needs besides the placed weights, for budget planning (bytes)."""
@@ -165,29 +173,30 @@ def plan_policy(
     w_dev = min(100.0, 100.0 * dev_budget / (fp.weights * fp.compute_ratio))
     rest = fp.weights * (1 - w_dev / 100)
     host = cpu_memory if cpu_memory is not None else 0
-    w_cpu = min(100.0 - w_dev, 100.0 * max(0, host - 2 * fp.max_unit) / fp.weights)
-    if w_cpu < 0 or (rest > 0 and cpu_memory is not None and host < 2 * fp.max_unit):
+    staging = STAGING_SLOTS * fp.max_unit
+    w_cpu = min(100.0 - w_dev, 100.0 * max(0, host - staging) / fp.weights)
+    if w_cpu < 0 or (rest > 0 and cpu_memory is not None and host < staging):
         raise LayercakeError(
-            f"--cpu-memory is too small to stream from disk: staging needs "
-            f"{2 * fp.max_unit / 1e9:.2f} GB"
+            f"--cpu-memory is too small to stream from disk: staging needs {staging / 1e9:.2f} GB"
         )
     return Policy(w_dev, w_cpu, kv_dev, 100 - kv_dev, 100, 0, **kw)
 
 
 def _split(fp: Footprint, budget: int, fixed: int, **kw: int) -> Policy:
     """CPU budget: KV cache first, then weights in the storage dtype; the rest streams from disk
-    through two staging buffers of a unit's disk share each."""
-    kv_ram = min(fp.kv, max(0, budget - fixed - 2 * fp.max_unit))
+    through ``STAGING_SLOTS`` staging buffers of a unit's disk share each."""
+    S = STAGING_SLOTS
+    kv_ram = min(fp.kv, max(0, budget - fixed - S * fp.max_unit))
     kv_pct = 100.0 * kv_ram / fp.kv if fp.kv else 100.0
     room = budget - fixed - kv_ram
-    # resident r of W, disk d = W - r, staging 2 * max_unit * d / W: r + 2 U d / W <= room
+    # resident r of W, disk d = W - r, staging S * max_unit * d / W: r + S U d / W <= room
     W, U = fp.weights, fp.max_unit
-    minimum = fixed + 2 * U
-    if room < 2 * U:
+    minimum = fixed + S * U
+    if room < S * U:
         raise LayercakeError(
             f"memory budget {budget / 1e9:.2f} GB is too small: streaming even one layer at a "
             f"time needs at least {minimum / 1e9:.2f} GB (buffers and activations for batch "
             f"{kw['batch_size']} x {kw['num_batches']})"
         )
-    r = min(W, (room - 2 * U) / (1 - 2 * U / W)) if W > 2 * U else 0
+    r = min(W, (room - S * U) / (1 - S * U / W)) if W > S * U else 0
     return Policy(0, 100.0 * r / W, kv_pct, 0, 100, 0, **kw)
