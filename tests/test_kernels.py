@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from layercake import kernels
 from layercake.blockmm import Blocks, from_blocks, takes, to_blocks
 from layercake.int4mm import Int4Linear
+from layercake.kv_cache import AttentionStep
 from layercake.quant import QTensor, QuantSpec, dequantize, from_gguf, quantize
 
 pytestmark = pytest.mark.skipif(
@@ -197,3 +198,28 @@ def test_unavailable_kernels_fall_back(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["LAYERCAKE_NO_KERNELS", "is", "set", "3"]
+
+
+def test_cached_attention_runs_a_decode_step_on_the_kernel(monkeypatch):
+    """The engine's one-token steps (fp32, CPU) attend with ``decode_attention``, not SDPA, and
+    give what SDPA gives: GQA, padding slots masked, the new token written into the cache."""
+    from layercake.kv_cache import attention_mask
+    from layercake.models import layers
+
+    B, H, KV, D, S = 3, 8, 2, 16, 12
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(B, n, 1, D, generator=g) for n in (H, KV, KV))
+    valid = torch.ones(B, S + 1, dtype=torch.bool)
+    valid[0, :4] = False  # a left-padded row
+    step = AttentionStep(S, S + 1, attention_mask(valid, S))
+    cache = [torch.randn(B, KV, S + 4, D, generator=g) for _ in range(2)]
+    calls = []
+    real = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    ck, cv = (c.clone() for c in cache)
+    got = layers.cached_attention(q, k, v, ck, cv, step)
+    assert calls and torch.equal(ck[:, :, S], k[:, :, 0])
+    monkeypatch.setattr(layers, "_own_decode_attention", lambda *a: False)
+    want = layers.cached_attention(q, k, v, *(c.clone() for c in cache), step)
+    assert len(calls) == 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
