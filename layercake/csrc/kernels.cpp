@@ -34,20 +34,26 @@ constexpr int64_t MT = 4;       // rows of activations per pass over a weight ro
 constexpr int64_t CHUNK = 16;
 constexpr int64_t PF = 4;       // rows prefetched ahead (measured best of 2, 4, 8, 16)
 
-// Runs fn(0) .. fn(n - 1) on PyTorch's threads, each thread taking the next task as it finishes
-// one (not a fixed half each): a core interrupted by disk I/O or another thread then does fewer
-// tasks instead of the other waiting for it at the end (measured: ~10 % of a streamed decode
-// step was spent waiting so with fixed halves).
+// Runs fn(0, next) .. fn(n - 1, next) on PyTorch's threads, each thread taking the next task as it
+// finishes one (not a fixed half each): a core interrupted by disk I/O or another thread then
+// does fewer tasks instead of the other waiting for it at the end (measured: ~10 % of a streamed
+// decode step was spent waiting so with fixed halves). ``next`` is the task the same thread runs
+// after this one (-1: none), claimed ahead so that its memory can be prefetched.
 template <class F>
 void parallel_tasks(int64_t n, const F& fn) {
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
   if (threads <= 1 || at::in_parallel_region()) {
-    for (int64_t c = 0; c < n; ++c) fn(c);
+    for (int64_t c = 0; c < n; ++c) fn(c, c + 1 < n ? c + 1 : -1);
     return;
   }
-  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> counter{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < n;) fn(c);
+    int64_t c = counter.fetch_add(1, std::memory_order_relaxed);
+    while (c < n) {
+      const int64_t next = counter.fetch_add(1, std::memory_order_relaxed);
+      fn(c, next < n ? next : -1);
+      c = next;
+    }
   });
 }
 
@@ -229,7 +235,7 @@ void block_mm(const float* x, const uint8_t* w, float* y, int64_t M, int64_t N, 
   std::vector<float> dx(M * G), sx(M * G);
   quantize_rows(x, M, K, xq.data(), dx.data(), sx.data(), BITS == 4);
   const int64_t row_bytes = G * BS;
-  parallel_tasks((N + CHUNK - 1) / CHUNK, [&](int64_t c) {
+  parallel_tasks((N + CHUNK - 1) / CHUNK, [&](int64_t c, int64_t) {
     thread_local std::vector<float> scale;
     scale.resize(MT * 4 * G);
     const int64_t n0 = c * CHUNK, n1 = std::min(N, n0 + CHUNK);
@@ -410,14 +416,40 @@ void bf16_mm_into(const at::Tensor& x, const at::Tensor& w, at::Tensor& y) {
   const uint16_t* wp = (const uint16_t*)wc.data_ptr<at::BFloat16>();
   float* yp = y.data_ptr<float>();
   const int64_t ldy = y.stride(0);
-  parallel_tasks((N + NC - 1) / NC, [&](int64_t c) {
+  // The weights of the block after this one (the task's next K block, or the thread's next task)
+  // are prefetched into L2 a slice per pass of activation rows: the first pass over a block would
+  // otherwise wait on DRAM alone (a 4x3 tile wants ~8 bytes of weights a cycle, more than the
+  // memory gives two cores), which at 32 rows is an eighth of the passes.
+  const int64_t passes = M / MR + M % MR;
+  parallel_tasks((N + NC - 1) / NC, [&](int64_t c, int64_t next) {
     const int64_t n0 = c * NC, n1 = std::min(N, n0 + NC);
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
       const int64_t k1 = std::min(K, k0 + KC);
+      // the next block: rows [p0, p1), columns [q0, q1)
+      int64_t p0 = n0, p1 = n1, q0 = k1, q1 = std::min(K, k1 + KC);
+      if (k1 >= K) {
+        p0 = next < 0 ? 0 : next * NC, p1 = next < 0 ? 0 : std::min(N, p0 + NC), q0 = 0;
+        q1 = std::min(K, KC);
+      }
+      const int64_t per_pass = passes > 1 ? (p1 - p0 + passes - 1) / passes : 0;
+      int64_t pass = 0;
+      auto prefetch = [&]() {
+        const int64_t r0 = p0 + pass * per_pass, r1 = std::min(p1, r0 + per_pass);
+        for (int64_t r = r0; r < r1; ++r) {
+          const char* row = (const char*)(wp + r * K + q0);
+          for (int64_t b = 0; b < (q1 - q0) * 2; b += 64) _mm_prefetch(row + b, _MM_HINT_T1);
+        }
+        ++pass;
+      };
       int64_t m = 0;
-      for (; m + MR <= M; m += MR)
+      for (; m + MR <= M; m += MR) {
+        prefetch();
         bf16_rows<MR>(xp + m * K, K, wp, K, k0, k1, yp + m * ldy, ldy, n0, n1);
-      for (; m < M; ++m) bf16_rows<1>(xp + m * K, K, wp, K, k0, k1, yp + m * ldy, ldy, n0, n1);
+      }
+      for (; m < M; ++m) {
+        prefetch();
+        bf16_rows<1>(xp + m * K, K, wp, K, k0, k1, yp + m * ldy, ldy, n0, n1);
+      }
     }
   });
 }
