@@ -351,6 +351,8 @@ at::Tensor decode_attention_op(const at::Tensor& q, const at::Tensor& k, const a
 // (kept in L2 while every activation tile passes over them).
 // measured on the 2-core AVX2 machine (mean of six shapes at 128 and 1024 rows, GFLOP/s): 6x2
 // tiles with K blocks of 512 133; 4x3 tiles 148; 4x3 with K blocks of 4096 and 96 rows a task 173
+// (then, on the 2-core AMD machine: tasks of 48 / 96 / 144 / 192 rows within noise of each other;
+// the prefetch of the next block +2-5 % at 32 / 128 / 1024 rows, interleaved A/B)
 constexpr int64_t MR = 4, NR = 3, KC = 4096, NC = 96;
 
 inline __m256 bf16x8(const uint16_t* p) {
