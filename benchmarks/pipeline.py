@@ -83,7 +83,7 @@ def case_single(a: argparse.Namespace) -> dict:
 
 
 def case_pipeline(a: argparse.Namespace, micro: int, tmp: Path) -> dict:
-    from layercake.dist.rendezvous import free_ports
+    from layercake.pipeline.rendezvous import free_ports
 
     ports = free_ports(2)
     stage = dict(cpu_memory=a.cap, offload_dir=str(a.offload_dir), batch_size=a.batch,

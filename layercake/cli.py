@@ -212,14 +212,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def cmd_worker(a: argparse.Namespace) -> int:
-    from layercake.dist.pipeline import run_worker
+    from layercake.pipeline.runner import run_worker
 
     run_worker(a.topology, a.name, a.model, a.once, a.connect_timeout, a.threads)
     return 0
 
 
 def cmd_split(a: argparse.Namespace) -> int:
-    from layercake.dist.split import split_checkpoint
+    from layercake.pipeline.split import split_checkpoint
 
     for name, d, nbytes in split_checkpoint(a.model, a.topology, a.out):
         print(f"{name}: {d} ({nbytes / 1e9:.2f} GB of tensors)")

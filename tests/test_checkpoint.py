@@ -116,7 +116,7 @@ def test_sharded_checkpoint_and_bf16_embedding(tmp_path):
 
 
 def test_packed_linears_match(tiny_llama):
-    from layercake.cpu_linear import PackedLinear, packing_available
+    from layercake.ops.mkl import PackedLinear, packing_available
 
     if not packing_available():
         pytest.skip("MKL packed GEMM not available in this PyTorch")
@@ -135,7 +135,7 @@ def test_packed_linears_match(tiny_llama):
 def test_packed_linear_blocks_and_bias(monkeypatch):
     """Weights packed in several row blocks (a bf16 source through the scratch buffer, with a
     bias) equal the plain linear."""
-    from layercake import cpu_linear
+    from layercake.ops import mkl as cpu_linear
 
     if not cpu_linear.packing_available():
         pytest.skip("MKL packed GEMM not available in this PyTorch")

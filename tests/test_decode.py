@@ -8,9 +8,9 @@ from tests_helpers import bf16_llama
 
 import layercake
 from layercake.decode import DecodeRunner, fuse, unsupported
-from layercake.int4mm import Int4Linear, PackedInt4, PackedInt8, kernel_ok, pack
-from layercake.int4mm import Int4Linear as Int8Linear
-from layercake.int4mm import int8_available as available
+from layercake.ops.int4pack import Int4Linear, PackedInt4, PackedInt8, kernel_ok, pack
+from layercake.ops.int4pack import Int4Linear as Int8Linear
+from layercake.ops.int4pack import int8_available as available
 from layercake.quant import QTensor, QuantSpec, dequantize, from_gguf, quantize
 
 pytestmark = pytest.mark.skipif(

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layercake.int4mm import Int4Linear, PackedInt4, kernel_ok, pack, sz_for_kernel
+from layercake.ops.int4pack import Int4Linear, PackedInt4, kernel_ok, pack, sz_for_kernel
 from layercake.quant import QuantSpec, dequantize, quantize
 
 pytestmark = pytest.mark.skipif(not kernel_ok((64, 64), QuantSpec(4, 32), "cpu"),
@@ -66,7 +66,7 @@ def test_kernel_ok_only_where_the_kernel_runs():
 
 def test_int8_per_row_matmul_equals_dequantized():
     """int8, one group per row (an int4 model's head): the int8 kernel plus a per-row offset."""
-    from layercake.int4mm import PackedInt8, kernel8_ok, nbytes8
+    from layercake.ops.int4pack import PackedInt8, kernel8_ok, nbytes8
     from layercake.quant import QTensor, quantize_rows
 
     g = torch.Generator().manual_seed(1)

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layercake import kernels
-from layercake.blockmm import Blocks, from_blocks, takes, to_blocks
-from layercake.int4mm import Int4Linear
 from layercake.kv_cache import AttentionStep
+from layercake.ops import kernels
+from layercake.ops.blocks import Blocks, from_blocks, takes, to_blocks
+from layercake.ops.int4pack import Int4Linear
 from layercake.quant import QTensor, QuantSpec, dequantize, from_gguf, quantize
 
 pytestmark = pytest.mark.skipif(
@@ -176,7 +176,7 @@ def test_bf16_mm_into_columns_of_a_wider_output(K):
 
 
 def test_a_failed_build_says_why_and_falls_back(tmp_path):
-    code = "from layercake import kernels; print(kernels.available(), kernels.unavailable_reason())"
+    code = "from layercake.ops import kernels as k; print(k.available(), k.unavailable_reason())"
     env = {"CXX": "/nonexistent/c++", "LAYERCAKE_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -187,8 +187,8 @@ def test_a_failed_build_says_why_and_falls_back(tmp_path):
 def test_unavailable_kernels_fall_back(tmp_path):
     """With the kernels switched off, --packed runs on PyTorch's int4 kernel and SDPA."""
     code = (
-        "from layercake import kernels; import layercake, sys\n"
-        "from layercake.blockmm import Blocks\n"
+        "from layercake.ops import kernels; import layercake, sys\n"
+        "from layercake.ops.blocks import Blocks\n"
         "assert not kernels.available(); print(kernels.unavailable_reason())\n"
         "llm = layercake.load(packed=True); r = llm.runner\n"
         "assert not r.own_kernels and not isinstance(r.layers[0].qkv, Blocks)\n"

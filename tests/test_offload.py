@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import layercake
-from layercake import kernels
 from layercake.errors import LayercakeError
 from layercake.offload.policy import STAGING_SLOTS, Footprint, Policy, parse_bytes, plan_policy
 from layercake.offload.schedule import zigzag
+from layercake.ops import kernels
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15], [20, 21, 22]]
 
@@ -323,7 +323,7 @@ def test_packed_int4_offload_equals_packed_in_memory(tmp_path, percent):
     scales placed apart, split between tiers at any row): the in-memory packed model's output."""
     from tests_helpers import bf16_llama
 
-    from layercake.int4mm import Int4Linear
+    from layercake.ops.int4pack import Int4Linear
 
     path = bf16_llama(tmp_path / "m", hidden=128, inter=256, vocab=320)
     kw = dict(compress_weight=True, group_size=32)

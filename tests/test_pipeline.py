@@ -19,10 +19,10 @@ import torch
 from conftest import LLAMA_TINY, make_hf_checkpoint
 
 import layercake
-from layercake.dist.rendezvous import free_ports
-from layercake.dist.stage import split_rows
-from layercake.dist.topology import parse_topology
 from layercake.errors import LayercakeError
+from layercake.pipeline.rendezvous import free_ports
+from layercake.pipeline.stage import split_rows
+from layercake.pipeline.topology import parse_topology
 
 PROMPTS = [[1, 5, 9, 3, 11, 40], [4, 2], [7, 7, 7, 8], [3], [50, 60, 70]]
 
@@ -139,7 +139,7 @@ def test_topology_explains_every_mistake():
 
 def test_topology_yaml(tmp_path):
     pytest.importorskip("yaml")
-    from layercake.dist.topology import load_topology
+    from layercake.pipeline.topology import load_topology
 
     p = tmp_path / "t.yaml"
     p.write_text("nodes:\n  - name: main\n    address: 127.0.0.1:29500\n    layers: b 0-8\n"
@@ -285,7 +285,7 @@ def test_port_in_use_and_absent_workers(tmp_path, llama5):
 def test_split_writes_only_each_nodes_tensors(tmp_path, llama5):
     from layercake.checkpoint import build_slice, open_checkpoint
     from layercake.cli import main
-    from layercake.dist.split import model_id
+    from layercake.pipeline.split import model_id
     from layercake.runner import LocalRunner
 
     topo = topology(tmp_path, ["b 0-1 4-5 e", "1-4"])

@@ -172,7 +172,7 @@ def test_compressed_cache_close_and_smaller(tiny_llama, bits, tol):
 def test_gguf_q4_1_weights_kept_as_stored():
     """SmolLM2's Q4_1 matrices are kept in their own form (repacked for the int4 CPU kernel
     without a float round trip), the Q8_0 head as it is: 4x fewer bytes, the same values."""
-    from layercake.int4mm import Int4Linear
+    from layercake.ops.int4pack import Int4Linear
 
     plain = layercake.load()
     llm = layercake.load(compress_weight=True)

@@ -9,16 +9,17 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from layercake import blockmm
 from layercake.checkpoint.parts import Parts, parse_parts
 from layercake.checkpoint.quantized import load_rows, quant_spec, weight_quant
 from layercake.config import BaseConfig, load_config
-from layercake.cpu_linear import BLOCK_BYTES, PackedLinear, packing_available
 from layercake.errors import LayercakeError
-from layercake.int4mm import Int4Linear, PackedInt4, PackedInt8, kernel8_ok, kernel_ok, pack
 from layercake.models import family
 from layercake.models.base import DecoderSlice
 from layercake.models.layers import Embedding
+from layercake.ops.blocks import Blocks
+from layercake.ops.blocks import takes as blocks_ok
+from layercake.ops.int4pack import Int4Linear, PackedInt4, PackedInt8, kernel8_ok, kernel_ok, pack
+from layercake.ops.mkl import BLOCK_BYTES, PackedLinear, packing_available
 from layercake.quant import BLOCK_ELEMENTS, Compression, QTensor, QuantLinear, Workspace
 
 
@@ -69,7 +70,7 @@ def build_slice(
     view of the checkpoint's memory map: weights are never held twice. With ``pack`` (fp32 on
     the CPU), linear weights are packed for MKL's GEMM straight from the checkpoint. With
     ``compress.weight``, linear weights are held quantized (``QuantLinear``) instead; with
-    ``blocks`` too, those the block kernel takes are held as ``blockmm.Blocks``.
+    ``blocks`` too, those the block kernel takes are held as ``ops.blocks.Blocks``.
     """
     config = config or load_config(ckpt.config_dict())
     if isinstance(parts, str):
@@ -136,9 +137,9 @@ def _quantize_linears(
             raise LayercakeError(f"tensor {src!r} does not have the shape {(o, i)} config says")
         linear = model.get_submodule(owner_name)
         fp32 = dtype == torch.float32
-        if blocks and fp32 and blockmm.takes((o, i), spec, device):
+        if blocks and fp32 and blocks_ok((o, i), spec, device):
             q = QTensor.from_rows(rows, (o, i), spec)
-            module = Int4Linear(blockmm.Blocks.from_quantized(q), linear.bias)
+            module = Int4Linear(Blocks.from_quantized(q), linear.bias)
         elif kernel_ok((o, i), spec, device) and fp32:
             data, sz = pack(QTensor.from_rows(rows, (o, i), spec))
             module = Int4Linear(PackedInt4.from_parts(data, sz, spec), linear.bias)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layercake import kernels
 from layercake.kv_cache import AttentionStep, QuantKV
+from layercake.ops import kernels
 
 
 class Embedding(nn.Embedding):

@@ -149,7 +149,7 @@ def footprint(
 
 def direct_bf16(units: list, dtype: torch.dtype, compress: Compression | None) -> bool:
     """Whether streamed bf16 weights multiply as stored (fp32 compute on the CPU, our kernel)."""
-    from layercake import kernels
+    from layercake.ops import kernels
 
     return (
         (compress is None or compress.weight is None)

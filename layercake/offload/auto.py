@@ -154,7 +154,8 @@ def plan_from_args(a: Any) -> Plan:
     from layercake.checkpoint import open_checkpoint
     from layercake.checkpoint.parts import parse_parts
     from layercake.config import load_config
-    from layercake.llm import embedded_model_path, parse_device, parse_dtype
+    from layercake.devices import parse_device, parse_dtype
+    from layercake.llm import embedded_model_path
     from layercake.quant import compression
 
     if a.prompt_len < 1 or a.gen_len < 1 or a.max_sequences < 1:

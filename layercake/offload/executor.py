@@ -16,14 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layercake import kernels
 from layercake.checkpoint import _embedding_dtype
 from layercake.checkpoint.parts import Parts
 from layercake.checkpoint.quantized import load_rows
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
-from layercake.int4mm import Int4Linear, PackedInt4, PackedInt8, kernel8_ok, nbytes8
-from layercake.kernels import BF16Linear, bf16_linear
 from layercake.kv_cache import AttentionStep, KVCache, QuantKV
 from layercake.models import family
 from layercake.offload.cuda import DeviceKV, WeightStream, to_device_rows, to_host_rows
@@ -42,6 +39,9 @@ from layercake.offload.tiers import (
     host_buffer,
     keep_in_ram,
 )
+from layercake.ops import kernels
+from layercake.ops.int4pack import Int4Linear, PackedInt4, PackedInt8, kernel8_ok, nbytes8
+from layercake.ops.kernels import BF16Linear, bf16_linear
 from layercake.quant import Compression, QTensor, dequantize
 
 

@@ -100,7 +100,7 @@ def matmul_gflops(threads: int | None = None, device: str = "cpu") -> float:
     flops = 2 * 1024 * 2048 * 8192
     best = flops / best_of(step, 8) / 1e9
     if device == "cpu":
-        from layercake import kernels
+        from layercake.ops import kernels
 
         if kernels.available():
             wb = w.bfloat16()

@@ -24,8 +24,8 @@ import torch
 
 from layercake.checkpoint.quantized import load_rows, quant_spec, weight_quant
 from layercake.errors import LayercakeError
-from layercake.int4mm import BLOCK_N, data_shape, kernel_ok, pack, sz_shape
 from layercake.offload.tiers import ALIGN, align_up, check_writable
+from layercake.ops.int4pack import BLOCK_N, data_shape, kernel_ok, pack, sz_shape
 from layercake.quant import Compression, QTensor, QuantSpec
 
 FORMAT = 1

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from layercake import kernels
+from layercake.ops import kernels
 from layercake.quant import SCALE_DTYPE, QTensor, QuantSpec
 
 GROUP = 32

@@ -81,7 +81,7 @@ def split_checkpoint(model: str | os.PathLike, topology: Any, out: str | os.Path
 
     from layercake.checkpoint import open_checkpoint
     from layercake.config import load_config
-    from layercake.dist.topology import load_topology
+    from layercake.pipeline.topology import load_topology
 
     src = Path(model).expanduser()
     if not src.is_dir():

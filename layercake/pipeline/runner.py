@@ -19,12 +19,12 @@ from typing import Any
 import torch
 
 from layercake.config import BaseConfig
-from layercake.dist.rendezvous import host_job, join_job, leave_job
-from layercake.dist.stage import Stage, run_segments, serve
-from layercake.dist.topology import Topology, load_topology
-from layercake.dist.transport import Kind, PeerError
 from layercake.errors import LayercakeError
 from layercake.kv_cache import KVCache
+from layercake.pipeline.rendezvous import host_job, join_job, leave_job
+from layercake.pipeline.stage import Stage, run_segments, serve
+from layercake.pipeline.topology import Topology, load_topology
+from layercake.pipeline.transport import Kind, PeerError
 
 
 class PipelineCache:
@@ -104,10 +104,10 @@ class PipelineRunner:
         finals, error, lost = run_segments(self.stage, t, cid, positions, mask, last_only, inputs,
                                         self.topology.timeout)  # fmt: skip
         if path[-1].rank != 0:  # the head lives elsewhere: collect the logits
-            for m in range(len(sizes)):
+            for _ in range(len(sizes)):
                 f = t.recv(path[-1].rank)
                 if f.kind == Kind.ERROR:
-                    from layercake.dist.stage import _text
+                    from layercake.pipeline.stage import _text
 
                     error, lost = error or _text(f), lost or bool(f.args[2])
                 else:
@@ -187,7 +187,7 @@ def pipeline_runner(topology: str | os.PathLike | Topology, ckpt: Any, config: B
                     source: Path, dtype: str | torch.dtype | None = None,
                     micro_batches: int | None = None) -> PipelineRunner:  # fmt: skip
     """Rank 0: load this node's segments, wait for the workers, return the runner."""
-    from layercake.dist.split import model_id
+    from layercake.pipeline.split import model_id
 
     topo = load_topology(topology, config.num_hidden_layers)
     rank = int(os.environ.get("RANK", "0"))
@@ -208,8 +208,8 @@ def run_worker(topology: str | os.PathLike | Topology, name: str | None, model: 
     """``layercake worker``: load this node's layers once, then serve jobs (rejoin after each)."""
     from layercake.checkpoint import open_checkpoint
     from layercake.config import load_config
-    from layercake.dist.rendezvous import hold_address
-    from layercake.dist.split import model_id
+    from layercake.pipeline.rendezvous import hold_address
+    from layercake.pipeline.split import model_id
 
     topo = load_topology(topology)
     if name is None:  # under torchrun: the node at this process's rank
@@ -240,7 +240,8 @@ def run_worker(topology: str | os.PathLike | Topology, name: str | None, model: 
     t0 = time.perf_counter()
     stage = Stage(topo, rank, ckpt, config, source)
     ident = model_id(source)
-    log = f"layercake worker {name}: layers '{node.layers}' loaded in {time.perf_counter() - t0:.1f} s"
+    took = time.perf_counter() - t0
+    log = f"layercake worker {name}: layers '{node.layers}' loaded in {took:.1f} s"
     print(log, file=sys.stderr, flush=True)
     while True:
         transport, store = join_job(topo, rank, ident, str(source), connect_timeout)
@@ -248,7 +249,7 @@ def run_worker(topology: str | os.PathLike | Topology, name: str | None, model: 
         clean = serve(stage, transport)
         leave_job()
         del store
-        print(f"layercake worker {name}: job {'done' if clean else 'ended (rank 0 or a peer left)'}",
-              file=sys.stderr, flush=True)  # fmt: skip
+        how = "done" if clean else "ended (rank 0 or a peer left)"
+        print(f"layercake worker {name}: job {how}", file=sys.stderr, flush=True)
         if once:
             return

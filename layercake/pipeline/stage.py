@@ -13,10 +13,10 @@ import torch
 
 from layercake.checkpoint.parts import Parts
 from layercake.config import BaseConfig
-from layercake.dist.topology import Segment, Topology
-from layercake.dist.transport import FOREVER, Frame, Kind, PeerError, Transport, encode_text
 from layercake.errors import LayercakeError
 from layercake.kv_cache import KVCache
+from layercake.pipeline.topology import Segment, Topology
+from layercake.pipeline.transport import FOREVER, Frame, Kind, PeerError, Transport, encode_text
 
 WORKER_WAIT = 0.8  # of the job's timeout: a worker reports a silent peer before rank 0 gives up
 
@@ -26,7 +26,7 @@ class Stage:
 
     def __init__(self, topology: Topology, rank: int, ckpt: Any, config: BaseConfig,
                  source: Path, dtype: str | torch.dtype | None = None) -> None:  # fmt: skip
-        from layercake.llm import parse_device, parse_dtype
+        from layercake.devices import parse_device, parse_dtype
 
         self.topology, self.rank = topology, rank
         self.node = topology.nodes[rank]
@@ -186,7 +186,7 @@ def run_segments(stage: Stage, transport: Transport, cache_id: int, positions: t
 
 
 def _text(f: Frame) -> str:
-    from layercake.dist.transport import decode_text
+    from layercake.pipeline.transport import decode_text
 
     return decode_text(f.tensors[0]) if f.tensors else "unknown error"
 

@@ -240,9 +240,9 @@ def nbytes8(rows: int, width: int) -> int:
 
 
 class Int4Linear(nn.Module):
-    """``y = x @ W.T + b`` with W a ``PackedInt4``, ``PackedInt8`` or ``blockmm.Blocks`` (held, or
-    bound per use by the offload executor: ``weight`` is a plain attribute, ``bias`` a parameter
-    slot)."""
+    """``y = x @ W.T + b`` with W a ``PackedInt4``, ``PackedInt8`` or ``ops.blocks.Blocks`` (held,
+    or bound per use by the offload executor: ``weight`` is a plain attribute, ``bias`` a
+    parameter slot)."""
 
     def __init__(self, weight: Any, bias: torch.Tensor | None = None):
         super().__init__()
@@ -259,6 +259,6 @@ class Int4Linear(nn.Module):
         out, width = self.weight.shape
         if isinstance(self.weight, PackedInt8):
             return f"in={width}, out={out}, int8 per row, packed"
-        if not isinstance(self.weight, PackedInt4):  # blockmm.Blocks
+        if not isinstance(self.weight, PackedInt4):  # ops.blocks.Blocks
             return f"in={width}, out={out}, int{self.weight.bits}-g32 blocks"
         return f"in={width}, out={out}, int4-g{self.weight.group_size} packed"

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch.distributed as dist
 
-from layercake.dist.topology import Node, Topology
-from layercake.dist.transport import FOREVER, Transport
 from layercake.errors import LayercakeError
+from layercake.pipeline.topology import Node, Topology
+from layercake.pipeline.transport import FOREVER, Transport
 
 POLL = 0.1
 
@@ -209,7 +209,7 @@ def join_job(topology: Topology, rank: int, model_id: str, model_path: str,
     """A worker: reach rank 0 (retrying until ``connect_timeout``, None = as long as it takes),
     exchange hellos for rank 0's current generation, and join the process group. Rank 0 gone
     or moved on to a newer generation meanwhile: start again."""
-    main, me = topology.nodes[0], topology.nodes[rank]
+    me = topology.nodes[rank]
     deadline = None if connect_timeout is None else time.monotonic() + connect_timeout
     mine = hello(topology, rank, model_id, model_path)
     while True:

@@ -1,7 +1,7 @@
 """layercake's own CPU kernels (``csrc/kernels.cpp``): built on first use, registered as
 ``torch.ops.layercake.*`` so that ``torch.compile`` graphs call them directly.
 
-- ``block_mm``: matmul on int4/int8 weights held as blocks (see ``blockmm``).
+- ``block_mm``: matmul on int4/int8 weights held as blocks (see ``blocks``).
 - ``decode_attention``: one query per row against a KV cache, skipping masked slots. PyTorch's
   SDPA costs ~60 us a call at these sizes (9 heads, 256 slots), as much as a layer's matmuls.
 - ``bf16_mm``: fp32 activations times bf16 weights, widened in registers: an offloaded bf16

@@ -16,8 +16,8 @@ from enum import IntEnum
 import torch
 import torch.distributed as dist
 
-from layercake.dist.topology import Node
 from layercake.errors import LayercakeError
+from layercake.pipeline.topology import Node
 
 MAGIC = 0x4C43_5031  # "LCP1"
 HEADER = 32
