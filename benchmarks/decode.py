@@ -108,19 +108,20 @@ def profile(path: Path, ids: torch.Tensor, steps: int, **load_kw) -> dict:
     layer's and the head's, in step order, on fixed activations), the whole one-token forward,
     and a token of ``generate`` (the forward plus sampling and detokenizing)."""
     import layercake
-    from layercake.decode import _mm
+    from layercake.ops.linear import Linear
 
     llm = layercake.load(path, **load_kw)
     llm.generate(ids[0].tolist(), max_new_tokens=8, ignore_eos=True)  # warm (compiles)
     r = llm.runner
-    mats = [w for L in r.layers for w in (L.qkv, L.o, L.gate_up, L.down)]
-    xs = [torch.randn(1, w.shape[1]) for w in mats]
-    hx = torch.randn(1, r.hidden)
+    model = r.slices[0]
+    mats = [m for n, m in model.named_modules() if isinstance(m, Linear) and n != "lm_head"]
+    xs = [torch.randn(1, m.weight.shape[1]) for m in mats]
+    hx = torch.randn(1, model.lm_head.weight.shape[1])
 
     def matmuls() -> None:
-        for w, x in zip(mats, xs):
-            _mm(w, x)
-        r.head(hx)
+        for m, x in zip(mats, xs):
+            m(x)
+        model.lm_head(hx)
 
     def timed(fn, n: int) -> float:
         t0 = time.perf_counter()
@@ -130,7 +131,7 @@ def profile(path: Path, ids: torch.Tensor, steps: int, **load_kw) -> dict:
 
     timed(matmuls, 3)
     mm = timed(matmuls, steps)
-    head = timed(lambda: r.head(hx), steps)
+    head = timed(lambda: model.lm_head(hx), steps)
     P = ids.shape[1]
     with torch.inference_mode():  # the inputs generate gives (a compiled step guards on it)
         cache = r.new_cache(1, P + steps + 2)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from layercake.checkpoint import build_slice, open_checkpoint
+from layercake.checkpoint import open_checkpoint
 from layercake.config import BaseConfig, load_config
 from layercake.devices import parse_device, parse_dtype
 from layercake.errors import LayercakeError
@@ -26,6 +26,7 @@ from layercake.generate import (
     generate_stream,
     score,
 )
+from layercake.models.build import build_slice
 from layercake.quant import compression
 from layercake.runner import LocalRunner, Runner
 from layercake.sampling import SamplingParams
@@ -240,8 +241,9 @@ def load(
 ) -> LLM:
     """Load a model: a HF directory (config.json + safetensors) or a .gguf file; ``None`` is the
     embedded SmolLM2-135M-Instruct. ``device`` cpu/cuda/mps; ``dtype`` the compute dtype (fp32
-    on CPU by default); ``threads`` torch CPU threads; ``compile`` wraps the layers with
-    torch.compile.
+    on CPU by default); ``threads`` torch CPU threads; ``compile``: one-token steps of up to
+    8 rows run as one compiled graph of the model's forward (static cache capacity; the first
+    steps of each batch size compile it: tens of seconds).
 
     Offloading (any of ``percent``, ``device_memory``, ``cpu_memory``): weights, KV cache and
     activations are placed over device, host RAM and ``offload_dir`` by FlexGen's six
@@ -272,10 +274,9 @@ def load(
     prompt (default half); a given
     ``batch_size`` / ``num_batches`` is kept. ``llm.runner.plan`` holds the plan.
 
-    ``packed``: fast CPU decoding for batches of 1-8 (``decode.DecodeRunner``): weights held
-    as with ``compress_weight`` (int4, GGUF Q4_0/Q4_1 kept exactly; an 8-bit head becomes
-    per-row int8), q/k/v and gate/up fused, a lean one-token step; with ``compile`` that step
-    is one compiled graph (the first steps of each batch size compile it: tens of seconds).
+    ``packed``: fast CPU decoding: weights held as with ``compress_weight`` (int4 groups of
+    32; GGUF Q4_0 / Q4_1 / Q8_0 kept exactly) as blocks for our kernel (``ops.blocks``),
+    activations rounded to int8 per block as llama.cpp does.
     In-memory models of the llama family on the CPU only."""
     if packed:
         if topology is not None or any(v is not None for v in (percent, device_memory, cpu_memory)):
@@ -335,18 +336,10 @@ def load(
             )  # fmt: skip
             return LLM(runner, tokenizer, config, path)
         model_slice = build_slice(
-            ckpt, parts, dev, dt, config, pack=not compile, compress=comp, blocks=packed
+            ckpt, parts, dev, dt, config, compiled=compile, compress=comp, fast=packed
         )
-    if compile and not packed:
-        for name, m in model_slice.named_modules():
-            if name.endswith(".mlp"):
-                m.compile(dynamic=True)
     cache_quant = comp.cache_spec(config.head_dim) if comp is not None else None
-    runner = LocalRunner([model_slice], config, dev, dt, cache_quant)
-    if packed:
-        from layercake.decode import DecodeRunner
-
-        runner = DecodeRunner(runner, compile=compile)
+    runner = LocalRunner([model_slice], config, dev, dt, cache_quant, compile_step=compile)
     return LLM(runner, tokenizer, config, path)
 
 

@@ -8,7 +8,7 @@ from typing import Protocol
 import torch
 
 from layercake.config import BaseConfig
-from layercake.kv_cache import KVCache
+from layercake.kv_cache import AttentionStep, KVCache
 from layercake.models.base import DecoderSlice
 from layercake.quant import QuantSpec
 
@@ -40,8 +40,12 @@ class LocalRunner:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         cache_quant: QuantSpec | None = None,
+        compile_step: bool = False,
     ) -> None:
-        """``cache_quant``: the KV cache is held quantized so (``Compression.cache_spec``)."""
+        """``cache_quant``: the KV cache is held quantized so (``Compression.cache_spec``).
+        ``compile_step``: one-token steps of up to ``MAX_STATIC_BATCH`` rows run as one
+        compiled graph of the same forward, with static shapes (caches are made with their
+        capacity rounded up to ``CAPACITY_STEP`` slots; attention masks the unwritten ones)."""
         self.slices = slices
         self.cache_quant = cache_quant
         self.config = config
@@ -58,9 +62,15 @@ class LocalRunner:
                 segments.append((-1 if s.parts.embed else config.num_hidden_layers, s, None))
             segments += [(a, s, (a, b)) for a, b in ranges]
         self.segments = sorted(segments, key=lambda seg: seg[0])
+        self._step = None
+        if compile_step:
+            opts = {"cpp_wrapper": True} if self.device.type == "cpu" else {}
+            self._step = torch.compile(self._run, fullgraph=True, dynamic=False, options=opts)
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.config
+        if self._step is not None and batch <= MAX_STATIC_BATCH:
+            capacity = min(-(-capacity // CAPACITY_STEP) * CAPACITY_STEP, self.max_context)
         return KVCache.allocate(
             self.layers,
             batch,
@@ -86,9 +96,48 @@ class LocalRunner:
         tokens, positions = tokens.to(self.device), positions.to(self.device)
         if token_mask is None:
             token_mask = torch.ones(positions.shape, dtype=torch.bool)
-        step = cache.begin(token_mask.to(self.device))
-        x = tokens
-        for _, s, span in self.segments:
-            x = s(x, positions, cache, step, last_only, span)
+        token_mask = token_mask.to(self.device)
+        if self._static(positions, cache):
+            step = static_step(cache, token_mask)
+            x = self._step(tokens, positions, cache, step)
+            cache.length += 1
+            return x.float()
+        step = cache.begin(token_mask)
+        x = self._run(tokens, positions, cache, step, last_only)
         cache.advance(step)
         return x.float()
+
+    def _run(self, x, positions, cache, step, last_only: bool = False) -> torch.Tensor:  # noqa: ANN001
+        for _, s, span in self.segments:
+            x = s(x, positions, cache, step, last_only, span)
+        return x
+
+    def _static(self, positions: torch.Tensor, cache: KVCache) -> bool:
+        """Whether this step runs the compiled graph: one token, few rows, a plain cache."""
+        B, T = positions.shape
+        first = next(iter(cache.keys.values()), None)
+        return (
+            self._step is not None
+            and T == 1
+            and B <= MAX_STATIC_BATCH
+            and isinstance(first, torch.Tensor)
+            and cache.length < cache.capacity
+        )
+
+
+MAX_STATIC_BATCH = 8  # compiled one-token steps: each batch size up to this is one graph
+CAPACITY_STEP = 256  # compiled steps: cache capacities are rounded up to this (fewer graphs)
+
+
+def static_step(cache: KVCache, token_mask: torch.Tensor) -> AttentionStep:
+    """A one-token step over the whole capacity (static shapes): the slot written as a tensor,
+    the mask over every slot (the unwritten ones, and those outside a sliding window, off)."""
+    s, cap = cache.length, cache.capacity
+    cache.valid[:, s] = token_mask[:, 0]
+    idx = torch.arange(cap, device=cache.valid.device)
+    seen = cache.valid & (idx <= s)
+    if cache.window is not None:
+        seen &= s - idx < cache.window
+    mask = (seen | (idx == s)).view(-1, 1, 1, cap)
+    slot = torch.full((1,), s, dtype=torch.long, device=cache.valid.device)
+    return AttentionStep(0, 0, mask, slot)

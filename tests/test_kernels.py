@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from layercake.kv_cache import AttentionStep
 from layercake.ops import kernels
 from layercake.ops.blocks import Blocks, from_blocks, takes, to_blocks
-from layercake.ops.int4pack import Int4Linear
+from layercake.ops.linear import Linear as Int4Linear
 from layercake.quant import QTensor, QuantSpec, dequantize, from_gguf, quantize
 
 pytestmark = pytest.mark.skipif(
@@ -188,10 +188,10 @@ def test_unavailable_kernels_fall_back(tmp_path):
     """With the kernels switched off, --packed runs on PyTorch's int4 kernel and SDPA."""
     code = (
         "from layercake.ops import kernels; import layercake, sys\n"
-        "from layercake.ops.blocks import Blocks\n"
+        "from layercake.ops.linear import forms\n"
         "assert not kernels.available(); print(kernels.unavailable_reason())\n"
-        "llm = layercake.load(packed=True); r = llm.runner\n"
-        "assert not r.own_kernels and not isinstance(r.layers[0].qkv, Blocks)\n"
+        "llm = layercake.load(packed=True); f = forms(llm.runner.slices[0])\n"
+        "assert 'blocks' not in f and f['int4pack'] > 0, f\n"
         "print(llm.generate(['Hi'], max_new_tokens=3, ignore_eos=True)[0].completion_tokens)\n"
     )
     env = {"LAYERCAKE_NO_KERNELS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}

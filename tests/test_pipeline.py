@@ -283,8 +283,9 @@ def test_port_in_use_and_absent_workers(tmp_path, llama5):
 
 
 def test_split_writes_only_each_nodes_tensors(tmp_path, llama5):
-    from layercake.checkpoint import build_slice, open_checkpoint
+    from layercake.checkpoint import open_checkpoint
     from layercake.cli import main
+    from layercake.models.build import build_slice
     from layercake.pipeline.split import model_id
     from layercake.runner import LocalRunner
 
@@ -300,8 +301,8 @@ def test_split_writes_only_each_nodes_tensors(tmp_path, llama5):
     assert model_id(tmp_path / "parts/pc2") == model_id(llama5) == model_id(tmp_path / "parts/main")
     cfg = layercake.load(llama5).config
     slices = [
-        build_slice(a, "b 0-1 4-5 e", config=cfg, pack=True),
-        build_slice(b, "1-4", config=cfg, pack=True),
+        build_slice(a, "b 0-1 4-5 e", config=cfg),
+        build_slice(b, "1-4", config=cfg),
     ]  # as load() builds them
     full = layercake.load(llama5)
     tokens = torch.tensor([PROMPTS[0]])

@@ -25,7 +25,8 @@ import torch
 from layercake.checkpoint.quantized import load_rows, quant_spec, weight_quant
 from layercake.errors import LayercakeError
 from layercake.offload.tiers import ALIGN, align_up, check_writable
-from layercake.ops.int4pack import BLOCK_N, data_shape, kernel_ok, pack, sz_shape
+from layercake.ops.int4pack import BLOCK_N, data_shape, pack, sz_shape
+from layercake.ops.linear import choose
 from layercake.quant import Compression, QTensor, QuantSpec
 
 FORMAT = 1
@@ -134,8 +135,10 @@ def plan_units(
             if compress is not None and len(shape) == 2:
                 head = param == "lm_head.weight"
                 quant = weight_quant(ckpt, src, compress, shape[1], head)
-                if packed and kernel_ok(shape, quant_spec(quant), "cpu"):
-                    spec = quant_spec(quant)
+                spec = quant_spec(quant)
+                form = choose(shape, stored=None, spec=spec, device="cpu", dtype=compute,
+                              streamed=True)  # fmt: skip
+                if packed and form == "int4pack":
                     part = [Entry(param, src, data_shape(shape), "uint8", row0, 0, quant, "data"),
                             Entry(f"{param}#sz", src, sz_shape(shape, spec), "bfloat16", row0, 0,
                                   quant, "sz")]  # fmt: skip

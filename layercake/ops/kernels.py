@@ -29,7 +29,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 
 SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
 CPU_FLAGS = ("avx2", "fma", "f16c")
@@ -135,11 +134,18 @@ def require() -> None:
         raise RuntimeError(f"layercake's CPU kernels are not available: {why}")
 
 
+_OPS: dict = {}
+
+
 def _op(name: str):
-    """The registered op ``torch.ops.layercake.<name>`` (built and loaded first if need be)."""
-    if not hasattr(torch.ops.layercake, name):
-        require()
-    return getattr(torch.ops.layercake, name)
+    """The registered op ``torch.ops.layercake.<name>.default`` (built and loaded first if need
+    be); looked up once: a one-token step calls these hundreds of times."""
+    op = _OPS.get(name)
+    if op is None:
+        if not hasattr(torch.ops.layercake, name):
+            require()
+        op = _OPS[name] = getattr(torch.ops.layercake, name).default
+    return op
 
 
 def block_mm(x: torch.Tensor, w: torch.Tensor, bits: int) -> torch.Tensor:
@@ -161,21 +167,6 @@ def bf16_mm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -
         return _op("bf16_mm")(x, w)
     _op("bf16_mm_out")(x, w, out)
     return out
-
-
-class BF16Linear(nn.Module):
-    """``y = x @ W.T + b`` in fp32 with W held in bf16 (``bf16_mm``): ``weight`` is bound per use
-    by the offload executor, one (N, K) tensor or a list of row blocks in order (rows held in
-    different tiers: each multiplies where it lies, nothing is gathered)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        require()
-        self.weight: torch.Tensor | list[torch.Tensor] | None = None
-        self.register_parameter("bias", None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return bf16_linear(x, self.weight, self.bias)
 
 
 def bf16_linear(

@@ -50,10 +50,10 @@ class Stage:
                 Path(offload_dir).expanduser() if offload_dir else None,
                 o.get("batch_size"), o.get("num_batches"), o.get("max_context"),
             )  # fmt: skip
-        from layercake.checkpoint import build_slice
+        from layercake.models.build import build_slice
         from layercake.runner import LocalRunner
 
-        model = build_slice(ckpt, parts, self.device, self.dtype, config, pack=True)
+        model = build_slice(ckpt, parts, self.device, self.dtype, config)
         return LocalRunner([model], config, self.device, self.dtype)
 
     def new_cache(self, cache_id: int, sizes: list[int], capacity: int) -> None:
