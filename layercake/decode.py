@@ -38,6 +38,7 @@ from layercake.kv_cache import KVCache
 from layercake.ops import kernels
 from layercake.ops.blocks import Blocks
 from layercake.ops.int4pack import Int4Linear, PackedInt4, PackedInt8, pack
+from layercake.progress import on_new_shape
 from layercake.quant import BLOCK_ELEMENTS, QTensor, QuantLinear, QuantSpec, dequantize, quantize
 from layercake.runner import LocalRunner
 
@@ -202,6 +203,8 @@ class DecodeRunner:
             self._static = torch.compile(
                 self._forward, fullgraph=True, dynamic=False, options={"cpp_wrapper": True}
             )
+            what = "compiling the decode step for {key[0]} rows (torch.compile, once per shape)"
+            self._static = on_new_shape(self._static, lambda a: (len(a[0]), a[2].capacity), what)
         self._slot = torch.zeros(1, dtype=torch.long)
 
     def __getattr__(self, name: str) -> Any:  # slices, config, ...: the wrapped runner's

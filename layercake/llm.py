@@ -27,6 +27,7 @@ from layercake.generate import (
     generate_stream,
     score,
 )
+from layercake.progress import on_new_shape
 from layercake.quant import compression
 from layercake.runner import LocalRunner, Runner
 from layercake.sampling import SamplingParams
@@ -344,6 +345,11 @@ def load(
                 m.compile(dynamic=True)
     cache_quant = comp.cache_spec(config.head_dim) if comp is not None else None
     runner = LocalRunner([model_slice], config, dev, dt, cache_quant)
+    if compile and not packed:  # the first forward of each kind of shape compiles the MLPs
+        what = "compiling the MLPs (torch.compile, once per kind of step)"
+        runner.forward = on_new_shape(
+            runner.forward, lambda a: (len(a[0]) == 1, a[0].shape[1] == 1), what
+        )
     if packed:
         from layercake.decode import DecodeRunner
 

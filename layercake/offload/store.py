@@ -26,6 +26,7 @@ from layercake.checkpoint.quantized import load_rows, quant_spec, weight_quant
 from layercake.errors import LayercakeError
 from layercake.offload.tiers import ALIGN, align_up, check_writable
 from layercake.ops.int4pack import BLOCK_N, data_shape, kernel_ok, pack, sz_shape
+from layercake.progress import track
 from layercake.quant import Compression, QTensor, QuantSpec
 
 FORMAT = 1
@@ -193,7 +194,7 @@ def prepare(ckpt: Any, units: list[Unit], source: Path, offload_dir: Path) -> Pa
         return out
     check_writable(offload_dir, sum(u.file_bytes for u in units))
     out.mkdir(parents=True, exist_ok=True)
-    for u in units:
+    for u in track(units, f"writing the offload layout {out}", lambda u: u.file_bytes, "B"):
         _write_unit(ckpt, u, out / f"{u.name}.bin")
     tmp = out / "manifest.json.tmp"
     tmp.write_text(key)
