@@ -69,7 +69,7 @@ def _build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        with waiting(f"compiling the CPU kernels (once, ~10 s; cached in {target.parent})"):
+        with waiting(f"compiling the CPU kernels (once; cached in {target.parent})"):
             r = subprocess.run([*cmd, "-o", str(out)], capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"compiling {SOURCE.name} failed:\n{r.stderr[-2000:]}")
