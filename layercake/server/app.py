@@ -26,7 +26,7 @@ from layercake.engine import Request as EngineRequest
 from layercake.errors import LayercakeError
 from layercake.generate import StepEvent
 from layercake.jobs.requests import RequestError, parse_sampling, prompt_ids, token_text
-from layercake.server.page import add_chat_page, is_page
+from layercake.server.page import add_chat_page
 
 if TYPE_CHECKING:
     from layercake.llm import LLM
@@ -142,8 +142,12 @@ def create_app(
 
     @app.middleware("http")
     async def _auth(request: Request, call_next: Any) -> Any:
-        auth = request.headers.get("authorization")
-        if api_key is not None and auth != f"Bearer {api_key}" and not is_page(request.url.path):
+        auth = request.headers.get("authorization")  # the API's key (the chat page asks for it)
+        if (
+            api_key is not None
+            and auth != f"Bearer {api_key}"
+            and request.url.path.startswith("/v1/")
+        ):
             return APIError(
                 401, "Incorrect API key provided", param=None, code="invalid_api_key"
             ).response()

@@ -1,5 +1,6 @@
 """The chat page ``serve`` shows at ``/`` (as llama.cpp's server does): plain HTML, CSS and JS
-from ``static/`` (no build step, no CDN), talking to the API on the same origin; and
+from ``static/`` (no build step, no CDN; open without the API key, which the page asks for and
+sends), talking to the API on the same origin; and
 ``/v1/info``, the few facts the page shows about the model and the path that runs it."""
 
 from __future__ import annotations
@@ -16,12 +17,6 @@ if TYPE_CHECKING:
 STATIC = Path(__file__).parent / "static"
 FILES = {"chat.js": "text/javascript", "chat.css": "text/css"}
 _KINDS = {"LocalRunner": "in memory", "DecodeRunner": "packed decode", "OffloadRunner": "offload"}
-
-
-def is_page(path: str) -> bool:
-    """The page's own files, served without the API key (the page asks for it, and its calls
-    to ``/v1/`` send it)."""
-    return path == "/" or path.startswith("/static/")
 
 
 def runner_path(runner: Any) -> str:
