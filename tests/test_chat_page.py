@@ -32,8 +32,8 @@ CHROMEDRIVER = shutil.which("chromedriver")
 ENTER = "\ue007"  # WebDriver's Enter key
 
 
-@pytest.fixture(scope="module")
-def app(tiny_chat_llama):
+@pytest.fixture
+def app(tiny_chat_llama):  # one per test: a server's shutdown stops its engine
     import layercake
     from layercake.server.app import create_app
 
@@ -51,7 +51,7 @@ def app(tiny_chat_llama):
 def test_page_routes(app):
     from starlette.testclient import TestClient
 
-    c = TestClient(app)  # no `with`: its shutdown would stop the engine the browser test uses
+    c = TestClient(app)
     page = c.get("/")  # the page itself needs no key: it asks for it
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert '<script src="/static/chat.js">' in page.text
@@ -214,6 +214,25 @@ def test_chat_in_a_headless_browser(app, browser, tiny_chat_llama):
     assert int(tokens) == len(want.token_ids) and finish == want.finish_reason
     assert ttft.endswith(" ms") and int(ttft.split()[0]) > 0
     assert tps.endswith(" tok/s") and 1 < float(tps.split()[0]) < 20  # ~0.15 s a token
+
+
+def test_stop_ends_the_reply_and_frees_its_slot(app, browser):
+    with live_server(app) as url:
+        browser.open(url)
+        browser.type("#api-key", KEY + "\t")
+        browser.wait("return document.getElementById('path').textContent !== '…'")
+        browser.clear("#max-tokens")
+        browser.type("#max-tokens", "60")  # ~9 s at 0.15 s a token: stopped long before
+        browser.type("#prompt", "w1" + ENTER)
+        browser.wait("return Number(document.getElementById('tokens').textContent) >= 2")
+        browser._session("POST", f"/element/{browser.element('#send')}/click")
+        browser.wait("return !document.querySelector('.msg.assistant.streaming')", timeout=10)
+        assert browser.text("#finish") == "stopped" and int(browser.text("#tokens")) < 30
+        deadline = time.time() + 10
+        while app.state.engine.engine.busy:  # the server saw the client go: the slot is free
+            assert time.time() < deadline, "the stopped request still holds its slot"
+            time.sleep(0.05)
+        assert browser.text("#send") == "Send"
 
 
 @pytest.mark.slow
