@@ -71,8 +71,8 @@ def _build(target: Path) -> None:
         out = Path(tmp) / target.name
         with waiting(f"compiling the CPU kernels (once; cached in {target.parent})"):
             r = subprocess.run([*cmd, "-o", str(out)], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{r.stderr[-2000:]}")
+            if r.returncode != 0:
+                raise RuntimeError(f"compiling {SOURCE.name} failed:\n{r.stderr[-2000:]}")
         os.replace(out, target)  # atomic: concurrent builders each publish a whole file
     for old in target.parent.glob("kernels-*.so"):  # builds of other sources / PyTorch versions
         if old != target:
