@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from layercake.checkpoint import open_checkpoint
+from layercake.checkpoint.locate import locate_model
 from layercake.config import BaseConfig, load_config
 from layercake.devices import parse_device, parse_dtype
 from layercake.errors import LayercakeError
@@ -298,7 +299,7 @@ def load(
         raise LayercakeError(
             "--compress-weight / --compress-cache do not combine with --topology yet"
         )
-    path = Path(model).expanduser() if model is not None else embedded_model_path()
+    path = locate_model(model) if model is not None else embedded_model_path()
     dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
     if threads:

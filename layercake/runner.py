@@ -10,6 +10,7 @@ import torch
 from layercake.config import BaseConfig
 from layercake.kv_cache import AttentionStep, KVCache
 from layercake.models.base import DecoderSlice
+from layercake.progress import on_new_shape
 from layercake.quant import QuantSpec
 
 
@@ -66,6 +67,8 @@ class LocalRunner:
         if compile_step:
             opts = {"cpp_wrapper": True} if self.device.type == "cpu" else {}
             self._step = torch.compile(self._run, fullgraph=True, dynamic=False, options=opts)
+            what = "compiling the one-token step for {key[0]} rows (torch.compile, once per shape)"
+            self._step = on_new_shape(self._step, lambda a: (len(a[0]), a[2].capacity), what)
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.config

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from conftest import live_server
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -32,19 +30,8 @@ def live(tiny_chat_llama):  # (base URL, app)
     app = create_app(
         layercake.load(tiny_chat_llama), slots=6, max_context=96, api_key=KEY, model_name="tiny"
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.02)
-    assert srv.started
-    yield f"http://127.0.0.1:{port}/v1", app
-    srv.should_exit = True
-    t.join(timeout=10)
+    with live_server(app) as url:
+        yield f"{url}/v1", app
 
 
 @pytest.fixture

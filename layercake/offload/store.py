@@ -27,6 +27,7 @@ from layercake.errors import LayercakeError
 from layercake.offload.tiers import ALIGN, align_up, check_writable
 from layercake.ops.int4pack import BLOCK_N, data_shape, pack, sz_shape
 from layercake.ops.linear import choose
+from layercake.progress import track
 from layercake.quant import Compression, QTensor, QuantSpec
 
 FORMAT = 1
@@ -196,7 +197,7 @@ def prepare(ckpt: Any, units: list[Unit], source: Path, offload_dir: Path) -> Pa
         return out
     check_writable(offload_dir, sum(u.file_bytes for u in units))
     out.mkdir(parents=True, exist_ok=True)
-    for u in units:
+    for u in track(units, f"writing the offload layout {out}", lambda u: u.file_bytes, "B"):
         _write_unit(ckpt, u, out / f"{u.name}.bin")
     tmp = out / "manifest.json.tmp"
     tmp.write_text(key)

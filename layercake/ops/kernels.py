@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from layercake.progress import waiting
+
 SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
 CPU_FLAGS = ("avx2", "fma", "f16c")
 
@@ -56,8 +58,6 @@ def _build(target: Path) -> None:
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         raise RuntimeError("no C++ compiler (c++ / g++) on PATH")
-    print(f"layercake: compiling its CPU kernels (once, ~10 s; cached in {target.parent})",
-          file=sys.stderr)  # fmt: skip
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c",
            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", str(SOURCE)]  # fmt: skip
@@ -68,9 +68,10 @@ def _build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        r = subprocess.run([*cmd, "-o", str(out)], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{r.stderr[-2000:]}")
+        with waiting(f"compiling the CPU kernels (once; cached in {target.parent})"):
+            r = subprocess.run([*cmd, "-o", str(out)], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"compiling {SOURCE.name} failed:\n{r.stderr[-2000:]}")
         os.replace(out, target)  # atomic: concurrent builders each publish a whole file
     for old in target.parent.glob("kernels-*.so"):  # builds of other sources / PyTorch versions
         if old != target:

@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from layercake.checkpoint.locate import model_label
 from layercake.engine import Engine, default_capacity
 from layercake.engine import Request as EngineRequest
 from layercake.errors import LayercakeError
 from layercake.generate import StepEvent
 from layercake.jobs.requests import RequestError, parse_sampling, prompt_ids, token_text
+from layercake.server.page import add_chat_page
 
 if TYPE_CHECKING:
     from layercake.llm import LLM
@@ -130,7 +132,7 @@ def create_app(
     prompt + completion within ``max_context`` tokens."""
     context = min(max_context or DEFAULT_CONTEXT, llm.runner.max_context)
     loop_holder = EngineLoop(llm, slots, context)
-    name = model_name or llm.path.name
+    name = model_name or model_label(llm.path)
     app = FastAPI(title="layercake", on_shutdown=[loop_holder.stop])
     app.state.engine = loop_holder
 
@@ -140,7 +142,12 @@ def create_app(
 
     @app.middleware("http")
     async def _auth(request: Request, call_next: Any) -> Any:
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+        auth = request.headers.get("authorization")  # the API's key (the chat page asks for it)
+        if (
+            api_key is not None
+            and auth != f"Bearer {api_key}"
+            and request.url.path.startswith("/v1/")
+        ):
             return APIError(
                 401, "Incorrect API key provided", param=None, code="invalid_api_key"
             ).response()
@@ -158,6 +165,8 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         return await _complete(request, chat=True)
+
+    add_chat_page(app, llm, name, context, slots)  # the chat page at / and /v1/info
 
     async def _complete(request: Request, chat: bool) -> Any:
         body = await _json(request)
