@@ -111,10 +111,14 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--packed",
         action="store_true",
-        help="fast CPU decoding of 1-8 streams: weights as --compress-weight (int4 kernels; GGUF "
-        "Q4_0/Q4_1 exact, a Q8_0 head as per-row int8), q/k/v and gate/up fused, a lean "
-        "one-token step; with --compile that step is one compiled graph (compiles on first use). "
-        "In-memory llama-family models on the CPU",
+        help="also float models on the block kernels: linear weights as --compress-weight "
+        "(int4 groups of 32, lossy) held as blocks; in-memory models on the CPU",
+    )
+    c.add_argument(
+        "--exact",
+        action="store_true",
+        help="turn the fast default off: GGUF Q4_0/Q4_1/Q8_0 weights dequantized to fp32 and "
+        "multiplied in fp32 (no int8 rounding of activations), bf16 weights converted to fp32",
     )
 
 
@@ -179,6 +183,7 @@ def load_from_args(a: argparse.Namespace, max_sequences: int | None = None):
         allow_compression=getattr(a, "allow_compression", False),
         max_sequences=max_sequences,
         packed=getattr(a, "packed", False),
+        exact=getattr(a, "exact", False),
     )
 
 
@@ -192,6 +197,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
         prompt = llm.chat_prompt(messages + [{"role": "user", "content": a.prompt}])
     else:
         prompt = llm.tokenizer.encode(a.prompt)
+    describe = getattr(llm.runner, "describe", None)
+    if a.verbose and callable(describe):
+        print(f"[path: {describe()}]", file=sys.stderr)
     reason = None
     try:
         for ev in llm.stream(prompt, **sampling_kwargs(a)):

@@ -239,6 +239,7 @@ def load(
     max_sequences: int | None = None,
     prompt_len: int | None = None,
     packed: bool = False,
+    exact: bool = False,
 ) -> LLM:
     """Load a model: a HF directory (config.json + safetensors) or a .gguf file; ``None`` is the
     embedded SmolLM2-135M-Instruct. ``device`` cpu/cuda/mps; ``dtype`` the compute dtype (fp32
@@ -275,9 +276,11 @@ def load(
     prompt (default half); a given
     ``batch_size`` / ``num_batches`` is kept. ``llm.runner.plan`` holds the plan.
 
-    ``packed``: fast CPU decoding: weights held as with ``compress_weight`` (int4 groups of
-    32; GGUF Q4_0 / Q4_1 / Q8_0 kept exactly) as blocks for our kernel (``ops.blocks``),
-    activations rounded to int8 per block as llama.cpp does.
+    Fast by default (CPU, fp32 compute, in memory): GGUF Q4_0 / Q4_1 / Q8_0 weights are kept
+    bit for bit as blocks for our kernel (``ops.blocks``; activations rounded to int8 per
+    block of 32, as llama.cpp does) and bf16 weights are multiplied as stored (exact);
+    ``exact`` turns that off (fp32 weights, fp32 activations). ``packed``: float models too
+    on the block kernels, their weights held as with ``compress_weight`` (int4, lossy).
     In-memory models of the llama family on the CPU only."""
     if packed:
         if topology is not None or any(v is not None for v in (percent, device_memory, cpu_memory)):
@@ -337,7 +340,7 @@ def load(
             )  # fmt: skip
             return LLM(runner, tokenizer, config, path)
         model_slice = build_slice(
-            ckpt, parts, dev, dt, config, compiled=compile, compress=comp, fast=packed
+            ckpt, parts, dev, dt, config, compiled=compile, compress=comp, fast=packed or not exact
         )
     cache_quant = comp.cache_spec(config.head_dim) if comp is not None else None
     runner = LocalRunner([model_slice], config, dev, dt, cache_quant, compile_step=compile)

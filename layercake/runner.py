@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Protocol
 
 import torch
@@ -18,6 +19,22 @@ class Runner(Protocol):
     vocab_size: int
     max_context: int
     device: torch.device
+
+    def describe(self) -> str:
+        """Which path runs, and why (``-v``, the chat page): device, dtype, the forms of the
+        linear weights (``ops.linear``), the KV cache's form and whether steps compile."""
+        from layercake.ops.linear import forms
+
+        counts = sum((forms(s) for s in self.slices), Counter())
+        held = ", ".join(f"{f} x{n}" for f, n in counts.most_common())
+        why = [WHY[f] for f in counts if f in WHY]
+        words = [f"in memory, {self.device.type}, {str(self.dtype).removeprefix('torch.')}"]
+        words.append(f"linears: {held}" + (f" ({'; '.join(why)})" if why else ""))
+        if self.cache_quant is not None:
+            words.append(f"KV cache {self.cache_quant}")
+        if self._step is not None:
+            words.append(f"one-token steps of <= {MAX_STATIC_BATCH} rows compiled")
+        return "; ".join(words)
 
     def new_cache(self, batch: int, capacity: int) -> KVCache: ...
 
@@ -69,6 +86,22 @@ class LocalRunner:
             self._step = torch.compile(self._run, fullgraph=True, dynamic=False, options=opts)
             what = "compiling the one-token step for {key[0]} rows (torch.compile, once per shape)"
             self._step = on_new_shape(self._step, lambda a: (len(a[0]), a[2].capacity), what)
+
+    def describe(self) -> str:
+        """Which path runs, and why (``-v``, the chat page): device, dtype, the forms of the
+        linear weights (``ops.linear``), the KV cache's form and whether steps compile."""
+        from layercake.ops.linear import forms
+
+        counts = sum((forms(s) for s in self.slices), Counter())
+        held = ", ".join(f"{f} x{n}" for f, n in counts.most_common())
+        why = [WHY[f] for f in counts if f in WHY]
+        words = [f"in memory, {self.device.type}, {str(self.dtype).removeprefix('torch.')}"]
+        words.append(f"linears: {held}" + (f" ({'; '.join(why)})" if why else ""))
+        if self.cache_quant is not None:
+            words.append(f"KV cache {self.cache_quant}")
+        if self._step is not None:
+            words.append(f"one-token steps of <= {MAX_STATIC_BATCH} rows compiled")
+        return "; ".join(words)
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.config
@@ -128,6 +161,12 @@ class LocalRunner:
         )
 
 
+WHY = {
+    "blocks": "GGUF/int blocks on our kernel, int8 activations as llama.cpp; --exact for fp32",
+    "bf16": "bf16 weights multiplied as stored; --exact converts them to fp32",
+    "int4pack": "int4 on PyTorch's kernel",
+    "dequant": "dequantized block by block before each use",
+}
 MAX_STATIC_BATCH = 8  # compiled one-token steps: each batch size up to this is one graph
 CAPACITY_STEP = 256  # compiled steps: cache capacities are rounded up to this (fewer graphs)
 

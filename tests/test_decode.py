@@ -215,3 +215,17 @@ def test_continuous_batching_on_the_fast_path(packable):
     for req, ev in eng.run():
         got[id(req)].append(ev.token_id)
     assert [got[id(r)] for r in reqs] == solo
+
+
+def test_bf16_weights_multiplied_as_stored(packable):
+    """A bf16 checkpoint in memory keeps its weights in bf16 by default (half the bytes of the
+    fp32 copy ``exact`` makes) and gives the fp32 path's logits: the products are exact."""
+    from layercake.ops.kernels import available
+
+    if not available():
+        pytest.skip("our CPU kernels are not built here")
+    fast, exact = layercake.load(packable), layercake.load(packable, exact=True)
+    assert forms(fast.runner.slices[0]) == {"bf16": 3 * 4 + 1}
+    assert set(forms(exact.runner.slices[0])) <= {"mkl", "dense"}
+    ids = [[5, 17, 99, 3, 42, 7, 11, 250], [9, 8]]
+    torch.testing.assert_close(fast.logits(ids), exact.logits(ids), rtol=1e-4, atol=1e-4)

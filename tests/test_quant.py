@@ -174,8 +174,8 @@ def test_gguf_q4_1_weights_kept_as_stored():
     without a float round trip), the Q8_0 head as it is: 4x fewer bytes, the same values."""
     from layercake.ops.linear import Linear
 
-    plain = layercake.load()
-    llm = layercake.load(compress_weight=True)
+    plain = layercake.load(exact=True)
+    llm = layercake.load(compress_weight=True, exact=True)  # PyTorch's int4 kernel, not blocks
     model = llm.runner.slices[0]
     assert forms(model) == {"int4pack": 4 * 30, "dequant": 1}  # q/k/v and gate/up fused
     packed = [m for m in model.modules() if isinstance(m, Linear) and m.weight.form == "int4pack"]
