@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -24,14 +25,9 @@ def llm(tiny_chat_llama):
     return layercake.load(tiny_chat_llama)
 
 
-@pytest.fixture(scope="module")
-def live(tiny_chat_llama):  # (base URL, app)
-    import layercake
-    from layercake.server.app import create_app
-
-    app = create_app(
-        layercake.load(tiny_chat_llama), slots=6, max_context=96, api_key=KEY, model_name="tiny"
-    )
+@contextlib.contextmanager
+def live_server(app):
+    """Run ``app`` under uvicorn on a free loopback port; yields the base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -42,9 +38,23 @@ def live(tiny_chat_llama):  # (base URL, app)
     while not srv.started and time.time() < deadline:
         time.sleep(0.02)
     assert srv.started
-    yield f"http://127.0.0.1:{port}/v1", app
-    srv.should_exit = True
-    t.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        t.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def live(tiny_chat_llama):  # (base URL, app)
+    import layercake
+    from layercake.server.app import create_app
+
+    app = create_app(
+        layercake.load(tiny_chat_llama), slots=6, max_context=96, api_key=KEY, model_name="tiny"
+    )
+    with live_server(app) as url:
+        yield f"{url}/v1", app
 
 
 @pytest.fixture

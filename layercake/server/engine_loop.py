@@ -67,23 +67,25 @@ class EngineLoop:
 
     def _run(self) -> None:
         while self._take_inbox():
-            eng = self.engine
-            prompt, generated = eng.stats.prompt_tokens, eng.stats.generated_tokens
             try:
-                events = eng.step()
+                self._step()
             except Exception as e:  # the whole step failed: fail what is in flight, go on
                 self._fail_all(e)
-                continue
-            for req, ev in events:
-                req.tag.put(ev)
-            for req in self.live:
-                if req.error is not None:
-                    req.tag.put(req.error)
-            self.live = [r for r in self.live if not (r.finished or r.cancelled)]
-            self.metrics.count_tokens(
-                eng.stats.generated_tokens - generated, eng.stats.prompt_tokens - prompt
-            )
-            self._gauges()
+
+    def _step(self) -> None:
+        eng = self.engine
+        prompt, generated = eng.stats.prompt_tokens, eng.stats.generated_tokens
+        events = eng.step()
+        for req, ev in events:
+            req.tag.put(ev)
+        for req in self.live:
+            if req.error is not None:  # this request alone failed
+                req.tag.put(req.error)
+        self.live = [r for r in self.live if not (r.finished or r.cancelled)]
+        self.metrics.count_tokens(
+            eng.stats.generated_tokens - generated, eng.stats.prompt_tokens - prompt
+        )
+        self._gauges()
 
     def _take_inbox(self) -> bool:
         """Move new requests into the engine (waiting for one when idle); False to stop."""

@@ -14,10 +14,10 @@ RETRY_AFTER_S = 1
 
 
 def _too_large(size: int, limit: int, streamed: bool) -> APIError:
-    what = "more than" if streamed else f"{size} bytes,"
+    size_ = "" if streamed else f"{size} bytes, "
     return APIError(
         413,
-        f"the request body is {what} the server's limit of {limit} bytes (--max-body)",
+        f"the request body is {size_}more than the server's limit of {limit} bytes (--max-body)",
         code="request_too_large",
     )
 

@@ -58,5 +58,9 @@ class Metrics:
         }
         for kind, series in (("counter", counters), ("gauge", gauges)):
             for name, (help_, value) in series.items():
-                out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value:g}"]
+                out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {_number(value)}"]
         return "\n".join(out) + "\n"
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:.6g}"

@@ -128,7 +128,9 @@ def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
     if options is None:
         return bool(stream), False
     if not stream:
-        raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
+        raise APIError(
+            400, "stream_options is only allowed with stream: true", param="stream_options"
+        )
     usage = options.get("include_usage") if isinstance(options, dict) else None
     if not isinstance(options, dict) or not isinstance(usage, (bool, type(None))):
         raise APIError(
