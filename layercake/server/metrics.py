@@ -58,7 +58,8 @@ class Metrics:
         }
         for kind, series in (("counter", counters), ("gauge", gauges)):
             for name, (help_, value) in series.items():
-                out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {_number(value)}"]
+                out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+                out.append(f"{name} {_number(value)}")
         return "\n".join(out) + "\n"
 
 
