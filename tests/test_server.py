@@ -69,6 +69,10 @@ def client(server):
 
 def test_models(client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4o")
+    assert e.value.body["code"] == "model_not_found"
 
 
 def test_completion_equals_generate(client, llm):

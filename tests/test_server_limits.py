@@ -145,6 +145,7 @@ def test_unknown_model_is_404_and_served_names_work(url, small):
     body = {"prompt": "w1", "max_tokens": 1}
     r = httpx.post(f"{url}/v1/completions", json={**body, "model": "gpt-4o"})
     _error(r, 404, param="model", code="model_not_found")
+    _error(httpx.post(f"{url}/v1/completions", json={**body, "model": {}}), 400, param="model")
     listed = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
     for name in (listed, small[2].path.name):
         r = httpx.post(f"{url}/v1/completions", json={**body, "model": name})

@@ -32,7 +32,7 @@ from layercake.server.limits import (
 )
 from layercake.server.metrics import Metrics
 from layercake.server.responses import SSEResponse, collect, sse
-from layercake.server.validate import Parsed, parse_request
+from layercake.server.validate import Parsed, check_model, parse_request
 
 if TYPE_CHECKING:
     from layercake.llm import LLM
@@ -98,10 +98,16 @@ def create_app(
     app.add_middleware(_Gate, api_key=api_key, metrics=metrics)
     install_error_handlers(app)
 
+    card = {"id": name, "object": "model", "created": 0, "owned_by": "layercake"}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        card = {"id": name, "object": "model", "created": 0, "owned_by": "layercake"}
         return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        check_model(model, names)
+        return card
 
     @app.get("/health")
     async def health() -> JSONResponse:

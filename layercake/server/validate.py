@@ -101,15 +101,22 @@ def _check_strings(body: dict[str, Any]) -> None:
             )
 
 
-def _check_fields(body: dict[str, Any], models: set[str]) -> None:
-    model = body.get("model")
-    if model is not None and model not in models:
+def check_model(model: Any, models: set[str]) -> None:
+    """404 ``model_not_found`` unless ``model`` is one of the served ``models``' names."""
+    if not isinstance(model, str):
+        raise APIError(400, f"model must be a string, got {model!r}", param="model")
+    if model not in models:
         raise APIError(
             404,
-            f"The model {model!r} does not exist (this server has {sorted(models)[0]!r})",
+            f"The model {model!r} does not exist (GET /v1/models lists the served one)",
             param="model",
             code="model_not_found",
         )
+
+
+def _check_fields(body: dict[str, Any], models: set[str]) -> None:
+    if body.get("model") is not None:
+        check_model(body["model"], models)
     for name, unused in UNSUPPORTED.items():
         value = body.get(name)
         if value is not None and not any(value == u and type(value) is type(u) for u in unused):
