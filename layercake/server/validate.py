@@ -6,14 +6,13 @@ otherwise stall every other stream on the event loop)."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from layercake.errors import LayercakeError
-from layercake.jobs.requests import RequestError, _messages, parse_sampling, prompt_ids
+from layercake.jobs.requests import RequestError, parse_sampling, prompt_ids
 from layercake.sampling import SamplingParams
 from layercake.server.errors import APIError
 
@@ -154,11 +153,9 @@ def _chat_ids(llm: LLM, body: dict[str, Any]) -> list[int]:
         raise RequestError("give either prompt or messages, not both", "messages")
     if isinstance(messages, list):
         messages = [_role(i, m) for i, m in enumerate(messages)]
-    escape = escape_option(llm)
-    if escape is None:
-        return prompt_ids(llm, {"messages": messages})
-    # text, not control tokens: "<|im_end|>" typed by a user cannot end its turn
-    return llm.chat_prompt(_messages(messages), **{escape: True})
+    # LLM.chat_prompt encodes control-token text typed in messages as plain text (where the
+    # tokenizer has that option), so "<|im_end|>" typed by a user cannot end its turn
+    return prompt_ids(llm, {"messages": messages})
 
 
 def _role(i: int, m: Any) -> Any:
@@ -179,10 +176,3 @@ def _completion_ids(llm: LLM, body: dict[str, Any], max_prompts: int) -> list[li
     if many and len(p) > max_prompts:
         raise RequestError(f"{len(p)} prompts in one request; at most {max_prompts}", "prompt")
     return [prompt_ids(llm, {"prompt": x}) for x in (p if many else [p])]
-
-
-def escape_option(llm: LLM) -> str | None:
-    """The keyword of ``llm.chat_prompt`` that escapes control tokens in message text (the
-    tokenizer's option), or None where this version has none."""
-    params = inspect.signature(llm.chat_prompt).parameters
-    return next((p for p in params if p.startswith("escape")), None)
