@@ -146,7 +146,7 @@ def create_app(
         parsed = parse_request(llm, raw, chat, names, context, max_prompts)
         for p in parsed.prompts:
             try:
-                loop_holder.engine.check(p, parsed.params)
+                loop_holder.check(EngineRequest(p, parsed.params))
             except LayercakeError as e:
                 param = "max_tokens" if "max_new" in str(e) else "prompt"
                 raise APIError(400, str(e), param=param) from None
@@ -170,7 +170,7 @@ def create_app(
             loop = asyncio.get_running_loop()
             for i, p in enumerate(parsed.prompts):
                 reqs.append(EngineRequest(p, parsed.params, tag=Reply(loop, i)))
-                loop_holder.inbox.put(reqs[-1])
+                loop_holder.submit(reqs[-1])
             rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
             meta = {"id": rid, "created": int(time.time()), "model": name}
             if parsed.stream:

@@ -53,8 +53,12 @@ class EngineLoop:
             llm.runner, llm.eos_token_ids, llm._decode, self.slots, default_capacity(self.context)
         )
 
+    def check(self, req: Request) -> None:
+        """Raise LayercakeError if ``req`` cannot run here (pure: safe from any thread)."""
+        self.engine.check(req.prompt, req.params)
+
     def submit(self, req: Request) -> None:
-        self.engine.check(req.prompt, req.params)  # pure: safe from the event loop's thread
+        """Queue a checked request for the engine thread."""
         self.inbox.put(req)
 
     def stop(self) -> None:
