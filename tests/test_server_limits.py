@@ -294,3 +294,14 @@ def test_health_and_metrics(url, small):
     httpx.get(f"{url}/no/such/{'x' * 50}")  # any path is counted as one label
     text = httpx.get(f"{url}/metrics").text
     assert 'endpoint="other",status="404"' in text and "xxxxx" not in text
+
+
+def test_slow_body_is_408_and_frees_its_place(url, small, monkeypatch):
+    from layercake.server import limits
+
+    monkeypatch.setattr(limits, "BODY_TIMEOUT_S", 0.3)
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        assert s.recv(4096).startswith(b"HTTP/1.1 408")
+    assert _idle(small[1], timeout=1)

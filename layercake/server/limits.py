@@ -3,6 +3,8 @@ and admission (a bounded number of sequences accepted at once, 429 + ``Retry-Aft
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import Request
 
 from layercake.server.errors import APIError
@@ -11,6 +13,7 @@ DEFAULT_MAX_BODY = 2 * 2**20  # bytes of one request body
 DEFAULT_MAX_QUEUE = 64  # sequences waiting for a slot, beyond the slots themselves
 DEFAULT_MAX_PROMPTS = 16  # prompts in one /v1/completions list
 RETRY_AFTER_S = 1
+BODY_TIMEOUT_S = 30.0  # a body still incomplete after this is a 408 (it holds an admission place)
 
 
 def _too_large(size: int, limit: int, streamed: bool) -> APIError:
@@ -24,7 +27,18 @@ def _too_large(size: int, limit: int, streamed: bool) -> APIError:
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes:
-    from its Content-Length before reading anything, else while it streams in."""
+    from its Content-Length before reading anything, else while it streams in; 408 if it has
+    not all arrived within ``BODY_TIMEOUT_S`` (a slow client must not hold its place)."""
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            return await _read(request, limit)
+    except TimeoutError:
+        raise APIError(
+            408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s", code="timeout"
+        ) from None
+
+
+async def _read(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length is not None:
         if not length.isdigit():
