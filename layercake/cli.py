@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the serve extra)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1 request")
     s.add_argument(
         "--max-body", type=int,
         help="largest request body in bytes; larger ones get 413 (default 2 MiB)",

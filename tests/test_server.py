@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from conftest import live_server
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -23,26 +20,6 @@ def llm(tiny_chat_llama):
     import layercake
 
     return layercake.load(tiny_chat_llama)
-
-
-@contextlib.contextmanager
-def live_server(app):
-    """Run ``app`` under uvicorn on a free loopback port; yields the base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.02)
-    assert srv.started
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        t.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

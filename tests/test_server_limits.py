@@ -12,8 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 pytest.importorskip("fastapi")
+from conftest import live_server
+
 httpx = pytest.importorskip("httpx")
-from test_server import live_server  # noqa: E402
 
 SLOTS, QUEUE, MAX_BODY, MAX_PROMPTS = 2, 2, 4096, 3
 
