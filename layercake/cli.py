@@ -307,8 +307,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.host not in ("127.0.0.1", "localhost", "::1") and a.api_key is None:
         print(f"layercake: warning: serving on {a.host} without --api-key: anyone who can reach "
               "it can use it", file=sys.stderr)  # fmt: skip
+    limits = {k: getattr(a, k) for k in ("max_body", "max_queue", "max_prompts")}
+    for k, v in limits.items():
+        if v is not None and v < (0 if k == "max_queue" else 1):
+            raise LayercakeError(f"--{k.replace('_', '-')} is too small: {v}")
     llm = load_from_args(a)
-    serve(llm, engine_slots(llm, a, default=8), a.max_context, a.host, a.port, a.api_key)
+    serve(
+        llm, engine_slots(llm, a, default=8), a.max_context, a.host, a.port, a.api_key,
+        **{k: v for k, v in limits.items() if v is not None},
+    )  # fmt: skip
     return 0
 
 
@@ -389,7 +396,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the serve extra)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1 request")
+    s.add_argument(
+        "--max-body", type=int,
+        help="largest request body in bytes; larger ones get 413 (default 2 MiB)",
+    )  # fmt: skip
+    s.add_argument(
+        "--max-queue", type=int,
+        help="sequences that may wait for a slot; past them requests get 429 (default 64)",
+    )  # fmt: skip
+    s.add_argument(
+        "--max-prompts", type=int,
+        help="prompts in one /v1/completions list; more is a 400 (default 16)",
+    )  # fmt: skip
     add_engine_options(s)
     s.set_defaults(func=cmd_serve)
     return parser

@@ -63,7 +63,7 @@ def test_page_routes(app):
     assert c.get("/v1/info").status_code == 401  # the API keeps its key
     info = c.get("/v1/info", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert info["model"] == "tiny-chat" and info["chat_template"] and info["max_context"] == 96
-    assert info["path"] == "in memory, cpu, float32"
+    assert info["path"] == "in memory, cpu, float32; linears: mkl x13"  # runner.describe()
 
 
 def test_package_ships_the_page():
@@ -200,7 +200,7 @@ def test_chat_in_a_headless_browser(app, browser, tiny_chat_llama):
     with live_server(app) as url:
         reply = chat(browser, url, "w3 w4 w5", max_tokens=8)
         assert browser.text("#model") == "tiny-chat"
-        assert browser.text("#path") == "in memory, cpu, float32"
+        assert browser.text("#path") == "in memory, cpu, float32; linears: mkl x13"
         updates = browser.js("return window.updates.filter(u => u.length > 0)")
         ttft, tps = browser.text("#ttft"), browser.text("#tps")
         tokens, finish = browser.text("#tokens"), browser.text("#finish")
