@@ -49,7 +49,8 @@ class TemplateLimit(Exception):
 class _Budget:
     """What one rendering may still spend: wall-clock time, value size and total work."""
 
-    def __init__(self, max_chars: int, time_limit: float = TIME_LIMIT_S) -> None:
+    def __init__(self, max_chars: int, time_limit: float | None = None) -> None:
+        time_limit = time_limit or TIME_LIMIT_S
         self.max_chars, self.time_limit = max_chars, time_limit
         self.deadline = time.monotonic() + time_limit
         self.work = WORK_FACTOR * max_chars
@@ -303,11 +304,13 @@ def compile_template(template: str, source: str = "the chat template") -> jinja2
         raise LayercakeError(f"{source} cannot be compiled ({type(e).__name__}: {e})") from None
 
 
-def render(template: str, source: str, time_limit: float = TIME_LIMIT_S, **context: Any) -> str:
-    """``template`` rendered with ``context``, within the limits; one ``LayercakeError`` naming
-    ``source`` for anything that goes wrong, the template's own ``raise_exception`` included."""
+def render(template: str, source: str, time_limit: float | None = None, **context: Any) -> str:
+    """``template`` rendered with ``context``, within the limits (``time_limit`` seconds,
+    default ``TIME_LIMIT_S``); one ``LayercakeError`` naming ``source`` for anything that goes
+    wrong, the template's own ``raise_exception`` included."""
     compiled = compile_template(template, source)
-    budget = _Budget(MIN_OUTPUT_CHARS + 4 * _weight(list(context.values()), 2**62), time_limit)
+    chars = MIN_OUTPUT_CHARS + 4 * _weight(list(context.values()), 2**62)
+    budget = _Budget(chars, time_limit or TIME_LIMIT_S)
     token = _budget.set(budget)
     out, size = [], 0
     try:

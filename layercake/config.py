@@ -81,8 +81,9 @@ def load_config(d: dict[str, Any], source: str = "config.json") -> BaseConfig:
     from layercake.models import family
 
     check_config(d, source)
-    if "model_type" not in d:
-        raise LayercakeError(f"{source} has no 'model_type'")
+    for key in ("model_type", "vocab_size", "num_hidden_layers", "num_attention_heads"):
+        if d.get(key) is None:
+            raise LayercakeError(f"{source} has no {key!r}: is this a causal language model?")
     fam = family(d["model_type"])
     try:
         config = fam.Config.from_hf(d)
@@ -164,6 +165,10 @@ def check_config(d: Any, source: str, names: dict[str, str] | None = None) -> No
     for key in _STRINGS:
         if d.get(key) is not None and type(d[key]) is not str:
             raise bad(key, d[key], "must be a string")
+    from layercake.models import FAMILIES  # a plain table: importing it loads no model code
+
+    if isinstance(d.get("model_type"), str) and d["model_type"] not in FAMILIES:
+        raise bad("model_type", d["model_type"], f"supported: {', '.join(sorted(FAMILIES))}")
     eos = d.get("eos_token_id")
     eos_list = eos if isinstance(eos, list) else [eos] if eos is not None else []
     if len(eos_list) > 1024 or any(
@@ -184,6 +189,9 @@ def _check_shapes(d: dict[str, Any], bad: Any) -> None:
     kv = d.get("num_key_value_heads")
     if heads and kv and heads % kv:
         raise bad("num_key_value_heads", kv, f"must divide num_attention_heads ({heads})")
+    head_dim = d.get("head_dim") or (hidden // heads if heads and hidden else None)
+    if head_dim and head_dim % 2 and d.get("model_type") != "opt":
+        raise bad("head_dim", head_dim, "must be even (rotary embeddings rotate pairs of values)")
 
 
 def _check_rope(r: Any, bad: Any) -> None:

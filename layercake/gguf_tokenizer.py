@@ -108,7 +108,7 @@ def _check_gguf_spec(spec: dict, path: Path) -> None:
 
 def _byte_level_bpe(spec: dict) -> Backend:
     """GPT-2 style BPE over bytes spelled as printable characters."""
-    spelling = _bytes_to_unicode()
+    spelling = byte_alphabet()
     alphabet = set(spelling.values())
     # Tokens written in plain text (llama.cpp sometimes does) are respelled in the byte alphabet.
     vocab = {
@@ -182,7 +182,7 @@ def _add_special_tokens(backend: Backend, spec: dict, special: dict[str, str | N
     mislabel; adding it would grow the vocabulary past the model's, so it is skipped.
     """
     types = spec["token_types"] or [1] * len(spec["tokens"])
-    alphabet = set(_bytes_to_unicode().values()) if spec["model"] == "gpt2" else None
+    alphabet = set(byte_alphabet().values()) if spec["model"] == "gpt2" else None
     control = [
         t
         for t, kind in zip(spec["tokens"], types)
@@ -213,7 +213,7 @@ def _set_post_processor(backend: Backend, special: dict, add_bos: bool, add_eos:
 
 
 @lru_cache
-def _bytes_to_unicode() -> dict[int, str]:
+def byte_alphabet() -> dict[int, str]:
     """GPT-2's byte -> printable character table: printable bytes map to themselves."""
     printable = [
         *range(ord("!"), ord("~") + 1),

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from layercake.checkpoint.files import open_regular, read_json_object
-from layercake.config import check_config
+from layercake.config import load_config
 from layercake.errors import LayercakeError
 
 DTYPES = {
@@ -154,7 +154,7 @@ class SafetensorsCheckpoint:
         if not os.path.lexists(cfg):
             raise LayercakeError(f"{self.dir}: no config.json (not a Hugging Face model directory)")
         self._config = read_json_object(cfg)
-        check_config(self._config, str(cfg))
+        load_config(self._config, str(cfg))  # every value checked now, the file named
         index = self.dir / "model.safetensors.index.json"
         if os.path.lexists(index):
             weight_map = _weight_map(index)
@@ -171,9 +171,6 @@ class SafetensorsCheckpoint:
             weight_map = {}
             for p in files:
                 weight_map.update(dict.fromkeys(SafetensorsFile(p).entries, p.name))
-        for fname in set(weight_map.values()):
-            if not os.path.lexists(self.dir / fname):
-                raise LayercakeError(f"{self.dir}: the index names {fname}, which is missing")
         self.weight_map: dict[str, str] = weight_map
         self._files: dict[str, SafetensorsFile] = {}
 
@@ -225,4 +222,7 @@ def _weight_map(index: Path) -> dict[str, str]:
             raise LayercakeError(
                 f"{index}: tensor {name!r} is in {fname!r}, not a file name in this directory"
             )
+    for fname in set(weight_map.values()):
+        if not os.path.lexists(index.parent / fname):
+            raise LayercakeError(f"{index}: names {fname}, which is missing")
     return weight_map
