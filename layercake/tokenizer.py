@@ -11,6 +11,7 @@ A GGUF has no `tokenizer.json`; `from_gguf` rebuilds one from the vocabulary, me
 types in its metadata the way transformers does when it loads a GGUF, so ids agree with it.
 """
 
+import bisect
 import json
 import os
 import re
@@ -192,27 +193,26 @@ class Tokenizer:
         stretch holding a span is encoded with special tokens read as plain text. The stretches
         are what the tokenizer encodes separately anyway (it splits at special tokens)."""
         enc = self.backend.encode(text, add_special_tokens=False)
+        ids, offsets = enc.ids, enc.offsets  # each attribute read builds a new list
         special = self._special_ids()
+        ends = [hi for _, hi in spans]  # spans are sorted and disjoint
 
         def in_span(a: int, b: int) -> bool:
-            return any(lo < b and a < hi for lo, hi in spans)
+            k = bisect.bisect_right(ends, a)  # the first span ending after a
+            return k < len(spans) and spans[k][0] < b
 
-        cuts = [
-            i
-            for i, (t, (a, b)) in enumerate(zip(enc.ids, enc.offsets))
-            if t in special and not in_span(a, b)
-        ]
+        cuts = [i for i, t in enumerate(ids) if t in special and not in_span(*offsets[i])]
         out: list[int] = []
         tok0 = char0 = 0
-        for cut in [*cuts, len(enc.ids)]:
-            char1 = enc.offsets[cut][0] if cut < len(enc.ids) else len(text)
+        for cut in [*cuts, len(ids)]:
+            char1 = offsets[cut][0] if cut < len(ids) else len(text)
             if in_span(char0, char1):
                 out += self._plain_encoder(char0 == 0).encode(text[char0:char1]).ids
             else:
-                out += enc.ids[tok0:cut]
-            if cut < len(enc.ids):
-                out.append(enc.ids[cut])
-                tok0, char0 = cut + 1, enc.offsets[cut][1]
+                out += ids[tok0:cut]
+            if cut < len(ids):
+                out.append(ids[cut])
+                tok0, char0 = cut + 1, offsets[cut][1]
         return out
 
     def _special_ids(self) -> set[int]:
