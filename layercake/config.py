@@ -74,7 +74,7 @@ def rope_parameters(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return theta, {**scaling, "rope_type": kind}
 
 
-def load_config(d: dict[str, Any], source: str = "config.json") -> BaseConfig:
+def load_config(d: dict[str, Any], source: str = "the model's config") -> BaseConfig:
     """The family config for an HF config dict (dispatch on ``model_type``). Every value is
     checked first (``check_config``), so a wrong one is one error naming ``source`` and the key,
     before anything is sized by it."""

@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType as QType
 
 from layercake.checkpoint.gguf_format import TensorInfo, open_gguf
 from layercake.checkpoint.safetensors import release_pages
-from layercake.config import check_config, load_config
+from layercake.config import check_config
 from layercake.errors import LayercakeError
 
 # Stored as plain values: their bytes are reinterpreted, never dequantized.
@@ -134,7 +134,7 @@ class GGUFCheckpoint:
             "model_type": self.architecture,
             "hidden_act": "silu",
             **raw,
-            "vocab_size": vocab,
+            "vocab_size": vocab or None,  # unknown: load_config says so
             "num_key_value_heads": raw.get("num_key_value_heads", heads),
             # key_length is the head width where llama.cpp states it; otherwise the rotary width,
             # which equals the head width for llama (transformers reads it the same way).
@@ -154,7 +154,6 @@ class GGUFCheckpoint:
             if (token_id := self.metadata.get(f"tokenizer.ggml.{gguf_key}_token_id")) is not None:
                 config[f"{key}_token_id"] = token_id
         check_config(config, str(self.path), names)
-        load_config(config, str(self.path))  # what the family derives from it, checked too
         return config
 
     def _dtype_name(self) -> str:

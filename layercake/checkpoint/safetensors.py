@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from layercake.checkpoint.files import open_regular, read_json_object
-from layercake.config import load_config
+from layercake.config import check_config, load_config
 from layercake.errors import LayercakeError
 
 DTYPES = {
@@ -154,7 +154,7 @@ class SafetensorsCheckpoint:
         if not os.path.lexists(cfg):
             raise LayercakeError(f"{self.dir}: no config.json (not a Hugging Face model directory)")
         self._config = read_json_object(cfg)
-        load_config(self._config, str(cfg))  # every value checked now, the file named
+        check_config(self._config, str(cfg))
         index = self.dir / "model.safetensors.index.json"
         if os.path.lexists(index):
             weight_map = _weight_map(index)
@@ -173,6 +173,7 @@ class SafetensorsCheckpoint:
                 weight_map.update(dict.fromkeys(SafetensorsFile(p).entries, p.name))
         self.weight_map: dict[str, str] = weight_map
         self._files: dict[str, SafetensorsFile] = {}
+        load_config(self._config, str(cfg))  # complete and buildable, said with the file named
 
     def config_dict(self) -> dict[str, Any]:
         return dict(self._config)
