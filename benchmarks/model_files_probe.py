@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,12 +125,10 @@ def gguf_model(path: Path, meta: dict[str, Any] | None = None, cut: int | None =
     for key, (value, *types) in kv.items():
         w.add_key_value(key, value, *types)
     shapes = {"token_embd": (len(vocab), 16), "output_norm": (16,)}
-    for name, shape in {
+    shapes.update({f"blk.0.{name}": shape for name, shape in {
         "attn_norm": (16,), "ffn_norm": (16,), "attn_q": (16, 16), "attn_k": (8, 16),
         "attn_v": (8, 16), "attn_output": (16, 16), "ffn_gate": (32, 16), "ffn_up": (32, 16),
-        "ffn_down": (16, 32),
-    }.items():  # fmt: skip
-        shapes[f"blk.0.{name}"] = shape
+        "ffn_down": (16, 32)}.items()})  # fmt: skip
     for name, shape in shapes.items():
         w.add_tensor(f"{name}.weight", rng.normal(0, 0.2, shape).astype(np.float32))
     w.write_header_to_file()
@@ -143,40 +142,28 @@ def gguf_model(path: Path, meta: dict[str, Any] | None = None, cut: int | None =
 
 def _config_cases(root: Path) -> list[Case]:
     bad = {
-        "layers_negative": ("num_hidden_layers", -3),
-        "layers_huge": ("num_hidden_layers", 10**9),
-        "layers_string": ("num_hidden_layers", "2"),
-        "layers_bool": ("num_hidden_layers", True),
-        "hidden_float": ("hidden_size", 16.5),
-        "hidden_huge": ("hidden_size", 2**40),
+        "layers_negative": ("num_hidden_layers", -3), "layers_huge": ("num_hidden_layers", 10**9),
+        "layers_string": ("num_hidden_layers", "2"), "layers_bool": ("num_hidden_layers", True),
+        "hidden_float": ("hidden_size", 16.5), "hidden_huge": ("hidden_size", 2**40),
         "heads_zero": ("num_attention_heads", 0),
-        "kv_heads_not_dividing": ("num_key_value_heads", 3),
-        "vocab_negative": ("vocab_size", -1),
-        "vocab_missing": ("vocab_size", None),
-        "context_zero": ("max_position_embeddings", 0),
+        "kv_heads_not_dividing": ("num_key_value_heads", 3), "vocab_negative": ("vocab_size", -1),
+        "vocab_missing": ("vocab_size", None), "context_zero": ("max_position_embeddings", 0),
         "context_negative": ("max_position_embeddings", -1),
-        "eps_negative": ("rms_norm_eps", -1e-5),
-        "eps_string": ("rms_norm_eps", "1e-5"),
-        "rope_theta_zero": ("rope_theta", 0),
-        "rope_theta_nan": ("rope_theta", float("nan")),
+        "eps_negative": ("rms_norm_eps", -1e-5), "eps_string": ("rms_norm_eps", "1e-5"),
+        "rope_theta_zero": ("rope_theta", 0), "rope_theta_nan": ("rope_theta", float("nan")),
         "rope_scaling_string": ("rope_scaling", "linear"),
         "rope_llama3_partial": ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}),
         "rope_factor_negative": ("rope_scaling", {"rope_type": "linear", "factor": -2}),
-        "head_dim_odd": ("head_dim", 7),
-        "head_dim_zero": ("head_dim", 0),
+        "head_dim_odd": ("head_dim", 7), "head_dim_zero": ("head_dim", 0),
         "intermediate_negative": ("intermediate_size", -5),
-        "tie_string": ("tie_word_embeddings", "yes"),
-        "eos_string": ("eos_token_id", "2"),
-        "eos_negative_in_list": ("eos_token_id", [2, -1]),
-        "bos_negative": ("bos_token_id", -1),
-        "model_type_number": ("model_type", 5),
-        "model_type_unknown": ("model_type", "gpt9"),
-    }
+        "tie_string": ("tie_word_embeddings", "yes"), "eos_string": ("eos_token_id", "2"),
+        "eos_negative_in_list": ("eos_token_id", [2, -1]), "bos_negative": ("bos_token_id", -1),
+        "model_type_number": ("model_type", 5), "model_type_unknown": ("model_type", "gpt9"),
+    }  # fmt: skip
     cases = []
     for name, (key, value) in bad.items():
         d = hf_model(root / f"config_{name}", **{key: value})
-        field = "model_type" if key == "model_type" else key
-        cases.append(Case(f"config_{name}", d, rf"config\.json.*{field}|{field}.*config\.json"))
+        cases.append(Case(f"config_{name}", d, rf"config\.json.*{key}|{key}.*config\.json"))
     d = hf_model(root / "config_shape_mismatch", hidden_size=32, head_dim=16)
     cases.append(Case("config_shape_mismatch", d, r"shape"))
     for name, content in {
@@ -344,9 +331,8 @@ def _template_cases(root: Path) -> list[Case]:
 
 def build_corpus(root: Path) -> list[Case]:
     """Every broken model, written under ``root``."""
-    return (
-        _config_cases(root) + _safetensors_cases(root) + _gguf_cases(root) + (_template_cases(root))
-    )
+    return [c for make in (_config_cases, _safetensors_cases, _gguf_cases, _template_cases)
+            for c in make(root)]  # fmt: skip
 
 
 def run_case(case: Case, timeout: float) -> dict[str, Any]:
@@ -398,12 +384,10 @@ def main() -> None:
     if a.verbose:
         for r in results:
             print(json.dumps(r), file=sys.stderr)
-    counts = {k: sum(r["outcome"] == k for r in results) for k in ("clean", "traceback", "hang")}
-    accepted = sum(r["outcome"] == "accepted" for r in results)
+    n = Counter(r["outcome"] for r in results)
     print(json.dumps({
-        "cases": len(results), **counts,
-        "accepted": accepted,
-        "other": len(results) - sum(counts.values()) - accepted,
+        "cases": len(results), **{k: n[k] for k in ("clean", "traceback", "hang", "accepted")},
+        "other": len(results) - n["clean"] - n["traceback"] - n["hang"] - n["accepted"],
         "clean_naming_file_and_field": sum(r["outcome"] == "clean" and r["named"] for r in results),
         "not_clean": [r["name"] for r in results if r["outcome"] != "clean"],
         "not_named": [r["name"] for r in results if r["outcome"] == "clean" and not r["named"]],

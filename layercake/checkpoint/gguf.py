@@ -116,8 +116,8 @@ class GGUFCheckpoint:
         (`check_config`) before anything is computed from it."""
         required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         names = {hf: f"{self.architecture}.{key}" for hf, key in _CONFIG_KEYS.items()}
-        names.update(bos_token_id="tokenizer.ggml.bos_token_id")
-        names.update(eos_token_id="tokenizer.ggml.eos_token_id")
+        names["rope_scaling.factor"] = f"{self.architecture}.rope.scaling.factor"
+        names.update({f"{k}_token_id": f"tokenizer.ggml.{k}_token_id" for k in ("bos", "eos")})
         if missing := [names[k] for k in required if self._meta(_CONFIG_KEYS[k]) is None]:
             raise LayercakeError(f"{self.path}: the GGUF metadata lacks {', '.join(missing)}.")
         raw = {hf: self._meta(key) for hf, key in _CONFIG_KEYS.items()}
@@ -167,11 +167,6 @@ class GGUFCheckpoint:
         """HF `rope_scaling` from `rope.scaling.*` metadata, or llama 3's `rope_freqs` tensor."""
         kind = self._meta("rope.scaling.type")
         factor = self._meta("rope.scaling.factor")
-        if factor is not None and (type(factor) not in (int, float) or not 0 < factor <= 1e6):
-            raise LayercakeError(
-                f"{self.path}: {self.architecture}.rope.scaling.factor = {factor!r} is invalid: "
-                "must be a positive number."
-            )
         if kind == "linear" and factor:
             return {"rope_type": "linear", "factor": factor}
         if kind == "yarn" and factor:
