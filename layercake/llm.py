@@ -87,11 +87,11 @@ class LLM:
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids) if self._tokenizer else ""
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Token ids of a conversation rendered by the model's chat template."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        # the template writes any BOS itself, so no special tokens are added again
-        return self.tokenizer.encode(text, add_special_tokens=False)
+    def chat_prompt(self, messages: list[dict[str, Any]], allow_special: bool = False) -> list[int]:
+        """Token ids of a conversation rendered by the model's chat template. Special-token text
+        in the messages is encoded as plain text unless ``allow_special`` (see
+        ``Tokenizer.encode_chat``)."""
+        return self.tokenizer.encode_chat(messages, allow_special=allow_special)
 
     def _params(self, n: int, kw: dict[str, Any]) -> list[SamplingParams]:
         kw.setdefault("temperature", 0.0)  # greedy unless asked: reproducible by default

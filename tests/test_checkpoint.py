@@ -175,7 +175,7 @@ def test_checkpoint_errors(tiny_llama, tmp_path):
     shutil.copytree(tiny_llama, bad_type)
     cfg = json.loads((bad_type / "config.json").read_text())
     (bad_type / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_bigcode"}))
-    _expect_error(bad_type, "unsupported model_type 'gpt_bigcode'; supported: falcon, llama")
+    _expect_error(bad_type, "model_type = 'gpt_bigcode' is invalid: supported: falcon, llama")
 
     trunc = tmp_path / "trunc"
     shutil.copytree(tiny_llama, trunc)
