@@ -23,6 +23,7 @@ from typing import Any
 import torch.distributed as dist
 
 from layercake.errors import LayercakeError
+from layercake.pipeline.netif import gloo_interface, interface_of
 from layercake.pipeline.topology import Node, Topology
 from layercake.pipeline.transport import FOREVER, Transport
 
@@ -118,22 +119,35 @@ def _store(host: str, port: int, master: bool, timeout: float) -> dist.TCPStore:
 
 
 def _process_group(topology: Topology, rank: int, store: dist.Store, timeout: float) -> None:
+    """Join the group with gloo bound to the interface that owns this node's address."""
     node = topology.nodes[rank]
+    interface = interface_of(node.host)
+    if interface is None:
+        raise LayercakeError(
+            f"node {node.name}: {node.host} is not an address of this machine: run "
+            f"'{node.name}' on the host the topology names, or correct its address"
+        )
+    print(f"layercake {node.name}: gloo bound to interface {interface} ({node.host})",
+          file=sys.stderr, flush=True)  # fmt: skip
     cuda = sum(n.device.startswith("cuda") for n in topology.nodes) >= 2
     t = datetime.timedelta(seconds=timeout)
     n = len(topology.nodes)
+    backend = "gloo"
     if cuda and node.device.startswith("cuda") and dist.is_nccl_available():
         import torch
 
         torch.cuda.set_device(torch.device(node.device))
-        dist.init_process_group("cpu:gloo,cuda:nccl", store=store, rank=rank, world_size=n,
-                                timeout=t)  # fmt: skip
-        return
-    opts = dist.ProcessGroupGloo._Options()
-    opts._timeout = t
-    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=node.host)]
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=n, timeout=t,
-                            pg_options=opts)  # fmt: skip
+        backend = "cpu:gloo,cuda:nccl"
+    try:
+        with gloo_interface(interface):
+            dist.init_process_group(backend, store=store, rank=rank, world_size=n, timeout=t)
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        others = ", ".join(m.describe() for i, m in enumerate(topology.nodes) if i != rank)
+        raise LayercakeError(
+            f"node {node.name}: could not connect to {others} over {interface} ({node.host}): "
+            f"is every node's address reachable from the others? ({first})"
+        ) from None
 
 
 def host_job(topology: Topology, model_id: str, model_path: str,
