@@ -24,6 +24,7 @@ from layercake.pipeline.rendezvous import free_ports
 from layercake.pipeline.stage import split_rows
 from layercake.pipeline.topology import parse_topology
 
+TOKEN = "test-token-0123456789abcdef"
 PROMPTS = [[1, 5, 9, 3, 11, 40], [4, 2], [7, 7, 7, 8], [3], [50, 60, 70]]
 
 
@@ -50,7 +51,8 @@ def topology(tmp: Path, layers: list[str], name: str = "topo.json", options=None
         for n, p, spec in zip(names, ports, layers)
     ]
     path = tmp / name
-    path.write_text(json.dumps({"nodes": nodes, "connect_timeout": 60, **top}))
+    doc = {"nodes": nodes, "connect_timeout": 60, "token": TOKEN, **top}
+    path.write_text(json.dumps(doc))
     return path
 
 

@@ -63,7 +63,9 @@ def write_topology(tmp: Path, tool: str, **top) -> Path:
     nodes = [{"name": "h0", "address": f"{addr[0]}:29611", "layers": "b 0-2"},
              {"name": "h1", "address": f"{addr[1]}:29612", "layers": "2-4 e"}]  # fmt: skip
     topo = tmp / "topo.json"
-    topo.write_text(json.dumps({"connect_timeout": 60, "timeout": 30, "nodes": nodes, **top}))
+    topo.write_text(
+        json.dumps({"connect_timeout": 60, "timeout": 30, "token": "t" * 32, "nodes": nodes, **top})
+    )
     return topo
 
 

@@ -64,6 +64,11 @@ class PipelineRunner:
         self._alive()
         m = max(1, min(self.micro_batches, batch))
         sizes = [batch // m + (i < batch % m) for i in range(m)]
+        why = self.stage.limits.cache(sizes, capacity)
+        if why:
+            raise LayercakeError(f"pipeline: a cache of {batch} rows x {capacity} slots exceeds "
+                                 f"this job's limits ({why}): raise max_batch / max_context in "
+                                 f"{self.topology.source}")  # fmt: skip
         self._next_id += 1
         cid = self._next_id
         self._guard(lambda: self._broadcast(Kind.NEW_CACHE, (cid, capacity), [torch.tensor(sizes)]))
@@ -104,8 +109,8 @@ class PipelineRunner:
         finals, error, lost = run_segments(self.stage, t, cid, positions, mask, last_only, inputs,
                                         self.topology.timeout)  # fmt: skip
         if path[-1].rank != 0:  # the head lives elsewhere: collect the logits
-            for _ in range(len(sizes)):
-                f = t.recv(path[-1].rank)
+            for b in sizes:
+                f = t.recv(path[-1].rank, None, self.stage.limits.data_bytes(b, T, True))
                 if f.kind == Kind.ERROR:
                     from layercake.pipeline.stage import _text
 

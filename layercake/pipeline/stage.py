@@ -6,6 +6,7 @@ the node's own budgets), their KV caches per micro-batch, and the worker loop
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,44 @@ from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.kv_cache import KVCache
 from layercake.pipeline.topology import Segment, Topology
-from layercake.pipeline.transport import FOREVER, Frame, Kind, PeerError, Transport, encode_text
+from layercake.pipeline.transport import (
+    FOREVER,
+    BadFrame,
+    Frame,
+    Kind,
+    PeerError,
+    Transport,
+    decode_text,
+    encode_text,
+)
 
 WORKER_WAIT = 0.8  # of the job's timeout: a worker reports a silent peer before rank 0 gives up
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one job may ask of a node (the topology's ``max_batch``/``max_context`` and the
+    model's widths): every frame and cache request is checked against it before allocation."""
+
+    max_batch: int
+    max_context: int
+    hidden: int
+    vocab: int
+
+    def cache(self, sizes: list[int], capacity: int) -> str | None:
+        """Why a cache of micro-batches ``sizes`` x ``capacity`` slots is refused (None: fine)."""
+        if not sizes or min(sizes) < 1 or sum(sizes) > self.max_batch:
+            return (f"micro-batch sizes {sizes[:8]} (total {sum(sizes)}) outside 1..max_batch "
+                    f"{self.max_batch}")  # fmt: skip
+        if not 0 < capacity <= self.max_context:
+            return f"capacity {capacity} outside 1..max_context {self.max_context}"
+        return None
+
+    def control_bytes(self) -> int:  # FORWARD's positions (int64) and mask (uint8), the most
+        return self.max_batch * self.max_context * 9
+
+    def data_bytes(self, rows: int, T: int, logits: bool) -> int:  # fp32 at most on the wire
+        return rows * T * 4 * (self.vocab if logits else max(self.hidden, 2))
 
 
 class Stage:
@@ -33,6 +69,9 @@ class Stage:
         self.device = parse_device(self.node.device)
         self.dtype = parse_dtype(self.node.options.get("dtype", dtype), self.device)
         self.segments = topology.segments(rank)
+        self.limits = Limits(topology.max_batch,
+                             topology.max_context or config.max_position_embeddings,
+                             config.hidden_size, config.vocab_size)  # fmt: skip
         self.runners = {s.index: self._runner(ckpt, config, source, s.parts) for s in self.segments}
         self.cache_id = -1
         self.sizes: list[int] = []
@@ -58,6 +97,9 @@ class Stage:
 
     def new_cache(self, cache_id: int, sizes: list[int], capacity: int) -> None:
         """One cache per micro-batch per segment; replaces the previous job's caches."""
+        why = self.limits.cache(sizes, capacity)
+        if why:
+            raise BadFrame(f"node {self.node.name}: cache request refused: {why}")
         self.caches = {}  # the old ones go first: memory for one set at a time
         self.cache_id, self.sizes = cache_id, list(sizes)
         for s in self.segments:
@@ -73,6 +115,10 @@ class Stage:
 
     def select(self, cache_id: int, rows: torch.Tensor) -> None:
         self.check(cache_id)
+        n = sum(self.sizes)
+        ok = rows.dim() == 1 and 0 < len(rows) <= n and rows.dtype == torch.int64
+        if not ok or rows.min() < 0 or rows.max() >= n or (rows.diff() <= 0).any():
+            raise BadFrame(f"node {self.node.name}: SELECT rows are not ascending rows of {n}")
         sizes, picks = split_rows(self.sizes, rows)
         for idx, caches in self.caches.items():
             kept = []
@@ -154,20 +200,8 @@ def run_segments(stage: Stage, transport: Transport, cache_id: int, positions: t
             if seg.index == 0 and inputs is not None:
                 x = inputs[m]
             else:
-                try:
-                    f = transport.recv(prev, wait)
-                except PeerError as e:  # told downstream, so rank 0 names the right node
-                    f, lost = None, True
-                    msg, x = str(e), None
-                if f is None:
-                    pass
-                elif f.kind == Kind.ERROR:
-                    msg, x = _text(f), None
-                    lost = lost or bool(f.args[2])
-                elif f.kind != Kind.DATA or f.args[:2] != [cache_id, m]:
-                    raise LayercakeError(f"node {name}: out-of-step frame {f.kind.name} {f.args}")
-                else:
-                    x = f.tensors[0]
+                x, msg, gone = receive(stage, transport, prev, cache_id, m, pos_m[m].shape, wait)
+                lost = lost or gone
             if msg is None:
                 try:
                     out = stage.run(seg, m, x, pos_m[m], mask_m[m], last_only)
@@ -185,41 +219,83 @@ def run_segments(stage: Stage, transport: Transport, cache_id: int, positions: t
     return finals, error, lost
 
 
-def _text(f: Frame) -> str:
-    from layercake.pipeline.transport import decode_text
+def receive(stage: Stage, transport: Transport, src: int, cache_id: int, m: int,
+            shape: torch.Size, wait: float) -> tuple[Any, str | None, bool]:  # fmt: skip
+    """Micro-batch ``m``'s input from ``src``, checked against its expected rows and length:
+    (tensor, None, False), or (None, why, peer lost). A bad frame ends the job (the stream is out
+    of step), without ending this process."""
+    rows, T = shape
+    try:
+        f = transport.recv(src, wait, stage.limits.data_bytes(rows, T, False))
+    except (PeerError, BadFrame) as e:  # told downstream, so rank 0 names the right node
+        return None, str(e), True
+    if f.kind == Kind.ERROR:
+        return None, _text(f), bool(f.args[2])
+    x = f.tensors[0] if len(f.tensors) == 1 else None
+    good = f.kind == Kind.DATA and f.args[:2] == [cache_id, m] and x is not None
+    if good and tuple(x.shape[:2]) == (rows, T) and x.dim() in (2, 3):
+        return x, None, False
+    what = f"{f.kind.name} {f.args[:2]} {[tuple(t.shape) for t in f.tensors]}"
+    return None, (f"node {stage.node.name}: rejected a frame from "
+                  f"{stage.topology.nodes[src].name}: expected micro-batch {m} of cache "
+                  f"{cache_id}, ({rows}, {T}, ...), got {what}"), True  # fmt: skip
 
+
+def _text(f: Frame) -> str:
     return decode_text(f.tensors[0]) if f.tensors else "unknown error"
 
 
 def serve(stage: Stage, transport: Transport) -> bool:
     """A worker's loop for one job: follow rank 0's frames until SHUTDOWN (True) or until rank
-    0 goes away (False). Errors in a forward are sent on, not raised: the job decides."""
+    0 goes away (False). Errors in a forward are sent on, not raised: the job decides. A frame
+    that breaks the protocol or the job's limits is refused with one log line and ends this job
+    (the worker waits for the next), never the process."""
     wait = stage.topology.timeout * WORKER_WAIT
+    name = stage.node.name
     while True:
         try:
-            f = transport.recv(0, FOREVER)
-        except PeerError:
-            return False
-        if f.kind == Kind.SHUTDOWN:
-            return True
-        cache_id = f.args[0]
-        if f.kind == Kind.NEW_CACHE:
-            stage.new_cache(cache_id, f.tensors[0].tolist(), f.args[1])
-        elif f.kind == Kind.SELECT:
-            stage.select(cache_id, f.tensors[0])
-        elif f.kind == Kind.FORWARD:
-            T, last_only, has_mask = f.args[1:4]
-            positions = f.tensors[0]
-            mask = f.tensors[1].bool() if has_mask else None
-            try:
-                stage.check(cache_id)
-                _, _, lost = run_segments(stage, transport, cache_id, positions, mask,
-                                          bool(last_only), None, wait)  # fmt: skip
-                transport.flush(wait)
-                if lost:
-                    return False
-            except PeerError as e:  # a neighbour died: this job is over for everyone
-                print(f"layercake worker {stage.node.name}: {e}", file=sys.stderr, flush=True)
+            f = transport.recv(0, FOREVER, stage.limits.control_bytes())
+            if f.kind == Kind.SHUTDOWN:
+                return True
+            if f.kind != Kind.FORWARD:
+                _control(stage, f)
+                continue
+            positions, mask, last_only = _forward_frame(stage, f)
+            _, _, lost = run_segments(stage, transport, f.args[0], positions, mask, last_only,
+                                      None, wait)  # fmt: skip
+            transport.flush(wait)
+            if lost:
                 return False
-        else:
-            raise LayercakeError(f"node {stage.node.name}: unexpected frame {f.kind.name}")
+        except PeerError as e:  # rank 0 or a neighbour died: this job is over for everyone
+            print(f"layercake worker {name}: {e}", file=sys.stderr, flush=True)
+            return False
+        except LayercakeError as e:  # a bad frame or a request this job's limits refuse
+            print(f"layercake worker {name}: frame refused, leaving this job: {e}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            return False
+
+
+def _control(stage: Stage, f: Frame) -> None:
+    one = len(f.tensors) == 1 and f.tensors[0].dim() == 1 and f.tensors[0].dtype == torch.int64
+    if f.kind == Kind.NEW_CACHE and one and len(f.tensors[0]) <= stage.limits.max_batch:
+        stage.new_cache(f.args[0], f.tensors[0].tolist(), f.args[1])
+    elif f.kind == Kind.SELECT and one:
+        stage.select(f.args[0], f.tensors[0])
+    else:
+        shapes = [tuple(t.shape) for t in f.tensors]
+        raise BadFrame(f"node {stage.node.name}: unexpected {f.kind.name} frame {shapes}")
+
+
+def _forward_frame(stage: Stage, f: Frame) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """FORWARD's positions and mask, checked against the live cache and the job's limits."""
+    stage.check(f.args[0])
+    T, last_only, has_mask = f.args[1:4]
+    want = (sum(stage.sizes), T)
+    types = [torch.int64] + ([torch.uint8] if has_mask else [])
+    ok = 0 < T <= stage.limits.max_context and len(f.tensors) == len(types)
+    if not ok or any(tuple(t.shape) != want or t.dtype != d for t, d in zip(f.tensors, types)):
+        shapes = [tuple(t.shape) for t in f.tensors]
+        raise BadFrame(f"node {stage.node.name}: FORWARD frame {shapes} does not fit the "
+                       f"cache's {want[0]} rows (T={T}, max_context "
+                       f"{stage.limits.max_context})")  # fmt: skip
+    return f.tensors[0], (f.tensors[1].bool() if has_mask else None), bool(last_only)
