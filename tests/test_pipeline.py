@@ -169,6 +169,14 @@ def test_two_processes_equal_single_process(tmp_path, llama5, reference):
             out = llm.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)
             assert [o.token_ids for o in out] == reference
             assert llm.runner.stats["forwards"] == 6 and llm.runner.stage.sizes == [3, 2]
+            # greedy: the head's node sent one id per row and step, not the logits
+            assert llm.runner.stats["bytes_received"] == 8 * len(PROMPTS) * 6
+            # sampled rows (and logprobs) need the logits: they come back whole, same tokens
+            kw = dict(max_new_tokens=4, temperature=0.9, seed=3, logprobs=2, ignore_eos=True)
+            single = layercake.load(llama5).generate(PROMPTS, **kw)
+            sampled = llm.generate(PROMPTS, **kw)
+            assert [o.token_ids for o in sampled] == [o.token_ids for o in single]
+            assert llm.runner.stats["bytes_received"] > 4 * len(PROMPTS) * 97 * 4
             # rows that stop early are dropped from the caches on every node (select)
             stops = [3, 6, 1, 6, 4]
             params = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True)

@@ -10,6 +10,7 @@ per micro-batch, under the cache id rank 0 hands out.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -22,7 +23,7 @@ from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.kv_cache import KVCache
 from layercake.pipeline.rendezvous import host_job, join_job, leave_job
-from layercake.pipeline.stage import Stage, run_segments, serve
+from layercake.pipeline.stage import Stage, receive, run_segments, serve
 from layercake.pipeline.topology import Topology, load_topology
 from layercake.pipeline.transport import Kind, PeerError
 
@@ -58,6 +59,7 @@ class PipelineRunner:
         self._next_id = 0
         self.failed: LayercakeError | None = None
         self.forwards = 0  # passes through the pipeline (one per forward call)
+        self._sampler: Any = None
 
     # ---- the Runner interface ---------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int) -> PipelineCache:
@@ -73,6 +75,7 @@ class PipelineRunner:
         cid = self._next_id
         self._guard(lambda: self._broadcast(Kind.NEW_CACHE, (cid, capacity), [torch.tensor(sizes)]))
         self.stage.new_cache(cid, sizes, capacity)
+        self._sampler = None  # a generation over this cache hands over its own (use_sampler)
         return PipelineCache(self, cid, batch, capacity)
 
     @torch.inference_mode()
@@ -97,7 +100,9 @@ class PipelineRunner:
         tokens, positions = tokens.cpu(), positions.cpu()
         mask = mask.cpu().expand(tokens.shape) if mask is not None else None
         control = [positions] + ([mask] if mask is not None else [])
-        args = (cid, T, int(last_only), int(mask is not None))
+        ids_only = last_only and self._greedy()
+        self.stage.ids_only = ids_only
+        args = (cid, T, int(last_only), int(mask is not None), int(ids_only))
         self._broadcast(Kind.FORWARD, args, control)
         sizes = self.stage.sizes
         path = self.topology.path
@@ -108,22 +113,35 @@ class PipelineRunner:
                 t.send(path[0].rank, Kind.DATA, (cid, m), [x])
         finals, error, lost = run_segments(self.stage, t, cid, positions, mask, last_only, inputs,
                                         self.topology.timeout)  # fmt: skip
-        if path[-1].rank != 0:  # the head lives elsewhere: collect the logits
-            for b in sizes:
-                f = t.recv(path[-1].rank, None, self.stage.limits.data_bytes(b, T, True))
-                if f.kind == Kind.ERROR:
-                    from layercake.pipeline.stage import _text
-
-                    error, lost = error or _text(f), lost or bool(f.args[2])
-                else:
-                    finals.append(f.tensors[0])
+        if path[-1].rank != 0:  # the head lives elsewhere: collect its logits (or ids)
+            for m, p in enumerate(positions.split(sizes)):
+                x, msg, gone = receive(self.stage, t, path[-1].rank, cid, m, p.shape,
+                                       self.topology.timeout, head=True)  # fmt: skip
+                error, lost = error or msg, lost or gone
+                finals.append(x)
         if error:
             t.drop_pending()
             raise PeerError(error, "") if lost else LayercakeError(error)
-        t.flush()
+        with self.stage.timed("send_wait_s"):
+            t.flush()
         self.forwards += 1
+        self.stage.steps += 1
         out = torch.cat(finals) if len(finals) > 1 else finals[0]
+        if ids_only:  # what the greedy sampler needs from the logits: their argmax
+            ids = out.view(-1, 1, 1)
+            logits = torch.full((len(ids), 1, self.vocab_size), -torch.inf, device=self.device)
+            return logits.scatter_(2, ids.to(self.device), 0.0)
         return out.to(self.device, torch.float32)
+
+    def use_sampler(self, sampler: Any) -> None:
+        """The sampler of the current cache's generation: when every row is greedy and wants no
+        logprobs, the head's node sends back each row's argmax id instead of its logits."""
+        self._sampler = sampler
+
+    def _greedy(self) -> bool:
+        s = self._sampler
+        return (s is not None and set(s.groups) == {"greedy"} and s.history is None
+                and not s.logprob_rows)  # fmt: skip
 
     def _select(self, cache: PipelineCache, rows: torch.Tensor) -> None:
         self._alive()
@@ -255,6 +273,7 @@ def run_worker(topology: str | os.PathLike | Topology, name: str | None, model: 
         leave_job()
         del store
         how = "done" if clean else "ended (rank 0 or a peer left)"
-        print(f"layercake worker {name}: job {how}", file=sys.stderr, flush=True)
+        print(f"layercake worker {name}: job {how}; time {json.dumps(stage.report())}",
+              file=sys.stderr, flush=True)  # fmt: skip
         if once:
             return

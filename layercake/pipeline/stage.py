@@ -5,7 +5,10 @@ the node's own budgets), their KV caches per micro-batch, and the worker loop
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +79,28 @@ class Stage:
         self.cache_id = -1
         self.sizes: list[int] = []
         self.caches: dict[int, list[KVCache]] = {}  # segment index -> one cache per micro-batch
+        self.times = dict.fromkeys(("compute_s", "peer_wait_s", "send_wait_s"), 0.0)
+        self.steps = 0  # forward passes served
+        self.ids_only = False  # this forward's head sends argmax ids, not logits
+
+    @contextlib.contextmanager
+    def timed(self, key: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[key] += time.perf_counter() - t0
+
+    def report(self) -> dict[str, Any]:
+        """Where this node's time went over the job (seconds), and its passes: compute (the
+        segments' forwards, weight waits included), weights_wait (an offloaded segment waiting
+        for the disk), peer_wait (for a neighbour's frame: network and its compute = idle here),
+        send_wait (for frames to leave)."""
+        out = {k: round(v, 3) for k, v in self.times.items()}
+        for r in self.runners.values():
+            for k, v in (getattr(r, "times", None) or {}).items():
+                out[k] = round(out.get(k, 0.0) + v, 3)
+        return dict(out, steps=self.steps)
 
     def _runner(self, ckpt: Any, config: BaseConfig, source: Path, parts: Parts) -> Any:
         o = self.node.options
@@ -148,10 +173,13 @@ class Stage:
             x = x.to(self.device, self.dtype)
         if mask is None:  # (B, T): a runner would shape its default after hidden states
             mask = torch.ones(positions.shape, dtype=torch.bool)
-        out = self.runners[seg.index].forward(
-            x, positions, self.caches[seg.index][m], mask, last_only
-        )
-        return out if seg.parts.head else out.to(self.dtype)
+        with self.timed("compute_s"):
+            out = self.runners[seg.index].forward(
+                x, positions, self.caches[seg.index][m], mask, last_only
+            )
+        if seg.parts.head:  # ids: the greedy argmax of the last position (see use_sampler)
+            return out[:, -1:].argmax(-1) if self.ids_only else out
+        return out.to(self.dtype)
 
 
 def split_rows(sizes: list[int], rows: torch.Tensor) -> tuple[list[int], list[torch.Tensor | None]]:
@@ -220,20 +248,22 @@ def run_segments(stage: Stage, transport: Transport, cache_id: int, positions: t
 
 
 def receive(stage: Stage, transport: Transport, src: int, cache_id: int, m: int,
-            shape: torch.Size, wait: float) -> tuple[Any, str | None, bool]:  # fmt: skip
-    """Micro-batch ``m``'s input from ``src``, checked against its expected rows and length:
-    (tensor, None, False), or (None, why, peer lost). A bad frame ends the job (the stream is out
-    of step), without ending this process."""
+            shape: torch.Size, wait: float, head: bool = False
+            ) -> tuple[Any, str | None, bool]:  # fmt: skip
+    """Micro-batch ``m``'s input from ``src``, checked against its expected rows and length
+    (``head``: the head's output, logits or ids, rows only): (tensor, None, False), or (None,
+    why, peer lost). A bad frame ends the job (the stream is out of step), not this process."""
     rows, T = shape
     try:
-        f = transport.recv(src, wait, stage.limits.data_bytes(rows, T, False))
+        with stage.timed("peer_wait_s"):
+            f = transport.recv(src, wait, stage.limits.data_bytes(rows, T, head))
     except (PeerError, BadFrame) as e:  # told downstream, so rank 0 names the right node
         return None, str(e), True
     if f.kind == Kind.ERROR:
         return None, _text(f), bool(f.args[2])
     x = f.tensors[0] if len(f.tensors) == 1 else None
     good = f.kind == Kind.DATA and f.args[:2] == [cache_id, m] and x is not None
-    if good and tuple(x.shape[:2]) == (rows, T) and x.dim() in (2, 3):
+    if good and x.dim() in (2, 3) and len(x) == rows and (head or x.shape[1] == T):
         return x, None, False
     what = f"{f.kind.name} {f.args[:2]} {[tuple(t.shape) for t in f.tensors]}"
     return None, (f"node {stage.node.name}: rejected a frame from "
@@ -263,7 +293,9 @@ def serve(stage: Stage, transport: Transport) -> bool:
             positions, mask, last_only = _forward_frame(stage, f)
             _, _, lost = run_segments(stage, transport, f.args[0], positions, mask, last_only,
                                       None, wait)  # fmt: skip
-            transport.flush(wait)
+            with stage.timed("send_wait_s"):
+                transport.flush(wait)
+            stage.steps += 1
             if lost:
                 return False
         except PeerError as e:  # rank 0 or a neighbour died: this job is over for everyone
@@ -289,7 +321,8 @@ def _control(stage: Stage, f: Frame) -> None:
 def _forward_frame(stage: Stage, f: Frame) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """FORWARD's positions and mask, checked against the live cache and the job's limits."""
     stage.check(f.args[0])
-    T, last_only, has_mask = f.args[1:4]
+    T, last_only, has_mask, ids_only = f.args[1:5]
+    stage.ids_only = bool(ids_only and last_only)
     want = (sum(stage.sizes), T)
     types = [torch.int64] + ([torch.uint8] if has_mask else [])
     ok = 0 < T <= stage.limits.max_context and len(f.tensors) == len(types)
