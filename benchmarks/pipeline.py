@@ -72,12 +72,33 @@ def role_main(a: argparse.Namespace) -> None:
     r = dict(load_s=load_s, prefill_s=s.prefill_s, decode_s=s.decode_s,
              generated=s.generated_tokens, throughput=s.throughput,
              tokens=[o.token_ids for o in out])  # fmt: skip
+    r["logits_file"] = str(save_logits(llm.runner, ids[:4], a))
     if a.topology:
         r.update(llm.runner.stats, host0=llm.runner.stage.report())
         llm.close()
     else:
         r["host0"] = single_report(llm.runner)
     print(json.dumps(r), flush=True)
+
+
+def save_logits(runner: object, ids: list[list[int]], a: argparse.Namespace) -> Path:
+    """The last position's logits of a few prompts (full fp32 logits: no sampler is handed
+    over), for comparing the cases' numerics."""
+    import torch
+
+    tokens = torch.tensor(ids)
+    positions = torch.arange(tokens.shape[1]).expand(tokens.shape)
+    cache = runner.new_cache(len(ids), tokens.shape[1])
+    logits = runner.forward(tokens, positions, cache, last_only=True)[:, -1]
+    path = a.offload_dir / f"logits-{'pipeline' if a.topology else 'one'}.pt"
+    torch.save(logits.clone(), path)
+    return path
+
+
+def logits_diff(ref: str, other: str) -> float:
+    import torch
+
+    return float((torch.load(ref) - torch.load(other)).abs().max())
 
 
 def single_report(runner: object) -> dict:
@@ -187,8 +208,8 @@ def main() -> None:
     ap.add_argument("--mem", default="1414M", help="memory cap of every host (page cache too)")
     ap.add_argument("--disk-rate", default="500M", help="disk read rate of every host")
     ap.add_argument("--budget", default="1414M", help="cpu_memory of the single process")
-    ap.add_argument("--node-budget", help="cpu_memory of every pipeline node (default: none, "
-                    "the node's layers resident)")  # fmt: skip
+    ap.add_argument("--node-budget", help="cpu_memory of every pipeline node (default: --mem; "
+                    "'none': the node's layers resident in fp32)")  # fmt: skip
     ap.add_argument("--micro-batches", type=int)
     ap.add_argument("--wire-dtype", choices=["float32", "bfloat16"])
     ap.add_argument("--batch", type=int, default=32)
@@ -197,6 +218,7 @@ def main() -> None:
     ap.add_argument("--offload-dir", type=Path, default=Path("/var/tmp/layercake-pipeline"))
     ap.add_argument("--case-timeout", type=float, default=1800)
     a = ap.parse_args()
+    a.node_budget = None if a.node_budget == "none" else a.node_budget or a.mem
     if a.role == "main":
         return role_main(a)
     a.offload_dir.mkdir(parents=True, exist_ok=True)
@@ -210,15 +232,21 @@ def main() -> None:
                       "wire_dtype": a.wire_dtype, "time": time.strftime("%F %T")}),
           flush=True)  # fmt: skip
     ref = None
+    ref_logits = a.offload_dir / "logits-reference.pt"
+    ref_logits.unlink(missing_ok=True)
     for rep in range(a.repeat):
         with open(LOCK, "w") as lock:  # one repeat of every case at a time on the machine
             fcntl.flock(lock, fcntl.LOCK_EX)
             for case in a.cases:
                 r = run_case(a, case)
-                toks = r.pop("tokens", None)
+                toks, lf = r.pop("tokens", None), r.pop("logits_file", None)
                 if case == "one" and ref is None:
                     ref = toks
+                    ref_logits = a.offload_dir / "logits-reference.pt"
+                    Path(lf).replace(ref_logits)
                 r["same_tokens_as_one"] = None if ref is None or toks is None else toks == ref
+                if lf and case != "one" and ref_logits.exists():
+                    r["max_logit_diff_vs_one"] = logits_diff(str(ref_logits), lf)
                 print(json.dumps(dict(r, repeat=rep)), flush=True)
 
 

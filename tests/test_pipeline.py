@@ -208,6 +208,28 @@ def test_three_processes_with_two_ranges_on_main(tmp_path, llama5, reference):
         assert list((tmp_path / "off").rglob(f"layer.{layer}.bin"))
 
 
+def test_bf16_on_the_wire(tmp_path, llama5):
+    """Hidden states travel in bf16 (half the bytes): the logits move by bf16's rounding of the
+    activations at one boundary, no more."""
+    tokens = torch.tensor([PROMPTS[0]])
+    positions = torch.arange(tokens.shape[1])[None]
+    single = layercake.load(llama5).runner
+    want = single.forward(tokens, positions, single.new_cache(1, 8))
+    for wire in ("float32", "bfloat16"):
+        topo = topology(tmp_path, ["b 0-3", "3-5 e"], name=f"{wire}.json", wire_dtype=wire)
+        with workers(topo, llama5, ["pc2"], "--once"), job(llama5, topo) as llm:
+            r = llm.runner
+            got = r.forward(tokens, positions, r.new_cache(1, 8))
+            diff = (got - want).abs().max().item()
+            sent = r.stats["bytes_sent"]
+        if wire == "float32":
+            assert diff == 0.0
+            sent32 = sent
+        else:
+            assert 0 < diff < 0.02 * want.abs().max().item()
+            assert sent < 0.75 * sent32
+
+
 def test_killed_worker_ends_the_job_with_its_name(tmp_path, llama5, reference):
     topo = topology(tmp_path, ["b 0-2 e", "2-5"])
     with job_after_workers(topo, llama5, ["pc2"]) as (llm, procs):

@@ -71,6 +71,8 @@ class Stage:
         self.node = topology.nodes[rank]
         self.device = parse_device(self.node.device)
         self.dtype = parse_dtype(self.node.options.get("dtype", dtype), self.device)
+        wire = topology.wire_dtype
+        self.wire_dtype = getattr(torch, wire) if wire else self.dtype
         self.segments = topology.segments(rank)
         self.limits = Limits(topology.max_batch,
                              topology.max_context or config.max_position_embeddings,
@@ -179,7 +181,7 @@ class Stage:
             )
         if seg.parts.head:  # ids: the greedy argmax of the last position (see use_sampler)
             return out[:, -1:].argmax(-1) if self.ids_only else out
-        return out.to(self.dtype)
+        return out.to(self.wire_dtype)
 
 
 def split_rows(sizes: list[int], rows: torch.Tensor) -> tuple[list[int], list[torch.Tensor | None]]:

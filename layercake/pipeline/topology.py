@@ -41,8 +41,9 @@ NODE_KEYS = {
 }  # fmt: skip
 TOP_KEYS = {
     "nodes", "model", "timeout", "micro_batches", "connect_timeout", "token", "max_batch",
-    "max_context",
+    "max_context", "wire_dtype",
 }  # fmt: skip
+WIRE_DTYPES = ("float32", "bfloat16")
 MIN_TOKEN = 16
 BUDGET_KEYS = ("cpu_memory", "device_memory", "percent")
 DEFAULT_TIMEOUT = 30.0
@@ -90,6 +91,7 @@ class Topology:
     token: str | None = None  # the shared secret of the handshake (never in the digest)
     max_batch: int = 1024  # per-job limits every frame is checked against before allocation
     max_context: int | None = None  # None: the model's
+    wire_dtype: str | None = None  # hidden states between nodes (None: the compute dtype)
     path: list[Segment] = field(default_factory=list)  # set by ``check``
     num_layers: int = 0
 
@@ -111,6 +113,7 @@ class Topology:
             "timeout": self.timeout,
             "micro_batches": self.micro_batches,
             "limits": [self.max_batch, self.max_context],
+            "wire_dtype": self.wire_dtype,
         }  # fmt: skip
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -291,6 +294,12 @@ def parse_topology(doc: dict[str, Any], source: str = "<topology>",
                 errors.append(f"{key} must be a whole number, not {v!r}")
             else:
                 top[key] = kind(v)
+    if "wire_dtype" in doc:
+        if doc["wire_dtype"] not in WIRE_DTYPES:
+            errors.append(f"wire_dtype must be one of {', '.join(WIRE_DTYPES)}, not "
+                          f"{doc['wire_dtype']!r}")  # fmt: skip
+        else:
+            top["wire_dtype"] = doc["wire_dtype"]
     if "token" in doc:
         tok = doc["token"]
         if not isinstance(tok, str) or len(tok) < MIN_TOKEN:
