@@ -251,6 +251,27 @@ def test_killed_worker_ends_the_job_with_its_name(tmp_path, llama5, reference):
             assert [o.token_ids for o in out] == reference
 
 
+def test_restarted_worker_resumes_the_job(tmp_path, llama5, reference, capfd):
+    """With resume_timeout, a worker killed mid-generation and started again rejoins: the cache
+    is rebuilt by replaying the steps and the same stream finishes with the same tokens."""
+    topo = topology(tmp_path, ["b 0-2 e", "2-5"], resume_timeout=60)
+    got: dict[int, list[int]] = {i: [] for i in range(len(PROMPTS))}
+    with workers(topo, llama5, ["pc2"]) as procs, job(llama5, topo) as llm:
+        stream = llm.stream(PROMPTS, max_new_tokens=6, ignore_eos=True)
+        for _ in range(2 * len(PROMPTS)):
+            e = next(stream)
+            got[e.index].append(e.token_id)
+        procs[0].kill()
+        procs[0].wait(10)
+        with workers(topo, llama5, ["pc2"]):  # restarted: it waits for main, then rejoins
+            for e in stream:
+                got[e.index].append(e.token_id)
+    assert [got[i] for i in range(len(PROMPTS))] == reference
+    err = capfd.readouterr().err
+    assert "lost the connection to node pc2" in err and "waiting up to 60 s for it" in err
+    assert "rejoined; 2 steps replayed" in err
+
+
 @contextlib.contextmanager
 def job_after_workers(topo: Path, model: Path, names: list[str]):
     with workers(topo, model, names) as procs, job(model, topo) as llm:

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +61,20 @@ class PipelineRunner:
         self.failed: LayercakeError | None = None
         self.forwards = 0  # passes through the pipeline (one per forward call)
         self._sampler: Any = None
+        self._log: list[tuple[str, tuple]] = []
 
     # ---- the Runner interface ---------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int) -> PipelineCache:
         self._alive()
+        cache = PipelineCache(self, 0, batch, capacity)
+        self._open(cache)
+        self._sampler = None  # a generation over this cache hands over its own (use_sampler)
+        self._log: list[tuple[str, tuple]] = []  # what was done to it since: replayed on resume
+        return cache
+
+    def _open(self, cache: PipelineCache) -> None:
+        """(Re)create ``cache`` under a new id on every node."""
+        batch, capacity = cache.batch, cache.capacity
         m = max(1, min(self.micro_batches, batch))
         sizes = [batch // m + (i < batch % m) for i in range(m)]
         why = self.stage.limits.cache(sizes, capacity)
@@ -72,11 +83,9 @@ class PipelineRunner:
                                  f"this job's limits ({why}): raise max_batch / max_context in "
                                  f"{self.topology.source}")  # fmt: skip
         self._next_id += 1
-        cid = self._next_id
+        cid = cache.cache_id = self._next_id
         self._guard(lambda: self._broadcast(Kind.NEW_CACHE, (cid, capacity), [torch.tensor(sizes)]))
         self.stage.new_cache(cid, sizes, capacity)
-        self._sampler = None  # a generation over this cache hands over its own (use_sampler)
-        return PipelineCache(self, cid, batch, capacity)
 
     @torch.inference_mode()
     def forward(
@@ -92,7 +101,42 @@ class PipelineRunner:
         if not isinstance(cache, PipelineCache) or cache.runner is not self:
             raise LayercakeError("a pipeline runs with a cache from its own new_cache()")
         self.stage.check(cache.cache_id)
-        return self._guard(lambda: self._forward(tokens, positions, cache, token_mask, last_only))
+        mask = None if token_mask is None else token_mask.cpu().clone()
+        args = (tokens.cpu().clone(), positions.cpu().clone(), mask, last_only)  # they mutate
+        out = self._resilient(cache, lambda: self._forward(args[0], args[1], cache, *args[2:]))
+        self._log.append(("forward", args))
+        return out
+
+    def _resilient(self, cache: PipelineCache, fn: Any) -> Any:
+        """``fn``; with the topology's ``resume_timeout``, a lost worker that comes back in time
+        (restarted) is reconnected, the cache rebuilt by replaying its steps, and ``fn`` run
+        again: the job goes on with the same tokens."""
+        try:
+            return self._guard(fn)
+        except LayercakeError:
+            wait = self.topology.resume_timeout
+            if not wait or self.failed is None:
+                raise
+            lost = self.failed
+            name = self.topology.nodes[0].name
+            print(f"layercake {name}: {lost}; waiting up to {wait:.0f} s for it to rejoin",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            try:
+                self.reconnect(wait)
+            except LayercakeError as e:
+                self.failed = LayercakeError(f"{lost} (not back within {wait:.0f} s: {e})")
+                raise self.failed from None
+            first = self._log[0][1] if self._log else None
+            cache.batch = len(first[0]) if first else cache.batch
+            self._open(cache)
+            for kind, args in self._log:
+                if kind == "forward":
+                    self._guard(lambda a=args: self._forward(a[0], a[1], cache, *a[2:]))
+                else:
+                    self._guard(lambda a=args: self._do_select(cache, a[0]))
+            print(f"layercake {name}: rejoined; {len(self._log)} steps replayed",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            return self._guard(fn)
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: PipelineCache,
                  mask: torch.Tensor | None, last_only: bool) -> torch.Tensor:  # fmt: skip
@@ -147,7 +191,11 @@ class PipelineRunner:
         self._alive()
         self.stage.check(cache.cache_id)
         rows = rows.cpu().to(torch.int64)
-        self._guard(lambda: self._broadcast(Kind.SELECT, (cache.cache_id,), [rows]))
+        self._resilient(cache, lambda: self._do_select(cache, rows))
+        self._log.append(("select", (rows,)))
+
+    def _do_select(self, cache: PipelineCache, rows: torch.Tensor) -> None:
+        self._broadcast(Kind.SELECT, (cache.cache_id,), [rows])
         self.stage.select(cache.cache_id, rows)
         cache.batch = len(rows)
 
@@ -196,13 +244,15 @@ class PipelineRunner:
         leave_job()
         self.transport = None
 
-    def reconnect(self) -> None:
-        """After a failure: wait for every worker to join again (e.g. the restarted one) and go
-        on with a fresh group; caches are gone, so a batch job resumes from its last result."""
+    def reconnect(self, timeout: float | None = None) -> None:
+        """After a failure: wait for every worker to join again (e.g. the restarted one; up to
+        ``timeout`` s, default the topology's connect_timeout) and go on with a fresh group;
+        caches are gone, so a batch job resumes from its last result."""
         if self._store is None:
             raise LayercakeError("this pipeline was closed: load it again")
         self._leave()
-        self.transport, self._store = host_job(self.topology, *self._identity, store=self._store)
+        topo = self.topology if timeout is None else replace(self.topology, connect_timeout=timeout)
+        self.transport, self._store = host_job(topo, *self._identity, store=self._store)
         self.failed = None
 
 

@@ -159,14 +159,16 @@ class Stage:
         self.sizes = sizes
 
     def prefetch_after(self, seg: Segment) -> None:
-        """Range streaming: once ``seg`` is done, start reading the next held range's first
-        streamed weights (an offloaded segment's disk rows) while the other nodes compute. The
-        ring wraps: after the last range, the first one's for the next step."""
+        """Once ``seg`` is done, start reading the next held range's first streamed weights (an
+        offloaded segment's disk units, as many as its staging slots hold) while the other
+        nodes compute. The ring wraps: after the last range, the first one's for the next step
+        (a node with one range reads its own first units while the others run theirs)."""
         i = self.segments.index(seg)
         nxt = self.segments[(i + 1) % len(self.segments)]
         loader = getattr(self.runners[nxt.index], "loader", None)
-        if nxt is not seg and loader is not None:
-            loader.submit(0)
+        if loader is not None:
+            for unit in sorted(loader.ranges)[: len(loader.slots)]:
+                loader.submit(unit)
 
     @torch.inference_mode()
     def run(self, seg: Segment, m: int, x: torch.Tensor, positions: torch.Tensor,
