@@ -71,6 +71,7 @@ def role_main(a: argparse.Namespace) -> None:
     s = llm.last_stats
     r = dict(load_s=load_s, prefill_s=s.prefill_s, decode_s=s.decode_s,
              generated=s.generated_tokens, throughput=s.throughput,
+             ms_per_decode_step=1e3 * s.decode_s / max(1, s.decode_steps),
              tokens=[o.token_ids for o in out])  # fmt: skip
     r["logits_file"] = str(save_logits(llm.runner, ids[:4], a))
     if a.topology:
@@ -125,7 +126,7 @@ def _main_cmd(a: argparse.Namespace, *extra: str) -> list[str]:
 
 
 def topology_file(a: argparse.Namespace, case: str) -> Path:
-    layers = LAYOUTS[case]
+    layers = LAYOUTS[case] if case != "two" else [f"b 0-{a.split}", f"{a.split}-16 e"]
     addr = [subprocess.run([hostsim(), "addr", str(i)], capture_output=True, text=True)
             .stdout.strip() for i in range(len(layers))]  # fmt: skip
     nodes = []
@@ -195,6 +196,7 @@ def _result(case: str, rc: int, out: str, err: str, logs: list[str]) -> dict:
     if "bytes_sent" in r:
         n = max(1, r["generated"])
         r["wire_bytes_per_token"] = (r["bytes_sent"] + r["bytes_received"]) / n
+        r["frames_per_token"] = (r["frames_sent"] + r["frames_received"]) / n
     return r
 
 
@@ -211,6 +213,7 @@ def main() -> None:
     ap.add_argument("--node-budget", help="cpu_memory of every pipeline node (default: --mem; "
                     "'none': the node's layers resident in fp32)")  # fmt: skip
     ap.add_argument("--micro-batches", type=int)
+    ap.add_argument("--split", type=int, default=8, help="two: h0 holds b 0-SPLIT, h1 the rest")
     ap.add_argument("--wire-dtype", choices=["float32", "bfloat16"])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -228,7 +231,7 @@ def main() -> None:
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     print(json.dumps({"model_bytes": size, "mem": a.mem, "disk_rate": a.disk_rate,
                       "batch": a.batch, "prompt_len": a.prompt_len, "gen_len": a.gen_len,
-                      "micro_batches": a.micro_batches, "node_budget": a.node_budget,
+                      "micro_batches": a.micro_batches, "node_budget": a.node_budget, "split": a.split,
                       "wire_dtype": a.wire_dtype, "time": time.strftime("%F %T")}),
           flush=True)  # fmt: skip
     ref = None
