@@ -231,7 +231,8 @@ def main() -> None:
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     print(json.dumps({"model_bytes": size, "mem": a.mem, "disk_rate": a.disk_rate,
                       "batch": a.batch, "prompt_len": a.prompt_len, "gen_len": a.gen_len,
-                      "micro_batches": a.micro_batches, "node_budget": a.node_budget, "split": a.split,
+                      "micro_batches": a.micro_batches, "node_budget": a.node_budget,
+                      "split": a.split,
                       "wire_dtype": a.wire_dtype, "time": time.strftime("%F %T")}),
           flush=True)  # fmt: skip
     ref = None
