@@ -210,43 +210,55 @@ def neighbours(topology: Topology, seg: Segment) -> tuple[int, int]:
     return prev, nxt
 
 
+def pieces(sizes: list[int], T: int, chunks: int) -> list[tuple[int, int, int]]:
+    """The order a pass goes through the pipeline: micro-batch by micro-batch, each split along
+    its tokens into ``chunks`` (a long prompt keeps every node busy without more caches):
+    ``(micro-batch, t0, t1)``."""
+    c = max(1, min(chunks, T))
+    bounds = [T * k // c for k in range(c + 1)]
+    return [(m, bounds[k], bounds[k + 1]) for m in range(len(sizes)) for k in range(c)]
+
+
 def run_segments(stage: Stage, transport: Transport, cache_id: int, positions: torch.Tensor,
                  mask: torch.Tensor | None, last_only: bool, inputs: list[torch.Tensor] | None,
-                 wait: float) -> tuple[list[torch.Tensor], str | None, bool]:  # fmt: skip
-    """Run this rank's segments in path order, every micro-batch in turn: receive (or take
-    ``inputs`` for the path's first segment), compute, send on. A failure upstream or here
+                 wait: float, chunks: int = 1) -> tuple[list[Any], str | None, bool]:  # fmt: skip
+    """Run this rank's segments in path order, every piece (``pieces``) in turn: receive (or
+    take ``inputs`` for the path's first segment), compute, send on. A failure upstream or here
     travels on as an ERROR frame in place of the output, so every peer stays in step. Returns
     the outputs of a final segment held here (the logits on rank 0), the first error, and
     whether a peer was lost (the job cannot go on)."""
     name = stage.node.name
     pos_m = positions.split(stage.sizes)
     mask_m = mask.split(stage.sizes) if mask is not None else [None] * len(stage.sizes)
+    plan = pieces(stage.sizes, positions.shape[1], chunks)
     error: str | None = None
     lost = False
-    finals: list[torch.Tensor] = []
+    finals: list[Any] = []
     last = len(stage.topology.path) - 1
     for seg in stage.segments:
         prev, nxt = neighbours(stage.topology, seg)
-        for m in range(len(stage.sizes)):
+        for p, (m, t0, t1) in enumerate(plan):
             out = msg = None
+            pos = pos_m[m][:, t0:t1]
             if seg.index == 0 and inputs is not None:
-                x = inputs[m]
+                x = inputs[p]
             else:
-                x, msg, gone = receive(stage, transport, prev, cache_id, m, pos_m[m].shape, wait)
+                x, msg, gone = receive(stage, transport, prev, cache_id, p, pos.shape, wait)
                 lost = lost or gone
             if msg is None:
                 try:
-                    out = stage.run(seg, m, x, pos_m[m], mask_m[m], last_only)
+                    msk = None if mask_m[m] is None else mask_m[m][:, t0:t1]
+                    out = stage.run(seg, m, x, pos, msk, last_only)
                 except Exception as e:  # the job fails; the peers are told so, then rank 0 raises
                     msg = f"node {name}: {type(e).__name__}: {e}" if not isinstance(
                         e, LayercakeError) else f"node {name}: {e}"  # fmt: skip
             error = error or msg
             if seg.index == last and nxt == stage.rank:
-                finals.append(out if out is not None else torch.empty(0))
+                finals.append(out)
             elif msg is not None:
-                transport.send(nxt, Kind.ERROR, (cache_id, m, int(lost)), [encode_text(msg)])
+                transport.send(nxt, Kind.ERROR, (cache_id, p, int(lost)), [encode_text(msg)])
             else:
-                transport.send(nxt, Kind.DATA, (cache_id, m), [out])
+                transport.send(nxt, Kind.DATA, (cache_id, p), [out])
         stage.prefetch_after(seg)
     return finals, error, lost
 
@@ -254,7 +266,7 @@ def run_segments(stage: Stage, transport: Transport, cache_id: int, positions: t
 def receive(stage: Stage, transport: Transport, src: int, cache_id: int, m: int,
             shape: torch.Size, wait: float, head: bool = False
             ) -> tuple[Any, str | None, bool]:  # fmt: skip
-    """Micro-batch ``m``'s input from ``src``, checked against its expected rows and length
+    """Piece ``m``'s input from ``src``, checked against its expected rows and length
     (``head``: the head's output, logits or ids, rows only): (tensor, None, False), or (None,
     why, peer lost). A bad frame ends the job (the stream is out of step), not this process."""
     rows, T = shape
@@ -271,7 +283,7 @@ def receive(stage: Stage, transport: Transport, src: int, cache_id: int, m: int,
         return x, None, False
     what = f"{f.kind.name} {f.args[:2]} {[tuple(t.shape) for t in f.tensors]}"
     return None, (f"node {stage.node.name}: rejected a frame from "
-                  f"{stage.topology.nodes[src].name}: expected micro-batch {m} of cache "
+                  f"{stage.topology.nodes[src].name}: expected piece {m} of cache "
                   f"{cache_id}, ({rows}, {T}, ...), got {what}"), True  # fmt: skip
 
 
@@ -296,7 +308,7 @@ def serve(stage: Stage, transport: Transport) -> bool:
                 continue
             positions, mask, last_only = _forward_frame(stage, f)
             _, _, lost = run_segments(stage, transport, f.args[0], positions, mask, last_only,
-                                      None, wait)  # fmt: skip
+                                      None, wait, f.args[5])  # fmt: skip
             with stage.timed("send_wait_s"):
                 transport.flush(wait)
             stage.steps += 1
@@ -325,11 +337,11 @@ def _control(stage: Stage, f: Frame) -> None:
 def _forward_frame(stage: Stage, f: Frame) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """FORWARD's positions and mask, checked against the live cache and the job's limits."""
     stage.check(f.args[0])
-    T, last_only, has_mask, ids_only = f.args[1:5]
+    T, last_only, has_mask, ids_only, chunks = f.args[1:6]
     stage.ids_only = bool(ids_only and last_only)
     want = (sum(stage.sizes), T)
     types = [torch.int64] + ([torch.uint8] if has_mask else [])
-    ok = 0 < T <= stage.limits.max_context and len(f.tensors) == len(types)
+    ok = 0 < T <= stage.limits.max_context and len(f.tensors) == len(types) and 0 < chunks <= T
     if not ok or any(tuple(t.shape) != want or t.dtype != d for t, d in zip(f.tensors, types)):
         shapes = [tuple(t.shape) for t in f.tensors]
         raise BadFrame(f"node {stage.node.name}: FORWARD frame {shapes} does not fit the "

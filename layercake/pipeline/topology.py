@@ -41,7 +41,7 @@ NODE_KEYS = {
 }  # fmt: skip
 TOP_KEYS = {
     "nodes", "model", "timeout", "micro_batches", "connect_timeout", "token", "max_batch",
-    "max_context", "wire_dtype", "resume_timeout",
+    "max_context", "wire_dtype", "resume_timeout", "prefill_chunks",
 }  # fmt: skip
 WIRE_DTYPES = ("float32", "bfloat16")
 MIN_TOKEN = 16
@@ -92,6 +92,7 @@ class Topology:
     max_batch: int = 1024  # per-job limits every frame is checked against before allocation
     max_context: int | None = None  # None: the model's
     wire_dtype: str | None = None  # hidden states between nodes (None: the compute dtype)
+    prefill_chunks: int | None = None  # a prompt's tokens split this many ways (default 2 x nodes)
     resume_timeout: float = 0.0  # s a lost worker may take to come back (0: the job ends)
     path: list[Segment] = field(default_factory=list)  # set by ``check``
     num_layers: int = 0
@@ -115,6 +116,7 @@ class Topology:
             "micro_batches": self.micro_batches,
             "limits": [self.max_batch, self.max_context],
             "wire_dtype": self.wire_dtype,
+            "prefill_chunks": self.prefill_chunks,
         }  # fmt: skip
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -285,7 +287,8 @@ def parse_topology(doc: dict[str, Any], source: str = "<topology>",
         nodes.append(Node(name, host, port, layers, str(device), options))
     top: dict[str, Any] = {}
     numbers = [("timeout", float), ("connect_timeout", float), ("micro_batches", int),
-               ("max_batch", int), ("max_context", int), ("resume_timeout", float)]  # fmt: skip
+               ("max_batch", int), ("max_context", int), ("resume_timeout", float),
+               ("prefill_chunks", int)]  # fmt: skip
     for key, kind in numbers:
         if key in doc:
             v = doc[key]
