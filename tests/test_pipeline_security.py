@@ -144,3 +144,12 @@ def _wait_for(p: subprocess.Popen, text: str, count: int, seconds: float = 30) -
         assert p.poll() is None, log_of(p)
         assert time.monotonic() < deadline, log_of(p)
         time.sleep(0.1)
+
+
+def test_a_peer_on_another_version_is_rejected():
+    from layercake.pipeline.rendezvous import mismatch
+
+    mine = {"name": "main", "version": "0.3.0", "topology": "a" * 64, "model": "m"}
+    theirs = dict(mine, name="pc2", version="0.2.9")
+    assert "layercake versions differ: main runs 0.3.0, pc2 runs 0.2.9" in mismatch(mine, theirs)
+    assert mismatch(mine, dict(mine, name="pc2")) is None
