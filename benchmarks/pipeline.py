@@ -125,8 +125,15 @@ def _main_cmd(a: argparse.Namespace, *extra: str) -> list[str]:
     return cmd + ["--budget", a.budget, "--offload-dir", str(a.offload_dir / "h0"), *extra]
 
 
+def layout(case: str) -> list[str]:
+    if case.startswith("two-s"):  # two hosts, h0 up to layer SPLIT
+        k = int(case[5:])
+        return [f"b 0-{k}", f"{k}-16 e"]
+    return LAYOUTS[case]
+
+
 def topology_file(a: argparse.Namespace, case: str) -> Path:
-    layers = LAYOUTS[case] if case != "two" else [f"b 0-{a.split}", f"{a.split}-16 e"]
+    layers = layout(case)
     addr = [subprocess.run([hostsim(), "addr", str(i)], capture_output=True, text=True)
             .stdout.strip() for i in range(len(layers))]  # fmt: skip
     nodes = []
@@ -157,7 +164,7 @@ def run_case(a: argparse.Namespace, case: str) -> dict:
     tfile = topology_file(a, case)
     path = model_path("llama1b")
     procs = []
-    for i in range(1, len(LAYOUTS[case])):
+    for i in range(1, len(layout(case))):
         cmd = [sys.executable, "-m", "layercake.cli", "worker", "--topology", str(tfile),
                "--name", f"h{i}", "--model", str(path), "--once", "--threads", "1"]  # fmt: skip
         procs.append(
@@ -213,7 +220,9 @@ def main() -> None:
     ap.add_argument("--node-budget", help="cpu_memory of every pipeline node (default: --mem; "
                     "'none': the node's layers resident in fp32)")  # fmt: skip
     ap.add_argument("--micro-batches", type=int)
-    ap.add_argument("--split", type=int, default=8, help="two: h0 holds b 0-SPLIT, h1 the rest")
+    ap.add_argument("--split", type=int, nargs="+", default=[8],
+                    help="two: h0 holds b 0-SPLIT, h1 the rest (several: a case each)")  # fmt: skip
+    ap.add_argument("--no-lock", action="store_true", help="the caller holds the bench lock")
     ap.add_argument("--wire-dtype", choices=["float32", "bfloat16"])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -239,9 +248,12 @@ def main() -> None:
     ref_logits = a.offload_dir / "logits-reference.pt"
     ref_logits.unlink(missing_ok=True)
     for rep in range(a.repeat):
+        cases = [c for case in a.cases
+                 for c in ([f"two-s{k}" for k in a.split] if case == "two" else [case])]  # fmt: skip
         with open(LOCK, "w") as lock:  # one repeat of every case at a time on the machine
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            for case in a.cases:
+            if not a.no_lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            for case in cases:
                 r = run_case(a, case)
                 toks, lf = r.pop("tokens", None), r.pop("logits_file", None)
                 if case == "one" and ref is None:
