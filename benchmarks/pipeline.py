@@ -248,8 +248,8 @@ def main() -> None:
     ref_logits = a.offload_dir / "logits-reference.pt"
     ref_logits.unlink(missing_ok=True)
     for rep in range(a.repeat):
-        cases = [c for case in a.cases
-                 for c in ([f"two-s{k}" for k in a.split] if case == "two" else [case])]  # fmt: skip
+        splits = [f"two-s{k}" for k in a.split]
+        cases = [c for case in a.cases for c in (splits if case == "two" else [case])]
         with open(LOCK, "w") as lock:  # one repeat of every case at a time on the machine
             if not a.no_lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
