@@ -102,6 +102,37 @@ def logits_diff(ref: str, other: str) -> float:
     return float((torch.load(ref) - torch.load(other)).abs().max())
 
 
+def wire_check(a: argparse.Namespace) -> None:
+    """What bf16 hidden states on the wire cost in accuracy, without a network: the two halves
+    of the split in one process, the boundary's activations rounded to bf16 or not."""
+    import torch
+
+    from layercake.checkpoint import build_slice, open_checkpoint
+    from layercake.config import load_config
+    from layercake.runner import LocalRunner
+
+    path = model_path("llama1b")
+    ckpt = open_checkpoint(path)
+    cfg = load_config(ckpt.config_dict())
+    k = a.split[0]
+    halves = [LocalRunner([build_slice(ckpt, spec, config=cfg, pack=True)], cfg)
+              for spec in (f"b 0-{k}", f"{k}-16 e")]  # fmt: skip
+    ids = prompts(a.batch, a.prompt_len, cfg.vocab_size)
+    positions = torch.arange(ids.shape[1]).expand(ids.shape)
+    out = {}
+    for wire in (torch.float32, torch.bfloat16):
+        caches = [h.new_cache(len(ids), ids.shape[1]) for h in halves]
+        with torch.inference_mode():
+            hidden = halves[0].forward(ids, positions, caches[0]).to(wire).float()
+            out[wire] = halves[1].forward(hidden, positions, caches[1], last_only=True)[:, -1]
+    diff = (out[torch.bfloat16] - out[torch.float32]).abs()
+    same = (out[torch.bfloat16].argmax(-1) == out[torch.float32].argmax(-1)).float().mean()
+    print(json.dumps({"case": "wire-bf16", "split": k, "rows": len(ids),
+                      "max_logit_diff": float(diff.max()), "mean_logit_diff": float(diff.mean()),
+                      "logit_scale": float(out[torch.float32].abs().max()),
+                      "same_argmax": float(same)}), flush=True)  # fmt: skip
+
+
 def single_report(runner: object) -> dict:
     times = getattr(runner, "times", None) or {}
     return {k: round(v, 3) for k, v in times.items()}
@@ -233,6 +264,8 @@ def main() -> None:
     a.node_budget = None if a.node_budget == "none" else a.node_budget or a.mem
     if a.role == "main":
         return role_main(a)
+    if a.role == "wire":
+        return wire_check(a)
     a.offload_dir.mkdir(parents=True, exist_ok=True)
     hosts = max(len(LAYOUTS.get(c, [0])) for c in a.cases)
     subprocess.run([hostsim(), "up", str(hosts)], check=True, capture_output=True)
