@@ -105,3 +105,51 @@ def test_two_hosts_without_environment_tricks(tmp_path, hosts):
     assert f"gloo bound to interface lc-h0n ({addr[0]['address'][:-6]})" in r.stderr
     assert f"gloo bound to interface lc-h1n ({addr[1]['address'][:-6]})" in wlog, wlog
     assert w.returncode == 0, wlog
+
+
+def test_worker_killed_and_restarted_across_hosts(tmp_path, hosts):
+    """h1's worker killed mid-generation: h0 names it at once; started again, it rejoins and the
+    same stream finishes with the same tokens (resume_timeout)."""
+    model = make_hf_checkpoint(
+        tmp_path / "m", "llama", seed=6, **dict(LLAMA_TINY, num_hidden_layers=4)
+    )
+    want = [o.token_ids for o in layercake.load(model).generate(PROMPTS, max_new_tokens=8)]
+    topo = write_topology(tmp_path, hosts, resume_timeout=60)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GLOO_")}
+    env["PYTHONPATH"] = str(ROOT)
+    go = tmp_path / "go"
+    worker = as_host(hosts, 1, "-m", "layercake.cli", "worker", "--topology", str(topo),
+                     "--name", "h1", "--model", str(model), "--threads", "1")  # fmt: skip
+    script = ("import json, os, time, layercake\n"
+              f"llm = layercake.load({str(model)!r}, topology={str(topo)!r})\n"
+              f"s = llm.stream({PROMPTS!r}, max_new_tokens=8)\n"
+              f"got = {{i: [] for i in range({len(PROMPTS)})}}\n"
+              f"for _ in range({2 * len(PROMPTS)}):\n"
+              "    e = next(s); got[e.index].append(e.token_id)\n"
+              "print('READY', flush=True)\n"
+              f"while not os.path.exists({str(go)!r}): time.sleep(0.1)\n"
+              "for e in s: got[e.index].append(e.token_id)\n"
+              "print(json.dumps([got[i] for i in sorted(got)])); llm.close()")  # fmt: skip
+    kw = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+              start_new_session=True)  # fmt: skip
+    procs = [
+        subprocess.Popen(worker, **kw),
+        subprocess.Popen(as_host(hosts, 0, "-c", script), **kw),
+    ]
+    try:
+        main = procs[1]
+        assert main.stdout.readline().strip() == "READY", main.stderr.read()[-2000:]
+        os.killpg(procs[0].pid, signal.SIGKILL)
+        procs[0].wait(10)
+        procs.append(subprocess.Popen(worker, **kw))  # restarted
+        go.touch()
+        out, err = main.communicate(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)
+    assert main.returncode == 0, err[-2000:]
+    assert json.loads(out.strip().splitlines()[-1]) == want
+    assert "lost the connection to node h1 (10.231.0.2:29612)" in err, err[-2000:]
+    assert "rejoined; " in err
