@@ -2,10 +2,11 @@
 the workers, so ``LLM.generate`` runs unchanged; and ``run_worker``, what ``layercake worker``
 runs on every other node.
 
-A forward splits the batch's rows into micro-batches: rank 0 runs its first segment on
-micro-batch m and sends it on while the next node computes m-1, and so on down the path; the
-last segment's logits come back to rank 0. Each node keeps the KV cache of its own layers, one
-per micro-batch, under the cache id rank 0 hands out.
+A forward splits the batch's rows into micro-batches and a prompt's tokens into chunks (the
+pieces): rank 0 runs its first segment on piece p and sends it on while the next node computes
+p-1, and so on down the path; the last segment's logits (or, for a greedy generation, each row's
+argmax id) come back to rank 0. Each node keeps the KV cache of its own layers, one per
+micro-batch, under the cache id rank 0 hands out.
 """
 
 from __future__ import annotations
