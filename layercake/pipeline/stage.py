@@ -74,10 +74,13 @@ class Stage:
         wire = topology.wire_dtype
         self.wire_dtype = getattr(torch, wire) if wire else self.dtype
         self.segments = topology.segments(rank)
+        self.topology_config, self._free = config, None
         self.limits = Limits(topology.max_batch,
                              topology.max_context or config.max_position_embeddings,
                              config.hidden_size, config.vocab_size)  # fmt: skip
-        self.runners = {s.index: self._runner(ckpt, config, source, s.parts) for s in self.segments}
+        self.runners = {}
+        for s in self.segments:
+            self.runners[s.index] = self._runner(ckpt, config, source, s.parts, self._budget(s))
         self.cache_id = -1
         self.sizes: list[int] = []
         self.caches: dict[int, list[KVCache]] = {}  # segment index -> one cache per micro-batch
@@ -104,7 +107,27 @@ class Stage:
                 out[k] = round(out.get(k, 0.0) + v, 3)
         return dict(out, steps=self.steps)
 
-    def _runner(self, ckpt: Any, config: BaseConfig, source: Path, parts: Parts) -> Any:
+    def _budget(self, seg: Segment) -> int | str | None:
+        """The node's ``cpu_memory`` for one of its segments: each an offloaded runner, which
+        counts what the process holds already, so a range gets its share of what was left when
+        the first was built (in proportion to its weights), not all of it."""
+        total = self.node.options.get("cpu_memory")
+        if total is None or len(self.segments) == 1:
+            return total
+        from layercake.offload import SAFETY, parse_bytes, process_rss
+
+        c = self.topology_config
+        layer = c.hidden_size * (2 * c.num_attention_heads + 2 * c.num_key_value_heads) * \
+            c.head_dim + 3 * c.hidden_size * c.intermediate_size  # fmt: skip
+        size = {x.index: len(x.parts.layers) * layer + x.parts.head * c.vocab_size * c.hidden_size
+                for x in self.segments}  # fmt: skip
+        if self._free is None:
+            self._free = parse_bytes(total) - process_rss() - SAFETY
+        return process_rss() + SAFETY + int(self._free * size[seg.index] / sum(size.values()))
+
+    def _runner(self, ckpt: Any, config: BaseConfig, source: Path, parts: Parts,
+                cpu_memory: int | str | None) -> Any:  # fmt: skip
+        """The Runner of one segment: offloaded with the node's budgets, else resident."""
         o = self.node.options
         if self.node.offloaded:
             from layercake.offload import offload_runner
@@ -112,7 +135,7 @@ class Stage:
             offload_dir = o.get("offload_dir")
             return offload_runner(
                 ckpt, config, source, parts, self.device, self.dtype, o.get("percent"),
-                o.get("cpu_memory"), o.get("device_memory"),
+                cpu_memory, o.get("device_memory"),
                 Path(offload_dir).expanduser() if offload_dir else None,
                 o.get("batch_size"), o.get("num_batches"), o.get("max_context"),
             )  # fmt: skip
