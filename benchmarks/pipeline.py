@@ -254,6 +254,8 @@ def main() -> None:
     ap.add_argument("--split", type=int, nargs="+", default=[8],
                     help="two: h0 holds b 0-SPLIT, h1 the rest (several: a case each)")  # fmt: skip
     ap.add_argument("--no-lock", action="store_true", help="the caller holds the bench lock")
+    ap.add_argument("--keep-reference", action="store_true",
+                    help="compare with the last run's one-host tokens and logits")  # fmt: skip
     ap.add_argument("--wire-dtype", choices=["float32", "bfloat16"])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -277,9 +279,10 @@ def main() -> None:
                       "split": a.split,
                       "wire_dtype": a.wire_dtype, "time": time.strftime("%F %T")}),
           flush=True)  # fmt: skip
-    ref = None
-    ref_logits = a.offload_dir / "logits-reference.pt"
-    ref_logits.unlink(missing_ok=True)
+    ref_logits, ref_tokens = a.offload_dir / "logits-reference.pt", a.offload_dir / "tokens.json"
+    ref = json.loads(ref_tokens.read_text()) if a.keep_reference and ref_tokens.exists() else None
+    if not a.keep_reference:
+        ref_logits.unlink(missing_ok=True)
     for rep in range(a.repeat):
         splits = [f"two-s{k}" for k in a.split]
         cases = [c for case in a.cases for c in (splits if case == "two" else [case])]
@@ -291,7 +294,7 @@ def main() -> None:
                 toks, lf = r.pop("tokens", None), r.pop("logits_file", None)
                 if case == "one" and ref is None:
                     ref = toks
-                    ref_logits = a.offload_dir / "logits-reference.pt"
+                    ref_tokens.write_text(json.dumps(toks))
                     Path(lf).replace(ref_logits)
                 r["same_tokens_as_one"] = None if ref is None or toks is None else toks == ref
                 if lf and case != "one" and ref_logits.exists():
