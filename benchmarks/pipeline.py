@@ -73,9 +73,10 @@ def role_main(a: argparse.Namespace) -> None:
              generated=s.generated_tokens, throughput=s.throughput,
              ms_per_decode_step=1e3 * s.decode_s / max(1, s.decode_steps),
              tokens=[o.token_ids for o in out])  # fmt: skip
+    if a.topology:  # the job's own traffic and times, before the logits check below
+        r.update(llm.runner.stats, host0=llm.runner.stage.report())
     r["logits_file"] = str(save_logits(llm.runner, ids[:4], a))
     if a.topology:
-        r.update(llm.runner.stats, host0=llm.runner.stage.report())
         llm.close()
     else:
         r["host0"] = single_report(llm.runner)

@@ -169,9 +169,9 @@ def test_two_processes_equal_single_process(tmp_path, llama5, reference):
             out = llm.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)
             assert [o.token_ids for o in out] == reference
             assert llm.runner.stats["forwards"] == 6 and llm.runner.stage.sizes == [3, 2]
-            # greedy: the head's node sent one id per row and step (and prompt chunk: 4 of the
-            # prompt, then 5 steps), not the logits
-            assert llm.runner.stats["bytes_received"] == 8 * len(PROMPTS) * (4 + 5)
+            # greedy: the head's node sent one id per row and step (the prompt's earlier chunks
+            # send nothing), not the logits
+            assert llm.runner.stats["bytes_received"] == 8 * len(PROMPTS) * 6
             # sampled rows (and logprobs) need the logits: they come back whole, same tokens
             kw = dict(max_new_tokens=4, temperature=0.9, seed=3, logprobs=2, ignore_eos=True)
             single = layercake.load(llama5).generate(PROMPTS, **kw)

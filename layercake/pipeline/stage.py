@@ -195,7 +195,10 @@ class Stage:
 
     @torch.inference_mode()
     def run(self, seg: Segment, m: int, x: torch.Tensor, positions: torch.Tensor,
-            mask: torch.Tensor | None, last_only: bool) -> torch.Tensor:  # fmt: skip
+            mask: torch.Tensor | None, last_only: bool,
+            final: bool = True) -> torch.Tensor:  # fmt: skip
+        """One piece through one segment. ``final``: the piece ends its micro-batch's tokens
+        (an earlier chunk's last-position logits are nobody's: the head sends none)."""
         if x.is_floating_point():
             x = x.to(self.device, self.dtype)
         if mask is None:  # (B, T): a runner would shape its default after hidden states
@@ -204,6 +207,8 @@ class Stage:
             out = self.runners[seg.index].forward(
                 x, positions, self.caches[seg.index][m], mask, last_only
             )
+        if seg.parts.head and last_only and not final:
+            return out[:, :, :0]
         if seg.parts.head:  # ids: the greedy argmax of the last position (see use_sampler)
             return out[:, -1:].argmax(-1) if self.ids_only else out
         return out.to(self.wire_dtype)
@@ -271,7 +276,7 @@ def run_segments(stage: Stage, transport: Transport, cache_id: int, positions: t
             if msg is None:
                 try:
                     msk = None if mask_m[m] is None else mask_m[m][:, t0:t1]
-                    out = stage.run(seg, m, x, pos, msk, last_only)
+                    out = stage.run(seg, m, x, pos, msk, last_only, t1 == pos_m[m].shape[1])
                 except Exception as e:  # the job fails; the peers are told so, then rank 0 raises
                     msg = f"node {name}: {type(e).__name__}: {e}" if not isinstance(
                         e, LayercakeError) else f"node {name}: {e}"  # fmt: skip
