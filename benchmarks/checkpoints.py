@@ -3,6 +3,13 @@
 ``llama_1b(cache)``: a Llama-3.2-1B-shaped checkpoint (hidden 2048, 16 layers, 32 heads, 8 KV
 heads, FFN 8192, vocab 128256, tied embeddings, bf16: 1.24 B parameters, 2.5 GB), two shards
 with an index, plus SmolLM2's tokenizer so text prompts work.
+
+Every weight is drawn as Hugging Face initializes a Llama (normal, std ``initializer_range`` =
+0.02, the embedding included; norms 1), so the layers' outputs dominate the residual stream and
+decide the tokens. (Version 1 drew the tied embedding with std 1: the residual stream was the
+input token's embedding, the first greedy token was the last prompt token by a wide margin, and
+an engine that skipped every layer produced the same tokens.) The cache directory carries
+``VERSION``, so a checkpoint written by an older generator is never reused.
 """
 
 from __future__ import annotations
@@ -13,6 +20,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+VERSION = 2  # bump whenever the generator's output changes: names the cached checkpoint
+EMBED_STD = 0.02  # Hugging Face's initializer_range for Llama
 
 DEFAULT_CACHE = Path(
     os.environ.get("LAYERCAKE_BENCH_CACHE", Path.home() / ".cache/layercake-bench")
@@ -52,12 +62,13 @@ def _tensors(
     H, F, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
     nq, nkv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
 
-    def rnd(*shape: int, std: float = 0.02) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * std).to(torch.bfloat16)
+    def rnd(rows: int, cols: int, std: float | None = None) -> torch.Tensor:
+        std = cols**-0.5 if std is None else std  # a matrix: 1/sqrt(fan_in)
+        return (torch.randn(rows, cols, generator=gen) * std).to(torch.bfloat16)
 
     out: dict[str, torch.Tensor] = {}
     if embed:
-        out["model.embed_tokens.weight"] = rnd(cfg["vocab_size"], H, std=1.0)
+        out["model.embed_tokens.weight"] = rnd(cfg["vocab_size"], H, EMBED_STD)
         out["model.norm.weight"] = torch.ones(H, dtype=torch.bfloat16)
     for i in layers:
         p = f"model.layers.{i}."
@@ -75,7 +86,7 @@ def _tensors(
 
 def llama_1b(cache: Path = DEFAULT_CACHE) -> Path:
     """Path of the random Llama-3.2-1B-shaped checkpoint, writing it on first use."""
-    d = cache / "llama-3.2-1b-random"
+    d = cache / f"llama-3.2-1b-random-v{VERSION}"
     if (d / "model.safetensors.index.json").is_file():
         return d
     write_random_llama(d, LLAMA_1B, shards=2)
