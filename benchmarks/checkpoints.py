@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:  # imported where tensors are made: benchmark parents stay free of torch
+    import torch
 
 VERSION = 2  # bump whenever the generator's output changes: names the cached checkpoint
 EMBED_STD = 0.02  # Hugging Face's initializer_range for Llama
@@ -59,6 +62,8 @@ LLAMA_1B = dict(
 def _tensors(
     cfg: dict, layers: range, embed: bool, gen: torch.Generator
 ) -> dict[str, torch.Tensor]:
+    import torch
+
     H, F, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
     nq, nkv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
 
@@ -85,18 +90,20 @@ def _tensors(
 
 
 def llama_1b(cache: Path = DEFAULT_CACHE) -> Path:
-    """Path of the random Llama-3.2-1B-shaped checkpoint, writing it on first use."""
+    """Path of the random Llama-3.2-1B-shaped checkpoint, written on first use by a child
+    process (the caller never imports torch for it)."""
     d = cache / f"llama-3.2-1b-random-v{VERSION}"
-    if (d / "model.safetensors.index.json").is_file():
-        return d
-    write_random_llama(d, LLAMA_1B, shards=2)
-    _copy_tokenizer(d)
+    if not (d / "model.safetensors.index.json").is_file():
+        subprocess.run([sys.executable, __file__, str(d)], check=True)
     return d
 
 
 def write_random_llama(d: Path, cfg: dict, shards: int = 1, seed: int = 0) -> Path:
     """A random bf16 Llama checkpoint of config ``cfg`` in ``shards`` safetensors files with an
     index (the last file written, so a present index means a complete checkpoint)."""
+    import torch
+    from safetensors.torch import save_file
+
     d.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     n = cfg["num_hidden_layers"]
@@ -124,3 +131,8 @@ def _copy_tokenizer(d: Path) -> None:
         Tokenizer.from_gguf(GGUFCheckpoint(embedded_model_path())).save(d)
     except Exception as e:  # benchmarks feed token ids; a tokenizer is a convenience
         print(f"note: no tokenizer written to {d}: {e}")
+
+
+if __name__ == "__main__":  # python checkpoints.py DIR: write the 1B-shaped checkpoint there
+    write_random_llama(Path(sys.argv[1]), LLAMA_1B, shards=2)
+    _copy_tokenizer(Path(sys.argv[1]))
