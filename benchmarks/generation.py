@@ -38,6 +38,12 @@ def model_path(name: str) -> Path:
     return Path(name)
 
 
+def process_read_bytes() -> int:
+    """Bytes this process has read from storage so far: direct reads and page faults alike."""
+    io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(io["read_bytes"])
+
+
 def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
     import torch
 
@@ -112,6 +118,7 @@ def run_transformers(
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=warmup,
                            min_new_tokens=warmup, do_sample=False, pad_token_id=0)  # fmt: skip
     warmup_s = time.perf_counter() - t0
+    read0 = process_read_bytes()
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
@@ -132,7 +139,9 @@ def run_transformers(
         decode_s=end - first,
         params=linear_params(model),
         weight_bytes=4 * linear_params(model),  # fp32, as loaded
+        gen_read_bytes=process_read_bytes() - read0,  # from storage while generating
         tokens=out[:, ids.shape[1] :].tolist(),
+        model=model,  # for callers that compare logits; not a JSON field
     )
 
 
