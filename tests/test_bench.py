@@ -102,3 +102,17 @@ def test_benchmark_parents_do_not_import_torch() -> None:
             "generation, decode; assert 'torch' not in sys.modules, 'torch imported'")  # fmt: skip
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+def test_the_roofline_line_of_a_generation(tmp_path: Path, monkeypatch) -> None:
+    """What ``generate -v`` prints after its speed figures."""
+    model = write_random_llama(tmp_path / "m", TINY)
+    monkeypatch.setenv("LAYERCAKE_CACHE", str(tmp_path / "cache"))
+    seed_limits(tmp_path / "cache", torch.get_num_threads())
+    llm = layercake.load(model)
+    llm.generate([[5, 6, 7]], max_new_tokens=4, ignore_eos=True)
+    from layercake.bench.roofline import roofline_line
+
+    line = roofline_line(llm, llm.last_stats)
+    assert line.startswith("roofline: decode RAM") and "/10.0 GB/s" in line, line
+    assert "at 1 row (" in line and "prefill matmul" in line

@@ -42,7 +42,7 @@ COLUMNS = [  # header, key, format
 def engine_options(a: argparse.Namespace) -> dict:
     """The parsed engine options, passed as they are to each case's ``load_from_args``."""
     skip = {"func", "command", "batches", "prompt_lens", "gen_lens", "repetitions", "json",
-            "no_warmup", "timeout"}  # fmt: skip
+            "no_warmup", "timeout", "remeasure"}  # fmt: skip
     return {k: v for k, v in vars(a).items() if k not in skip}
 
 
@@ -91,7 +91,7 @@ def run_bench(a: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
-    limits = machine_limits(Path(a.offload_dir) if a.offload_dir else None)
+    limits = machine_limits(Path(a.offload_dir) if a.offload_dir else None, a.remeasure)
     model = a.model or "embedded SmolLM2-135M-Instruct"
     if not a.json:
         print(f"model: {model}; limits: RAM {limits.ram_gbps} GB/s, disk {limits.disk_gbps} GB/s, "
@@ -134,5 +134,7 @@ def add_bench_command(sub: argparse._SubParsersAction, add_engine_options) -> No
     p.add_argument("--no-warmup", action="store_true", help="time the first run too")
     p.add_argument("--timeout", type=float, help="stop a case after this many seconds")
     p.add_argument("--json", action="store_true", help="one JSON line per case")
+    p.add_argument("--remeasure", action="store_true",
+                   help="measure this machine's limits again (they are cached)")  # fmt: skip
     add_engine_options(p)
     p.set_defaults(func=run_bench)

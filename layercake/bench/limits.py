@@ -9,6 +9,7 @@ judged against the rate their own shape can reach).
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -89,6 +90,8 @@ def machine_limits(offload_dir: Path | None = None, remeasure: bool = False) -> 
     data = measure.load_cache()
     hit = data.get("bench", {}).get(key)
     if hit is None or remeasure:
+        print(f"layercake: measuring this machine's limits (once; cached in {measure.cache_dir()})",
+              file=sys.stderr)  # fmt: skip
         hit = dict(
             ram_gbps=round(ram_gbps(), 2),
             matmul_gflops=matmul_gflops_per_rows(),

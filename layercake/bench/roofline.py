@@ -157,7 +157,7 @@ def format_roofline(r: dict, limits: Limits, batch: int) -> str:
     if "decode_gflops" in r:
         parts.append(
             f"matmul {r['decode_gflops']:.0f}/{r['decode_matmul_peak']:.0f} GFLOP/s at {batch} "
-            f"rows ({r['decode_matmul_fraction']:.2f})"
+            f"row{'s' * (batch != 1)} ({r['decode_matmul_fraction']:.2f})"
         )
     line = "roofline: decode " + ", ".join(parts) if parts else "roofline: no decode steps"
     if "bound_fraction" in r:
