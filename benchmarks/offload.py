@@ -33,7 +33,11 @@ from agreement import tokens_agreement  # noqa: E402
 from generation import model_path  # noqa: E402
 
 WORKER = HERE / "offload_worker.py"
-MEMLIMIT = HERE.parent.parent / "shared/tools/memlimit"
+MEMLIMIT = next(  # the project's shared tools: beside the checkout, or the team's copy
+    (p for p in (HERE.parent.parent / "shared/tools/memlimit", Path("/work/shared/tools/memlimit"))
+     if p.is_file()),
+    Path("memlimit"),
+)  # fmt: skip
 DEFAULT_OFFLOAD = Path(os.environ.get("LAYERCAKE_OFFLOAD_DIR", "/var/tmp/layercake-offload"))
 ALL_DISK = [0, 0, 100, 0, 100, 0]
 

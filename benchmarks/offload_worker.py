@@ -23,10 +23,11 @@ from generation import model_path, process_read_bytes, prompts, run_transformers
 LOGIT_ROWS, LOGIT_TOKENS = 2, 16  # logits compared with the in-memory run's: a small slice
 
 
-def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace) -> dict:
-    import layercake
-
-    t0 = time.perf_counter()
+def load_options(ids: torch.Tensor, gen: int, a: argparse.Namespace) -> dict:
+    """``layercake.load`` options of a case: in memory (the reference), the planner's policy, a
+    fixed placement, or the cap's budget."""
+    if a.in_memory:  # the reference: the whole model resident, no offloading
+        return {}
     kw = dict(offload_dir=a.offload_dir, batch_size=min(a.micro_batch or 10**9, ids.shape[0]))
     kw["num_batches"] = max(1, ids.shape[0] // kw["batch_size"])
     if a.policy == "auto":  # the planner picks batch, micro-batches, placement (and compression)
@@ -41,9 +42,14 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
         kw["max_context"] = ids.shape[1] + gen
     if a.compress_weight:
         kw.update(compress_weight=True, compress_bits=a.compress_bits)
-    if a.in_memory:  # the reference: the whole model resident, no offloading
-        kw = {}
-    llm = layercake.load(path, **kw)
+    return kw
+
+
+def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace) -> dict:
+    import layercake
+
+    t0 = time.perf_counter()
+    llm = layercake.load(path, **load_options(ids, gen, a))
     load_s = time.perf_counter() - t0
     r = llm.runner
     plan = getattr(r, "plan", None)
