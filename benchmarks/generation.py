@@ -91,6 +91,7 @@ def run_transformers(
     """transformers ``generate``, greedy; ``load_kw`` go to ``from_pretrained`` (e.g. an
     Accelerate ``device_map`` with ``max_memory`` and ``offload_folder``); ``warmup`` tokens
     generated once first, untimed but reported (``warmup_s``)."""
+    import torch
     import transformers
     from transformers.generation.streamers import BaseStreamer
 
