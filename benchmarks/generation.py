@@ -63,7 +63,7 @@ def run_layercake(
     """``load_kw`` go to ``layercake.load``; ``warmup`` tokens are generated once before the
     timed run (a compiled step compiles then), their time reported as ``warmup_s``."""
     import layercake
-    from layercake.bench.roofline import weight_bytes
+    from layercake.bench.roofline import head_params, weight_bytes
 
     t0 = time.perf_counter()
     llm = layercake.load(path, compile=compile, **load_kw)
@@ -80,6 +80,7 @@ def run_layercake(
         prefill_s=s.prefill_s,
         decode_s=s.decode_s,
         params=sum(linear_params(sl) for sl in llm.runner.slices),
+        head_params=head_params(llm.runner),
         weight_bytes=weight_bytes(llm.runner),
         tokens=[r.token_ids for r in out],
     )
@@ -139,6 +140,7 @@ def run_transformers(
         prefill_s=first - t0,
         decode_s=end - first,
         params=linear_params(model),
+        head_params=linear_params(model.lm_head),  # prefill: each row's last position only
         weight_bytes=4 * linear_params(model),  # fp32, as loaded
         gen_read_bytes=process_read_bytes() - read0,  # from storage while generating
         tokens=out[:, ids.shape[1] :].tolist(),
@@ -167,6 +169,7 @@ def worker(a: argparse.Namespace) -> None:
     # max(weight bytes / RAM bandwidth, FLOPs / matmul peak at B rows)
     bound = roofline(dict(batch=B, prompt_len=a.prompt_len, prefill_s=r["prefill_s"],
                           decode_s=r["decode_s"], decode_steps=gen - 1, params=r["params"],
+                          head_params=r["head_params"],
                           ram_bytes_per_step=r["weight_bytes"]), limits)  # fmt: skip
     rec = dict(
         bench="generation",

@@ -216,7 +216,7 @@ def ratios(results: dict[tuple, list[dict]], repeats: int) -> list[dict]:
             if acc and mine:
                 best = max(acc, key=lambda r: r["throughput_tok_s"])
                 per_rep.append((mine[0]["throughput_tok_s"] / best["throughput_tok_s"],
-                                best["accelerate_fraction"]))  # fmt: skip
+                                best["accelerate_max_memory_fraction"]))  # fmt: skip
         rec = {"bench": "offload-ratio", "batch": B, "cap": cap}
         if not per_rep:
             rec["accelerate"] = "no finished run"

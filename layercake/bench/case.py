@@ -34,7 +34,7 @@ def run_case(spec: dict) -> dict:
     """Load, warm up, then time ``repetitions`` generations; the median end-to-end run's
     figures, with the spread of the repetitions."""
     from layercake.bench.limits import machine_limits
-    from layercake.bench.roofline import linear_params, roofline, weight_bytes
+    from layercake.bench.roofline import head_params, linear_params, roofline, weight_bytes
     from layercake.cli import load_from_args
 
     a = argparse.Namespace(**spec["engine"])
@@ -62,7 +62,8 @@ def run_case(spec: dict) -> dict:
     # the disk bytes of the decode steps: a step reads the units' disk rows once
     disk_step = getattr(r, "disk_bytes", 0) if disk else 0
     run = dict(batch=B, prompt_len=P, prefill_s=s.prefill_s, decode_s=s.decode_s,
-               decode_steps=steps, params=linear_params(r), ram_bytes_per_step=weight_bytes(r),
+               decode_steps=steps, params=linear_params(r), head_params=head_params(r),
+               ram_bytes_per_step=weight_bytes(r),
                disk_bytes_per_step=disk_step)  # fmt: skip
     ram = run["ram_bytes_per_step"]
     rec = dict(

@@ -53,30 +53,31 @@ def ram_gbps(nbytes: int = RAM_BYTES, repeats: int = 5) -> float:
 
 
 def matmul_gflops_per_rows(rows: tuple[int, ...] = ROWS, repeats: int = 5) -> dict[int, float]:
-    """GFLOP/s of ``(rows x K) @ (K x N)`` for each row count: the better of PyTorch's fp32
-    GEMM and the bf16-weight kernel (``kernels.bf16_mm``) where it is built."""
-    from layercake.ops import kernels
+    """GFLOP/s of ``(rows x K) @ (K x N)`` for each row count: the best of the forms the
+    runners multiply with: PyTorch's fp32 GEMM, MKL's packed GEMM (in-memory fp32 weights) and
+    the bf16-weight kernel (``kernels.bf16_mm``, offloaded bf16 weights), where available."""
+    from layercake.ops import kernels, mkl
 
     w = torch.randn(N, K)
-    wb = w.bfloat16() if kernels.available() else None
+    forms = [lambda x: torch.nn.functional.linear(x, w)]
+    if mkl.packing_available():
+        forms.append(mkl.PackedLinear(w, None))
+    if kernels.available():
+        wb = w.bfloat16()
+        forms.append(lambda x: kernels.bf16_mm(x, wb))
     out = {}
     for r in rows:
         x = torch.randn(r, K)
         n = max(1, 8 // max(1, r // 128))  # several products per timing at few rows
         flops = 2 * r * K * N * n
+        best = 0.0
+        for f in forms:
 
-        def gemm(x=x, n=n) -> None:
-            for _ in range(n):
-                torch.nn.functional.linear(x, w)
-
-        best = flops / measure.best_of(gemm, repeats) / 1e9
-        if wb is not None:
-
-            def bf16(x=x, n=n) -> None:
+            def step(f=f, x=x, n=n) -> None:
                 for _ in range(n):
-                    kernels.bf16_mm(x, wb)
+                    f(x)
 
-            best = max(best, flops / measure.best_of(bf16, repeats) / 1e9)
+            best = max(best, flops / measure.best_of(step, repeats) / 1e9)
         out[r] = round(best, 1)
     return out
 
