@@ -1,5 +1,5 @@
-"""Command line: ``layercake generate | batch | serve | plan | worker | split``. A user mistake
-prints one line and exits 2, never a traceback."""
+"""Command line: ``layercake generate | batch | serve | plan | bench | worker | split``. A user
+mistake prints one line and exits 2, never a traceback."""
 
 from __future__ import annotations
 
@@ -216,6 +216,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
             f"decode {s.decode_tok_s:.1f} tok/s]",
             file=sys.stderr,
         )
+        from layercake.bench.roofline import roofline_line
+
+        print(roofline_line(llm, s), file=sys.stderr)
     return 0
 
 
@@ -380,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
     add_dist_commands(sub)
     add_plan_command(sub)
+    from layercake.bench import add_bench_command
+
+    add_bench_command(sub, add_engine_options)
     b = sub.add_parser(
         "batch",
         help="answer a JSONL file of requests into a JSONL file of results (resumable)",

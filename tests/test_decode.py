@@ -80,7 +80,9 @@ def test_packed_model_logits_close_to_fp32(packable):
     ids = [[5, 17, 99, 3, 42, 7, 11, 250]]
     ref = layercake.load(packable).logits(ids)
     got = layercake.load(packable, packed=True, group_size=32).logits(ids)
-    assert rel(got, ref) < 0.1  # int4 weights (random ones: the worst case for int4)
+    # int4 weights (random ones: the worst case for int4); since the random checkpoints' layers
+    # decide the logits (benchmarks/checkpoints.py v2) int4 g32 costs ~0.19 here on any path
+    assert rel(got, ref) < 0.25
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
 
 
