@@ -4,7 +4,8 @@ job and the server.
 
 Every row of a ``KVCache`` writes at the same slot (``length``), so a new prompt of P tokens is
 placed at slots [length - P, length) of its row, its earlier slots marked padding: positions are
-the row's own (0 at its first token), so what the row computes equals a solo run. The cache is
+the row's own (0 at its first token), and prompts are prefilled unpadded (``generate.prefill``),
+so what the row computes equals a solo run. The cache is
 shifted right when a prompt is longer than ``length``, and left when ``length`` reaches the
 capacity (by the first slot any live row still uses; the capacity leaves slack so this happens
 rarely). Each admission group gets its own ``Sampler`` (seeds, penalties, logprobs per row).
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from layercake.errors import LayercakeError
-from layercake.generate import GenerationStats, Row, StepEvent, check_prompt, left_pad
+from layercake.generate import GenerationStats, Row, StepEvent, check_prompt, prefill
 from layercake.kv_cache import KVCache, QuantKV
 from layercake.sampling import Sampler, SamplingParams
 
@@ -158,17 +159,8 @@ class Engine:
                 self.cache.length, self.cache.valid[:] = 0, False
             if self.cache.length < P:  # room in front for the longest new prompt
                 self._shift(P - self.cache.length)
-            at = self.cache.length - P
-            dev = self.runner.device  # left-padded, positions from 0 at each first token
-            tokens, positions, mask = left_pad([r.prompt for r in reqs], dev)
-            if slots == list(range(slots[0], slots[0] + len(slots))):  # in place
-                view = self.cache.rows(slots[0], slots[-1] + 1, at)
-                view.valid[:, :at] = False
-                logits = self.runner.forward(tokens, positions, view, mask, last_only=True)
-            else:  # scattered slots: prefill aside, then copy into the rows
-                staging = self.cache.like(len(reqs), P)
-                logits = self.runner.forward(tokens, positions, staging, mask, last_only=True)
-                self.cache.load_rows(torch.tensor(slots, device=dev), staging, at)
+            logits = prefill(self.runner, self.cache, [r.prompt for r in reqs], slots)
+            dev = self.runner.device
             sampler = Sampler(
                 [r.params for r in reqs], self.runner.vocab_size, [r.prompt for r in reqs], dev
             )
@@ -180,7 +172,7 @@ class Engine:
                 self.pos[b, 0] = len(r.prompt)
                 self.start[b] = self.cache.length - len(r.prompt)
             new = set(slots)
-            events = self._sample(logits[:, -1], lambda b: b in new, group)
+            events = self._sample(logits, lambda b: b in new, group)
         self.stats.prefill_s += time.perf_counter() - t0
         self.stats.prompt_tokens += sum(len(r.prompt) for r in reqs)
         self.stats.generated_tokens += len(events)
