@@ -230,7 +230,7 @@ class Engine:
         short = need > cap * 2 // 3  # slack: a compaction every cap / 3 steps at worst
         if not live:
             want = min(self.capacity, max(self.initial, default_capacity(need)))
-            if (short or cap > 2 * want) and want != cap:
+            if want != cap and (short or cap > 2 * want):
                 self.cache = None  # its memory goes back before the new one is taken
                 self.cache = self.runner.new_cache(self.slots, want)
         elif short:

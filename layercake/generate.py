@@ -179,6 +179,8 @@ def prefill(
     would change the count and places of the keys in the attention's sums, and a kernel that
     quantizes activations (``--packed``) turns such float rounding into different tokens."""
     dev, length = runner.device, cache.length
+    if not all(isinstance(t, torch.Tensor) for t in cache.tensors()):  # quantized: no staging
+        return _padded_prefill(runner, cache, prompts, rows)
     lengths: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         lengths.setdefault(len(p), []).append(i)
@@ -197,6 +199,20 @@ def prefill(
         for j, i in enumerate(idx):
             out[i] = logits[j, -1]
     return torch.stack(out)
+
+
+def _padded_prefill(
+    runner: Runner, cache: KVCache, prompts: list[list[int]], rows: list[int]
+) -> torch.Tensor:
+    """``prefill`` as one left-padded forward, in place (rows must be consecutive): for caches
+    that cannot be staged (a quantized one). Rows match their solo runs to float rounding."""
+    if rows != list(range(rows[0], rows[0] + len(rows))):
+        raise LayercakeError("a quantized KV cache takes new prompts in consecutive rows only")
+    tokens, positions, mask = left_pad(prompts, runner.device)
+    at = cache.length - tokens.shape[1]
+    view = cache.rows(rows[0], rows[-1] + 1, at)
+    view.valid[:, :at] = False
+    return runner.forward(tokens, positions, view, mask, last_only=True)[:, -1]
 
 
 def _check_tokens(what: str, ids: list[int], vocab_size: int) -> None:

@@ -44,6 +44,8 @@ class Output:
             raise LayercakeError(f"output directory {path.parent} does not exist")
         if path.exists():
             self._resume()
+        if not os.access(path if path.exists() else path.parent, os.W_OK):
+            raise LayercakeError(f"cannot write output {path}: permission denied")
 
     def _resume(self) -> None:
         try:
