@@ -280,18 +280,18 @@ def cmd_batch(a: argparse.Namespace) -> int:
     from pathlib import Path
 
     from layercake.jobs.batch import run_batch
+    from layercake.jobs.lines import read_lines
     from layercake.sampling import SamplingParams
 
     no_topology(a)
     defaults = sampling_kwargs(a)
-    SamplingParams(**defaults).validate()  # bad flags and paths fail before the model loads
+    SamplingParams(**defaults).validate()  # bad flags, paths, ids fail before the model loads
     if not Path(a.input).is_file():
         raise LayercakeError(f"cannot read input {a.input}: no such file")
     out = Path(a.output)
     if not out.parent.is_dir():
         raise LayercakeError(f"output directory {out.parent} does not exist")
-    with open(a.input, "rb") as f:
-        lines = sum(1 for line in f if line.strip())
+    lines = len(read_lines(Path(a.input)))  # raises on duplicate ids
     llm = load_from_args(a, max_sequences=max(1, lines))
     summary = run_batch(llm, a.input, a.output, engine_slots(llm, a), defaults, a.max_context)
     print(json.dumps(summary))

@@ -4,10 +4,17 @@ job and the server.
 
 Every row of a ``KVCache`` writes at the same slot (``length``), so a new prompt of P tokens is
 placed at slots [length - P, length) of its row, its earlier slots marked padding: positions are
-the row's own (0 at its first token), so what the row computes equals a solo run. The cache is
+the row's own (0 at its first token), and prompts are prefilled unpadded (``generate.prefill``),
+so what the row computes equals a solo run. The cache is
 shifted right when a prompt is longer than ``length``, and left when ``length`` reaches the
 capacity (by the first slot any live row still uses; the capacity leaves slack so this happens
 rarely). Each admission group gets its own ``Sampler`` (seeds, penalties, logprobs per row).
+
+The cache's capacity follows the sequences in flight, not the longest one the engine may take:
+it starts at ``initial`` slots, grows (a new cache, the written slots copied) when a longer
+sequence is admitted, and is allocated afresh at its starting size when a request arrives to an
+empty engine after a long one. A runner with a memory plan for its cache (offloading) gets the
+whole capacity at once instead.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from layercake.errors import LayercakeError
-from layercake.generate import GenerationStats, Row, StepEvent, check_prompt, left_pad
+from layercake.generate import GenerationStats, Row, StepEvent, check_prompt, prefill
+from layercake.kv_cache import KVCache, QuantKV
 from layercake.sampling import Sampler, SamplingParams
 
 if TYPE_CHECKING:
@@ -57,8 +65,8 @@ class _Seq:
 
 
 class Engine:
-    """Slots of a fixed batch size over one preallocated cache; ``step`` admits waiting requests
-    into free slots and runs one decode step for every live sequence."""
+    """Slots of a fixed batch size over one cache; ``step`` admits waiting requests into free
+    slots and runs one decode step for every live sequence."""
 
     def __init__(
         self,
@@ -67,13 +75,21 @@ class Engine:
         decode: Callable[[list[int]], str],
         slots: int,
         capacity: int,
+        initial: int | None = None,
     ) -> None:
+        """``capacity``: the most cache slots per row (prompt + generated tokens of any one
+        sequence must fit); ``initial``: the slots allocated at first (default the smaller of
+        ``capacity`` and ``INITIAL_CAPACITY``)."""
         if slots < 1:
             raise LayercakeError(f"the batch size must be at least 1, got {slots}")
         self.runner, self.eos, self.decode = runner, set(eos_token_ids), decode
         self.slots, self.capacity = slots, capacity
         self.max_span = min(capacity, runner.max_context)  # prompt + generated, per sequence
-        self.cache = runner.new_cache(slots, capacity)
+        self.resizable = getattr(runner, "block_size", None) is None  # offloading plans its own
+        first = capacity if not self.resizable else min(capacity, initial or INITIAL_CAPACITY)
+        self.initial = first
+        self.cache = runner.new_cache(slots, first)
+        self.resizable = self.resizable and _resizable(self.cache)
         dev = runner.device
         self.seqs: list[_Seq | None] = [None] * slots
         self.groups: list[_Group] = []
@@ -110,7 +126,7 @@ class Engine:
             return events
         t0 = time.perf_counter()
         with torch.inference_mode():
-            if self.cache.length >= self.capacity:
+            if self.cache.length >= self.cache.capacity:
                 self._compact()
             live = [s is not None for s in self.seqs]
             mask = None if all(live) else torch.tensor(live, device=self.tokens.device)[:, None]
@@ -139,21 +155,13 @@ class Engine:
         slots = free[: len(reqs)]
         P = max(len(r.prompt) for r in reqs)
         with torch.inference_mode():
+            self._fit(reqs)
             if all(s is None for s in self.seqs):
                 self.cache.length, self.cache.valid[:] = 0, False
             if self.cache.length < P:  # room in front for the longest new prompt
                 self._shift(P - self.cache.length)
-            at = self.cache.length - P
-            dev = self.runner.device  # left-padded, positions from 0 at each first token
-            tokens, positions, mask = left_pad([r.prompt for r in reqs], dev)
-            if slots == list(range(slots[0], slots[0] + len(slots))):  # in place
-                view = self.cache.rows(slots[0], slots[-1] + 1, at)
-                view.valid[:, :at] = False
-                logits = self.runner.forward(tokens, positions, view, mask, last_only=True)
-            else:  # scattered slots: prefill aside, then copy into the rows
-                staging = self.cache.like(len(reqs), P)
-                logits = self.runner.forward(tokens, positions, staging, mask, last_only=True)
-                self.cache.load_rows(torch.tensor(slots, device=dev), staging, at)
+            logits = prefill(self.runner, self.cache, [r.prompt for r in reqs], slots)
+            dev = self.runner.device
             sampler = Sampler(
                 [r.params for r in reqs], self.runner.vocab_size, [r.prompt for r in reqs], dev
             )
@@ -165,7 +173,7 @@ class Engine:
                 self.pos[b, 0] = len(r.prompt)
                 self.start[b] = self.cache.length - len(r.prompt)
             new = set(slots)
-            events = self._sample(logits[:, -1], lambda b: b in new, group)
+            events = self._sample(logits, lambda b: b in new, group)
         self.stats.prefill_s += time.perf_counter() - t0
         self.stats.prompt_tokens += sum(len(r.prompt) for r in reqs)
         self.stats.generated_tokens += len(events)
@@ -217,6 +225,26 @@ class Engine:
         every = g.slots == list(range(self.slots))
         g.index = None if every else torch.tensor(g.slots, device=self.tokens.device)
 
+    def _fit(self, new: list[Request]) -> None:
+        """Size the cache for the live sequences and ``new``: grow it (copying what is written)
+        when one of them would leave too little slack; when the engine is empty, start afresh
+        if the cache is too small or more than twice what ``new`` needs."""
+        if not self.resizable:
+            return
+        live = [s.request for s in self.seqs if s is not None]
+        need = max(len(r.prompt) + r.params.max_new_tokens for r in [*live, *new])
+        cap = self.cache.capacity
+        short = need > cap * 2 // 3  # slack: a compaction every cap / 3 steps at worst
+        if not live:
+            want = min(self.capacity, max(self.initial, default_capacity(need)))
+            if want != cap and (short or cap > 2 * want):
+                self.cache = None  # its memory goes back before the new one is taken
+                self.cache = self.runner.new_cache(self.slots, want)
+        elif short:
+            size = min(self.capacity, max(default_capacity(need), 2 * cap))
+            if size > cap:
+                self.cache = grown(self.runner.new_cache(self.slots, size), self.cache)
+
     def _compact(self) -> None:
         """Drop the cache slots in front of every live row's first slot."""
         first = min(self.start[b] for b, s in enumerate(self.seqs) if s is not None)
@@ -234,6 +262,31 @@ class Engine:
         while self.busy:
             events += self.step()
         return events
+
+
+INITIAL_CAPACITY = 256  # cache slots per row an engine starts with, unless told
+
+
+def _resizable(cache: object) -> bool:
+    """A cache ``grown`` can copy: held in tensors (plain or quantized) in this process."""
+    return isinstance(cache, KVCache) and all(
+        isinstance(t, (torch.Tensor, QuantKV)) for t in cache.tensors()
+    )
+
+
+def grown(new: KVCache, old: KVCache) -> KVCache:
+    """``new`` (a larger, empty cache for the same rows and layers) with ``old``'s written slots
+    [0, length) copied in, layer by layer (``old`` is emptied: each layer goes once copied)."""
+    n = old.length
+    for d in (old.keys, old.values):
+        dst = new.keys if d is old.keys else new.values
+        for i in list(d):
+            a, b = dst[i], d.pop(i)
+            for x, y in zip(*(t.parts() if isinstance(t, QuantKV) else (t,) for t in (a, b))):
+                x[:, :, :n].copy_(y[:, :, :n])
+    new.valid[:, :n].copy_(old.valid[:, :n])
+    new.length = n
+    return new
 
 
 def default_capacity(spans: int) -> int:

@@ -1,4 +1,5 @@
-"""Generation over a Runner: left-padded batched prefill, then one-token decode steps, streamed.
+"""Generation over a Runner: batched prefill (rows of one length together, unpadded; see
+``prefill``), then one-token decode steps, streamed.
 
 Also ``score``: log P(continuation | prompt) for multiple-choice evaluation.
 """
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from layercake.errors import LayercakeError
+from layercake.kv_cache import KVCache
 from layercake.sampling import Sampler, SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
@@ -165,6 +167,54 @@ def left_pad(
     return tokens.to(device), positions.to(device), mask.to(device) if padded else None
 
 
+def prefill(
+    runner: Runner, cache: KVCache, prompts: list[list[int]], rows: list[int]
+) -> torch.Tensor:
+    """Write each prompt into its row of ``cache`` (``rows``), ending at ``cache.length`` (the
+    slots in front of it become padding); the last logits of each prompt (len(prompts), V).
+
+    Prompts of the same length run together, each length on its own and unpadded, from slot 0
+    (aside, then copied into the rows, unless that is where they go), so what a row computes is
+    exactly what it computes alone, bit for bit, whatever else is in the batch. Left padding
+    would change the count and places of the keys in the attention's sums, and a kernel that
+    quantizes activations (``--packed``) turns such float rounding into different tokens."""
+    dev, length = runner.device, cache.length
+    if not all(isinstance(t, torch.Tensor) for t in cache.tensors()):  # quantized: no staging
+        return _padded_prefill(runner, cache, prompts, rows)
+    lengths: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        lengths.setdefault(len(p), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(prompts)
+    for P, idx in lengths.items():
+        tokens = torch.tensor([prompts[i] for i in idx], device=dev)
+        positions = torch.arange(P, device=dev).expand(len(idx), P)
+        at = [rows[i] for i in idx]
+        if P == length and at == list(range(at[0], at[0] + len(at))):  # in place
+            view = cache.rows(at[0], at[-1] + 1, 0)
+            logits = runner.forward(tokens, positions, view, None, last_only=True)
+        else:
+            staging = cache.like(len(idx), P)
+            logits = runner.forward(tokens, positions, staging, None, last_only=True)
+            cache.load_rows(torch.tensor(at, device=dev), staging, length - P)
+        for j, i in enumerate(idx):
+            out[i] = logits[j, -1]
+    return torch.stack(out)
+
+
+def _padded_prefill(
+    runner: Runner, cache: KVCache, prompts: list[list[int]], rows: list[int]
+) -> torch.Tensor:
+    """``prefill`` as one left-padded forward, in place (rows must be consecutive): for caches
+    that cannot be staged (a quantized one). Rows match their solo runs to float rounding."""
+    if rows != list(range(rows[0], rows[0] + len(rows))):
+        raise LayercakeError("a quantized KV cache takes new prompts in consecutive rows only")
+    tokens, positions, mask = left_pad(prompts, runner.device)
+    at = cache.length - tokens.shape[1]
+    view = cache.rows(rows[0], rows[-1] + 1, at)
+    view.valid[:, :at] = False
+    return runner.forward(tokens, positions, view, mask, last_only=True)[:, -1]
+
+
 def _check_tokens(what: str, ids: list[int], vocab_size: int) -> None:
     if not ids:
         raise LayercakeError(f"{what} is empty: give at least one token (e.g. the BOS token)")
@@ -236,13 +286,19 @@ def _stream(
 
     t0 = time.perf_counter()
     with torch.inference_mode():
-        tokens, positions, mask = left_pad(prompts, dev)
-        cache = runner.new_cache(B, tokens.shape[1] + max(p.max_new_tokens for p in params))
+        L = max(len(p) for p in prompts)
+        cache = runner.new_cache(B, L + max(p.max_new_tokens for p in params))
         sampler = Sampler(params, runner.vocab_size, prompts, dev)
         if hasattr(runner, "use_sampler"):  # a pipeline: greedy rows come back as ids
             runner.use_sampler(sampler)
-        logits = runner.forward(tokens, positions, cache, token_mask=mask, last_only=True)
-        step = sampler.sample(logits[:, -1])
+        if isinstance(cache, KVCache):
+            cache.length = L  # every row's prompt ends here
+            logits = prefill(runner, cache, prompts, list(range(B)))
+        else:  # a cache held elsewhere (a pipeline's nodes): one left-padded forward
+            tokens, positions, mask = left_pad(prompts, dev)
+            logits = runner.forward(tokens, positions, cache, token_mask=mask, last_only=True)
+            logits = logits[:, -1]
+        step = sampler.sample(logits)
         pos = torch.tensor([[len(p)] for p in prompts], device=dev)  # (B, 1) next position
     events = [rows[r].push(t, lp) for r, t, lp in zip(live, step.token_ids, step.logprobs)]
     stats.prefill_s += time.perf_counter() - t0

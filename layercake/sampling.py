@@ -22,6 +22,10 @@ from layercake.errors import LayercakeError
 
 MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's top_logprobs and vLLM's default cap
 FIRST_CANDIDATES = 64  # first K tried for truncation; grows x16 for rows that need more
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy (vLLM's _SAMPLING_EPS): dividing by it
+# would overflow fp32, and the distribution is one-hot to within float rounding anyway
+MAX_SCALE = 1e30  # temperatures and repetition penalties are clamped to [1 / this, this] in fp32
+MIN_LOGPROB = -9999.0  # reported instead of -inf (OpenAI's floor; JSON has no -inf)
 
 
 @dataclass
@@ -127,6 +131,24 @@ def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.
     return logits.div_(temperature)
 
 
+def make_finite(logits: torch.Tensor) -> torch.Tensor:
+    """Make every row of (B, V) fp32 ``logits`` a distribution softmax can take, in place: NaN
+    counts as -inf (never chosen); a row with +inf entries keeps only those, equally likely (the
+    limit of growing logits); a row with nothing above -inf becomes uniform. One pass over the
+    logits when they are all finite (the usual case)."""
+    if bool(torch.isfinite(logits).all()):
+        return logits
+    logits.masked_fill_(logits.isnan(), -math.inf)
+    top = logits == math.inf
+    rows = top.any(1)
+    if bool(rows.any()):
+        logits[rows] = torch.zeros_like(logits[rows]).masked_fill_(~top[rows], -math.inf)
+    dead = (logits == -math.inf).all(1)
+    if bool(dead.any()):
+        logits[dead] = 0.0
+    return logits
+
+
 # ---- truncation: top-k, top-p, min-p ------------------------------------------------------
 
 
@@ -155,8 +177,9 @@ def _keep_sorted(
             norm = torch.where(has_k, norm, lse)
         probs = (masked - norm).exp()
         before = probs.cumsum(-1) - probs  # mass strictly ahead of each token
-        keep = keep & ((before < top_p) | ~use_p)  # the first token always stays
+        keep = keep & ((before < top_p) | ~use_p)
     keep = keep & (vals >= vals[:, :1] + min_p.log())  # p >= min_p * p_max; log(0) = -inf
+    keep[:, 0] = True  # the most likely token always stays, whatever rounding did above
     if exact:
         return keep, torch.ones_like(keep[:, 0])
     # with the top-k set cut short, top-p's normalizer above was too small
@@ -310,15 +333,17 @@ class Sampler:
         def col(xs: list[float]) -> torch.Tensor:
             return torch.tensor(xs, dtype=torch.float32, device=dev).unsqueeze(1)  # (B, 1)
 
-        greedy = [p.temperature == 0 for p in ps]
+        greedy = [p.temperature < GREEDY_BELOW for p in ps]
         # greedy rows get neutral values: their draw is thrown away, so never pay for it
-        self.temperature = col([1.0 if g else p.temperature for p, g in zip(ps, greedy)])
+        self.temperature = col(
+            [1.0 if g else min(p.temperature, MAX_SCALE) for p, g in zip(ps, greedy)]
+        )
         self.top_k = torch.tensor(
             [0 if g or p.top_k >= V else p.top_k for p, g in zip(ps, greedy)], device=dev
         )
         self.top_p = col([1.0 if g else p.top_p for p, g in zip(ps, greedy)])
         self.min_p = col([0.0 if g else p.min_p for p, g in zip(ps, greedy)])
-        self.repetition = col([p.repetition_penalty for p in ps])
+        self.repetition = col([p.repetition_penalty for p in ps]).clamp_(1 / MAX_SCALE, MAX_SCALE)
         self.frequency = col([p.frequency_penalty for p in ps])
         self.presence = col([p.presence_penalty for p in ps])
         self.use_repetition = any(p.repetition_penalty != 1 for p in ps)
@@ -353,7 +378,7 @@ class Sampler:
         place when they are fp32. Logprobs are ``log_softmax`` of the raw logits, before any
         penalty, temperature or truncation: the model's distribution, as OpenAI and vLLM report
         by default."""
-        logits = logits.float()
+        logits = make_finite(logits.float())
         raw_logprobs = None
         if self.logprob_rows:  # before penalties and temperature change logits in place
             all_rows = len(self.logprob_rows) == len(self.params)
@@ -366,9 +391,9 @@ class Sampler:
             pick = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: B023
             x = pick(logits)
             if kind == "greedy":
-                out = x.argmax(-1)
-            else:
-                x = apply_temperature(x, pick(self.temperature))
+                out = make_finite(x).argmax(-1)
+            else:  # penalties and temperature may overflow to inf: finite again before drawing
+                x = make_finite(apply_temperature(x, pick(self.temperature)))
                 cut = (pick(self.top_k), pick(self.top_p), pick(self.min_p))
                 out = sample_from_logits(x, pick(u), cut if kind == "truncated" else None)
             if rows is None:
@@ -399,8 +424,10 @@ class Sampler:
             return entries
         rows = self.logprob_rows
         chosen = tokens if len(rows) == len(token_ids) else tokens[rows]
+        raw = raw.clamp(min=MIN_LOGPROB)
         lp = raw.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
-        top = raw.topk(max(self.params[i].logprobs or 0 for i in rows), dim=-1)
+        n_top = min(raw.shape[1], max(self.params[i].logprobs or 0 for i in rows))
+        top = raw.topk(n_top, dim=-1)
         top_ids, top_vals = top.indices.tolist(), top.values.tolist()
         for j, i in enumerate(rows):
             n = self.params[i].logprobs or 0

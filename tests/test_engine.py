@@ -180,3 +180,35 @@ def test_compaction_after_a_right_shift(llm):
     eng, out = _run(llm, [a, b, c], slots=2, capacity=24)
     for r in (a, b, c):
         assert [e.token_id for e in out[id(r)]] == _solo(llm, r.prompt, r.params).token_ids
+
+
+def test_cache_follows_the_requests_in_flight(llm):
+    """The cache starts small, grows (written slots copied) when a long request joins live
+    short ones, and starts small again when a short request comes to the emptied engine; every
+    sequence still gets its solo tokens and logprobs."""
+    g = dict(temperature=0.0, ignore_eos=True, logprobs=1)
+    eng = Engine(llm.runner, [], lambda ids: "", slots=3, capacity=120, initial=16)
+    assert eng.cache.capacity == 16
+    short = [Request([5 + i, 7], SamplingParams(max_new_tokens=4 + i, **g)) for i in range(2)]
+    long = Request(list(range(3, 60)), SamplingParams(max_new_tokens=30, **g))
+    late = Request([9], SamplingParams(max_new_tokens=3, **g))
+    out = {id(r): [] for r in (*short, long, late)}
+    sizes = []
+    for r in short:
+        eng.add(r)
+    for step in range(200):
+        if step == 2:
+            eng.add(long)
+        if step > 2 and not eng.busy:
+            eng.add(late)
+        for req, ev in eng.step():
+            out[id(req)].append(ev)
+        sizes.append(eng.cache.capacity)
+        if late.finished:
+            break
+    assert sizes[0] == 16 and max(sizes) >= 87 and sizes[-1] == 16
+    for r in (*short, long, late):
+        solo = _solo(llm, r.prompt, r.params)
+        assert [e.token_id for e in out[id(r)]] == solo.token_ids
+        got = [e.logprob.logprob for e in out[id(r)]]
+        assert got == pytest.approx([lp.logprob for lp in solo.logprobs], abs=1e-4)

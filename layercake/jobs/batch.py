@@ -1,14 +1,15 @@
 """The batch job: JSONL requests in, JSONL results out, resumable.
 
-Every result is one line written with a single ``write`` and ``fsync``: a crash never leaves
-more than a partial last line, which the next run cuts off before it collects the ids already
-done and skips them. Requests run through the continuous-batching ``Engine``, longest prompts
-first (so the slots hold prompts of similar lengths); multiple-choice lines are scored.
+Every result is one line written with a single ``write`` and ``fsync`` (``jobs.output``): a
+crash never leaves more than a partial last line, which the next run cuts off before it collects
+the ids already done and skips them. Requests run through continuous-batching ``Engine``s, one
+per group of similar lengths (``length_groups``: a few long lines get fewer cache rows instead
+of sizing every row), longest first; multiple-choice lines are scored.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import resource
 import sys
@@ -19,7 +20,9 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from layercake.engine import Engine, Request, default_capacity
 from layercake.errors import LayercakeError
-from layercake.generate import check_prompt, score
+from layercake.generate import GenerationStats, check_prompt, score
+from layercake.jobs.lines import read_lines
+from layercake.jobs.output import Output
 from layercake.jobs.requests import SAMPLING_FIELDS, RequestError, parse_sampling, prompt_ids
 from layercake.jobs.requests import token_text as _token_text
 
@@ -27,57 +30,6 @@ if TYPE_CHECKING:
     from layercake.llm import LLM
 
 LINE_FIELDS = {"id", "prompt", "messages", "choices", "logprobs", *SAMPLING_FIELDS}
-
-
-class Output:
-    """The results file, appended to one whole line at a time."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.done: set[str] = set()  # keys (see ``line_key``) of the lines already answered
-        if path.is_dir():
-            raise LayercakeError(f"output {path} is a directory")
-        if not path.parent.is_dir():
-            raise LayercakeError(f"output directory {path.parent} does not exist")
-        if path.exists():
-            self._resume()
-        try:
-            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise LayercakeError(f"cannot write output {path}: {e.strerror}") from None
-
-    def _resume(self) -> None:
-        try:
-            data = self.path.read_bytes()
-        except OSError as e:
-            raise LayercakeError(f"cannot read output {self.path}: {e.strerror}") from None
-        end = data.rfind(b"\n") + 1
-        if end < len(data):  # a line cut short by a crash: dropped, it will be redone
-            os.truncate(self.path, end)
-        for n, raw in enumerate(data[:end].splitlines(), 1):
-            try:
-                row = json.loads(raw)
-                self.done.add(line_key(row.get("id"), row.get("line")))
-            except (ValueError, AttributeError):
-                raise LayercakeError(
-                    f"output {self.path} line {n} is not a result line of this job; "
-                    "give another output path"
-                ) from None
-
-    def write(self, row: dict[str, Any]) -> None:
-        data = (json.dumps(row, ensure_ascii=False) + "\n").encode()
-        view = memoryview(data)
-        while view:  # one write for a regular file; the loop only guards a short write
-            view = view[os.write(self.fd, view) :]
-        os.fsync(self.fd)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-def line_key(id_: Any, line: int | None) -> str:
-    """What identifies a request across runs: its id, or its line number when it has none."""
-    return "id:" + json.dumps(id_) if id_ is not None else f"line:{line}"
 
 
 @dataclass
@@ -93,49 +45,18 @@ class Job:
 
 def read_job(llm: LLM, path: Path, done: set[str], defaults: dict[str, Any], limit: int) -> Job:
     """Parse the input; a bad line becomes an error result, a file-level problem an exception."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        reason = getattr(e, "strerror", None) or str(e)
-        raise LayercakeError(f"cannot read input {path}: {reason}") from None
-    job, seen = Job(), {}
-    for n, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
+    job = Job()
+    for line in read_lines(path):
         job.total += 1
-        id_ = None
-        try:
-            body = json.loads(raw)
-            if not isinstance(body, dict):
-                raise RequestError("the line is not a JSON object")
-            id_ = body.get("id")
-            if id_ is not None and (isinstance(id_, bool) or not isinstance(id_, (str, int))):
-                id_ = None
-                raise RequestError("id must be a string or an integer")
-            if id_ is None:
-                raise RequestError("missing id")
-            key = line_key(id_, n)
-            if key in seen:
-                raise LayercakeError(
-                    f"input line {n}: id {id_!r} was already used on line "
-                    f"{seen[key]}; ids must be unique"
-                )
-            seen[key] = n
-        except ValueError as e:
-            body, key = None, line_key(None, n)
-            error = f"line {n} is not JSON: {e}"
-        except RequestError as e:
-            body, key, error = None, line_key(id_, n), f"line {n}: {e}"
-        if key in done:
+        if line.key in done:
             job.skipped += 1
-            continue
-        if body is None:
-            job.errors.append({"id": id_, "line": n, "error": error})
-            continue
-        try:
-            job_line(llm, body, job, defaults, limit)
-        except LayercakeError as e:
-            job.errors.append({"id": id_, "error": str(e)})
+        elif line.body is None:
+            job.errors.append({"id": line.id, "line": line.number, "error": line.error})
+        else:
+            try:
+                job_line(llm, line.body, job, defaults, limit)
+            except LayercakeError as e:
+                job.errors.append({"id": line.id, "error": str(e)})
     return job
 
 
@@ -280,16 +201,64 @@ def run_batch(
     }
 
 
-def _generate(llm: LLM, reqs: list[Request], slots: int, out: Output, progress: Progress) -> Any:
-    from layercake.generate import GenerationStats
+@dataclass
+class Group:
+    """Requests run together in one engine of ``slots`` rows and ``capacity`` slots per row."""
 
-    if not reqs:
-        return GenerationStats(batch_size=slots)
-    span = max(len(r.prompt) + r.params.max_new_tokens for r in reqs)
-    slots = min(slots, len(reqs))
-    engine = Engine(llm.runner, llm.eos_token_ids, llm._decode, slots, default_capacity(span))
-    for r in sorted(reqs, key=lambda r: -len(r.prompt)):  # grouped by length, longest first
-        engine.add(r)
+    requests: list[Request]
+    slots: int
+    capacity: int
+
+
+def span(r: Request) -> int:
+    """Cache slots a request needs: its prompt and everything it may generate."""
+    return len(r.prompt) + r.params.max_new_tokens
+
+
+def length_groups(reqs: list[Request], slots: int, fixed: bool = False) -> list[Group]:
+    """Split the requests, longest spans first, into groups that each run in their own engine
+    with a cache of at most ``slots`` rows x the group's longest span. The budget is the cache
+    of ``slots`` rows of twice the typical (90th-percentile) span: groups up to that length get
+    every row, longer ones fewer, down to one, so a few long lines never size every row. A group
+    takes requests down to half its longest span (at most 2x cache per row unused), or all the
+    rest once it has every row. ``fixed``: one group of ``slots`` rows (a runner that plans its
+    cache for its batch)."""
+    order = sorted(reqs, key=lambda r: (-span(r), -len(r.prompt)))
+    if fixed or not order:
+        return [Group(order, slots, default_capacity(span(order[0])))] if order else []
+    spans = sorted(map(span, order))
+    budget = slots * default_capacity(2 * spans[int(0.9 * (len(spans) - 1))])
+    groups, i = [], 0
+    while i < len(order):
+        top = span(order[i])
+        cap = default_capacity(top)
+        rows = max(1, min(slots, budget // cap))
+        j = i + 1
+        while j < len(order) and (rows == slots or 2 * span(order[j]) > top):
+            j += 1
+        groups.append(Group(order[i:j], rows, cap))
+        i = j
+    return groups
+
+
+def _generate(llm: LLM, reqs: list[Request], slots: int, out: Output, progress: Progress) -> Any:
+    total = GenerationStats(batch_size=slots)
+    fixed = getattr(llm.runner, "block_size", None) is not None  # offloading: its planned block
+    for g in length_groups(reqs, slots, fixed):
+        n = min(g.slots, len(g.requests))
+        engine = Engine(llm.runner, llm.eos_token_ids, llm._decode, n, g.capacity, g.capacity)
+        for r in sorted(g.requests, key=lambda r: -len(r.prompt)):  # similar lengths together
+            engine.add(r)
+        _drain(llm, engine, out, progress)
+        for f in dataclasses.fields(GenerationStats):
+            if f.name != "batch_size":
+                setattr(total, f.name, getattr(total, f.name) + getattr(engine.stats, f.name))
+        del engine  # its cache goes before the next group's
+    return total
+
+
+def _drain(llm: LLM, engine: Engine, out: Output, progress: Progress) -> None:
+    """Step the engine to the end, writing each request's result as it finishes."""
     state: dict[int, dict[str, Any]] = {}
     while engine.busy:
         for req, ev in engine.step():
@@ -312,7 +281,6 @@ def _generate(llm: LLM, reqs: list[Request], slots: int, out: Output, progress: 
             out.write(row)
             del state[id(req)]
             progress.update(1, s["n"])
-    return engine.stats
 
 
 def _logprob(llm: LLM, lp: Any) -> dict[str, Any]:

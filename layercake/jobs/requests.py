@@ -72,8 +72,34 @@ def parse_sampling(
     return params
 
 
+def check_unicode(value: Any, name: str | None = None) -> None:
+    """Raise RequestError if a string anywhere in ``value`` (a parsed JSON value: keys too) is not
+    valid Unicode, e.g. a lone surrogate from the escape ``"\\ud800"``: nothing downstream (the
+    tokenizer, UTF-8 output) can take it. Iterative, so any nesting depth is fine."""
+    stack = [(value, name)]
+    while stack:
+        v, where = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                at = f"{where} " if where else "a text "
+                raise RequestError(
+                    f"{at}is not valid Unicode: {v[e.start]!r} at character {e.start} "
+                    "(a lone surrogate)",
+                    where,
+                ) from None
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                stack.append((k, "a field name"))
+                stack.append((x, where or (k if isinstance(k, str) else None)))
+        elif isinstance(v, list):
+            stack.extend((x, where) for x in v)
+
+
 def prompt_ids(llm: LLM, body: dict[str, Any]) -> list[int]:
     """Token ids of a request's ``prompt`` (text or token ids) or ``messages`` (chat)."""
+    check_unicode({k: body.get(k) for k in ("prompt", "messages")})
     if body.get("messages") is not None:
         if body.get("prompt") is not None:
             raise RequestError("give either prompt or messages, not both", "messages")
