@@ -85,8 +85,8 @@ def main() -> None:
     a.allow_compression = not a.no_compression
     torch.set_num_threads(a.threads)
     from layercake.checkpoint import open_checkpoint
-    from layercake.checkpoint.parts import Parts
     from layercake.config import load_config
+    from layercake.models.parts import Parts
     from layercake.offload.auto import planning_inputs
     from layercake.offload.planner import Workload, search
     from layercake.offload.policy import parse_bytes

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import layercake
-import layercake.offload as off
+import layercake.offload.footprint as off
 from layercake.checkpoint import open_checkpoint
-from layercake.checkpoint.parts import Parts
 from layercake.config import load_config
 from layercake.errors import LayercakeError
+from layercake.models.parts import Parts
 from layercake.offload import calibrate, measure
 from layercake.offload.calibrate import UnitTimes
 from layercake.offload.measure import Machine

@@ -9,13 +9,13 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from layercake.checkpoint.parts import Parts, parse_parts
 from layercake.checkpoint.quantized import load_rows, quant_spec, weight_quant
 from layercake.config import BaseConfig, load_config
 from layercake.errors import LayercakeError
 from layercake.models import family
 from layercake.models.base import DecoderSlice
 from layercake.models.layers import Embedding
+from layercake.models.parts import Parts, parse_parts
 from layercake.ops.blocks import Blocks
 from layercake.ops.blocks import takes as blocks_ok
 from layercake.ops.int4pack import Int4Linear, PackedInt4, PackedInt8, kernel8_ok, kernel_ok, pack

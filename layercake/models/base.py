@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from layercake.checkpoint.parts import Parts
 from layercake.config import BaseConfig
 from layercake.kv_cache import AttentionStep, KVCache
+from layercake.models.parts import Parts
 
 
 class DecoderSlice(nn.Module):

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from layercake.checkpoint.parts import Parts
 from layercake.config import BaseConfig, rope_parameters
 from layercake.errors import LayercakeError
 from layercake.kv_cache import AttentionStep
 from layercake.models.base import DecoderSlice
 from layercake.models.layers import Embedding, Rotary, activation, apply_rotary, cached_attention
+from layercake.models.parts import Parts
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layercake.checkpoint.parts import Parts
 from layercake.config import BaseConfig, rope_parameters
 from layercake.kv_cache import AttentionStep
 from layercake.models.base import DecoderSlice
 from layercake.models.layers import Embedding, RMSNorm, Rotary, apply_rotary, cached_attention
+from layercake.models.parts import Parts
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from layercake.checkpoint.parts import Parts
 from layercake.config import BaseConfig
 from layercake.kv_cache import AttentionStep
 from layercake.models.base import DecoderSlice
 from layercake.models.layers import Embedding, activation, cached_attention
+from layercake.models.parts import Parts
 
 # OPT's position table has two extra rows in front (a fairseq padding_idx leftover): position p
 # reads row p + 2

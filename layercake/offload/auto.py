@@ -7,16 +7,18 @@ budgets are given without ``--percent`` (which run it).
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from layercake.checkpoint.parts import Parts
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.models import family
+from layercake.models.parts import Parts
 from layercake.offload.calibrate import unit_times
+from layercake.offload.footprint import footprint, held_bytes, streamed_units
 from layercake.offload.measure import Machine, measure_machine
 from layercake.offload.planner import (
     BATCH_SIZES,
@@ -28,6 +30,7 @@ from layercake.offload.planner import (
 )
 from layercake.offload.policy import parse_bytes
 from layercake.offload.store import storage_dtype
+from layercake.options import Options
 from layercake.quant import Compression
 
 
@@ -82,15 +85,27 @@ def auto_plan(
     )  # fmt: skip
 
 
+def plan_options(o: Options, ckpt: Any, config: BaseConfig, parts: Parts) -> Plan:
+    """``policy="auto"``: the plan for the engine options ``o``: their budgets, a given batch
+    size / micro-batches kept, the workload of ``max_context`` / ``max_sequences`` /
+    ``prompt_len``, int4 weights considered too with ``allow_compression``."""
+    w = workload_for(o.max_context, o.max_sequences, o.prompt_len)
+    choices = [o.compression]
+    if o.allow_compression and o.compression is None:
+        choices.append(replace(o, compress_weight=True).compression)
+    return auto_plan(
+        ckpt, config, parts, o.torch_device, o.torch_dtype, o.cpu_memory, o.device_memory,
+        o.offload_dir, w, choices, o.batch_size, o.num_batches,
+    )  # fmt: skip
+
+
 def planning_inputs(
     ckpt: Any, config: BaseConfig, parts: Parts, device: torch.device, dtype: torch.dtype,
     offload_dir: str | Path | None, workload: Workload, compress: list[Compression | None],
     batch_size: int | None = None, remeasure: bool = False,
 ) -> tuple[list[Model], Machine, int]:  # fmt: skip
     """(one ``Model`` per compression, the machine's rates, host bytes held already + safety)."""
-    from layercake.offload import SAFETY, process_rss
-
-    base = process_rss() + SAFETY  # before the probes allocate anything
+    base = held_bytes()  # before the probes allocate anything
     directory = Path(offload_dir).expanduser() if offload_dir is not None else None
     machine = measure_machine(directory, device.type, remeasure)
     sizes = [batch_size] if batch_size else [b for b in BATCH_SIZES if b <= workload.max_sequences]
@@ -101,34 +116,9 @@ def planning_inputs(
     return models, machine, base
 
 
-def auto_runner(
-    ckpt: Any, config: BaseConfig, source: Path, parts: Parts, device: torch.device,
-    dtype: torch.dtype, cpu_memory: str | int | None, device_memory: str | int | None,
-    offload_dir: str | Path | None, batch_size: int | None, num_batches: int | None,
-    workload: Workload, compress: list[Compression | None],
-) -> Any:  # fmt: skip
-    """The runner of the plan ``auto_plan`` picks (its ``plan`` attribute holds the plan)."""
-    from layercake.offload import offload_runner, resident_runner
-
-    plan = auto_plan(ckpt, config, parts, device, dtype, cpu_memory, device_memory,
-                     offload_dir, workload, compress, batch_size, num_batches)  # fmt: skip
-    p = plan.policy
-    if plan.resident:  # planned to fit: not planned again by other accounting
-        runner = resident_runner(ckpt, config, parts, device, dtype, p, plan.compress)
-    else:
-        runner = offload_runner(
-            ckpt, config, source, parts, device, dtype, p.percent, cpu_memory, device_memory,
-            offload_dir, p.batch_size, p.num_batches, workload.context, plan.compress,
-        )  # fmt: skip
-    runner.plan = plan
-    return runner
-
-
 def _model(ckpt: Any, config: BaseConfig, parts: Parts, device: torch.device,
            dtype: torch.dtype, compress: Compression | None, w: Workload, sizes: list[int],
            remeasure: bool) -> Model:  # fmt: skip
-    from layercake.offload import footprint, streamed_units
-
     fam = family(config.model_type)
     meta, units = streamed_units(ckpt, config, parts, dtype, compress, device.type == "cpu")
     first = next(e for u in units for e in u.entries if len(e.shape) == 2)
@@ -152,10 +142,10 @@ def _model(ckpt: Any, config: BaseConfig, parts: Parts, device: torch.device,
 def plan_from_args(a: Any) -> Plan:
     """``layercake plan``'s options -> the plan (the model opened, nothing loaded)."""
     from layercake.checkpoint import open_checkpoint
-    from layercake.checkpoint.parts import parse_parts
     from layercake.config import load_config
     from layercake.devices import parse_device, parse_dtype
-    from layercake.llm import embedded_model_path
+    from layercake.embedded import embedded_model_path
+    from layercake.models.parts import parse_parts
     from layercake.quant import compression
 
     if a.prompt_len < 1 or a.gen_len < 1 or a.max_sequences < 1:

@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from layercake.checkpoint import _embedding_dtype
-from layercake.checkpoint.parts import Parts
 from layercake.checkpoint.quantized import load_rows
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.kv_cache import AttentionStep, KVCache, QuantKV
 from layercake.models import family
+from layercake.models.parts import Parts
 from layercake.offload.cuda import DeviceKV, WeightStream, to_device_rows, to_host_rows
 from layercake.offload.kvdisk import DiskKV, KVStream
 from layercake.offload.kvtiers import KVTiers

@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from layercake.checkpoint.parts import Parts
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.kv_cache import KVCache
+from layercake.models.parts import Parts
 from layercake.pipeline.topology import Segment, Topology
 from layercake.pipeline.transport import FOREVER, Frame, Kind, PeerError, Transport, encode_text
 
@@ -39,22 +39,14 @@ class Stage:
         self.caches: dict[int, list[KVCache]] = {}  # segment index -> one cache per micro-batch
 
     def _runner(self, ckpt: Any, config: BaseConfig, source: Path, parts: Parts) -> Any:
+        from layercake.options import Options
+        from layercake.runners import build_runner
+
         o = self.node.options
-        if self.node.offloaded:
-            from layercake.offload import offload_runner
-
-            offload_dir = o.get("offload_dir")
-            return offload_runner(
-                ckpt, config, source, parts, self.device, self.dtype, o.get("percent"),
-                o.get("cpu_memory"), o.get("device_memory"),
-                Path(offload_dir).expanduser() if offload_dir else None,
-                o.get("batch_size"), o.get("num_batches"), o.get("max_context"),
-            )  # fmt: skip
-        from layercake.checkpoint import build_slice
-        from layercake.runner import LocalRunner
-
-        model = build_slice(ckpt, parts, self.device, self.dtype, config, pack=True)
-        return LocalRunner([model], config, self.device, self.dtype)
+        keys = ("percent", "cpu_memory", "device_memory", "offload_dir", "batch_size",
+                "num_batches", "max_context")  # fmt: skip
+        options = Options(device=self.device, dtype=self.dtype, **{k: o.get(k) for k in keys})
+        return build_runner(options, ckpt, config, source, parts)
 
     def new_cache(self, cache_id: int, sizes: list[int], capacity: int) -> None:
         """One cache per micro-batch per segment; replaces the previous job's caches."""
