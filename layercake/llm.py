@@ -213,10 +213,10 @@ def load(model: str | os.PathLike | None = None, options: Options | None = None,
 
             runner = pipeline_runner(o.topology, ckpt, config, path, o.dtype, o.micro_batches)
         elif o.policy == "auto":
-            from layercake.offload.auto import plan_options
+            from layercake.offload.auto import auto_plan
 
             parts = parse_parts(o.parts, config.num_hidden_layers)
-            plan = plan_options(o, ckpt, config, parts)
+            plan = auto_plan(o, ckpt, config, parts)
             runner = build_runner(o, ckpt, config, path, parts, plan)
         else:
             runner = build_runner(o, ckpt, config, path)

@@ -213,15 +213,15 @@ def test_cli_plan_json_and_errors(bf16_model, tmp_path, capsys):
 
 def test_compression_is_considered_only_when_allowed(bf16_model, tmp_path):
     from layercake.offload.auto import auto_plan
+    from layercake.options import Options
     from layercake.quant import compression
 
     ckpt = open_checkpoint(bf16_model)
     config = load_config(ckpt.config_dict())
     m = synthetic(bf16_model)
     budget = _budgets(m)[1]
-    kw = dict(ckpt=ckpt, config=config, parts=Parts.full(config.num_hidden_layers),
-              device=torch.device("cpu"), dtype=torch.float32, cpu_memory=budget,
-              device_memory=None, offload_dir=tmp_path / "off",
+    o = Options(cpu_memory=budget, offload_dir=tmp_path / "off")
+    kw = dict(o=o, ckpt=ckpt, config=config, parts=Parts.full(config.num_hidden_layers),
               workload=Workload(4, 4, 4))  # fmt: skip
     lossless = auto_plan(compress=[None], **kw)
     assert lossless.compress is None
