@@ -90,11 +90,9 @@ def _offloaded(
     if o.cpu_cache_compute and device.type != "cuda":
         raise LayercakeError("--cpu-cache-compute needs --device cuda (on CPU it already is)")
     kw = {"batch_size": o.batch_size or 32, "num_batches": o.num_batches or 1}
-    directory = Path(o.offload_dir).expanduser() if o.offload_dir is not None else None
     if o.percent is not None:
         policy = Policy.from_percent(o.percent, **kw)
-        return OffloadRunner(ckpt, config, source, parts, policy, device, dtype, directory,
-                             compress=compress, cpu_cache_compute=o.cpu_cache_compute)  # fmt: skip
+        return OffloadRunner(o, ckpt, config, source, parts, policy)
     cpu_b, dev_b = parse_bytes(o.cpu_memory), parse_bytes(o.device_memory)
     if cpu_b is None and dev_b is None:
         raise LayercakeError("offloading needs --percent or a memory budget")
@@ -112,10 +110,7 @@ def _offloaded(
     # bytes of cache on the compute device (host RAM on CPU); on CUDA the policy's host share
     # goes to pinned RAM, the rest to disk
     kv_budget = int(fp.kv * policy.cache_device / 100)
-    return OffloadRunner(
-        ckpt, config, source, parts, policy, device, dtype, directory, kv_budget, compress,
-        o.cpu_cache_compute,
-    )  # fmt: skip
+    return OffloadRunner(o, ckpt, config, source, parts, policy, kv_budget)
 
 
 def _planned(

@@ -14,7 +14,8 @@ import torch
 
 import layercake
 from layercake.errors import LayercakeError
-from layercake.offload.policy import STAGING_SLOTS, Footprint, Policy, parse_bytes, plan_policy
+from layercake.offload.footprint import Footprint
+from layercake.offload.policy import STAGING_SLOTS, Policy, parse_bytes, plan_policy
 from layercake.offload.schedule import zigzag
 from layercake.ops import kernels
 

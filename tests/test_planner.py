@@ -18,8 +18,9 @@ from layercake.errors import LayercakeError
 from layercake.models.parts import Parts
 from layercake.offload import calibrate, measure
 from layercake.offload.calibrate import UnitTimes
+from layercake.offload.footprint import memory_bytes
 from layercake.offload.measure import Machine
-from layercake.offload.planner import Model, Workload, memory_bytes, search
+from layercake.offload.planner import Model, Workload, search
 from layercake.offload.policy import STAGING_SLOTS, plan_policy
 from layercake.offload.store import plan_units
 
@@ -55,7 +56,7 @@ def synthetic(path: Path, load_s: float = 1e-3, per_seq: float = 1e-4) -> Model:
     fam = family(config.model_type)
     with torch.device("meta"):
         meta = fam.Model(config, parts)
-    units = plan_units(ckpt, meta, parts.layers, True, fam.Model.tied, torch.float32)
+    units = plan_units(ckpt, meta, parts.layers, True, torch.float32)
     times = UnitTimes(
         layer_load_s=load_s,
         head_load_s_per_row=load_s / 1000,

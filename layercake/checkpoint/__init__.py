@@ -87,9 +87,7 @@ def build_slice(
     quantized: list[tuple[str, str]] = []
     compress = compress if compress is not None and compress.weight is not None else None
     for name, p in model.named_parameters():
-        src = name
-        if src not in names and config.tie_word_embeddings:
-            src = fam.Model.tied.get(name, name)
+        src = fam.Model.source_name(name, names) if config.tie_word_embeddings else name
         if src not in names:
             raise LayercakeError(f"checkpoint has no tensor {name!r} (needed by part {parts})")
         owner_name, _, pname = name.rpartition(".")

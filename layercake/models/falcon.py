@@ -192,5 +192,5 @@ class Model(DecoderSlice):
     def context(self, positions: torch.Tensor, dtype: torch.dtype) -> Any:
         return self.rotary(positions, dtype)  # cos, sin: (B, 1, T, hd)
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.transformer.ln_f(h))  # (B, T, vocab)
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.transformer.ln_f(h)

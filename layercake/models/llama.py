@@ -124,5 +124,5 @@ class Model(DecoderSlice):
     def context(self, positions: torch.Tensor, dtype: torch.dtype) -> Any:
         return self.rotary(positions, dtype)
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model.norm(h))
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(h)

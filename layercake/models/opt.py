@@ -147,10 +147,10 @@ class Model(DecoderSlice):
     def blocks(self) -> nn.ModuleDict:
         return self.model.decoder.layers
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         d = self.model.decoder
         if hasattr(d, "final_layer_norm"):
             h = d.final_layer_norm(h)
         if hasattr(d, "project_out"):
             h = d.project_out(h)  # (B, T, word_embed_proj_dim)
-        return self.lm_head(h)  # (B, T, vocab)
+        return h

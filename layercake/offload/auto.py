@@ -15,10 +15,15 @@ import torch
 
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
-from layercake.models import family
 from layercake.models.parts import Parts, parse_parts
 from layercake.offload.calibrate import unit_times
-from layercake.offload.footprint import footprint, held_bytes, streamed_units
+from layercake.offload.footprint import (
+    footprint,
+    held_bytes,
+    kv_value_bytes,
+    static_bytes,
+    streamed_units,
+)
 from layercake.offload.measure import Machine, measure_machine
 from layercake.offload.planner import (
     BATCH_SIZES,
@@ -26,7 +31,6 @@ from layercake.offload.planner import (
     Plan,
     Workload,
     search,
-    static_bytes,
 )
 from layercake.offload.policy import parse_bytes
 from layercake.offload.store import storage_dtype
@@ -121,18 +125,15 @@ def planning_inputs(
 def _model(ckpt: Any, config: BaseConfig, parts: Parts, device: torch.device,
            dtype: torch.dtype, compress: Compression | None, w: Workload, sizes: list[int],
            remeasure: bool) -> Model:  # fmt: skip
-    fam = family(config.model_type)
     meta, units = streamed_units(ckpt, config, parts, dtype, compress, device.type == "cpu")
     first = next(e for u in units for e in u.entries if len(e.shape) == 2)
     stored = storage_dtype(ckpt, first.src, dtype)
     times = unit_times(ckpt.config_dict(), stored, device, dtype, compress, sizes,
                        w.prompt_len, w.prompt_len + w.gen_len // 2, remeasure)  # fmt: skip
     touched = w.max_sequences * w.context
-    static = static_bytes(ckpt, meta, units, fam.Model.tied, dtype, device, touched)
-    kv_itemsize = float(dtype.itemsize)
-    if compress is not None and compress.cache is not None:
-        spec = compress.cache_spec(config.head_dim)
-        kv_itemsize = spec.row_bytes(config.head_dim) / config.head_dim
+    static = static_bytes(ckpt, meta, units, dtype, device, touched)
+    spec = compress.cache_spec(config.head_dim) if compress is not None else None
+    kv_itemsize = kv_value_bytes(dtype, spec, config.head_dim)
 
     @functools.cache
     def fp(bs: int, nb: int, context: int) -> Any:

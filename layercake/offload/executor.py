@@ -16,8 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layercake.checkpoint import _embedding_dtype
-from layercake.checkpoint.quantized import load_rows
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.kv_cache import AttentionStep, KVCache, QuantKV
@@ -26,39 +24,19 @@ from layercake.models.parts import Parts
 from layercake.offload.cuda import DeviceKV, WeightStream, to_device_rows, to_host_rows
 from layercake.offload.kvdisk import DiskKV, KVStream
 from layercake.offload.kvtiers import KVTiers
-from layercake.offload.loader import Loader
-from layercake.offload.policy import STAGING_SLOTS, Policy, split_bytes
+from layercake.offload.placement import Placed, Placement
+from layercake.offload.policy import STAGING_SLOTS, Policy
 from layercake.offload.schedule import zigzag
-from layercake.offload.store import Entry, Unit, disk_range, packed_part, plan_units, prepare
+from layercake.offload.store import Entry, Unit, plan_units
 from layercake.offload.tiers import (
-    ALIGN,
-    DirectReader,
     advise_willneed,
-    align_up,
     file_tensor,
-    host_buffer,
-    keep_in_ram,
 )
 from layercake.ops import kernels
-from layercake.ops.int4pack import Int4Linear, PackedInt4, PackedInt8, kernel8_ok, nbytes8
+from layercake.ops.int4pack import Int4Linear, PackedInt4, PackedInt8, kernel8_ok
 from layercake.ops.kernels import BF16Linear, bf16_linear
-from layercake.quant import Compression, QTensor, dequantize
-
-
-@dataclass
-class _Placed:
-    """One tensor of a unit: rows [0, a) on the device, [a, b) in host RAM, [b, n) on disk."""
-
-    entry: Entry
-    a: int
-    b: int
-    dev: torch.Tensor | None  # rows [0, a), compute dtype
-    cpu: torch.Tensor | None  # rows [a, b), storage dtype
-    scratch: tuple[int, int] | None  # (offset, numel) in the compute scratch, None = direct
-    pscratch: tuple[int, int] | None  # a packed part's (offset, nbytes) in the byte scratch
-    owner: nn.Module | None
-    attr: str
-    direct: bool = False  # bf16 rows multiplied as they lie (``kernels.bf16_mm``), never copied
+from layercake.options import Options
+from layercake.quant import QTensor, dequantize
 
 
 @dataclass
@@ -82,23 +60,24 @@ class _Pass:
     copied: dict[int, Any] = field(default_factory=dict)  # unit -> CUDA event after its copies
 
 
-class OffloadRunner:
+class OffloadRunner(Placement):
     """A Runner (``new_cache`` / ``forward``) for a model placed by a ``Policy``."""
 
     def __init__(
         self,
+        options: Options,
         ckpt: Any,
         config: BaseConfig,
         source: Path,
         parts: Parts,
         policy: Policy,
-        device: torch.device,
-        dtype: torch.dtype,
-        offload_dir: Path | None,
         kv_budget: int | None = None,
-        compress: Compression | None = None,
-        cpu_cache_compute: bool = False,
     ) -> None:
+        """``options`` give the device, dtype, compression, offload dir and
+        ``cpu_cache_compute``; ``kv_budget``: bytes of KV cache the device tier holds."""
+        device, dtype, compress = options.torch_device, options.torch_dtype, options.compression
+        offload_dir = options.offload_dir
+        offload_dir = Path(offload_dir).expanduser() if offload_dir is not None else None
         self.config, self.parts, self.policy = config, parts, policy
         self.compress = compress
         self.cache_quant = compress.cache_spec(config.head_dim) if compress else None
@@ -114,7 +93,7 @@ class OffloadRunner:
         with torch.device("meta"):
             self.model = fam.Model(config, parts)
         self.units = plan_units(
-            ckpt, self.model, parts.layers, parts.head, fam.Model.tied, dtype, compress,
+            ckpt, self.model, parts.layers, parts.head, dtype, compress,
             packed=device.type == "cpu" and dtype == torch.float32,
         )  # fmt: skip
         # streamed bf16 weights multiply as stored (all resident ones are held in fp32 instead)
@@ -125,30 +104,13 @@ class OffloadRunner:
             and kernels.available()
         )
         self._packed_modules()
-        self._bind_static(ckpt, fam.Model.tied)
-        if parts.head:
-            self.model.lm_head = nn.Identity()  # the head's projection runs as streamed slabs
-        self.placed = [self._place(ckpt, u) for u in self.units]
-        need = max((sum(p.scratch[1] for p in ps if p.scratch) for ps in self.placed), default=0)
-        self.scratch = torch.empty(need, dtype=dtype, device=device)
-        need = max((sum(p.pscratch) for ps in self.placed for p in ps if p.pscratch), default=0)
-        self.pscratch = torch.empty(need, dtype=torch.uint8)
-        # CUDA: compressed rows from host RAM or staging are copied here, then dequantized
-        raw = [
-            p.entry.nbytes
-            for ps in self.placed
-            for p in ps
-            if p.entry.quant and not p.entry.form and p.a < p.entry.shape[0]
-        ]
-        raw_bytes = max(raw, default=0) if self.cuda else 0
-        self.raw_dev = torch.empty(raw_bytes, dtype=torch.uint8, device=device)
-        self.loader = self._disk(ckpt, source)
+        self._place_weights(ckpt, source)
         self.block_size = policy.block_size
         self.act_files: dict[tuple[int, ...], torch.Tensor] = {}
         self.kv = KVTiers(config, self.layers, policy, device, dtype, offload_dir, kv_budget,
                           self.cache_quant)  # fmt: skip
         self.kv_stream = KVStream(pin=self.cuda)
-        self.cpu_cache_compute = cpu_cache_compute
+        self.cpu_cache_compute = options.cpu_cache_compute
         self.wstream: WeightStream | None = None
         if self.cuda:  # side streams: weights double-buffered, KV rows through a device ring
             self.wstream = WeightStream(device, self.scratch)
@@ -158,7 +120,7 @@ class OffloadRunner:
         self.times = dict.fromkeys(("weights_wait_s", "materialize_s", "kv_wait_s", "forward_s"),
                                    0.0)  # fmt: skip
 
-    # ---- placement -------------------------------------------------------------------------
+    # ---- weight forms ----------------------------------------------------------------------
     def _int8(self, e: Entry) -> bool:
         """Whether ``e`` multiplies on the int8 kernel (per-row int8, e.g. an int4 model's head)."""
         return (
@@ -194,94 +156,6 @@ class OffloadRunner:
                 name = e.param.rpartition(".")[0]
                 parent, _, child = name.rpartition(".")
                 setattr(self.model.get_submodule(parent), child, module)
-
-    def _bind_static(self, ckpt: Any, tied: dict[str, str]) -> None:
-        """Embeddings, final norm and other small non-layer tensors stay resident; a table
-        stored narrower than the compute dtype stays a view of the checkpoint (rows upcast)."""
-        names = set(ckpt.tensor_names())
-        unit_params = {e.param for u in self.units for e in u.entries}
-        state = {}
-        for name in dict(self.model.named_parameters()):
-            if name in unit_params or name == "lm_head.weight":
-                continue
-            src = name if name in names else tied.get(name, name)
-            if src not in names:
-                raise LayercakeError(f"checkpoint has no tensor {name!r}")
-            owner = self.model.get_submodule(name.rpartition(".")[0])
-            want = self.dtype
-            if isinstance(owner, nn.Embedding):
-                want = _embedding_dtype(ckpt, src, self.dtype, self.device)
-                if want != self.dtype:
-                    owner.compute_dtype = self.dtype
-            state[name] = ckpt.load(src, want).to(self.device)
-        self.model.load_state_dict(state, assign=True, strict=False)
-        self.model.requires_grad_(False)
-
-    def _place(self, ckpt: Any, u: Unit) -> list[_Placed]:
-        dev_b, cpu_b, _ = split_bytes(u.nbytes, self.policy.w_device, self.policy.w_cpu)
-        out, done, offset, poffset = [], 0, 0, 0
-        for e in u.entries:
-            n, rb = e.shape[0], e.row_bytes
-            a = min(n, max(0, (dev_b - done) // rb))
-            b = min(n, a + max(0, (dev_b + cpu_b - done - a * rb) // rb))
-            done += e.nbytes
-            if e.form:  # a part of the packed form, made from the row layout once
-                rows, mapped = packed_part(ckpt, e), False
-            elif e.quant:  # compressed in every tier, the device's included; owned memory
-                rows, mapped = load_rows(ckpt, e.src, e.quant, e.row0, n), False
-            else:
-                rows = ckpt.load(e.src, e.torch_dtype)[e.row0 : e.row0 + n]
-                # a view of the checkpoint's map when stored so: kept as it is, never copied;
-                # else (dequantized) only the rows kept here are held
-                mapped = ckpt.stored_dtype(e.src) == e.torch_dtype
-            dev = cpu = None
-            direct = self._direct(e, u)
-            if a:
-                dt = e.torch_dtype if e.form or direct else torch.uint8 if e.quant else self.dtype
-                dev = rows[:a].to(self.device, dt)
-                if dev.data_ptr() == rows.data_ptr() and not mapped and a < n:
-                    dev = dev.clone()
-            if b > a:
-                if mapped:
-                    cpu = keep_in_ram(rows[a:b])
-                else:  # owned (dequantized or quantized here): only the rows kept are held
-                    cpu = rows[a:b] if e.quant and a == 0 and b == n else rows[a:b].clone()
-                if self.cuda:
-                    cpu = cpu.pin_memory()
-            owner, attr = None, e.param.rpartition(".")[2]
-            if u.kind == "layer":
-                owner = self.model.get_submodule(e.param.rpartition(".")[0])
-            scratch = pscratch = None
-            tiers = (a > 0) + (b > a) + (n > b)
-            if e.form == "sz" or (e.form == "data" and tiers > 1):  # gathered or transposed
-                pscratch = (poffset, e.nbytes)
-                poffset += align_up(e.nbytes)
-            elif self._int8(e):  # values moved to int8, scales and offsets: the int8 kernel's
-                pscratch = (poffset, nbytes8(*e.shape))
-                poffset += align_up(pscratch[1])
-            elif not e.form and not direct and (a < n or e.quant):
-                scratch = (offset, e.numel)
-                offset += e.numel
-            out.append(_Placed(e, a, b, dev, cpu, scratch, pscratch, owner, attr, direct))
-        return out
-
-    def _disk(self, ckpt: Any, source: Path) -> Loader | None:
-        first_rows = [{p.entry.param: p.b for p in ps} for ps in self.placed]
-        ranges = {j: disk_range(u, first_rows[j]) for j, u in enumerate(self.units)}
-        ranges = {j: r for j, r in ranges.items() if r[1] > 0}
-        self.disk_bytes = sum(r[1] for r in ranges.values())
-        if not ranges:
-            return None
-        if self.offload_dir is None:
-            raise LayercakeError(
-                "the policy puts weights on disk: give an offload dir (--offload-dir, offload_dir=)"
-            )
-        directory = prepare(ckpt, self.units, source, self.offload_dir)
-        self.disk_ranges = ranges
-        readers = {j: DirectReader(directory / f"{self.units[j].name}.bin") for j in ranges}
-        size = max(r[1] for r in ranges.values()) + ALIGN
-        slots = [host_buffer(size, pin=self.cuda) for _ in range(STAGING_SLOTS)]
-        return Loader(readers, ranges, slots)
 
     # ---- KV cache and activations ----------------------------------------------------------
     def new_cache(self, batch: int, capacity: int) -> KVCache:
@@ -365,7 +239,7 @@ class OffloadRunner:
         return out
 
     def _segments(
-        self, p: _Placed, staging: torch.Tensor | None, disk_start: int
+        self, p: Placed, staging: torch.Tensor | None, disk_start: int
     ) -> list[tuple[int, int, torch.Tensor]]:
         """A tensor's rows per tier: (first row, end row, raw bytes (rows, row_bytes))."""
         e, n, rb = p.entry, p.entry.shape[0], p.entry.row_bytes
@@ -377,7 +251,7 @@ class OffloadRunner:
         ]
 
     def _packed_part(
-        self, p: _Placed, staging: torch.Tensor | None, disk_start: int
+        self, p: Placed, staging: torch.Tensor | None, disk_start: int
     ) -> torch.Tensor:
         """A packed part in the kernel's shape: the values gathered (a view where one tier holds
         them all), the scales and zeros transposed into (groups, out, 2)."""
@@ -399,9 +273,7 @@ class OffloadRunner:
         self.dequant_s += time.perf_counter() - t0
         return t
 
-    def _dequantize(
-        self, p: _Placed, staging: torch.Tensor | None, disk_start: int
-    ) -> torch.Tensor:
+    def _dequantize(self, p: Placed, staging: torch.Tensor | None, disk_start: int) -> torch.Tensor:
         """A compressed tensor's rows from each tier, dequantized into its scratch."""
         t0 = time.perf_counter()
         e = p.entry
@@ -568,7 +440,7 @@ class OffloadRunner:
         if s.normed[k] is None:
             h = s.hs[k][:, -1:] if s.last_only else s.hs[k]
             h = h.to(self.device)
-            s.normed[k] = self.model.head(h)  # final norm (and projection) before the vocab
+            s.normed[k] = self.model.final_norm(h)  # the slabs below are ``model.project``
             shape = (*s.normed[k].shape[:-1], self.vocab_size)
             s.logits[k] = torch.empty(shape, dtype=torch.float32, device=self.device)
         if isinstance(w, (PackedInt4, PackedInt8)):

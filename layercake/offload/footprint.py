@@ -5,18 +5,67 @@ memory figure from here."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
+from layercake.kv_cache import QuantKV
 from layercake.models.parts import Parts
-from layercake.offload.policy import Footprint
-from layercake.quant import Compression
+from layercake.offload.policy import RESIDENT_SCRATCH, STAGING_SLOTS, Policy, split_bytes
+from layercake.offload.tiers import ALIGN
+from layercake.quant import Compression, QuantSpec
+
+if TYPE_CHECKING:
+    from layercake.models.base import DecoderSlice
+    from layercake.offload.store import Unit
 
 SAFETY = 96 * 2**20  # allocator slack, thread stacks, the tokenizer's growth: kept free
+MAX_ENTRIES = 16  # tensors of a unit that a staging slot's alignment slack allows for
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a placement needs besides the placed weights, for budget planning (bytes)."""
+
+    weights: int  # all streamed units, storage dtype
+    compute_ratio: float  # compute itemsize / storage itemsize (fp32 over bf16: 2)
+    max_unit: int  # the largest unit, storage dtype
+    activations: int  # hidden states, MLP intermediates and logits of one block
+    kv: int  # the KV cache of one block at the planned context
+    # compressed weights: one unit dequantized; ``direct``: a unit's vectors converted (else
+    # max_unit * compute_ratio)
+    scratch: int = 0
+    # bf16 weights multiply as stored on the CPU when not all resident (``kernels.bf16_mm``):
+    # only a unit's vectors (norms, biases) convert, into ``scratch``
+    direct: bool = False
+
+    @property
+    def work(self) -> int:
+        """The scratch a streamed (not all resident) placement converts weights into."""
+        return self.scratch or int(self.max_unit * self.compute_ratio)
+
+    @property
+    def align(self) -> int:
+        """Alignment slack of one staging slot: every tensor of a unit starts 4 KiB-aligned."""
+        return (MAX_ENTRIES + 2) * ALIGN
+
+
+def kv_value_bytes(dtype: torch.dtype, spec: QuantSpec | None, head_dim: int) -> float:
+    """Bytes of one cached key (or value) element: the compute dtype's, or (a compressed cache,
+    ``spec``) a quantized row's share."""
+    return QuantKV.nbytes_per_value(spec, head_dim) if spec is not None else float(dtype.itemsize)
+
+
+def kv_bytes(config: BaseConfig, rows: int, context: int, layers: int, value_bytes: float) -> int:
+    """Bytes of the keys and values of ``layers`` layers for ``rows`` sequences of ``context``
+    tokens (``value_bytes`` from ``kv_value_bytes``)."""
+    kv = 2 * value_bytes * rows * context * layers * config.num_key_value_heads
+    return int(kv * config.head_dim)
 
 
 def footprint(
@@ -54,14 +103,12 @@ def footprint(
     micro = batch_size * context  # intermediates: one micro-batch at a time
     act = 4 * (micro * 2 * widest + block * context * 2 * config.hidden_size)
     act += 4 * block * config.vocab_size  # the logits of a step
-    per_value = float(dtype.itemsize)
-    if compress is not None and compress.cache is not None:
-        spec = compress.cache_spec(config.head_dim)
-        per_value = spec.row_bytes(config.head_dim) / config.head_dim
-        # the two dequantized work buffers of one layer (shared by every layer)
-        act += 2 * dtype.itemsize * block * context * config.num_key_value_heads * config.head_dim
-    kv = 2 * per_value * block * context * len(parts.layers) * config.num_key_value_heads
-    kv = int(kv * config.head_dim)
+    spec = compress.cache_spec(config.head_dim) if compress is not None else None
+    if spec is not None:  # the two dequantized work buffers of one layer (shared by every layer)
+        act += kv_bytes(config, block, context, 1, dtype.itemsize)
+    kv = kv_bytes(
+        config, block, context, len(parts.layers), kv_value_bytes(dtype, spec, config.head_dim)
+    )
     return Footprint(
         weights=weights,
         compute_ratio=1.0 if compressed else dtype.itemsize / itemsize,
@@ -98,12 +145,56 @@ def streamed_units(
     with torch.device("meta"):
         model = fam.Model(config, parts)
     packed = packed and dtype == torch.float32
-    units = plan_units(
-        ckpt, model, parts.layers, parts.head, fam.Model.tied, dtype, compress, packed
-    )
+    units = plan_units(ckpt, model, parts.layers, parts.head, dtype, compress, packed)
     if not units:
         raise LayercakeError(f"part {parts} has no layers or head to offload")
     return model, units
+
+
+def memory_bytes(fp: Footprint, policy: Policy, cuda: bool, static: int, base: int) -> dict:
+    """Host bytes the runner holds under ``policy`` (device bytes on CUDA are not host bytes)."""
+    W, U = fp.weights, fp.max_unit
+    dev, cpu, disk = split_bytes(W, policy.w_device, policy.w_cpu)
+    kv = int(fp.kv * (policy.cache_device + policy.cache_cpu) / 100)
+    out = {"process_and_safety": base, "static": static}
+    if policy.w_device == 100 and policy.cache_device == 100 and not cuda:
+        out["weights"] = int(W * fp.compute_ratio)
+        if fp.scratch:
+            out["scratch"] = min(fp.scratch, RESIDENT_SCRATCH)
+        out.update(kv_cache=kv, activations=fp.activations)
+        return out
+    out["weights"] = cpu + (0 if cuda else int(dev * fp.compute_ratio))
+    # the slots of a unit's disk rows, each with its tensors' 4 KiB alignment
+    out["staging"] = STAGING_SLOTS * (math.ceil(U * disk / W) + fp.align) if disk else 0
+    if not cuda:
+        out["scratch"] = fp.work
+        out.update(kv_cache=kv, activations=fp.activations)
+    return out
+
+
+def static_bytes(ckpt: Any, model: DecoderSlice, units: list[Unit], dtype: torch.dtype,
+                 device: torch.device, touched_rows: int) -> int:  # fmt: skip
+    """Host bytes of the resident tensors outside the units (embeddings, norms): a table kept as
+    a view of the checkpoint costs only the rows a block touches."""
+    from layercake.checkpoint import _embedding_dtype
+
+    unit_params = {e.param for u in units for e in u.entries} | {"lm_head.weight"}
+    names = set(ckpt.tensor_names())
+    total = 0
+    for name, p in model.named_parameters():
+        if name in unit_params:
+            continue
+        src = model.source_name(name, names)
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if isinstance(owner, torch.nn.Embedding) and src in names:
+            want = _embedding_dtype(ckpt, src, dtype, device)
+            if want != dtype:  # a view: the rows looked up are paged in
+                row = p.shape[-1] * want.itemsize
+                total += min(p.shape[0], touched_rows) * (row + 4096)
+                continue
+        if device.type == "cpu":
+            total += p.numel() * dtype.itemsize
+    return total
 
 
 def held_bytes() -> int:

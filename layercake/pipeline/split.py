@@ -64,7 +64,7 @@ def node_tensors(ckpt: Any, config: Any, layers: str) -> list[str]:
     names = set(ckpt.tensor_names())
     out = []
     for name, _ in model.named_parameters():
-        src = name if name in names else fam.Model.tied.get(name, name)
+        src = fam.Model.source_name(name, names)
         if src not in names:
             raise LayercakeError(f"the checkpoint has no tensor {name!r}")
         if src not in out:
