@@ -2,13 +2,16 @@
 device, host RAM and disk, following the zig-zag schedule, with disk reads in a background thread.
 
 It wraps the family's own model (built on the meta device) and never forks its math: per unit it
-binds the unit's weights into the model's modules and calls the same blocks ``LocalRunner`` runs.
+binds the unit's weights into the model's modules and calls the same blocks ``LocalRunner`` runs;
+the head runs as the model's ``final_norm`` and then its projection, one slab of vocabulary rows
+per streamed unit. Where the weights lie is ``placement``'s, a pass's KV rows and spilled
+activations ``passes``', every memory figure ``footprint``'s; this module interprets the schedule
+and makes each unit's weights ready in their form.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,47 +20,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from layercake.config import BaseConfig
-from layercake.errors import LayercakeError
-from layercake.kv_cache import AttentionStep, KVCache, QuantKV
+from layercake.kv_cache import AttentionStep, KVCache
 from layercake.models import family
 from layercake.models.parts import Parts
-from layercake.offload.cuda import DeviceKV, WeightStream, to_device_rows, to_host_rows
-from layercake.offload.kvdisk import DiskKV, KVStream
+from layercake.offload.cuda import WeightStream
+from layercake.offload.kvdisk import DiskKV
 from layercake.offload.kvtiers import KVTiers
+from layercake.offload.passes import Activations, KVMover, Pass
 from layercake.offload.placement import Placed, Placement
 from layercake.offload.policy import STAGING_SLOTS, Policy
 from layercake.offload.schedule import zigzag
 from layercake.offload.store import Entry, Unit, plan_units
-from layercake.offload.tiers import (
-    advise_willneed,
-    file_tensor,
-)
 from layercake.ops import kernels
 from layercake.ops.int4pack import Int4Linear, PackedInt4, PackedInt8, kernel8_ok
 from layercake.ops.kernels import BF16Linear, bf16_linear
 from layercake.options import Options
 from layercake.quant import QTensor, dequantize
-
-
-@dataclass
-class _Pass:
-    """The state of one forward pass through the schedule."""
-
-    cache: KVCache
-    step: AttentionStep
-    rows: list[slice]  # micro-batches
-    hs: list[torch.Tensor]  # hidden states per micro-batch
-    ctxs: list[Any]
-    steps: list[AttentionStep]
-    on_disk: set[int]  # micro-batches whose activations live in the file ``act``
-    act: torch.Tensor | None
-    normed: list[torch.Tensor | None]
-    logits: list[torch.Tensor | None]
-    last_only: bool
-    mapped_kv: set[int]  # layers whose cache is a map of a file (compressed cache on disk)
-    streamed: dict[tuple[int, int], tuple]  # (layer, micro-batch) -> direct I/O of its cache
-    cpu_steps: list[AttentionStep]  # CUDA: the steps with their masks in host memory
-    copied: dict[int, Any] = field(default_factory=dict)  # unit -> CUDA event after its copies
 
 
 class OffloadRunner(Placement):
@@ -106,19 +84,17 @@ class OffloadRunner(Placement):
         self._packed_modules()
         self._place_weights(ckpt, source)
         self.block_size = policy.block_size
-        self.act_files: dict[tuple[int, ...], torch.Tensor] = {}
+        self.activations = Activations(offload_dir, dtype)
         self.kv = KVTiers(config, self.layers, policy, device, dtype, offload_dir, kv_budget,
                           self.cache_quant)  # fmt: skip
-        self.kv_stream = KVStream(pin=self.cuda)
-        self.cpu_cache_compute = options.cpu_cache_compute
-        self.wstream: WeightStream | None = None
-        if self.cuda:  # side streams: weights double-buffered, KV rows through a device ring
-            self.wstream = WeightStream(device, self.scratch)
-            self.dev_kv = DeviceKV(device, torch.cuda.Stream(device))
         # where a pass spends its time: blocked on weight reads, converting weights to the
         # compute dtype, blocked on KV cache reads, and in total
         self.times = dict.fromkeys(("weights_wait_s", "materialize_s", "kv_wait_s", "forward_s"),
                                    0.0)  # fmt: skip
+        self.kv_mover = KVMover(device, options.cpu_cache_compute, self.times)
+        self.kv_stream = self.kv_mover.stream
+        # CUDA: weights materialized on a side stream, double-buffered
+        self.wstream = WeightStream(device, self.scratch) if self.cuda else None
 
     # ---- weight forms ----------------------------------------------------------------------
     def _int8(self, e: Entry) -> bool:
@@ -169,13 +145,6 @@ class OffloadRunner(Placement):
     @property
     def kv_files(self) -> list[dict[int, tuple[DiskKV, DiskKV]]]:
         return self.kv.files
-
-    def _act_buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
-        if shape not in self.act_files:
-            self.act_files.clear()
-            d = self.offload_dir / "act"
-            self.act_files[shape] = file_tensor(d / f"{len(self.act_files)}", shape, self.dtype)
-        return self.act_files[shape]
 
     # ---- execution -------------------------------------------------------------------------
     def _materialize(self, j: int, staging: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -304,8 +273,8 @@ class OffloadRunner(Placement):
         rows = [slice(a, min(a + bs, B)) for a in range(0, B, bs)]
         m = self.model
         hs = [m.embed(tokens[r], positions[r]) if self.parts.embed else tokens[r] for r in rows]
-        on_disk = self._act_on_disk(len(rows))
-        s = _Pass(
+        on_disk = self.activations.on_disk(self.policy, len(rows))
+        s = Pass(
             cache=cache,
             step=step,
             rows=rows,
@@ -313,7 +282,7 @@ class OffloadRunner(Placement):
             ctxs=[m.context(positions[r], hs[0].dtype) for r in rows],
             steps=[AttentionStep(step.start, step.end, step.mask[r]) for r in rows],
             on_disk=on_disk,
-            act=self._act_buffer((B, T, hs[0].shape[-1])) if on_disk else None,
+            act=self.activations.buffer((B, T, hs[0].shape[-1])) if on_disk else None,
             normed=[None] * len(rows),
             logits=[None] * len(rows),
             last_only=last_only,
@@ -327,10 +296,7 @@ class OffloadRunner(Placement):
         try:
             self._run_ops(s)
         finally:
-            self.kv_stream.drain()  # this step's new slots are on disk before anyone reads them
-            self.kv_stream.abandon()
-            if self.cuda:  # and those of host RAM layers are back in host memory
-                self.dev_kv.finish()
+            self.kv_mover.finish()
         self.times["forward_s"] += time.perf_counter() - t0
         cache.advance(step)
         if not self.parts.head:
@@ -348,9 +314,9 @@ class OffloadRunner(Placement):
         bs = self.policy.batch_size
         return bs * max(1, (2 * capacity) // (3 * max(1, T)))
 
-    def _run_ops(self, s: _Pass) -> None:
+    def _run_ops(self, s: Pass) -> None:
         """Interpret the zig-zag schedule for one forward pass."""
-        m, cache, rows = self.model, s.cache, s.rows
+        m, rows = self.model, s.rows
         weights: dict[str, torch.Tensor] = {}
         for op in zigzag(len(self.units), len(rows), lookahead=STAGING_SLOTS - 1):
             u = self.units[op.unit]
@@ -371,47 +337,23 @@ class OffloadRunner(Placement):
                 if op.kind == "compute":
                     self._head_slab(s, op.batch, u.index, weights["lm_head.weight"])
             elif op.kind == "load_cache":
-                r = rows[op.batch]
-                if key in s.streamed:  # read ahead into the ring
-                    kf, vf, row0 = s.streamed[key]
-                    self.kv_stream.fetch(key, kf, vf, row0, r.stop - r.start, s.step.start)
-                elif self._host_kv(s, u.index):
-                    if not self.cpu_cache_compute:  # copied to the device ring ahead
-                        self.dev_kv.fetch(key, cache.keys[u.index][r], cache.values[u.index][r])
-                elif u.index in s.mapped_kv:
-                    for kv in (cache.keys[u.index][r], cache.values[u.index][r]):
-                        for t in kv.parts() if isinstance(kv, QuantKV) else (kv,):
-                            advise_willneed(t)
+                self.kv_mover.load(s, key, rows[op.batch])
             elif op.kind == "store_cache":
-                if key in s.streamed:  # written back behind
-                    self.kv_stream.store(key, s.step.start, s.step.end)
-                elif self._host_kv(s, u.index) and not self.cpu_cache_compute:
-                    self.dev_kv.store(key)
+                self.kv_mover.store(s, key)
             elif op.kind == "compute":
-                k, r, i = op.batch, rows[op.batch], u.index
+                k, r = op.batch, rows[op.batch]
+                kc, vc, host = self.kv_mover.get(s, key, r)
                 step = s.steps[k]
-                if key in s.streamed:
-                    t0 = time.perf_counter()
-                    kc, vc = self.kv_stream.get(key)
-                    self.times["kv_wait_s"] += time.perf_counter() - t0
-                    if self.cuda and not self.cpu_cache_compute:
-                        host = kc, vc
-                        kc, vc = (to_device_rows(t, self.device) for t in host)
-                elif self._host_kv(s, i) and not self.cpu_cache_compute:
-                    kc, vc = self.dev_kv.get(key)
-                else:
-                    kc, vc = cache.keys[i][r], cache.values[i][r]
                 if self.cuda and isinstance(kc, torch.Tensor) and kc.device.type == "cpu":
                     step = s.cpu_steps[k]  # attention where the cache is (host RAM)
                 h = s.hs[k].to(self.device)  # activations placed in host RAM or on disk come in
-                s.hs[k] = m.blocks()[str(i)](h, s.ctxs[k], kc, vc, step)
-                if key in s.streamed and self.cuda and not self.cpu_cache_compute:
-                    for dev, ring in zip((kc, vc), host):  # back before the ring goes to disk
-                        to_host_rows(dev, ring)
+                s.hs[k] = m.blocks()[str(u.index)](h, s.ctxs[k], kc, vc, step)
+                if host is not None:
+                    self.kv_mover.put_back(kc, vc, host)
                 if s.act is not None and k in s.on_disk:
                     s.hs[k] = s.act[r].copy_(s.hs[k])
 
-    def _weights(self, s: _Pass, unit: int) -> dict[str, torch.Tensor]:
+    def _weights(self, s: Pass, unit: int) -> dict[str, torch.Tensor]:
         """Unit's weights ready for its computes (CUDA: materialized on the side stream into the
         scratch buffer the previous unit does not use, the compute stream waiting for it)."""
         t0 = time.perf_counter()
@@ -430,12 +372,7 @@ class OffloadRunner(Placement):
         self.times["materialize_s"] += time.perf_counter() - t1
         return weights
 
-    def _host_kv(self, s: _Pass, layer: int) -> bool:
-        """CUDA: the layer's cache is a host tensor (pinned RAM) rather than on the GPU."""
-        t = s.cache.keys[layer]
-        return self.cuda and isinstance(t, torch.Tensor) and t.device.type == "cpu"
-
-    def _head_slab(self, s: _Pass, k: int, col: int, w: torch.Tensor) -> None:
+    def _head_slab(self, s: Pass, k: int, col: int, w: torch.Tensor) -> None:
         """Micro-batch k's logits for vocabulary columns [col, col + slab rows)."""
         if s.normed[k] is None:
             h = s.hs[k][:, -1:] if s.last_only else s.hs[k]
@@ -452,12 +389,6 @@ class OffloadRunner(Placement):
         else:
             y = F.linear(s.normed[k], w)
         s.logits[k][..., col : col + y.shape[-1]] = y
-
-    def _act_on_disk(self, num_batches: int) -> set[int]:
-        keep = round(num_batches * (self.policy.act_device + self.policy.act_cpu) / 100)
-        if keep < num_batches and self.offload_dir is None:
-            raise LayercakeError("the policy puts activations on disk: give an offload dir")
-        return set(range(keep, num_batches))
 
     @property
     def bytes_read(self) -> int:
