@@ -128,9 +128,12 @@ class Options:
     def compression(self) -> Compression | None:
         """What is held compressed (``packed`` holds weights as ``compress_weight`` does)."""
         return compression(
-            self.compress_weight or self.packed, self.compress_cache, self.compress_bits,
-            self.group_size, self.gguf_native,
-        )  # fmt: skip
+            self.compress_weight or self.packed,
+            self.compress_cache,
+            self.compress_bits,
+            self.group_size,
+            self.gguf_native,
+        )
 
     def with_compression(self, c: Compression | None) -> Options:
         """These options holding what ``c`` holds compressed (a plan's or a probe's choice)."""

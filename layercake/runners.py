@@ -96,8 +96,16 @@ def _offloaded(
     cpu_b, dev_b = parse_bytes(o.cpu_memory), parse_bytes(o.device_memory)
     if cpu_b is None and dev_b is None:
         raise LayercakeError("offloading needs --percent or a memory budget")
-    fp = footprint(ckpt, config, parts, dtype, **kw, context=o.max_context or 256,
-                   compress=compress, packed=device.type == "cpu")  # fmt: skip
+    fp = footprint(
+        ckpt,
+        config,
+        parts,
+        dtype,
+        **kw,
+        context=o.max_context or 256,
+        compress=compress,
+        packed=device.type == "cpu",
+    )
     if cpu_b is not None:  # a budget for the whole process: what it holds already counts
         cpu_b -= held_bytes()
     policy = plan_policy(fp, cpu_b, dev_b, device.type == "cuda", **kw)
@@ -122,8 +130,13 @@ def _planned(
     if plan.resident:  # planned to fit: not planned again by other accounting
         runner = _resident(o, ckpt, config, parts, p)
     else:
-        o = replace(o, percent=p.percent, batch_size=p.batch_size, num_batches=p.num_batches,
-                    max_context=plan.workload.context)  # fmt: skip
+        o = replace(
+            o,
+            percent=p.percent,
+            batch_size=p.batch_size,
+            num_batches=p.num_batches,
+            max_context=plan.workload.context,
+        )
         runner = _offloaded(o, ckpt, config, source, parts)
     runner.plan = plan
     return runner

@@ -70,10 +70,8 @@ class OffloadRunner(Placement):
         fam = family(config.model_type)
         with torch.device("meta"):
             self.model = fam.Model(config, parts)
-        self.units = plan_units(
-            ckpt, self.model, parts.layers, parts.head, dtype, compress,
-            packed=device.type == "cpu" and dtype == torch.float32,
-        )  # fmt: skip
+        packed = device.type == "cpu" and dtype == torch.float32
+        self.units = plan_units(ckpt, self.model, parts.layers, parts.head, dtype, compress, packed)
         # streamed bf16 weights multiply as stored (all resident ones are held in fp32 instead)
         self.direct = (
             device.type == "cpu"
@@ -85,8 +83,9 @@ class OffloadRunner(Placement):
         self._place_weights(ckpt, source)
         self.block_size = policy.block_size
         self.activations = Activations(offload_dir, dtype)
-        self.kv = KVTiers(config, self.layers, policy, device, dtype, offload_dir, kv_budget,
-                          self.cache_quant)  # fmt: skip
+        self.kv = KVTiers(
+            config, self.layers, policy, device, dtype, offload_dir, kv_budget, self.cache_quant
+        )
         # where a pass spends its time: blocked on weight reads, converting weights to the
         # compute dtype, blocked on KV cache reads, and in total
         self.times = dict.fromkeys(("weights_wait_s", "materialize_s", "kv_wait_s", "forward_s"),

@@ -133,9 +133,13 @@ def direct_bf16(units: list, dtype: torch.dtype, compress: Compression | None) -
 
 
 def streamed_units(
-    ckpt: Any, config: BaseConfig, parts: Parts, dtype: torch.dtype,
-    compress: Compression | None, packed: bool = False,
-) -> tuple[torch.nn.Module, list]:  # fmt: skip
+    ckpt: Any,
+    config: BaseConfig,
+    parts: Parts,
+    dtype: torch.dtype,
+    compress: Compression | None,
+    packed: bool = False,
+) -> tuple[torch.nn.Module, list]:
     """The slice's model on the meta device and its streamed units (``store.plan_units``;
     ``packed``: CPU compute, int4 weights in the kernel's form)."""
     from layercake.models import family
@@ -172,8 +176,14 @@ def memory_bytes(fp: Footprint, policy: Policy, cuda: bool, static: int, base: i
     return out
 
 
-def static_bytes(ckpt: Any, model: DecoderSlice, units: list[Unit], dtype: torch.dtype,
-                 device: torch.device, touched_rows: int) -> int:  # fmt: skip
+def static_bytes(
+    ckpt: Any,
+    model: DecoderSlice,
+    units: list[Unit],
+    dtype: torch.dtype,
+    device: torch.device,
+    touched_rows: int,
+) -> int:
     """Host bytes of the resident tensors outside the units (embeddings, norms): a table kept as
     a view of the checkpoint costs only the rows a block touches."""
     from layercake.checkpoint import _embedding_dtype
