@@ -113,7 +113,8 @@ def dequant_seconds(r) -> float:
 
 def dequant_layer_ms(r, repeats: int = 5) -> float:
     """Dequantizing one decoder layer's weights into fp32, measured on its own (median, ms)."""
-    from layercake.quant import QTensor, QuantLinear, dequantize
+    from layercake.ops.linear import Dequant, Linear
+    from layercake.quant import QTensor, dequantize
 
     if hasattr(r, "placed"):
         j = next(j for j, u in enumerate(r.units) if u.kind == "layer")
@@ -127,9 +128,9 @@ def dequant_layer_ms(r, repeats: int = 5) -> float:
     else:
         block = next(iter(r.slices[0].blocks().values()))
         mats = [
-            (m.rows, (m.out_features, m.in_features), m.spec)
+            (m.weight.rows, m.weight.shape, m.weight.spec)
             for m in block.modules()
-            if isinstance(m, QuantLinear)
+            if isinstance(m, Linear) and isinstance(m.weight, Dequant)
         ]
     outs = [torch.empty(shape) for _, shape, _ in mats]
     times = []

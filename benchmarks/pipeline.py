@@ -108,15 +108,16 @@ def wire_check(a: argparse.Namespace) -> None:
     of the split in one process, the boundary's activations rounded to bf16 or not."""
     import torch
 
-    from layercake.checkpoint import build_slice, open_checkpoint
+    from layercake.checkpoint import open_checkpoint
     from layercake.config import load_config
+    from layercake.models.build import build_slice
     from layercake.runner import LocalRunner
 
     path = model_path("llama1b")
     ckpt = open_checkpoint(path)
     cfg = load_config(ckpt.config_dict())
     k = a.split[0]
-    halves = [LocalRunner([build_slice(ckpt, spec, config=cfg, pack=True)], cfg)
+    halves = [LocalRunner([build_slice(ckpt, spec, config=cfg)], cfg)
               for spec in (f"b 0-{k}", f"{k}-16 e")]  # fmt: skip
     ids = prompts(a.batch, a.prompt_len, cfg.vocab_size)
     positions = torch.arange(ids.shape[1]).expand(ids.shape)

@@ -85,11 +85,12 @@ def main() -> None:
     a.allow_compression = not a.no_compression
     torch.set_num_threads(a.threads)
     from layercake.checkpoint import open_checkpoint
-    from layercake.checkpoint.parts import Parts
     from layercake.config import load_config
+    from layercake.models.parts import Parts
     from layercake.offload.auto import planning_inputs
     from layercake.offload.planner import Workload, search
     from layercake.offload.policy import parse_bytes
+    from layercake.options import Options
     from layercake.quant import compression
 
     path = model_path(a.model)
@@ -105,10 +106,9 @@ def main() -> None:
     config = load_config(ckpt.config_dict())
     w = Workload(a.prompt_len, a.gen_len, a.max_sequences)
     choices = [None] + ([compression(True)] if a.allow_compression else [])
-    models, machine, base = planning_inputs(
-        ckpt, config, Parts.full(config.num_hidden_layers), torch.device("cpu"), torch.float32,
-        a.offload_dir, w, choices, None, a.remeasure,
-    )  # fmt: skip
+    o = Options(offload_dir=a.offload_dir)
+    parts = Parts.full(config.num_hidden_layers)
+    models, machine, base = planning_inputs(o, ckpt, config, parts, w, choices, a.remeasure)
     plan = search(models, machine, w, parse_bytes(a.cap), None, False, base, a.offload_dir)
     print(json.dumps({"bench": "planner-machine", "disk_gbps": machine.disk_gbps,
                       "matmul_gflops": machine.matmul_gflops, "plan": plan.to_json(),

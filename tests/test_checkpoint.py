@@ -12,10 +12,10 @@ from conftest import LLAMA_TINY, hf_model, make_hf_checkpoint
 from safetensors.torch import load_file, save_file
 
 from layercake.checkpoint import open_checkpoint
-from layercake.checkpoint.parts import Parts, parse_parts
 from layercake.config import load_config
 from layercake.errors import LayercakeError
 from layercake.models.build import build_slice
+from layercake.models.parts import Parts, parse_parts
 from layercake.runner import LocalRunner
 
 

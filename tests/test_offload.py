@@ -14,7 +14,8 @@ import torch
 
 import layercake
 from layercake.errors import LayercakeError
-from layercake.offload.policy import STAGING_SLOTS, Footprint, Policy, parse_bytes, plan_policy
+from layercake.offload.footprint import Footprint
+from layercake.offload.policy import STAGING_SLOTS, Policy, parse_bytes, plan_policy
 from layercake.offload.schedule import zigzag
 from layercake.ops import kernels
 from layercake.ops.linear import BF16, Linear
@@ -146,10 +147,10 @@ def test_offload_bf16_checkpoint_and_budget(tmp_path, monkeypatch):
     read from disk; equal to the in-memory run of the same weights."""
     from tests_helpers import bf16_llama
 
-    import layercake.offload as off
+    import layercake.offload.footprint as off
     from layercake.checkpoint import open_checkpoint
-    from layercake.checkpoint.parts import Parts
     from layercake.config import load_config
+    from layercake.models.parts import Parts
 
     path = bf16_llama(tmp_path / "m", hidden=128, inter=256, vocab=512)
     ref = layercake.load(path)

@@ -11,15 +11,16 @@ import pytest
 import torch
 
 import layercake
-import layercake.offload as off
+import layercake.offload.footprint as off
 from layercake.checkpoint import open_checkpoint
-from layercake.checkpoint.parts import Parts
 from layercake.config import load_config
 from layercake.errors import LayercakeError
+from layercake.models.parts import Parts
 from layercake.offload import calibrate, measure
 from layercake.offload.calibrate import UnitTimes
+from layercake.offload.footprint import memory_bytes
 from layercake.offload.measure import Machine
-from layercake.offload.planner import Model, Workload, memory_bytes, search
+from layercake.offload.planner import Model, Workload, search
 from layercake.offload.policy import STAGING_SLOTS, plan_policy
 from layercake.offload.store import plan_units
 
@@ -55,7 +56,7 @@ def synthetic(path: Path, load_s: float = 1e-3, per_seq: float = 1e-4) -> Model:
     fam = family(config.model_type)
     with torch.device("meta"):
         meta = fam.Model(config, parts)
-    units = plan_units(ckpt, meta, parts.layers, True, fam.Model.tied, torch.float32)
+    units = plan_units(ckpt, meta, parts.layers, True, torch.float32)
     times = UnitTimes(
         layer_load_s=load_s,
         head_load_s_per_row=load_s / 1000,
@@ -213,15 +214,15 @@ def test_cli_plan_json_and_errors(bf16_model, tmp_path, capsys):
 
 def test_compression_is_considered_only_when_allowed(bf16_model, tmp_path):
     from layercake.offload.auto import auto_plan
+    from layercake.options import Options
     from layercake.quant import compression
 
     ckpt = open_checkpoint(bf16_model)
     config = load_config(ckpt.config_dict())
     m = synthetic(bf16_model)
     budget = _budgets(m)[1]
-    kw = dict(ckpt=ckpt, config=config, parts=Parts.full(config.num_hidden_layers),
-              device=torch.device("cpu"), dtype=torch.float32, cpu_memory=budget,
-              device_memory=None, offload_dir=tmp_path / "off",
+    o = Options(cpu_memory=budget, offload_dir=tmp_path / "off")
+    kw = dict(o=o, ckpt=ckpt, config=config, parts=Parts.full(config.num_hidden_layers),
               workload=Workload(4, 4, 4))  # fmt: skip
     lossless = auto_plan(compress=[None], **kw)
     assert lossless.compress is None

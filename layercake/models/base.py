@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import torch
 from torch import nn
 
-from layercake.checkpoint.parts import Parts
 from layercake.config import BaseConfig
 from layercake.kv_cache import AttentionStep, KVCache
+from layercake.models.parts import Parts
 
 
 class DecoderSlice(nn.Module):
@@ -17,11 +18,22 @@ class DecoderSlice(nn.Module):
 
     ``forward(x, positions, cache, step)``: ``x`` is token ids (B, T) when the slice holds the
     embeddings, else hidden states (B, T, hidden); returns logits (B, T, vocab) when it holds the
-    head, else hidden states. Subclasses define ``embed``, ``blocks``, ``head`` and ``context``.
+    head, else hidden states. Subclasses define ``embed``, ``blocks``, ``final_norm`` and
+    ``context``.
     """
 
     # checkpoint name -> name to load instead when the first is absent (tied embeddings)
     tied: dict[str, str] = {}
+
+    @classmethod
+    def source_name(cls, name: str, names: Collection[str]) -> str:
+        """The checkpoint tensor (of ``names``) that holds parameter ``name``: itself, else the
+        one it is tied to (an output head tied to the embeddings); ``name`` when neither is
+        there, for the caller to report."""
+        if name in names:
+            return name
+        alt = cls.tied.get(name)
+        return alt if alt is not None and alt in names else name
 
     def __init__(self, config: BaseConfig, parts: Parts) -> None:
         super().__init__()
@@ -35,8 +47,19 @@ class DecoderSlice(nn.Module):
         """Layer modules keyed by str(global layer index)."""
         raise NotImplementedError
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        """What runs on the last hidden states before the vocabulary projection (the final
+        norm, and any projection to the head's width)."""
         raise NotImplementedError
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """Normed hidden states -> logits (B, T, vocab)."""
+        return self.lm_head(h)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states -> logits: ``project(final_norm(h))`` (the offload executor runs the
+        two apart, the projection in slabs of vocabulary rows)."""
+        return self.project(self.final_norm(h))
 
     def context(self, positions: torch.Tensor, dtype: torch.dtype) -> Any:
         """Per-forward data shared by all layers (e.g. rotary cos/sin)."""

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from layercake.checkpoint import Checkpoint
-from layercake.checkpoint.parts import Parts, parse_parts
 from layercake.checkpoint.quantized import load_rows, quant_spec, weight_quant
 from layercake.config import BaseConfig, load_config
 from layercake.errors import LayercakeError
 from layercake.models import family
 from layercake.models.base import DecoderSlice
 from layercake.models.layers import Embedding
+from layercake.models.parts import Parts, parse_parts
 from layercake.ops import linear as ops
 from layercake.ops.mkl import BLOCK_BYTES
 from layercake.quant import BLOCK_ELEMENTS, GGUF_BLOCKS, Compression, QuantSpec, Workspace
@@ -33,13 +33,6 @@ class _Linear:
     form: str
     quant: str  # "" (float) or the held quantized form (``checkpoint.quantized``)
     stored: torch.dtype | None
-
-
-def source_name(model: type[DecoderSlice], name: str, names: set[str], tied: bool) -> str:
-    """The checkpoint tensor that holds parameter ``name`` (a tied head: the embedding)."""
-    if name not in names and tied:
-        name = model.tied.get(name, name)
-    return name
 
 
 def build_slice(
@@ -73,7 +66,7 @@ def build_slice(
     state: dict[str, torch.Tensor] = {}
     loaded: dict[tuple[str, torch.dtype], torch.Tensor] = {}
     for name, p in model.named_parameters():
-        src = source_name(fam.Model, name, names, config.tie_word_embeddings)
+        src = fam.Model.source_name(name, names) if config.tie_word_embeddings else name
         if src not in names:
             raise LayercakeError(f"checkpoint has no tensor {name!r} (needed by part {parts})")
         owner_name, _, pname = name.rpartition(".")

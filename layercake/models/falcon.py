@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from layercake.checkpoint.parts import Parts
 from layercake.config import BaseConfig, rope_parameters
 from layercake.errors import LayercakeError
 from layercake.kv_cache import AttentionStep
 from layercake.models.base import DecoderSlice
 from layercake.models.layers import Embedding, Rotary, activation, apply_rotary, cached_attention
+from layercake.models.parts import Parts
 
 
 @dataclass(frozen=True)
@@ -192,5 +192,5 @@ class Model(DecoderSlice):
     def context(self, positions: torch.Tensor, dtype: torch.dtype) -> Any:
         return self.rotary(positions, dtype)  # cos, sin: (B, 1, T, hd)
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.transformer.ln_f(h))  # (B, T, vocab)
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.transformer.ln_f(h)

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layercake.checkpoint.parts import Parts
 from layercake.config import BaseConfig, rope_parameters
 from layercake.kv_cache import AttentionStep
 from layercake.models.base import DecoderSlice
@@ -24,6 +23,7 @@ from layercake.models.layers import (
     cached_attention,
     one_token_attention,
 )
+from layercake.models.parts import Parts
 
 
 @dataclass(frozen=True)
@@ -156,5 +156,5 @@ class Model(DecoderSlice):
     def context(self, positions: torch.Tensor, dtype: torch.dtype) -> Any:
         return self.rotary.rope(positions, dtype)
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model.norm(h))
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(h)

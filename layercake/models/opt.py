@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from layercake.checkpoint.parts import Parts
 from layercake.config import BaseConfig
 from layercake.kv_cache import AttentionStep
 from layercake.models.base import DecoderSlice
 from layercake.models.layers import Embedding, activation, cached_attention
+from layercake.models.parts import Parts
 
 # OPT's position table has two extra rows in front (a fairseq padding_idx leftover): position p
 # reads row p + 2
@@ -147,10 +147,10 @@ class Model(DecoderSlice):
     def blocks(self) -> nn.ModuleDict:
         return self.model.decoder.layers
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         d = self.model.decoder
         if hasattr(d, "final_layer_norm"):
             h = d.final_layer_norm(h)
         if hasattr(d, "project_out"):
             h = d.project_out(h)  # (B, T, word_embed_proj_dim)
-        return self.lm_head(h)  # (B, T, vocab)
+        return h

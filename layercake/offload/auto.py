@@ -7,16 +7,23 @@ budgets are given without ``--percent`` (which run it).
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from layercake.checkpoint.parts import Parts
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
-from layercake.models import family
+from layercake.models.parts import Parts, parse_parts
 from layercake.offload.calibrate import unit_times
+from layercake.offload.footprint import (
+    footprint,
+    held_bytes,
+    kv_value_bytes,
+    static_bytes,
+    streamed_units,
+)
 from layercake.offload.measure import Machine, measure_machine
 from layercake.offload.planner import (
     BATCH_SIZES,
@@ -24,10 +31,10 @@ from layercake.offload.planner import (
     Plan,
     Workload,
     search,
-    static_bytes,
 )
 from layercake.offload.policy import parse_bytes
 from layercake.offload.store import storage_dtype
+from layercake.options import Options
 from layercake.quant import Compression
 
 
@@ -47,100 +54,86 @@ def workload_for(
 
 
 def auto_plan(
+    o: Options,
     ckpt: Any,
     config: BaseConfig,
     parts: Parts,
-    device: torch.device,
-    dtype: torch.dtype,
-    cpu_memory: str | int | None,
-    device_memory: str | int | None,
-    offload_dir: str | Path | None,
-    workload: Workload,
-    compress: list[Compression | None],
-    batch_size: int | None = None,
-    num_batches: int | None = None,
+    workload: Workload | None = None,
+    compress: list[Compression | None] | None = None,
     remeasure: bool = False,
 ) -> Plan:
-    """The fastest plan within the budgets for ``workload``; ``compress`` lists the weight
-    compressions to consider (``[None]``: lossless only); ``batch_size`` / ``num_batches``
-    fixed when given."""
-    cpu_b, dev_b = parse_bytes(cpu_memory), parse_bytes(device_memory)
+    """The fastest plan within the budgets of the options ``o`` (a given ``batch_size`` /
+    ``num_batches`` kept) for ``workload`` (default: ``workload_for`` the options);
+    ``compress`` lists the weight compressions to consider (default: the options' own, and
+    int4 weights too with ``allow_compression``)."""
+    cpu_b, dev_b = parse_bytes(o.cpu_memory), parse_bytes(o.device_memory)
     if cpu_b is None and dev_b is None:
         raise LayercakeError("--policy auto needs a memory budget (--cpu-memory, --device-memory)")
-    if device.type == "cuda" and dev_b is None:
+    cuda = o.torch_device.type == "cuda"
+    if cuda and dev_b is None:
         raise LayercakeError("--policy auto on CUDA needs --device-memory")
-    for what, b in (("--batch-size", batch_size), ("--num-batches", num_batches)):
+    for what, b in (("--batch-size", o.batch_size), ("--num-batches", o.num_batches)):
         if b is not None and b < 1:
             raise LayercakeError(f"{what} must be at least 1, got {b}")
-    models, machine, base = planning_inputs(
-        ckpt, config, parts, device, dtype, offload_dir, workload, compress, batch_size, remeasure
-    )
-    directory = Path(offload_dir).expanduser() if offload_dir is not None else None
+    if workload is None:
+        workload = workload_for(o.max_context, o.max_sequences, o.prompt_len)
+    if compress is None:
+        compress = [o.compression]
+        if o.allow_compression and o.compression is None:
+            compress.append(replace(o, compress_weight=True).compression)
+    models, machine, base = planning_inputs(o, ckpt, config, parts, workload, compress, remeasure)
+    directory = Path(o.offload_dir).expanduser() if o.offload_dir is not None else None
     return search(
-        models, machine, workload, cpu_b, dev_b, device.type == "cuda", base, directory,
-        batch_size, num_batches,
-    )  # fmt: skip
+        models,
+        machine,
+        workload,
+        cpu_b,
+        dev_b,
+        cuda,
+        base,
+        directory,
+        o.batch_size,
+        o.num_batches,
+    )
 
 
 def planning_inputs(
-    ckpt: Any, config: BaseConfig, parts: Parts, device: torch.device, dtype: torch.dtype,
-    offload_dir: str | Path | None, workload: Workload, compress: list[Compression | None],
-    batch_size: int | None = None, remeasure: bool = False,
-) -> tuple[list[Model], Machine, int]:  # fmt: skip
-    """(one ``Model`` per compression, the machine's rates, host bytes held already + safety)."""
-    from layercake.offload import SAFETY, process_rss
-
-    base = process_rss() + SAFETY  # before the probes allocate anything
-    directory = Path(offload_dir).expanduser() if offload_dir is not None else None
-    machine = measure_machine(directory, device.type, remeasure)
-    sizes = [batch_size] if batch_size else [b for b in BATCH_SIZES if b <= workload.max_sequences]
+    o: Options,
+    ckpt: Any,
+    config: BaseConfig,
+    parts: Parts,
+    workload: Workload,
+    compress: list[Compression | None],
+    remeasure: bool = False,
+) -> tuple[list[Model], Machine, int]:
+    """(one ``Model`` per compression, the machine's rates, host bytes held already + safety)
+    for the device, dtype, offload dir and batch size of the options ``o``."""
+    base = held_bytes()  # before the probes allocate anything
+    directory = Path(o.offload_dir).expanduser() if o.offload_dir is not None else None
+    machine = measure_machine(directory, o.torch_device.type, remeasure)
+    if o.batch_size:
+        sizes = [o.batch_size]
+    else:
+        sizes = [b for b in BATCH_SIZES if b <= workload.max_sequences] or [1]
     models = [
-        _model(ckpt, config, parts, device, dtype, c, workload, sizes or [1], remeasure)
+        _model(ckpt, config, parts, o.torch_device, o.torch_dtype, c, workload, sizes, remeasure)
         for c in compress
     ]
     return models, machine, base
 
 
-def auto_runner(
-    ckpt: Any, config: BaseConfig, source: Path, parts: Parts, device: torch.device,
-    dtype: torch.dtype, cpu_memory: str | int | None, device_memory: str | int | None,
-    offload_dir: str | Path | None, batch_size: int | None, num_batches: int | None,
-    workload: Workload, compress: list[Compression | None],
-) -> Any:  # fmt: skip
-    """The runner of the plan ``auto_plan`` picks (its ``plan`` attribute holds the plan)."""
-    from layercake.offload import offload_runner, resident_runner
-
-    plan = auto_plan(ckpt, config, parts, device, dtype, cpu_memory, device_memory,
-                     offload_dir, workload, compress, batch_size, num_batches)  # fmt: skip
-    p = plan.policy
-    if plan.resident:  # planned to fit: not planned again by other accounting
-        runner = resident_runner(ckpt, config, parts, device, dtype, p, plan.compress)
-    else:
-        runner = offload_runner(
-            ckpt, config, source, parts, device, dtype, p.percent, cpu_memory, device_memory,
-            offload_dir, p.batch_size, p.num_batches, workload.context, plan.compress,
-        )  # fmt: skip
-    runner.plan = plan
-    return runner
-
-
 def _model(ckpt: Any, config: BaseConfig, parts: Parts, device: torch.device,
            dtype: torch.dtype, compress: Compression | None, w: Workload, sizes: list[int],
            remeasure: bool) -> Model:  # fmt: skip
-    from layercake.offload import footprint, streamed_units
-
-    fam = family(config.model_type)
     meta, units = streamed_units(ckpt, config, parts, dtype, compress, device.type == "cpu")
     first = next(e for u in units for e in u.entries if len(e.shape) == 2)
     stored = storage_dtype(ckpt, first.src, dtype)
     times = unit_times(ckpt.config_dict(), stored, device, dtype, compress, sizes,
                        w.prompt_len, w.prompt_len + w.gen_len // 2, remeasure)  # fmt: skip
     touched = w.max_sequences * w.context
-    static = static_bytes(ckpt, meta, units, fam.Model.tied, dtype, device, touched)
-    kv_itemsize = float(dtype.itemsize)
-    if compress is not None and compress.cache is not None:
-        spec = compress.cache_spec(config.head_dim)
-        kv_itemsize = spec.row_bytes(config.head_dim) / config.head_dim
+    static = static_bytes(ckpt, meta, units, dtype, device, touched)
+    spec = compress.cache_spec(config.head_dim) if compress is not None else None
+    kv_itemsize = kv_value_bytes(dtype, spec, config.head_dim)
 
     @functools.cache
     def fp(bs: int, nb: int, context: int) -> Any:
@@ -153,27 +146,17 @@ def plan_from_args(a: Any) -> Plan:
     """``layercake plan``'s options -> the plan (the model opened, nothing loaded)."""
     from layercake.checkpoint import open_checkpoint
     from layercake.checkpoint.locate import locate_model
-    from layercake.checkpoint.parts import parse_parts
     from layercake.config import load_config
-    from layercake.devices import parse_device, parse_dtype
-    from layercake.llm import embedded_model_path
-    from layercake.quant import compression
+    from layercake.embedded import embedded_model_path
 
     if a.prompt_len < 1 or a.gen_len < 1 or a.max_sequences < 1:
         raise LayercakeError("--prompt-len, --gen-len and --max-sequences must be at least 1")
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    o = Options.from_args(a, prompt_len=None, max_sequences=None)
+    if o.threads:
+        torch.set_num_threads(o.threads)
     path = locate_model(a.model) if a.model else embedded_model_path()
-    dev = parse_device(a.device)
-    comp = compression(a.compress_weight, False, a.compress_bits, a.group_size)
-    choices: list[Compression | None] = [comp]
-    if a.allow_compression and comp is None:
-        choices.append(compression(True, False, a.compress_bits, a.group_size))
     ckpt = open_checkpoint(path)
     config = load_config(ckpt.config_dict())
-    return auto_plan(
-        ckpt, config, parse_parts(a.parts, config.num_hidden_layers), dev,
-        parse_dtype(a.dtype, dev), a.cpu_memory, a.device_memory, a.offload_dir,
-        Workload(a.prompt_len, a.gen_len, a.max_sequences), choices, a.batch_size,
-        a.num_batches, a.remeasure,
-    )  # fmt: skip
+    parts = parse_parts(o.parts, config.num_hidden_layers)
+    w = Workload(a.prompt_len, a.gen_len, a.max_sequences)
+    return auto_plan(o, ckpt, config, parts, w, remeasure=a.remeasure)

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from layercake.checkpoint.parts import Parts
 from layercake.config import BaseConfig, load_config
 from layercake.models import family
+from layercake.models.parts import Parts
 from layercake.offload.measure import load_cache, machine_key, save_cache
 from layercake.progress import track
 from layercake.quant import Compression
@@ -149,7 +149,8 @@ def _measure(cfg: dict, stored: torch.dtype, device: torch.device, dtype: torch.
              compress: Compression | None, batch_sizes: list[int], prompt_len: int,
              decode_len: int) -> dict:  # fmt: skip
     from layercake.checkpoint import open_checkpoint
-    from layercake.offload import offload_runner
+    from layercake.options import Options
+    from layercake.runners import build_runner
 
     out: dict[str, Any] = {"decode_layer_s": {}, "prefill_layer_s": {}, "head_s_per_row": {}}
     with tempfile.TemporaryDirectory(prefix="layercake-probe-") as tmp:
@@ -157,9 +158,10 @@ def _measure(cfg: dict, stored: torch.dtype, device: torch.device, dtype: torch.
         ckpt = open_checkpoint(path)
         config = load_config(ckpt.config_dict())
         # every weight in host RAM in its storage form: each use converts it, as when streamed
-        kw = dict(percent=[0, 100, 100, 0, 100, 0], compress=compress)
-        layer = offload_runner(ckpt, config, path, Parts(False, (0,), False), device, dtype, **kw)
-        head = offload_runner(ckpt, config, path, Parts(False, (), True), device, dtype, **kw)
+        o = Options(device=device, dtype=dtype, percent=[0, 100, 100, 0, 100, 0])
+        o = o.with_compression(compress)
+        layer = build_runner(o, ckpt, config, path, Parts(False, (0,), False))
+        head = build_runner(o, ckpt, config, path, Parts(False, (), True))
         load_l, step_l = _load_and_step(layer, config, device, dtype, 1, decode_len)
         load_h, _ = _load_and_step(head, config, device, dtype, 1, 1)
         out["layer_load_s"], out["head_load_s_per_row"] = load_l, load_h / rows

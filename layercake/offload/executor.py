@@ -2,13 +2,16 @@
 device, host RAM and disk, following the zig-zag schedule, with disk reads in a background thread.
 
 It wraps the family's own model (built on the meta device) and never forks its math: per unit it
-binds the unit's weights into the model's modules and calls the same blocks ``LocalRunner`` runs.
+binds the unit's weights into the model's modules and calls the same blocks ``LocalRunner`` runs;
+the head runs as the model's ``final_norm`` and then its projection, one slab of vocabulary rows
+per streamed unit. Where the weights lie is ``placement``'s, a pass's KV rows and spilled
+activations ``passes``', every memory figure ``footprint``'s; this module interprets the schedule
+and makes each unit's weights ready in their form.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,90 +19,44 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layercake.checkpoint.parts import Parts
-from layercake.checkpoint.quantized import load_rows
 from layercake.config import BaseConfig
-from layercake.errors import LayercakeError
-from layercake.kv_cache import AttentionStep, KVCache, QuantKV
+from layercake.kv_cache import AttentionStep, KVCache
 from layercake.models import family
-from layercake.models.build import embedding_dtype
-from layercake.offload.cuda import DeviceKV, WeightStream, to_device_rows, to_host_rows
-from layercake.offload.kvdisk import DiskKV, KVStream
+from layercake.models.parts import Parts
+from layercake.offload.cuda import WeightStream
+from layercake.offload.kvdisk import DiskKV
 from layercake.offload.kvtiers import KVTiers
-from layercake.offload.loader import Loader
-from layercake.offload.policy import STAGING_SLOTS, Policy, split_bytes
+from layercake.offload.passes import Activations, KVMover, Pass
+from layercake.offload.placement import Placed, Placement
+from layercake.offload.policy import STAGING_SLOTS, Policy
 from layercake.offload.schedule import zigzag
-from layercake.offload.store import Entry, Unit, disk_range, packed_part, plan_units, prepare
-from layercake.offload.tiers import (
-    ALIGN,
-    DirectReader,
-    advise_willneed,
-    align_up,
-    file_tensor,
-    host_buffer,
-    keep_in_ram,
-)
+from layercake.offload.store import Entry, Unit, plan_units
 from layercake.ops import kernels
 from layercake.ops import linear as ops
-from layercake.ops.int4pack import PackedInt4, PackedInt8, nbytes8
+from layercake.ops.int4pack import PackedInt4, PackedInt8
 from layercake.ops.kernels import bf16_linear
-from layercake.quant import Compression, QTensor, dequantize
+from layercake.options import Options
+from layercake.quant import QTensor, dequantize
 
 
-@dataclass
-class _Placed:
-    """One tensor of a unit: rows [0, a) on the device, [a, b) in host RAM, [b, n) on disk."""
-
-    entry: Entry
-    a: int
-    b: int
-    dev: torch.Tensor | None  # rows [0, a), compute dtype
-    cpu: torch.Tensor | None  # rows [a, b), storage dtype
-    scratch: tuple[int, int] | None  # (offset, numel) in the compute scratch, None = direct
-    pscratch: tuple[int, int] | None  # a packed part's (offset, nbytes) in the byte scratch
-    owner: nn.Module | None
-    attr: str
-    direct: bool = False  # bf16 rows multiplied as they lie (``kernels.bf16_mm``), never copied
-
-
-@dataclass
-class _Pass:
-    """The state of one forward pass through the schedule."""
-
-    cache: KVCache
-    step: AttentionStep
-    rows: list[slice]  # micro-batches
-    hs: list[torch.Tensor]  # hidden states per micro-batch
-    ctxs: list[Any]
-    steps: list[AttentionStep]
-    on_disk: set[int]  # micro-batches whose activations live in the file ``act``
-    act: torch.Tensor | None
-    normed: list[torch.Tensor | None]
-    logits: list[torch.Tensor | None]
-    last_only: bool
-    mapped_kv: set[int]  # layers whose cache is a map of a file (compressed cache on disk)
-    streamed: dict[tuple[int, int], tuple]  # (layer, micro-batch) -> direct I/O of its cache
-    cpu_steps: list[AttentionStep]  # CUDA: the steps with their masks in host memory
-    copied: dict[int, Any] = field(default_factory=dict)  # unit -> CUDA event after its copies
-
-
-class OffloadRunner:
+class OffloadRunner(Placement):
     """A Runner (``new_cache`` / ``forward``) for a model placed by a ``Policy``."""
 
     def __init__(
         self,
+        options: Options,
         ckpt: Any,
         config: BaseConfig,
         source: Path,
         parts: Parts,
         policy: Policy,
-        device: torch.device,
-        dtype: torch.dtype,
-        offload_dir: Path | None,
         kv_budget: int | None = None,
-        compress: Compression | None = None,
-        cpu_cache_compute: bool = False,
     ) -> None:
+        """``options`` give the device, dtype, compression, offload dir and
+        ``cpu_cache_compute``; ``kv_budget``: bytes of KV cache the device tier holds."""
+        device, dtype, compress = options.torch_device, options.torch_dtype, options.compression
+        offload_dir = options.offload_dir
+        offload_dir = Path(offload_dir).expanduser() if offload_dir is not None else None
         self.config, self.parts, self.policy = config, parts, policy
         self.compress = compress
         self.cache_quant = compress.cache_spec(config.head_dim) if compress else None
@@ -114,10 +71,8 @@ class OffloadRunner:
         fam = family(config.model_type)
         with torch.device("meta"):
             self.model = fam.Model(config, parts)
-        self.units = plan_units(
-            ckpt, self.model, parts.layers, parts.head, fam.Model.tied, dtype, compress,
-            packed=device.type == "cpu" and dtype == torch.float32,
-        )  # fmt: skip
+        packed = device.type == "cpu" and dtype == torch.float32
+        self.units = plan_units(ckpt, self.model, parts.layers, parts.head, dtype, compress, packed)
         # streamed bf16 weights multiply as stored (all resident ones are held in fp32 instead)
         self.direct = (
             device.type == "cpu"
@@ -126,40 +81,22 @@ class OffloadRunner:
             and kernels.available()
         )
         self._packed_modules()
-        self._bind_static(ckpt, fam.Model.tied)
-        if parts.head:
-            self.model.lm_head = nn.Identity()  # the head's projection runs as streamed slabs
-        self.placed = [self._place(ckpt, u) for u in self.units]
-        need = max((sum(p.scratch[1] for p in ps if p.scratch) for ps in self.placed), default=0)
-        self.scratch = torch.empty(need, dtype=dtype, device=device)
-        need = max((sum(p.pscratch) for ps in self.placed for p in ps if p.pscratch), default=0)
-        self.pscratch = torch.empty(need, dtype=torch.uint8)
-        # CUDA: compressed rows from host RAM or staging are copied here, then dequantized
-        raw = [
-            p.entry.nbytes
-            for ps in self.placed
-            for p in ps
-            if p.entry.quant and not p.entry.form and p.a < p.entry.shape[0]
-        ]
-        raw_bytes = max(raw, default=0) if self.cuda else 0
-        self.raw_dev = torch.empty(raw_bytes, dtype=torch.uint8, device=device)
-        self.loader = self._disk(ckpt, source)
+        self._place_weights(ckpt, source)
         self.block_size = policy.block_size
-        self.act_files: dict[tuple[int, ...], torch.Tensor] = {}
-        self.kv = KVTiers(config, self.layers, policy, device, dtype, offload_dir, kv_budget,
-                          self.cache_quant)  # fmt: skip
-        self.kv_stream = KVStream(pin=self.cuda)
-        self.cpu_cache_compute = cpu_cache_compute
-        self.wstream: WeightStream | None = None
-        if self.cuda:  # side streams: weights double-buffered, KV rows through a device ring
-            self.wstream = WeightStream(device, self.scratch)
-            self.dev_kv = DeviceKV(device, torch.cuda.Stream(device))
+        self.activations = Activations(offload_dir, dtype)
+        self.kv = KVTiers(
+            config, self.layers, policy, device, dtype, offload_dir, kv_budget, self.cache_quant
+        )
         # where a pass spends its time: blocked on weight reads, converting weights to the
         # compute dtype, blocked on KV cache reads, and in total
         self.times = dict.fromkeys(("weights_wait_s", "materialize_s", "kv_wait_s", "forward_s"),
                                    0.0)  # fmt: skip
+        self.kv_mover = KVMover(device, options.cpu_cache_compute, self.times)
+        self.kv_stream = self.kv_mover.stream
+        # CUDA: weights materialized on a side stream, double-buffered
+        self.wstream = WeightStream(device, self.scratch) if self.cuda else None
 
-    # ---- placement -------------------------------------------------------------------------
+    # ---- weight forms ----------------------------------------------------------------------
     def _int8(self, e: Entry) -> bool:
         """Whether ``e`` multiplies on the int8 kernel (per-row int8, e.g. an int4 model's head)."""
         return bool(e.quant) and not e.form and self._form(e, e.spec) == "int8row"
@@ -174,16 +111,16 @@ class OffloadRunner:
         return e.param.endswith(".weight") and type(owner) in (nn.Linear, ops.Linear)
 
     def _form(self, e: Entry, spec: object) -> str:
-        """The form the chooser picks for a streamed weight entry."""
+        """The form the chooser (``ops.linear.choose``) picks for a streamed weight entry."""
         stored = None if e.quant else e.torch_dtype
         shape = e.weight_shape if e.form else e.shape
         return ops.choose(shape, stored=stored, spec=spec, device=self.device, dtype=self.dtype,
                           streamed=True)  # fmt: skip
 
     def _packed_modules(self) -> None:
-        """Linears whose weight is held in the int4 kernel's form become ``Int4Linear``s, those
-        multiplied in bf16 ``BF16Linear``s (their weight bound per unit); the head's slabs are
-        multiplied in ``forward``."""
+        """Linears whose weight is held in a form other than dense (the int4 kernel's, per-row
+        int8, bf16 as stored) become ``ops.linear.Linear``s, their weight bound per unit; the
+        head's slabs are multiplied in ``forward``."""
         for u in self.units:
             for e in u.entries:
                 if u.kind != "layer":
@@ -195,94 +132,6 @@ class OffloadRunner:
                 name = e.param.rpartition(".")[0]
                 parent, _, child = name.rpartition(".")
                 setattr(self.model.get_submodule(parent), child, module)
-
-    def _bind_static(self, ckpt: Any, tied: dict[str, str]) -> None:
-        """Embeddings, final norm and other small non-layer tensors stay resident; a table
-        stored narrower than the compute dtype stays a view of the checkpoint (rows upcast)."""
-        names = set(ckpt.tensor_names())
-        unit_params = {e.param for u in self.units for e in u.entries}
-        state = {}
-        for name in dict(self.model.named_parameters()):
-            if name in unit_params or name == "lm_head.weight":
-                continue
-            src = name if name in names else tied.get(name, name)
-            if src not in names:
-                raise LayercakeError(f"checkpoint has no tensor {name!r}")
-            owner = self.model.get_submodule(name.rpartition(".")[0])
-            want = self.dtype
-            if isinstance(owner, nn.Embedding):
-                want = embedding_dtype(ckpt, src, self.dtype, self.device)
-                if want != self.dtype:
-                    owner.compute_dtype = self.dtype
-            state[name] = ckpt.load(src, want).to(self.device)
-        self.model.load_state_dict(state, assign=True, strict=False)
-        self.model.requires_grad_(False)
-
-    def _place(self, ckpt: Any, u: Unit) -> list[_Placed]:
-        dev_b, cpu_b, _ = split_bytes(u.nbytes, self.policy.w_device, self.policy.w_cpu)
-        out, done, offset, poffset = [], 0, 0, 0
-        for e in u.entries:
-            n, rb = e.shape[0], e.row_bytes
-            a = min(n, max(0, (dev_b - done) // rb))
-            b = min(n, a + max(0, (dev_b + cpu_b - done - a * rb) // rb))
-            done += e.nbytes
-            if e.form:  # a part of the packed form, made from the row layout once
-                rows, mapped = packed_part(ckpt, e), False
-            elif e.quant:  # compressed in every tier, the device's included; owned memory
-                rows, mapped = load_rows(ckpt, e.src, e.quant, e.row0, n), False
-            else:
-                rows = ckpt.load(e.src, e.torch_dtype)[e.row0 : e.row0 + n]
-                # a view of the checkpoint's map when stored so: kept as it is, never copied;
-                # else (dequantized) only the rows kept here are held
-                mapped = ckpt.stored_dtype(e.src) == e.torch_dtype
-            dev = cpu = None
-            direct = self._direct(e, u)
-            if a:
-                dt = e.torch_dtype if e.form or direct else torch.uint8 if e.quant else self.dtype
-                dev = rows[:a].to(self.device, dt)
-                if dev.data_ptr() == rows.data_ptr() and not mapped and a < n:
-                    dev = dev.clone()
-            if b > a:
-                if mapped:
-                    cpu = keep_in_ram(rows[a:b])
-                else:  # owned (dequantized or quantized here): only the rows kept are held
-                    cpu = rows[a:b] if e.quant and a == 0 and b == n else rows[a:b].clone()
-                if self.cuda:
-                    cpu = cpu.pin_memory()
-            owner, attr = None, e.param.rpartition(".")[2]
-            if u.kind == "layer":
-                owner = self.model.get_submodule(e.param.rpartition(".")[0])
-            scratch = pscratch = None
-            tiers = (a > 0) + (b > a) + (n > b)
-            if e.form == "sz" or (e.form == "data" and tiers > 1):  # gathered or transposed
-                pscratch = (poffset, e.nbytes)
-                poffset += align_up(e.nbytes)
-            elif self._int8(e):  # values moved to int8, scales and offsets: the int8 kernel's
-                pscratch = (poffset, nbytes8(*e.shape))
-                poffset += align_up(pscratch[1])
-            elif not e.form and not direct and (a < n or e.quant):
-                scratch = (offset, e.numel)
-                offset += e.numel
-            out.append(_Placed(e, a, b, dev, cpu, scratch, pscratch, owner, attr, direct))
-        return out
-
-    def _disk(self, ckpt: Any, source: Path) -> Loader | None:
-        first_rows = [{p.entry.param: p.b for p in ps} for ps in self.placed]
-        ranges = {j: disk_range(u, first_rows[j]) for j, u in enumerate(self.units)}
-        ranges = {j: r for j, r in ranges.items() if r[1] > 0}
-        self.disk_bytes = sum(r[1] for r in ranges.values())
-        if not ranges:
-            return None
-        if self.offload_dir is None:
-            raise LayercakeError(
-                "the policy puts weights on disk: give an offload dir (--offload-dir, offload_dir=)"
-            )
-        directory = prepare(ckpt, self.units, source, self.offload_dir)
-        self.disk_ranges = ranges
-        readers = {j: DirectReader(directory / f"{self.units[j].name}.bin") for j in ranges}
-        size = max(r[1] for r in ranges.values()) + ALIGN
-        slots = [host_buffer(size, pin=self.cuda) for _ in range(STAGING_SLOTS)]
-        return Loader(readers, ranges, slots)
 
     # ---- KV cache and activations ----------------------------------------------------------
     def new_cache(self, batch: int, capacity: int) -> KVCache:
@@ -296,13 +145,6 @@ class OffloadRunner:
     @property
     def kv_files(self) -> list[dict[int, tuple[DiskKV, DiskKV]]]:
         return self.kv.files
-
-    def _act_buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
-        if shape not in self.act_files:
-            self.act_files.clear()
-            d = self.offload_dir / "act"
-            self.act_files[shape] = file_tensor(d / f"{len(self.act_files)}", shape, self.dtype)
-        return self.act_files[shape]
 
     # ---- execution -------------------------------------------------------------------------
     def _materialize(self, j: int, staging: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -366,7 +208,7 @@ class OffloadRunner:
         return out
 
     def _segments(
-        self, p: _Placed, staging: torch.Tensor | None, disk_start: int
+        self, p: Placed, staging: torch.Tensor | None, disk_start: int
     ) -> list[tuple[int, int, torch.Tensor]]:
         """A tensor's rows per tier: (first row, end row, raw bytes (rows, row_bytes))."""
         e, n, rb = p.entry, p.entry.shape[0], p.entry.row_bytes
@@ -378,7 +220,7 @@ class OffloadRunner:
         ]
 
     def _packed_part(
-        self, p: _Placed, staging: torch.Tensor | None, disk_start: int
+        self, p: Placed, staging: torch.Tensor | None, disk_start: int
     ) -> torch.Tensor:
         """A packed part in the kernel's shape: the values gathered (a view where one tier holds
         them all), the scales and zeros transposed into (groups, out, 2)."""
@@ -400,9 +242,7 @@ class OffloadRunner:
         self.dequant_s += time.perf_counter() - t0
         return t
 
-    def _dequantize(
-        self, p: _Placed, staging: torch.Tensor | None, disk_start: int
-    ) -> torch.Tensor:
+    def _dequantize(self, p: Placed, staging: torch.Tensor | None, disk_start: int) -> torch.Tensor:
         """A compressed tensor's rows from each tier, dequantized into its scratch."""
         t0 = time.perf_counter()
         e = p.entry
@@ -433,8 +273,8 @@ class OffloadRunner:
         rows = [slice(a, min(a + bs, B)) for a in range(0, B, bs)]
         m = self.model
         hs = [m.embed(tokens[r], positions[r]) if self.parts.embed else tokens[r] for r in rows]
-        on_disk = self._act_on_disk(len(rows))
-        s = _Pass(
+        on_disk = self.activations.on_disk(self.policy, len(rows))
+        s = Pass(
             cache=cache,
             step=step,
             rows=rows,
@@ -442,7 +282,7 @@ class OffloadRunner:
             ctxs=[m.context(positions[r], hs[0].dtype) for r in rows],
             steps=[AttentionStep(step.start, step.end, step.mask[r]) for r in rows],
             on_disk=on_disk,
-            act=self._act_buffer((B, T, hs[0].shape[-1])) if on_disk else None,
+            act=self.activations.buffer((B, T, hs[0].shape[-1])) if on_disk else None,
             normed=[None] * len(rows),
             logits=[None] * len(rows),
             last_only=last_only,
@@ -456,10 +296,7 @@ class OffloadRunner:
         try:
             self._run_ops(s)
         finally:
-            self.kv_stream.drain()  # this step's new slots are on disk before anyone reads them
-            self.kv_stream.abandon()
-            if self.cuda:  # and those of host RAM layers are back in host memory
-                self.dev_kv.finish()
+            self.kv_mover.finish()
         self.times["forward_s"] += time.perf_counter() - t0
         cache.advance(step)
         if not self.parts.head:
@@ -477,9 +314,9 @@ class OffloadRunner:
         bs = self.policy.batch_size
         return bs * max(1, (2 * capacity) // (3 * max(1, T)))
 
-    def _run_ops(self, s: _Pass) -> None:
+    def _run_ops(self, s: Pass) -> None:
         """Interpret the zig-zag schedule for one forward pass."""
-        m, cache, rows = self.model, s.cache, s.rows
+        m, rows = self.model, s.rows
         weights: dict[str, torch.Tensor] = {}
         for op in zigzag(len(self.units), len(rows), lookahead=STAGING_SLOTS - 1):
             u = self.units[op.unit]
@@ -500,47 +337,23 @@ class OffloadRunner:
                 if op.kind == "compute":
                     self._head_slab(s, op.batch, u.index, weights["lm_head.weight"])
             elif op.kind == "load_cache":
-                r = rows[op.batch]
-                if key in s.streamed:  # read ahead into the ring
-                    kf, vf, row0 = s.streamed[key]
-                    self.kv_stream.fetch(key, kf, vf, row0, r.stop - r.start, s.step.start)
-                elif self._host_kv(s, u.index):
-                    if not self.cpu_cache_compute:  # copied to the device ring ahead
-                        self.dev_kv.fetch(key, cache.keys[u.index][r], cache.values[u.index][r])
-                elif u.index in s.mapped_kv:
-                    for kv in (cache.keys[u.index][r], cache.values[u.index][r]):
-                        for t in kv.parts() if isinstance(kv, QuantKV) else (kv,):
-                            advise_willneed(t)
+                self.kv_mover.load(s, key, rows[op.batch])
             elif op.kind == "store_cache":
-                if key in s.streamed:  # written back behind
-                    self.kv_stream.store(key, s.step.start, s.step.end)
-                elif self._host_kv(s, u.index) and not self.cpu_cache_compute:
-                    self.dev_kv.store(key)
+                self.kv_mover.store(s, key)
             elif op.kind == "compute":
-                k, r, i = op.batch, rows[op.batch], u.index
+                k, r = op.batch, rows[op.batch]
+                kc, vc, host = self.kv_mover.get(s, key, r)
                 step = s.steps[k]
-                if key in s.streamed:
-                    t0 = time.perf_counter()
-                    kc, vc = self.kv_stream.get(key)
-                    self.times["kv_wait_s"] += time.perf_counter() - t0
-                    if self.cuda and not self.cpu_cache_compute:
-                        host = kc, vc
-                        kc, vc = (to_device_rows(t, self.device) for t in host)
-                elif self._host_kv(s, i) and not self.cpu_cache_compute:
-                    kc, vc = self.dev_kv.get(key)
-                else:
-                    kc, vc = cache.keys[i][r], cache.values[i][r]
                 if self.cuda and isinstance(kc, torch.Tensor) and kc.device.type == "cpu":
                     step = s.cpu_steps[k]  # attention where the cache is (host RAM)
                 h = s.hs[k].to(self.device)  # activations placed in host RAM or on disk come in
-                s.hs[k] = m.blocks()[str(i)](h, s.ctxs[k], kc, vc, step)
-                if key in s.streamed and self.cuda and not self.cpu_cache_compute:
-                    for dev, ring in zip((kc, vc), host):  # back before the ring goes to disk
-                        to_host_rows(dev, ring)
+                s.hs[k] = m.blocks()[str(u.index)](h, s.ctxs[k], kc, vc, step)
+                if host is not None:
+                    self.kv_mover.put_back(kc, vc, host)
                 if s.act is not None and k in s.on_disk:
                     s.hs[k] = s.act[r].copy_(s.hs[k])
 
-    def _weights(self, s: _Pass, unit: int) -> dict[str, torch.Tensor]:
+    def _weights(self, s: Pass, unit: int) -> dict[str, torch.Tensor]:
         """Unit's weights ready for its computes (CUDA: materialized on the side stream into the
         scratch buffer the previous unit does not use, the compute stream waiting for it)."""
         t0 = time.perf_counter()
@@ -559,17 +372,12 @@ class OffloadRunner:
         self.times["materialize_s"] += time.perf_counter() - t1
         return weights
 
-    def _host_kv(self, s: _Pass, layer: int) -> bool:
-        """CUDA: the layer's cache is a host tensor (pinned RAM) rather than on the GPU."""
-        t = s.cache.keys[layer]
-        return self.cuda and isinstance(t, torch.Tensor) and t.device.type == "cpu"
-
-    def _head_slab(self, s: _Pass, k: int, col: int, w: torch.Tensor) -> None:
+    def _head_slab(self, s: Pass, k: int, col: int, w: torch.Tensor) -> None:
         """Micro-batch k's logits for vocabulary columns [col, col + slab rows)."""
         if s.normed[k] is None:
             h = s.hs[k][:, -1:] if s.last_only else s.hs[k]
             h = h.to(self.device)
-            s.normed[k] = self.model.head(h)  # final norm (and projection) before the vocab
+            s.normed[k] = self.model.final_norm(h)  # the slabs below are ``model.project``
             shape = (*s.normed[k].shape[:-1], self.vocab_size)
             s.logits[k] = torch.empty(shape, dtype=torch.float32, device=self.device)
         if isinstance(w, (PackedInt4, PackedInt8)):
@@ -581,12 +389,6 @@ class OffloadRunner:
         else:
             y = F.linear(s.normed[k], w)
         s.logits[k][..., col : col + y.shape[-1]] = y
-
-    def _act_on_disk(self, num_batches: int) -> set[int]:
-        keep = round(num_batches * (self.policy.act_device + self.policy.act_cpu) / 100)
-        if keep < num_batches and self.offload_dir is None:
-            raise LayercakeError("the policy puts activations on disk: give an offload dir")
-        return set(range(keep, num_batches))
 
     @property
     def bytes_read(self) -> int:

@@ -11,7 +11,8 @@ import torch
 
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
-from layercake.kv_cache import KVCache, QuantKV, quantized_layers
+from layercake.kv_cache import KVCache, quantized_layers
+from layercake.offload.footprint import kv_bytes, kv_value_bytes
 from layercake.offload.kvdisk import DiskKV
 from layercake.offload.policy import Policy
 from layercake.offload.tiers import file_tensor
@@ -62,10 +63,9 @@ class KVTiers:
         are mapped: the kernel pages them)."""
         c = self.config
         shape = (batch, c.num_key_value_heads, capacity, c.head_dim)
-        itemsize = self.dtype.itemsize
-        if self.quant is not None:
-            itemsize = QuantKV.nbytes_per_value(self.quant, c.head_dim)
-        per_layer = int(2 * itemsize * batch * capacity * c.num_key_value_heads * c.head_dim)
+        per_layer = kv_bytes(
+            c, batch, capacity, 1, kv_value_bytes(self.dtype, self.quant, c.head_dim)
+        )
         n = len(self.layers)
         in_ram, held = self.counts(per_layer)
         if held < n and self.offload_dir is None:

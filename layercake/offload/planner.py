@@ -22,21 +22,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.offload.calibrate import UnitTimes
+from layercake.offload.footprint import Footprint, kv_bytes, memory_bytes
 from layercake.offload.measure import Machine
-from layercake.offload.policy import (
-    STAGING_SLOTS,
-    Footprint,
-    Policy,
-    plan_policy,
-    split_bytes,
-)
+from layercake.offload.policy import STAGING_SLOTS, Policy, plan_policy, split_bytes
 from layercake.offload.store import Unit
-from layercake.offload.tiers import ALIGN
 from layercake.quant import Compression
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -153,9 +145,7 @@ def step_seconds(
         total += max(disk_s, compute)
         read += disk
     if kv_on_disk:  # read (and, decoding, written back) through mapped files, not overlapped
-        c = m.config
-        per_layer = 2 * m.kv_itemsize * policy.block_size * context * c.num_key_value_heads
-        per_layer *= c.head_dim
+        per_layer = kv_bytes(m.config, policy.block_size, context, 1, m.kv_itemsize)
         total += kv_on_disk * per_layer * (1 if T > 1 else 2) / (machine.disk_gbps * 1e9)
     return total, read
 
@@ -170,32 +160,6 @@ def _at(table: dict[int, float], bs: int) -> float:
     if lo == hi:
         return table[lo] * bs / lo
     return table[lo] + (table[hi] - table[lo]) * (bs - lo) / (hi - lo)
-
-
-def memory_bytes(fp: Footprint, policy: Policy, cuda: bool, static: int, base: int) -> dict:
-    """Host bytes the runner holds under ``policy`` (device bytes on CUDA are not host bytes)."""
-    W, U = fp.weights, fp.max_unit
-    dev, cpu, disk = split_bytes(W, policy.w_device, policy.w_cpu)
-    kv = int(fp.kv * (policy.cache_device + policy.cache_cpu) / 100)
-    out = {"process_and_safety": base, "static": static}
-    if policy.w_device == 100 and policy.cache_device == 100 and not cuda:
-        out["weights"] = int(W * fp.compute_ratio)
-        if fp.scratch:
-            out["scratch"] = min(fp.scratch, 64 * 2**20)
-        out.update(kv_cache=kv, activations=fp.activations)
-        return out
-    out["weights"] = cpu + (0 if cuda else int(dev * fp.compute_ratio))
-    # the slots of a unit's disk rows, each with its tensors' 4 KiB alignment
-    out["staging"] = STAGING_SLOTS * (math.ceil(U * disk / W) + fp_align(fp)) if disk else 0
-    if not cuda:
-        out["scratch"] = fp.work
-        out.update(kv_cache=kv, activations=fp.activations)
-    return out
-
-
-def fp_align(fp: Footprint) -> int:
-    """Alignment slack of one staging slot: every tensor of a unit starts 4 KiB-aligned."""
-    return (getattr(fp, "max_entries", 16) + 2) * ALIGN
 
 
 def search(
@@ -239,7 +203,7 @@ def search(
         m = models[0]
         fp = m.footprint(1, 1, workload.context)
         least = base + m.static_bytes + fp.activations + fp.work
-        least += fp.kv + STAGING_SLOTS * (fp.max_unit + fp_align(fp)) + 4096
+        least += fp.kv + STAGING_SLOTS * (fp.max_unit + fp.align) + 4096
         raise LayercakeError(
             f"--cpu-memory {cpu_budget / 1e9:.3f} GB is too small: streaming one layer at a "
             f"time, batch 1, {workload.context} tokens needs at least {least / 1e9:.3f} GB "
@@ -265,7 +229,7 @@ def _candidate(m: Model, fp: Footprint, machine: Machine, w: Workload, cpu_budge
     RAM; None when it does not fit or repeats another."""
     host = None if cpu_budget is None else cpu_budget - base - m.static_bytes
     if host is not None:  # the staging slots' alignment, and rounding, stay free
-        host -= STAGING_SLOTS * fp_align(fp) + 4096
+        host -= STAGING_SLOTS * fp.align + 4096
     fp_s = replace(fp, kv=int(fp.kv * share))
     policy = plan_policy(fp_s, host, device_budget, cuda, bs, nb)
     resident = policy.w_device == 100 and policy.cache_device == 100 and not cuda
@@ -316,31 +280,6 @@ def _resident(m: Model, policy: Policy, w: Workload) -> tuple[float, float]:
     return step(m.times.decode_layer_s), step(m.times.prefill_layer_s)
 
 
-def static_bytes(ckpt: Any, model: torch.nn.Module, units: list[Unit], tied: dict[str, str],
-                 dtype: torch.dtype, device: torch.device, touched_rows: int) -> int:  # fmt: skip
-    """Host bytes of the resident tensors outside the units (embeddings, norms): a table kept as
-    a view of the checkpoint costs only the rows a block touches."""
-    from layercake.models.build import embedding_dtype
-
-    unit_params = {e.param for u in units for e in u.entries} | {"lm_head.weight"}
-    names = set(ckpt.tensor_names())
-    total = 0
-    for name, p in model.named_parameters():
-        if name in unit_params:
-            continue
-        src = name if name in names else tied.get(name, name)
-        owner = model.get_submodule(name.rpartition(".")[0])
-        if isinstance(owner, torch.nn.Embedding) and src in names:
-            want = embedding_dtype(ckpt, src, dtype, device)
-            if want != dtype:  # a view: the rows looked up are paged in
-                row = p.shape[-1] * want.itemsize
-                total += min(p.shape[0], touched_rows) * (row + 4096)
-                continue
-        if device.type == "cpu":
-            total += p.numel() * dtype.itemsize
-    return total
-
-
 def describe(plan: Plan) -> str:
     """The plan for a person: flags, prediction, memory."""
     gb = 1e9
@@ -362,4 +301,4 @@ def describe(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Plan", "Workload", "describe", "memory_bytes", "search", "step_seconds"]
+__all__ = ["Plan", "Workload", "describe", "search", "step_seconds"]

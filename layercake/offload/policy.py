@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from layercake.errors import LayercakeError
+
+if TYPE_CHECKING:  # a type only: footprint computes with the policies defined here
+    from layercake.offload.footprint import Footprint
 
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 _IUNITS = {"KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
@@ -113,28 +117,8 @@ def split_bytes(total: int, policy_dev: float, policy_cpu: float) -> tuple[int, 
 # 0.1-0.2 s a step for weights (of ~1.8 s); with three it waits none. The third costs a unit's disk
 # share of RAM, taken from the resident weights.
 STAGING_SLOTS = 3
-
-
-@dataclass(frozen=True)
-class Footprint:
-    """What a placement needs besides the placed weights, for budget planning (bytes)."""
-
-    weights: int  # all streamed units, storage dtype
-    compute_ratio: float  # compute itemsize / storage itemsize (fp32 over bf16: 2)
-    max_unit: int  # the largest unit, storage dtype
-    activations: int  # hidden states, MLP intermediates and logits of one block
-    kv: int  # the KV cache of one block at the planned context
-    # compressed weights: one unit dequantized; ``direct``: a unit's vectors converted (else
-    # max_unit * compute_ratio)
-    scratch: int = 0
-    # bf16 weights multiply as stored on the CPU when not all resident (``kernels.bf16_mm``):
-    # only a unit's vectors (norms, biases) convert, into ``scratch``
-    direct: bool = False
-
-    @property
-    def work(self) -> int:
-        """The scratch a streamed (not all resident) placement converts weights into."""
-        return self.scratch or int(self.max_unit * self.compute_ratio)
+# compressed weights held resident dequantize this much at a time (``quant.Workspace``)
+RESIDENT_SCRATCH = 64 * 2**20
 
 
 def plan_policy(
@@ -155,8 +139,8 @@ def plan_policy(
         budget = (cpu_memory or 0) + (device_memory or 0)
         fixed = fp.activations + fp.work
         resident = fp.weights * fp.compute_ratio + fp.activations + fp.kv
-        if fp.scratch:  # compressed, resident: dequantized a block (<= 64 MB fp32) at a time
-            resident += min(fp.scratch, 64 * 2**20)
+        if fp.scratch:  # compressed, resident: dequantized a block at a time
+            resident += min(fp.scratch, RESIDENT_SCRATCH)
         if resident <= budget:
             return Policy(100, 0, 100, 0, 100, 0, **kw)
         return _split(fp, budget, fixed, **kw)

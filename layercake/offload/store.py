@@ -109,7 +109,6 @@ def plan_units(
     model: torch.nn.Module,
     layers: tuple[int, ...],
     head: bool,
-    tied: dict[str, str],
     compute: torch.dtype,
     compress: Compression | None = None,
     packed: bool = False,
@@ -122,12 +121,10 @@ def plan_units(
     names = set(ckpt.tensor_names())
 
     def src_of(param: str) -> str:
-        if param in names:
-            return param
-        alt = tied.get(param)
-        if alt is not None and alt in names:
-            return alt
-        raise LayercakeError(f"checkpoint has no tensor {param!r}")
+        src = model.source_name(param, names)
+        if src not in names:
+            raise LayercakeError(f"checkpoint has no tensor {param!r}")
+        return src
 
     def entries(params: list[tuple[str, tuple[int, ...], int]]) -> tuple[Entry, ...]:
         out, offset = [], 0

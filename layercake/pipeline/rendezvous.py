@@ -76,7 +76,7 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
 
 
 def hello(topology: Topology, rank: int, model_id: str, model_path: str) -> dict[str, Any]:
-    from layercake import __version__
+    from layercake.version import __version__
 
     return {
         "name": topology.nodes[rank].name,

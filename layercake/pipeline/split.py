@@ -55,8 +55,8 @@ def model_id(path: str | os.PathLike) -> str:
 
 def node_tensors(ckpt: Any, config: Any, layers: str) -> list[str]:
     """The checkpoint tensors a node's slice reads (a tied head reads the embedding table)."""
-    from layercake.checkpoint.parts import parse_parts
     from layercake.models import family
+    from layercake.models.parts import parse_parts
 
     fam = family(config.model_type)
     with torch.device("meta"):
@@ -64,7 +64,7 @@ def node_tensors(ckpt: Any, config: Any, layers: str) -> list[str]:
     names = set(ckpt.tensor_names())
     out = []
     for name, _ in model.named_parameters():
-        src = name if name in names else fam.Model.tied.get(name, name)
+        src = fam.Model.source_name(name, names)
         if src not in names:
             raise LayercakeError(f"the checkpoint has no tensor {name!r}")
         if src not in out:

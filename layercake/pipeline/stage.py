@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from layercake.checkpoint.parts import Parts
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.kv_cache import KVCache
+from layercake.models.parts import Parts
 from layercake.pipeline.topology import Segment, Topology
 from layercake.pipeline.transport import (
     FOREVER,
@@ -114,7 +114,8 @@ class Stage:
         total = self.node.options.get("cpu_memory")
         if total is None or len(self.segments) == 1:
             return total
-        from layercake.offload import SAFETY, parse_bytes, process_rss
+        from layercake.offload.footprint import SAFETY, process_rss
+        from layercake.offload.policy import parse_bytes
 
         c = self.topology_config
         layer = c.hidden_size * (2 * c.num_attention_heads + 2 * c.num_key_value_heads) * \
@@ -127,23 +128,17 @@ class Stage:
 
     def _runner(self, ckpt: Any, config: BaseConfig, source: Path, parts: Parts,
                 cpu_memory: int | str | None) -> Any:  # fmt: skip
-        """The Runner of one segment: offloaded with the node's budgets, else resident."""
+        """The Runner of one segment (the one factory): offloaded with the node's budgets
+        (``cpu_memory``: this segment's share), else resident."""
+        from layercake.options import Options
+        from layercake.runners import build_runner
+
         o = self.node.options
-        if self.node.offloaded:
-            from layercake.offload import offload_runner
-
-            offload_dir = o.get("offload_dir")
-            return offload_runner(
-                ckpt, config, source, parts, self.device, self.dtype, o.get("percent"),
-                cpu_memory, o.get("device_memory"),
-                Path(offload_dir).expanduser() if offload_dir else None,
-                o.get("batch_size"), o.get("num_batches"), o.get("max_context"),
-            )  # fmt: skip
-        from layercake.models.build import build_slice
-        from layercake.runner import LocalRunner
-
-        model = build_slice(ckpt, parts, self.device, self.dtype, config)
-        return LocalRunner([model], config, self.device, self.dtype)
+        keys = ("percent", "device_memory", "offload_dir", "batch_size", "num_batches",
+                "max_context")  # fmt: skip
+        kw = {k: o.get(k) for k in keys}
+        options = Options(device=self.device, dtype=self.dtype, cpu_memory=cpu_memory, **kw)
+        return build_runner(options, ckpt, config, source, parts)
 
     def new_cache(self, cache_id: int, sizes: list[int], capacity: int) -> None:
         """One cache per micro-batch per segment; replaces the previous job's caches."""

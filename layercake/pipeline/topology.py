@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from layercake.checkpoint.parts import Parts, parse_parts
 from layercake.errors import LayercakeError
+from layercake.models.parts import Parts, parse_parts
 
 NODE_KEYS = {
     "name", "address", "device", "dtype", "layers", "model", "threads",

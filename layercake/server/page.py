@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 STATIC = Path(__file__).parent / "static"
 FILES = {"chat.js": "text/javascript", "chat.css": "text/css"}
-_KINDS = {"LocalRunner": "in memory", "DecodeRunner": "packed decode", "OffloadRunner": "offload"}
+_KINDS = {"LocalRunner": "in memory", "OffloadRunner": "offload"}
 
 
 def runner_path(runner: Any) -> str:

@@ -1,0 +1,223 @@
+"""Memory accounting of offloading: the bytes of the streamed units, of a block's KV cache and
+activations, of the resident tensors outside the units, and of the process itself. The budget
+planner (``policy``), the cost model (``planner``), ``auto`` and the runner factory read every
+memory figure from here."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from layercake.config import BaseConfig
+from layercake.errors import LayercakeError
+from layercake.kv_cache import QuantKV
+from layercake.models.parts import Parts
+from layercake.offload.policy import RESIDENT_SCRATCH, STAGING_SLOTS, Policy, split_bytes
+from layercake.offload.tiers import ALIGN
+from layercake.quant import Compression, QuantSpec
+
+if TYPE_CHECKING:
+    from layercake.models.base import DecoderSlice
+    from layercake.offload.store import Unit
+
+SAFETY = 96 * 2**20  # allocator slack, thread stacks, the tokenizer's growth: kept free
+MAX_ENTRIES = 16  # tensors of a unit that a staging slot's alignment slack allows for
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a placement needs besides the placed weights, for budget planning (bytes)."""
+
+    weights: int  # all streamed units, storage dtype
+    compute_ratio: float  # compute itemsize / storage itemsize (fp32 over bf16: 2)
+    max_unit: int  # the largest unit, storage dtype
+    activations: int  # hidden states, MLP intermediates and logits of one block
+    kv: int  # the KV cache of one block at the planned context
+    # compressed weights: one unit dequantized; ``direct``: a unit's vectors converted (else
+    # max_unit * compute_ratio)
+    scratch: int = 0
+    # bf16 weights multiply as stored on the CPU when not all resident (``kernels.bf16_mm``):
+    # only a unit's vectors (norms, biases) convert, into ``scratch``
+    direct: bool = False
+
+    @property
+    def work(self) -> int:
+        """The scratch a streamed (not all resident) placement converts weights into."""
+        return self.scratch or int(self.max_unit * self.compute_ratio)
+
+    @property
+    def align(self) -> int:
+        """Alignment slack of one staging slot: every tensor of a unit starts 4 KiB-aligned."""
+        return (MAX_ENTRIES + 2) * ALIGN
+
+
+def kv_value_bytes(dtype: torch.dtype, spec: QuantSpec | None, head_dim: int) -> float:
+    """Bytes of one cached key (or value) element: the compute dtype's, or (a compressed cache,
+    ``spec``) a quantized row's share."""
+    return QuantKV.nbytes_per_value(spec, head_dim) if spec is not None else float(dtype.itemsize)
+
+
+def kv_bytes(config: BaseConfig, rows: int, context: int, layers: int, value_bytes: float) -> int:
+    """Bytes of the keys and values of ``layers`` layers for ``rows`` sequences of ``context``
+    tokens (``value_bytes`` from ``kv_value_bytes``)."""
+    kv = 2 * value_bytes * rows * context * layers * config.num_key_value_heads
+    return int(kv * config.head_dim)
+
+
+def footprint(
+    ckpt: Any,
+    config: BaseConfig,
+    parts: Parts,
+    dtype: torch.dtype,
+    batch_size: int,
+    num_batches: int,
+    context: int,
+    compress: Compression | None = None,
+    packed: bool = False,
+) -> Footprint:
+    """Sizes of the streamed units and of one block's cache and activations. Compressed
+    weights are held compressed in every tier, the device's included (ratio 1); each unit is
+    dequantized into a compute-dtype scratch, or (``packed``, the int4 CPU kernel's form) has
+    its scales transposed and its values gathered from two tiers into a byte scratch."""
+    block = batch_size * num_batches
+    units = streamed_units(ckpt, config, parts, dtype, compress, packed)[1]
+    weights = sum(u.nbytes for u in units)
+    itemsize = units[0].entries[0].torch_dtype.itemsize
+    scratch = max(
+        sum(e.nbytes if e.form else e.numel * dtype.itemsize for e in u.entries) for u in units
+    )
+    compressed = compress is not None and compress.weight is not None
+    direct = direct_bf16(units, dtype, compress)  # then only vectors (norms, biases) convert
+    direct_scratch = max(
+        sum(e.numel * dtype.itemsize for e in u.entries if len(e.shape) == 1) for u in units
+    )
+    widest = (
+        max(e.shape[0] for u in units for e in u.entries if u.kind == "layer")
+        if any(u.kind == "layer" for u in units)
+        else config.hidden_size
+    )
+    micro = batch_size * context  # intermediates: one micro-batch at a time
+    act = 4 * (micro * 2 * widest + block * context * 2 * config.hidden_size)
+    act += 4 * block * config.vocab_size  # the logits of a step
+    spec = compress.cache_spec(config.head_dim) if compress is not None else None
+    if spec is not None:  # the two dequantized work buffers of one layer (shared by every layer)
+        act += kv_bytes(config, block, context, 1, dtype.itemsize)
+    kv = kv_bytes(
+        config, block, context, len(parts.layers), kv_value_bytes(dtype, spec, config.head_dim)
+    )
+    return Footprint(
+        weights=weights,
+        compute_ratio=1.0 if compressed else dtype.itemsize / itemsize,
+        scratch=scratch if compressed else direct_scratch if direct else 0,
+        direct=direct,
+        max_unit=max(u.nbytes for u in units),
+        activations=act,
+        kv=kv,
+    )
+
+
+def direct_bf16(units: list, dtype: torch.dtype, compress: Compression | None) -> bool:
+    """Whether streamed bf16 weights multiply as stored (fp32 compute on the CPU, our kernel)."""
+    from layercake.ops import kernels
+
+    return (
+        (compress is None or compress.weight is None)
+        and dtype == torch.float32
+        and all(e.torch_dtype == torch.bfloat16 for u in units for e in u.entries)
+        and kernels.available()
+    )
+
+
+def streamed_units(
+    ckpt: Any,
+    config: BaseConfig,
+    parts: Parts,
+    dtype: torch.dtype,
+    compress: Compression | None,
+    packed: bool = False,
+) -> tuple[torch.nn.Module, list]:
+    """The slice's model on the meta device and its streamed units (``store.plan_units``;
+    ``packed``: CPU compute, int4 weights in the kernel's form)."""
+    from layercake.models import family
+    from layercake.offload.store import plan_units
+
+    fam = family(config.model_type)
+    with torch.device("meta"):
+        model = fam.Model(config, parts)
+    packed = packed and dtype == torch.float32
+    units = plan_units(ckpt, model, parts.layers, parts.head, dtype, compress, packed)
+    if not units:
+        raise LayercakeError(f"part {parts} has no layers or head to offload")
+    return model, units
+
+
+def memory_bytes(fp: Footprint, policy: Policy, cuda: bool, static: int, base: int) -> dict:
+    """Host bytes the runner holds under ``policy`` (device bytes on CUDA are not host bytes)."""
+    W, U = fp.weights, fp.max_unit
+    dev, cpu, disk = split_bytes(W, policy.w_device, policy.w_cpu)
+    kv = int(fp.kv * (policy.cache_device + policy.cache_cpu) / 100)
+    out = {"process_and_safety": base, "static": static}
+    if policy.w_device == 100 and policy.cache_device == 100 and not cuda:
+        out["weights"] = int(W * fp.compute_ratio)
+        if fp.scratch:
+            out["scratch"] = min(fp.scratch, RESIDENT_SCRATCH)
+        out.update(kv_cache=kv, activations=fp.activations)
+        return out
+    out["weights"] = cpu + (0 if cuda else int(dev * fp.compute_ratio))
+    # the slots of a unit's disk rows, each with its tensors' 4 KiB alignment
+    out["staging"] = STAGING_SLOTS * (math.ceil(U * disk / W) + fp.align) if disk else 0
+    if not cuda:
+        out["scratch"] = fp.work
+        out.update(kv_cache=kv, activations=fp.activations)
+    return out
+
+
+def static_bytes(
+    ckpt: Any,
+    model: DecoderSlice,
+    units: list[Unit],
+    dtype: torch.dtype,
+    device: torch.device,
+    touched_rows: int,
+) -> int:
+    """Host bytes of the resident tensors outside the units (embeddings, norms): a table kept as
+    a view of the checkpoint costs only the rows a block touches."""
+    from layercake.models.build import embedding_dtype
+
+    unit_params = {e.param for u in units for e in u.entries} | {"lm_head.weight"}
+    names = set(ckpt.tensor_names())
+    total = 0
+    for name, p in model.named_parameters():
+        if name in unit_params:
+            continue
+        src = model.source_name(name, names)
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if isinstance(owner, torch.nn.Embedding) and src in names:
+            want = embedding_dtype(ckpt, src, dtype, device)
+            if want != dtype:  # a view: the rows looked up are paged in
+                row = p.shape[-1] * want.itemsize
+                total += min(p.shape[0], touched_rows) * (row + 4096)
+                continue
+        if device.type == "cpu":
+            total += p.numel() * dtype.itemsize
+    return total
+
+
+def held_bytes() -> int:
+    """Host bytes a whole-process budget has spent already: this process now, and ``SAFETY``."""
+    return process_rss() + SAFETY
+
+
+def process_rss() -> int:
+    """Resident bytes of this process now (0 where /proc is missing)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    import mmap
+
+    return pages * mmap.PAGESIZE
