@@ -75,7 +75,8 @@ def unsupported() -> str | None:
     return None
 
 
-def _build(target: Path) -> None:
+def _build(target: Path, extra_flags: tuple[str, ...] = ()) -> None:
+    """Compile ``SOURCE`` into ``target`` (``extra_flags``: e.g. a sanitizer, for tests)."""
     from torch.utils import cpp_extension
 
     cxx = _compiler()
@@ -84,7 +85,7 @@ def _build(target: Path) -> None:
           file=sys.stderr)  # fmt: skip
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c",
-           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", str(SOURCE)]  # fmt: skip
+           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *extra_flags, str(SOURCE)]  # fmt: skip
     cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
     libs = cpp_extension.library_paths()
     cmd += [f"-L{p}" for p in libs] + [f"-Wl,-rpath,{p}" for p in libs]
