@@ -3,16 +3,29 @@
 ``llama_1b(cache)``: a Llama-3.2-1B-shaped checkpoint (hidden 2048, 16 layers, 32 heads, 8 KV
 heads, FFN 8192, vocab 128256, tied embeddings, bf16: 1.24 B parameters, 2.5 GB), two shards
 with an index, plus SmolLM2's tokenizer so text prompts work.
+
+Every weight is drawn as Hugging Face initializes a Llama (normal, std ``initializer_range`` =
+0.02, the embedding included; norms 1), so the layers' outputs dominate the residual stream and
+decide the tokens. (Version 1 drew the tied embedding with std 1: the residual stream was the
+input token's embedding, the first greedy token was the last prompt token by a wide margin, and
+an engine that skipped every layer produced the same tokens.) The cache directory carries
+``VERSION``, so a checkpoint written by an older generator is never reused.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:  # imported where tensors are made: benchmark parents stay free of torch
+    import torch
+
+VERSION = 2  # bump whenever the generator's output changes: names the cached checkpoint
+EMBED_STD = 0.02  # Hugging Face's initializer_range for Llama
 
 DEFAULT_CACHE = Path(
     os.environ.get("LAYERCAKE_BENCH_CACHE", Path.home() / ".cache/layercake-bench")
@@ -49,15 +62,18 @@ LLAMA_1B = dict(
 def _tensors(
     cfg: dict, layers: range, embed: bool, gen: torch.Generator
 ) -> dict[str, torch.Tensor]:
+    import torch
+
     H, F, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
     nq, nkv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
 
-    def rnd(*shape: int, std: float = 0.02) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * std).to(torch.bfloat16)
+    def rnd(rows: int, cols: int, std: float | None = None) -> torch.Tensor:
+        std = cols**-0.5 if std is None else std  # a matrix: 1/sqrt(fan_in)
+        return (torch.randn(rows, cols, generator=gen) * std).to(torch.bfloat16)
 
     out: dict[str, torch.Tensor] = {}
     if embed:
-        out["model.embed_tokens.weight"] = rnd(cfg["vocab_size"], H, std=1.0)
+        out["model.embed_tokens.weight"] = rnd(cfg["vocab_size"], H, EMBED_STD)
         out["model.norm.weight"] = torch.ones(H, dtype=torch.bfloat16)
     for i in layers:
         p = f"model.layers.{i}."
@@ -74,18 +90,20 @@ def _tensors(
 
 
 def llama_1b(cache: Path = DEFAULT_CACHE) -> Path:
-    """Path of the random Llama-3.2-1B-shaped checkpoint, writing it on first use."""
-    d = cache / "llama-3.2-1b-random"
-    if (d / "model.safetensors.index.json").is_file():
-        return d
-    write_random_llama(d, LLAMA_1B, shards=2)
-    _copy_tokenizer(d)
+    """Path of the random Llama-3.2-1B-shaped checkpoint, written on first use by a child
+    process (the caller never imports torch for it)."""
+    d = cache / f"llama-3.2-1b-random-v{VERSION}"
+    if not (d / "model.safetensors.index.json").is_file():
+        subprocess.run([sys.executable, __file__, str(d)], check=True)
     return d
 
 
 def write_random_llama(d: Path, cfg: dict, shards: int = 1, seed: int = 0) -> Path:
     """A random bf16 Llama checkpoint of config ``cfg`` in ``shards`` safetensors files with an
     index (the last file written, so a present index means a complete checkpoint)."""
+    import torch
+    from safetensors.torch import save_file
+
     d.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     n = cfg["num_hidden_layers"]
@@ -113,3 +131,8 @@ def _copy_tokenizer(d: Path) -> None:
         Tokenizer.from_gguf(GGUFCheckpoint(embedded_model_path())).save(d)
     except Exception as e:  # benchmarks feed token ids; a tokenizer is a convenience
         print(f"note: no tokenizer written to {d}: {e}")
+
+
+if __name__ == "__main__":  # python checkpoints.py DIR: write the 1B-shaped checkpoint there
+    write_random_llama(Path(sys.argv[1]), LLAMA_1B, shards=2)
+    _copy_tokenizer(Path(sys.argv[1]))

@@ -5,7 +5,8 @@ The random Llama-3.2-1B-shaped bf16 checkpoint (2.5 GB) under ``memlimit --drop-
 ``benchmarks/offload.py``'s worker; each compressed case twice, placed by the cap and with all
 weights on disk (streamed every step). One JSON line per case (FlexGen's throughput, prefill and
 decode tok/s, bytes read per step, peak memory, the time spent dequantizing per step and per
-layer), then one line with the ratios to the uncompressed run.
+layer), then one line with the ratios to the uncompressed run: of the generation's throughput,
+and of the wall-clock one that counts loading (quantizing the weights) too.
 """
 
 from __future__ import annotations
@@ -61,8 +62,10 @@ def main() -> None:
     for name, rec in results.items():
         if name != "bf16" and "throughput_tok_s" in rec and "throughput_tok_s" in base:
             ratio = rec["throughput_tok_s"] / base["throughput_tok_s"]
+            wall = rec["throughput_incl_load_tok_s"] / base["throughput_incl_load_tok_s"]
             print(json.dumps({"bench": "compression-ratio", "weights": name,
-                              "throughput_over_bf16": round(ratio, 2)}))  # fmt: skip
+                              "throughput_over_bf16": round(ratio, 2),
+                              "throughput_incl_load_over_bf16": round(wall, 2)}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -22,8 +22,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported by the workers only: the parent orchestrates, free of torch
+    import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -41,6 +43,8 @@ ENGINES = {  # name -> layercake.load options (None: another engine)
 
 def prompt_ids(model: str, path: Path, length: int) -> torch.Tensor:
     """Real English for SmolLM2 (the tokens of the shipped text), random ids otherwise."""
+    import torch
+
     if model == "smollm2":
         from layercake.checkpoint import open_checkpoint
         from layercake.tokenizer import Tokenizer
@@ -53,9 +57,19 @@ def prompt_ids(model: str, path: Path, length: int) -> torch.Tensor:
     return prompts(1, length, open_checkpoint(path).config_dict()["vocab_size"])
 
 
-def run_llama_cpp(path: Path, ids: torch.Tensor, gen: int, threads: int) -> dict:
+def llama_cpp_build() -> dict:
+    """llama-cpp-python's version and the build its llama.cpp reports (SIMD flags, backends)."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info()
+    info = info.decode() if isinstance(info, bytes) else str(info)
+    return {"llama_cpp_python": llama_cpp.__version__, "llama_cpp_system_info": info.strip()}
+
+
+def run_llama_cpp(path: Path, ids: torch.Tensor, gen: int, threads: int, warmup: int) -> dict:
     """llama-cpp-python's ``generate``, greedy (temp 0): the first yielded token ends the
-    prompt phase, the other ``gen - 1`` are the decode steps (as layercake counts them)."""
+    prompt phase, the other ``gen - 1`` are the decode steps (as layercake counts them). The
+    warm-up is every engine's: the same prompt, ``warmup`` tokens, untimed."""
     from llama_cpp import Llama
 
     t0 = time.perf_counter()
@@ -63,21 +77,30 @@ def run_llama_cpp(path: Path, ids: torch.Tensor, gen: int, threads: int) -> dict
                 n_threads_batch=threads, n_batch=512, verbose=False)  # fmt: skip
     load_s = time.perf_counter() - t0
     prompt = ids[0].tolist()
-    llm.eval(prompt[:4])  # warm the kernels once, as layercake's warm-up run does
-    llm.reset()
-    toks, times = [], []
+
+    def generate(n: int) -> tuple[list[int], list[float]]:
+        llm.reset()
+        toks, times = [], []
+        greedy = dict(temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True)
+        for t in llm.generate(prompt, **greedy):
+            times.append(time.perf_counter())
+            toks.append(t)
+            if len(toks) == n:
+                break
+        return toks, times
+
     t0 = time.perf_counter()
-    for t in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
-        times.append(time.perf_counter())
-        toks.append(t)
-        if len(toks) == gen:
-            break
-    return dict(load_s=load_s, **_timing(t0, times), tokens=[toks])
+    generate(warmup)
+    warmup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    toks, times = generate(gen)
+    return dict(load_s=load_s, warmup_s=warmup_s, **_timing(t0, times), tokens=[toks],
+                **llama_cpp_build())  # fmt: skip
 
 
-def run_layercake_stream(path: Path, ids: torch.Tensor, gen: int, **load_kw) -> dict:
+def run_layercake_stream(path: Path, ids: torch.Tensor, gen: int, warmup: int, **load_kw) -> dict:
     """layercake's ``stream`` (one event per step at B=1), timed per token like llama.cpp,
-    after a warm-up generation (a compiled step compiles then: ``warmup_s``)."""
+    after the same warm-up as every engine's (a compiled step compiles then: ``warmup_s``)."""
     import layercake
 
     t0 = time.perf_counter()
@@ -85,7 +108,7 @@ def run_layercake_stream(path: Path, ids: torch.Tensor, gen: int, **load_kw) -> 
     load_s = time.perf_counter() - t0
     prompt = ids[0].tolist()
     t0 = time.perf_counter()
-    llm.generate(prompt, max_new_tokens=8, ignore_eos=True)
+    llm.generate(prompt, max_new_tokens=warmup, ignore_eos=True)
     warmup_s = time.perf_counter() - t0
     toks, times = [], []
     t0 = time.perf_counter()
@@ -107,20 +130,23 @@ def profile(path: Path, ids: torch.Tensor, steps: int, **load_kw) -> dict:
     """Where a packed decode step's time goes, in ms per token: the packed matmuls alone (every
     layer's and the head's, in step order, on fixed activations), the whole one-token forward,
     and a token of ``generate`` (the forward plus sampling and detokenizing)."""
+    import torch
+
     import layercake
-    from layercake.decode import _mm
+    from layercake.ops.linear import Linear
 
     llm = layercake.load(path, **load_kw)
     llm.generate(ids[0].tolist(), max_new_tokens=8, ignore_eos=True)  # warm (compiles)
     r = llm.runner
-    mats = [w for L in r.layers for w in (L.qkv, L.o, L.gate_up, L.down)]
-    xs = [torch.randn(1, w.shape[1]) for w in mats]
-    hx = torch.randn(1, r.hidden)
+    model = r.slices[0]
+    mats = [m for n, m in model.named_modules() if isinstance(m, Linear) and n != "lm_head"]
+    xs = [torch.randn(1, m.weight.shape[1]) for m in mats]
+    hx = torch.randn(1, model.lm_head.weight.shape[1])
 
     def matmuls() -> None:
-        for w, x in zip(mats, xs):
-            _mm(w, x)
-        r.head(hx)
+        for m, x in zip(mats, xs):
+            m(x)
+        model.lm_head(hx)
 
     def timed(fn, n: int) -> float:
         t0 = time.perf_counter()
@@ -130,7 +156,7 @@ def profile(path: Path, ids: torch.Tensor, steps: int, **load_kw) -> dict:
 
     timed(matmuls, 3)
     mm = timed(matmuls, steps)
-    head = timed(lambda: r.head(hx), steps)
+    head = timed(lambda: model.lm_head(hx), steps)
     P = ids.shape[1]
     with torch.inference_mode():  # the inputs generate gives (a compiled step guards on it)
         cache = r.new_cache(1, P + steps + 2)
@@ -151,6 +177,8 @@ def profile(path: Path, ids: torch.Tensor, steps: int, **load_kw) -> dict:
 
 
 def worker(a: argparse.Namespace) -> None:
+    import torch
+
     torch.set_num_threads(a.threads)
     path = model_path(a.model)
     ids = prompt_ids(a.model, path, a.prompt_len)
@@ -162,11 +190,11 @@ def worker(a: argparse.Namespace) -> None:
         print(json.dumps({"tokens": [[]]}))
         return
     if a.engine == "llama.cpp":
-        r = run_llama_cpp(path, ids, a.gen_len, a.threads)
+        r = run_llama_cpp(path, ids, a.gen_len, a.threads, a.warmup)
     elif kw is None:
-        r = run_transformers(path, ids, a.gen_len, False)
+        r = run_transformers(path, ids, a.gen_len, False, warmup=a.warmup)
     else:
-        r = run_layercake_stream(path, ids, a.gen_len, **kw)
+        r = run_layercake_stream(path, ids, a.gen_len, a.warmup, **kw)
     rec = dict(
         bench="decode",
         engine=a.engine,
@@ -176,13 +204,16 @@ def worker(a: argparse.Namespace) -> None:
         prompt_len=a.prompt_len,
         gen_len=a.gen_len,
         threads=a.threads,
+        warmup_tokens=a.warmup,
         load_s=round(r["load_s"], 3),
-        warmup_s=round(r.get("warmup_s", 0.0), 3),
+        warmup_s=round(r["warmup_s"], 3),  # a compiled engine compiles here
         ttft_s=round(r["prefill_s"], 4),
         prefill_tok_s=round(a.prompt_len / r["prefill_s"], 1),
+        e2e_tok_s=round(a.gen_len / (r["prefill_s"] + r["decode_s"]), 1),
         decode_tok_s=round((a.gen_len - 1) / r["decode_s"], 1),
         decode_tok_s_median_step=round(1 / r["step_s"], 1) if "step_s" in r else None,
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        **{k: v for k, v in r.items() if k.startswith("llama_cpp")},  # its build
     )
     print(json.dumps(rec))
     print(json.dumps({"tokens": r["tokens"]}))
@@ -191,7 +222,8 @@ def worker(a: argparse.Namespace) -> None:
 def run_case(a: argparse.Namespace, model: str, engine: str) -> tuple[dict, list] | None:
     cmd = [sys.executable, __file__, "--worker", "--model", model, "--engine", engine,
            "--prompt-len", str(a.prompt_len), "--gen-len", str(a.gen_len),
-           "--threads", str(a.threads)] + ["--profile"] * a.profile  # fmt: skip
+           "--threads", str(a.threads), "--warmup", str(a.warmup)]  # fmt: skip
+    cmd += ["--profile"] * a.profile
     p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode or len(lines) < 2:
@@ -210,6 +242,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="runs per case; the median is reported")
     ap.add_argument(
+        "--warmup", type=int, default=8, help="tokens each engine generates before its timed run"
+    )
+    ap.add_argument(
         "--profile",
         action="store_true",
         help="packed engines: ms per token in matmuls, other ops of the forward, the loop",
@@ -221,7 +256,8 @@ def main() -> None:
     if a.worker:
         return worker(a)
     for m in a.models:
-        model_path(m)  # write the random checkpoint once, outside the timed processes
+        if m != "smollm2":
+            model_path(m)  # write the random checkpoint once, outside the timed processes
         engines = [e for e in a.engines if e != "llama.cpp" or m == "smollm2"]
         if "llama.cpp" in engines and importlib.util.find_spec("llama_cpp") is None:
             print(json.dumps(dict(bench="decode", engine="llama.cpp", model=m,
@@ -242,19 +278,28 @@ def main() -> None:
 
 
 def report(runs: dict[str, list[tuple[dict, list]]]) -> None:
-    """One line per engine (its median-decode run), with ratios to llama.cpp and tokens
-    compared with layercake fp32's."""
+    """One line per engine (its median end-to-end run), with the spread of its runs, ratios to
+    llama.cpp (end to end and decode only; the ranges over the repeats), the compile time
+    (a compiled engine's warm-up over its eager twin's) and tokens compared with fp32's."""
     best = {}
     for e, rs in runs.items():
-        if rs:
-            rs = sorted(rs, key=lambda r: r[0]["decode_tok_s"])
-            rec, toks = rs[len(rs) // 2]
+        if rs:  # the runs in repeat order (repeat i of every engine ran back to back)
+            rec, toks = sorted(rs, key=lambda r: r[0]["e2e_tok_s"])[len(rs) // 2]
+            rec["e2e_runs"] = [r[0]["e2e_tok_s"] for r in rs]
             rec["decode_runs"] = [r[0]["decode_tok_s"] for r in rs]
             best[e] = (rec, toks)
     ref = best.get("llama.cpp", (None, None))[0]
     fp32 = best.get("layercake-fp32", (None, None))[1]
-    for rec, toks in best.values():
+    eager = best.get("layercake-packed", (None, None))[0]
+    for e, (rec, toks) in best.items():
+        if e.endswith("-compiled") and eager is not None:
+            rec["compile_s"] = round(rec["warmup_s"] - eager["warmup_s"], 2)
         if ref is not None:
+            for k in ("e2e", "decode"):  # the same repeat's runs paired: a range, not a best
+                pairs = zip(rec[f"{k}_runs"], ref[f"{k}_runs"])
+                r = sorted(round(x / y, 3) for x, y in pairs)
+                rec[f"{k}_vs_llama_cpp_range"] = [r[0], r[-1]] if r else None
+            rec["e2e_vs_llama_cpp"] = round(rec["e2e_tok_s"] / ref["e2e_tok_s"], 3)
             rec["decode_vs_llama_cpp"] = round(rec["decode_tok_s"] / ref["decode_tok_s"], 3)
             if rec["decode_tok_s_median_step"] and ref["decode_tok_s_median_step"]:
                 rec["median_step_vs_llama_cpp"] = round(

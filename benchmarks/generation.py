@@ -17,12 +17,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported by the workers only: the parent orchestrates, free of torch
+    import torch
 
 HERE = Path(__file__).resolve().parent
-MATMUL_PEAK_GFLOPS = 180.0  # fp32 matmul on this machine (developers' guide)
-RAM_GBPS = 27.0  # RAM bandwidth (GEMV) on this machine: the bound of a small-batch decode step
 
 
 def model_path(name: str) -> Path:
@@ -38,7 +38,15 @@ def model_path(name: str) -> Path:
     return Path(name)
 
 
+def process_read_bytes() -> int:
+    """Bytes this process has read from storage so far: direct reads and page faults alike."""
+    io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(io["read_bytes"])
+
+
 def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     return torch.randint(100, min(vocab, 32000), (batch, length), generator=g)
 
@@ -55,6 +63,7 @@ def run_layercake(
     """``load_kw`` go to ``layercake.load``; ``warmup`` tokens are generated once before the
     timed run (a compiled step compiles then), their time reported as ``warmup_s``."""
     import layercake
+    from layercake.bench.roofline import head_params, weight_bytes
 
     t0 = time.perf_counter()
     llm = layercake.load(path, compile=compile, **load_kw)
@@ -71,13 +80,19 @@ def run_layercake(
         prefill_s=s.prefill_s,
         decode_s=s.decode_s,
         params=sum(linear_params(sl) for sl in llm.runner.slices),
+        head_params=head_params(llm.runner),
+        weight_bytes=weight_bytes(llm.runner),
         tokens=[r.token_ids for r in out],
     )
 
 
-def run_transformers(path: Path, ids: torch.Tensor, gen: int, compile: bool, **load_kw) -> dict:
+def run_transformers(
+    path: Path, ids: torch.Tensor, gen: int, compile: bool, warmup: int = 0, **load_kw
+) -> dict:
     """transformers ``generate``, greedy; ``load_kw`` go to ``from_pretrained`` (e.g. an
-    Accelerate ``device_map`` with ``max_memory`` and ``offload_folder``)."""
+    Accelerate ``device_map`` with ``max_memory`` and ``offload_folder``); ``warmup`` tokens
+    generated once first, untimed but reported (``warmup_s``)."""
+    import torch
     import transformers
     from transformers.generation.streamers import BaseStreamer
 
@@ -100,6 +115,13 @@ def run_transformers(path: Path, ids: torch.Tensor, gen: int, compile: bool, **l
 
     clock = Clock()
     t0 = time.perf_counter()
+    if warmup:
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=warmup,
+                           min_new_tokens=warmup, do_sample=False, pad_token_id=0)  # fmt: skip
+    warmup_s = time.perf_counter() - t0
+    read0 = process_read_bytes()
+    t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
             ids,
@@ -114,14 +136,24 @@ def run_transformers(path: Path, ids: torch.Tensor, gen: int, compile: bool, **l
     first = clock.times[1]  # the first generated token
     return dict(
         load_s=load_s,
+        warmup_s=warmup_s,
         prefill_s=first - t0,
         decode_s=end - first,
         params=linear_params(model),
+        head_params=linear_params(model.lm_head),  # prefill: each row's last position only
+        weight_bytes=4 * linear_params(model),  # fp32, as loaded
+        gen_read_bytes=process_read_bytes() - read0,  # from storage while generating
         tokens=out[:, ids.shape[1] :].tolist(),
+        model=model,  # for callers that compare logits; not a JSON field
     )
 
 
 def worker(a: argparse.Namespace) -> None:
+    import torch
+
+    from layercake.bench.limits import machine_limits
+    from layercake.bench.roofline import roofline
+
     torch.set_num_threads(a.threads)
     path = model_path(a.model)
     from layercake.checkpoint import open_checkpoint
@@ -132,7 +164,13 @@ def worker(a: argparse.Namespace) -> None:
     r = fn(path, ids, a.gen_len, a.compile)
     B, gen = a.batch, a.gen_len
     total = r["prefill_s"] + r["decode_s"]
-    flops = 2 * r["params"] * B * (a.prompt_len + gen)  # matmul FLOPs, attention ignored
+    limits = machine_limits()  # measured on their own, once, cached (layercake bench's)
+    # a decode step reads every weight once as held, whatever the batch: the bound is
+    # max(weight bytes / RAM bandwidth, FLOPs / matmul peak at B rows)
+    bound = roofline(dict(batch=B, prompt_len=a.prompt_len, prefill_s=r["prefill_s"],
+                          decode_s=r["decode_s"], decode_steps=gen - 1, params=r["params"],
+                          head_params=r["head_params"],
+                          ram_bytes_per_step=r["weight_bytes"]), limits)  # fmt: skip
     rec = dict(
         bench="generation",
         engine=a.engine,
@@ -149,19 +187,9 @@ def worker(a: argparse.Namespace) -> None:
         decode_tok_s=round(B * (gen - 1) / r["decode_s"], 2) if r["decode_s"] > 0 else None,
         throughput_tok_s=round(B * gen / total, 2),
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        fraction_of_matmul_peak=round(flops / total / 1e9 / MATMUL_PEAK_GFLOPS, 3),
-        # a decode step reads every fp32 weight once, whatever the batch: its time bound is
-        # max(weight bytes / RAM bandwidth, FLOPs / matmul peak)
-        decode_fraction_of_bound=round(
-            max(
-                4 * r["params"] / (RAM_GBPS * 1e9), 2 * r["params"] * B / (MATMUL_PEAK_GFLOPS * 1e9)
-            )
-            * (gen - 1)
-            / r["decode_s"],
-            3,
-        )
-        if r["decode_s"] > 0
-        else None,
+        weight_mb=round(r["weight_bytes"] / 2**20, 1),
+        limits=dict(ram_gbps=limits.ram_gbps, matmul_gflops=limits.matmul_gflops),
+        **bound,
     )
     print(json.dumps(rec))
     print(json.dumps({"tokens": r["tokens"]}))
@@ -185,7 +213,8 @@ def main() -> None:
     if a.worker:
         return worker(a)
     for m in a.models:
-        model_path(m)  # write the random checkpoint once, outside the timed processes
+        if m != "smollm2":
+            model_path(m)  # write the random checkpoint once, outside the timed processes
         for B in a.batches:
             runs: dict[str, list[tuple[dict, list]]] = {e: [] for e in a.engines}
             for _ in range(a.repeats):  # engines alternate, so drift in the machine hits both

@@ -37,7 +37,6 @@ CONFIGS = {
     "weight-gguf-native": dict(compress_weight=True, gguf_native=True),
     # the fast decode path's weights: GGUF Q4_1 kept, the Q8_0 head per-row int8 (or int4 g32)
     "packed": dict(packed=True, gguf_native=True),
-    "packed-int4-head": dict(packed=True, gguf_native=True, head="int4"),
 }
 LIMITS = {"8": 0.01, "4": 0.10}  # the bounds: +1 % for int8, +10 % for int4
 
@@ -58,14 +57,7 @@ def main() -> None:
     for name in a.configs:
         kw = dict(CONFIGS[name])
         kw.setdefault("gguf_native", False)
-        head = kw.pop("head", None)
-        if head is None:
-            llm = layercake.load(**kw)
-        else:  # the decode runner with the head's other form
-            from layercake.decode import DecodeRunner
-
-            llm = layercake.load(compress_weight=True, gguf_native=True)
-            llm.runner = DecodeRunner(llm.runner, head=head)
+        llm = layercake.load(**kw)
         ids = llm.tokenizer.encode(path.read_text())[: a.max_tokens]
         t0 = time.perf_counter()
         r = perplexity(llm.runner, ids, window=a.window, stride=a.stride, chunk=a.chunk)

@@ -105,7 +105,8 @@ def offload_section(rows: list[dict]) -> list[str]:
                    f"after {r.get('wall_s')} s")  # fmt: skip
     ratios = [r for r in rows if r.get("bench") == "offload-ratio"]
     for r in ratios:
-        v = r.get("layercake_over_accelerate", r.get("accelerate"))
+        v = r.get("layercake_over_accelerate", r.get("layercake_over_accelerate_best_range"))
+        v = r.get("accelerate") if v is None else v
         out.append(f"- cap {r['cap']}, batch {r['batch']}: layercake / Accelerate = {v}")
     return out + [""]
 

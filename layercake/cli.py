@@ -1,5 +1,5 @@
-"""Command line: ``layercake generate | batch | serve | plan | worker | split``. A user mistake
-prints one line and exits 2, never a traceback."""
+"""Command line: ``layercake generate | batch | serve | plan | bench | worker | split``. A user
+mistake prints one line and exits 2, never a traceback."""
 
 from __future__ import annotations
 
@@ -111,10 +111,14 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--packed",
         action="store_true",
-        help="fast CPU decoding of 1-8 streams: weights as --compress-weight (int4 kernels; GGUF "
-        "Q4_0/Q4_1 exact, a Q8_0 head as per-row int8), q/k/v and gate/up fused, a lean "
-        "one-token step; with --compile that step is one compiled graph (compiles on first use). "
-        "In-memory llama-family models on the CPU",
+        help="also float models on the block kernels: linear weights as --compress-weight "
+        "(int4 groups of 32, lossy) held as blocks; in-memory models on the CPU",
+    )
+    c.add_argument(
+        "--exact",
+        action="store_true",
+        help="turn the fast default off: GGUF Q4_0/Q4_1/Q8_0 weights dequantized to fp32 and "
+        "multiplied in fp32 (no int8 rounding of activations), bf16 weights converted to fp32",
     )
 
 
@@ -179,6 +183,7 @@ def load_from_args(a: argparse.Namespace, max_sequences: int | None = None):
         allow_compression=getattr(a, "allow_compression", False),
         max_sequences=max_sequences,
         packed=getattr(a, "packed", False),
+        exact=getattr(a, "exact", False),
     )
 
 
@@ -192,6 +197,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
         prompt = llm.chat_prompt(messages + [{"role": "user", "content": a.prompt}])
     else:
         prompt = llm.tokenizer.encode(a.prompt)
+    describe = getattr(llm.runner, "describe", None)
+    if a.verbose and callable(describe):
+        print(f"[path: {describe()}]", file=sys.stderr)
     reason = None
     try:
         for ev in llm.stream(prompt, **sampling_kwargs(a)):
@@ -208,6 +216,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
             f"decode {s.decode_tok_s:.1f} tok/s]",
             file=sys.stderr,
         )
+        from layercake.bench.roofline import roofline_line
+
+        print(roofline_line(llm, s), file=sys.stderr)
     return 0
 
 
@@ -299,8 +310,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.host not in ("127.0.0.1", "localhost", "::1") and a.api_key is None:
         print(f"layercake: warning: serving on {a.host} without --api-key: anyone who can reach "
               "it can use it", file=sys.stderr)  # fmt: skip
+    limits = {k: getattr(a, k) for k in ("max_body", "max_queue", "max_prompts")}
+    for k, v in limits.items():
+        if v is not None and v < (0 if k == "max_queue" else 1):
+            raise LayercakeError(f"--{k.replace('_', '-')} is too small: {v}")
     llm = load_from_args(a)
-    serve(llm, engine_slots(llm, a, default=8), a.max_context, a.host, a.port, a.api_key)
+    serve(
+        llm, engine_slots(llm, a, default=8), a.max_context, a.host, a.port, a.api_key,
+        **{k: v for k, v in limits.items() if v is not None},
+    )  # fmt: skip
     return 0
 
 
@@ -365,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
     add_dist_commands(sub)
     add_plan_command(sub)
+    from layercake.bench import add_bench_command
+
+    add_bench_command(sub, add_engine_options)
     b = sub.add_parser(
         "batch",
         help="answer a JSONL file of requests into a JSONL file of results (resumable)",
@@ -381,7 +402,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the serve extra)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1 request")
+    s.add_argument(
+        "--max-body", type=int,
+        help="largest request body in bytes; larger ones get 413 (default 2 MiB)",
+    )  # fmt: skip
+    s.add_argument(
+        "--max-queue", type=int,
+        help="sequences that may wait for a slot; past them requests get 429 (default 64)",
+    )  # fmt: skip
+    s.add_argument(
+        "--max-prompts", type=int,
+        help="prompts in one /v1/completions list; more is a 400 (default 16)",
+    )  # fmt: skip
     add_engine_options(s)
     s.set_defaults(func=cmd_serve)
     return parser

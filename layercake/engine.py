@@ -37,6 +37,7 @@ class Request:
     tag: Any = None
     cancelled: bool = False  # set by the caller (any thread): the slot is freed at next step
     finished: bool = field(default=False, init=False)
+    error: Exception | None = field(default=None, init=False)  # why it failed alone (finished)
 
 
 @dataclass(eq=False)
@@ -178,7 +179,13 @@ class Engine:
         events, finished = [], []
         for g in [only] if only is not None else self.groups:
             x = logits if only is not None or g.index is None else logits[g.index]
-            step = g.sampler.sample(x)
+            try:
+                step = g.sampler.sample(x)
+            except Exception as e:  # this group's requests fail alone: the other rows go on
+                for b in g.slots:
+                    self.seqs[b].request.error, self.seqs[b].request.finished = e, True
+                finished += g.slots
+                continue
             self.tokens[slice(None) if g.index is None else g.index, 0] = step.tokens
             for b, t, lp in zip(g.slots, step.token_ids, step.logprobs):
                 if not take(b):

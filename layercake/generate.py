@@ -239,6 +239,8 @@ def _stream(
         tokens, positions, mask = left_pad(prompts, dev)
         cache = runner.new_cache(B, tokens.shape[1] + max(p.max_new_tokens for p in params))
         sampler = Sampler(params, runner.vocab_size, prompts, dev)
+        if hasattr(runner, "use_sampler"):  # a pipeline: greedy rows come back as ids
+            runner.use_sampler(sampler)
         logits = runner.forward(tokens, positions, cache, token_mask=mask, last_only=True)
         step = sampler.sample(logits[:, -1])
         pos = torch.tensor([[len(p)] for p in prompts], device=dev)  # (B, 1) next position

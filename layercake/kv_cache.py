@@ -228,6 +228,9 @@ class AttentionStep:
     start: int
     end: int
     mask: torch.Tensor  # (B, 1, T, end) bool, True = may attend
+    # a compiled one-token step (static shapes): the slot written, as a (1,) tensor; the mask
+    # then covers the whole capacity and start/end are unused
+    slot: torch.Tensor | None = None
 
 
 def attention_mask(valid: torch.Tensor, start: int, window: int | None = None) -> torch.Tensor:

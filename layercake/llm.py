@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from layercake.checkpoint import build_slice, open_checkpoint
+from layercake.checkpoint import open_checkpoint
+from layercake.checkpoint.locate import locate_model
 from layercake.config import BaseConfig, load_config
 from layercake.devices import parse_device, parse_dtype
 from layercake.errors import LayercakeError
@@ -26,6 +27,7 @@ from layercake.generate import (
     generate_stream,
     score,
 )
+from layercake.models.build import build_slice
 from layercake.quant import compression
 from layercake.runner import LocalRunner, Runner
 from layercake.sampling import SamplingParams
@@ -85,11 +87,11 @@ class LLM:
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids) if self._tokenizer else ""
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Token ids of a conversation rendered by the model's chat template."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        # the template writes any BOS itself, so no special tokens are added again
-        return self.tokenizer.encode(text, add_special_tokens=False)
+    def chat_prompt(self, messages: list[dict[str, Any]], allow_special: bool = False) -> list[int]:
+        """Token ids of a conversation rendered by the model's chat template. Special-token text
+        in the messages is encoded as plain text unless ``allow_special`` (see
+        ``Tokenizer.encode_chat``)."""
+        return self.tokenizer.encode_chat(messages, allow_special=allow_special)
 
     def _params(self, n: int, kw: dict[str, Any]) -> list[SamplingParams]:
         kw.setdefault("temperature", 0.0)  # greedy unless asked: reproducible by default
@@ -237,11 +239,13 @@ def load(
     max_sequences: int | None = None,
     prompt_len: int | None = None,
     packed: bool = False,
+    exact: bool = False,
 ) -> LLM:
     """Load a model: a HF directory (config.json + safetensors) or a .gguf file; ``None`` is the
     embedded SmolLM2-135M-Instruct. ``device`` cpu/cuda/mps; ``dtype`` the compute dtype (fp32
-    on CPU by default); ``threads`` torch CPU threads; ``compile`` wraps the layers with
-    torch.compile.
+    on CPU by default); ``threads`` torch CPU threads; ``compile``: one-token steps of up to
+    8 rows run as one compiled graph of the model's forward (static cache capacity; the first
+    steps of each batch size compile it: tens of seconds).
 
     Offloading (any of ``percent``, ``device_memory``, ``cpu_memory``): weights, KV cache and
     activations are placed over device, host RAM and ``offload_dir`` by FlexGen's six
@@ -272,10 +276,11 @@ def load(
     prompt (default half); a given
     ``batch_size`` / ``num_batches`` is kept. ``llm.runner.plan`` holds the plan.
 
-    ``packed``: fast CPU decoding for batches of 1-8 (``decode.DecodeRunner``): weights held
-    as with ``compress_weight`` (int4, GGUF Q4_0/Q4_1 kept exactly; an 8-bit head becomes
-    per-row int8), q/k/v and gate/up fused, a lean one-token step; with ``compile`` that step
-    is one compiled graph (the first steps of each batch size compile it: tens of seconds).
+    Fast by default (CPU, fp32 compute, in memory): GGUF Q4_0 / Q4_1 / Q8_0 weights are kept
+    bit for bit as blocks for our kernel (``ops.blocks``; activations rounded to int8 per
+    block of 32, as llama.cpp does) and bf16 weights are multiplied as stored (exact);
+    ``exact`` turns that off (fp32 weights, fp32 activations). ``packed``: float models too
+    on the block kernels, their weights held as with ``compress_weight`` (int4, lossy).
     In-memory models of the llama family on the CPU only."""
     if packed:
         if topology is not None or any(v is not None for v in (percent, device_memory, cpu_memory)):
@@ -297,7 +302,7 @@ def load(
         raise LayercakeError(
             "--compress-weight / --compress-cache do not combine with --topology yet"
         )
-    path = Path(model).expanduser() if model is not None else embedded_model_path()
+    path = locate_model(model) if model is not None else embedded_model_path()
     dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
     if threads:
@@ -335,18 +340,10 @@ def load(
             )  # fmt: skip
             return LLM(runner, tokenizer, config, path)
         model_slice = build_slice(
-            ckpt, parts, dev, dt, config, pack=not compile, compress=comp, blocks=packed
+            ckpt, parts, dev, dt, config, compiled=compile, compress=comp, fast=packed or not exact
         )
-    if compile and not packed:
-        for name, m in model_slice.named_modules():
-            if name.endswith(".mlp"):
-                m.compile(dynamic=True)
     cache_quant = comp.cache_spec(config.head_dim) if comp is not None else None
-    runner = LocalRunner([model_slice], config, dev, dt, cache_quant)
-    if packed:
-        from layercake.decode import DecodeRunner
-
-        runner = DecodeRunner(runner, compile=compile)
+    runner = LocalRunner([model_slice], config, dev, dt, cache_quant, compile_step=compile)
     return LLM(runner, tokenizer, config, path)
 
 

@@ -17,12 +17,9 @@ and read like rows of any other tensor.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from layercake.errors import LayercakeError
 
@@ -216,42 +213,6 @@ class Workspace:
         self.buffer = torch.empty(numel, dtype=dtype, device=device)
         self.seconds = 0.0
         self.calls = 0
-
-
-class QuantLinear(nn.Module):
-    """``y = x @ W.T + b`` with W held quantized (row layout); dequantized block by block into the
-    shared ``Workspace`` just before each matmul."""
-
-    def __init__(
-        self,
-        rows: torch.Tensor,
-        shape: tuple[int, int],
-        spec: QuantSpec,
-        bias: torch.Tensor | None,
-        workspace: Workspace,
-    ) -> None:
-        super().__init__()
-        self.out_features, self.in_features = shape
-        self.rows, self.spec, self.workspace = rows, spec, workspace
-        self.step = max(1, min(self.out_features, workspace.buffer.numel() // self.in_features))
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ws = self.workspace
-        outs = []
-        for r in range(0, self.out_features, self.step):
-            n = min(self.step, self.out_features - r)
-            t0 = time.perf_counter()
-            w = ws.buffer[: n * self.in_features].view(n, self.in_features)
-            dequantize(QTensor.from_rows(self.rows[r : r + n], (n, self.in_features), self.spec), w)
-            ws.seconds += time.perf_counter() - t0
-            ws.calls += 1
-            b = None if self.bias is None else self.bias[r : r + n]
-            outs.append(F.linear(x.to(w.dtype), w, b))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, {self.spec}"
 
 
 @dataclass(frozen=True)

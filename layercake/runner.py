@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Protocol
 
 import torch
 
 from layercake.config import BaseConfig
-from layercake.kv_cache import KVCache
+from layercake.kv_cache import AttentionStep, KVCache
 from layercake.models.base import DecoderSlice
+from layercake.progress import on_new_shape
 from layercake.quant import QuantSpec
 
 
@@ -17,6 +19,22 @@ class Runner(Protocol):
     vocab_size: int
     max_context: int
     device: torch.device
+
+    def describe(self) -> str:
+        """Which path runs, and why (``-v``, the chat page): device, dtype, the forms of the
+        linear weights (``ops.linear``), the KV cache's form and whether steps compile."""
+        from layercake.ops.linear import forms
+
+        counts = sum((forms(s) for s in self.slices), Counter())
+        held = ", ".join(f"{f} x{n}" for f, n in counts.most_common())
+        why = [WHY[f] for f in counts if f in WHY]
+        words = [f"in memory, {self.device.type}, {str(self.dtype).removeprefix('torch.')}"]
+        words.append(f"linears: {held}" + (f" ({'; '.join(why)})" if why else ""))
+        if self.cache_quant is not None:
+            words.append(f"KV cache {self.cache_quant}")
+        if self._step is not None:
+            words.append(f"one-token steps of <= {MAX_STATIC_BATCH} rows compiled")
+        return "; ".join(words)
 
     def new_cache(self, batch: int, capacity: int) -> KVCache: ...
 
@@ -40,8 +58,12 @@ class LocalRunner:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         cache_quant: QuantSpec | None = None,
+        compile_step: bool = False,
     ) -> None:
-        """``cache_quant``: the KV cache is held quantized so (``Compression.cache_spec``)."""
+        """``cache_quant``: the KV cache is held quantized so (``Compression.cache_spec``).
+        ``compile_step``: one-token steps of up to ``MAX_STATIC_BATCH`` rows run as one
+        compiled graph of the same forward, with static shapes (caches are made with their
+        capacity rounded up to ``CAPACITY_STEP`` slots; attention masks the unwritten ones)."""
         self.slices = slices
         self.cache_quant = cache_quant
         self.config = config
@@ -58,9 +80,33 @@ class LocalRunner:
                 segments.append((-1 if s.parts.embed else config.num_hidden_layers, s, None))
             segments += [(a, s, (a, b)) for a, b in ranges]
         self.segments = sorted(segments, key=lambda seg: seg[0])
+        self._step = None
+        if compile_step:
+            opts = {"cpp_wrapper": True} if self.device.type == "cpu" else {}
+            self._step = torch.compile(self._run, fullgraph=True, dynamic=False, options=opts)
+            what = "compiling the one-token step for {key[0]} rows (torch.compile, once per shape)"
+            self._step = on_new_shape(self._step, lambda a: (len(a[0]), a[2].capacity), what)
+
+    def describe(self) -> str:
+        """Which path runs, and why (``-v``, the chat page): device, dtype, the forms of the
+        linear weights (``ops.linear``), the KV cache's form and whether steps compile."""
+        from layercake.ops.linear import forms
+
+        counts = sum((forms(s) for s in self.slices), Counter())
+        held = ", ".join(f"{f} x{n}" for f, n in counts.most_common())
+        why = [WHY[f] for f in counts if f in WHY]
+        words = [f"in memory, {self.device.type}, {str(self.dtype).removeprefix('torch.')}"]
+        words.append(f"linears: {held}" + (f" ({'; '.join(why)})" if why else ""))
+        if self.cache_quant is not None:
+            words.append(f"KV cache {self.cache_quant}")
+        if self._step is not None:
+            words.append(f"one-token steps of <= {MAX_STATIC_BATCH} rows compiled")
+        return "; ".join(words)
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.config
+        if self._step is not None and batch <= MAX_STATIC_BATCH:
+            capacity = min(-(-capacity // CAPACITY_STEP) * CAPACITY_STEP, self.max_context)
         return KVCache.allocate(
             self.layers,
             batch,
@@ -86,9 +132,54 @@ class LocalRunner:
         tokens, positions = tokens.to(self.device), positions.to(self.device)
         if token_mask is None:
             token_mask = torch.ones(positions.shape, dtype=torch.bool)
-        step = cache.begin(token_mask.to(self.device))
-        x = tokens
-        for _, s, span in self.segments:
-            x = s(x, positions, cache, step, last_only, span)
+        token_mask = token_mask.to(self.device)
+        if self._static(positions, cache):
+            step = static_step(cache, token_mask)
+            x = self._step(tokens, positions, cache, step)
+            cache.length += 1
+            return x.float()
+        step = cache.begin(token_mask)
+        x = self._run(tokens, positions, cache, step, last_only)
         cache.advance(step)
         return x.float()
+
+    def _run(self, x, positions, cache, step, last_only: bool = False) -> torch.Tensor:  # noqa: ANN001
+        for _, s, span in self.segments:
+            x = s(x, positions, cache, step, last_only, span)
+        return x
+
+    def _static(self, positions: torch.Tensor, cache: KVCache) -> bool:
+        """Whether this step runs the compiled graph: one token, few rows, a plain cache."""
+        B, T = positions.shape
+        first = next(iter(cache.keys.values()), None)
+        return (
+            self._step is not None
+            and T == 1
+            and B <= MAX_STATIC_BATCH
+            and isinstance(first, torch.Tensor)
+            and cache.length < cache.capacity
+        )
+
+
+WHY = {
+    "blocks": "GGUF/int blocks on our kernel, int8 activations as llama.cpp; --exact for fp32",
+    "bf16": "bf16 weights multiplied as stored; --exact converts them to fp32",
+    "int4pack": "int4 on PyTorch's kernel",
+    "dequant": "dequantized block by block before each use",
+}
+MAX_STATIC_BATCH = 8  # compiled one-token steps: each batch size up to this is one graph
+CAPACITY_STEP = 256  # compiled steps: cache capacities are rounded up to this (fewer graphs)
+
+
+def static_step(cache: KVCache, token_mask: torch.Tensor) -> AttentionStep:
+    """A one-token step over the whole capacity (static shapes): the slot written as a tensor,
+    the mask over every slot (the unwritten ones, and those outside a sliding window, off)."""
+    s, cap = cache.length, cache.capacity
+    cache.valid[:, s] = token_mask[:, 0]
+    idx = torch.arange(cap, device=cache.valid.device)
+    seen = cache.valid & (idx <= s)
+    if cache.window is not None:
+        seen &= s - idx < cache.window
+    mask = (seen | (idx == s)).view(-1, 1, 1, cap)
+    slot = torch.full((1,), s, dtype=torch.long, device=cache.valid.device)
+    return AttentionStep(0, 0, mask, slot)

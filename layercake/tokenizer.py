@@ -11,34 +11,23 @@ A GGUF has no `tokenizer.json`; `from_gguf` rebuilds one from the vocabulary, me
 types in its metadata the way transformers does when it loads a GGUF, so ids agree with it.
 """
 
+import bisect
 import json
 import os
-from datetime import datetime
-from functools import lru_cache
+import re
+import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any
 
-import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
+from layercake import chat_template as templates
+from layercake.checkpoint.files import open_regular, read_json_object
 from layercake.errors import LayercakeError
+from layercake.gguf_tokenizer import gguf_backend
 
 if TYPE_CHECKING:
     from layercake.checkpoint.gguf import GGUFCheckpoint
-
-# llama.cpp token types (tokenizer.ggml.token_type)
-_CONTROL, _USER_DEFINED = 3, 4
-
-# Pre-tokenizer regexes for the `tokenizer.ggml.pre` names of byte-level vocabularies; any other
-# name gets GPT-2's regex (ByteLevel's own), as in transformers.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_SPLITS = {name: _LLAMA3_SPLIT for name in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx")}
 
 
 class Tokenizer:
@@ -51,6 +40,7 @@ class Tokenizer:
         special_tokens: dict[str, str | None],
         eos_token_ids: list[int],
         chat_template: str | None,
+        template_source: str = "the chat template",
     ):
         self.backend = backend
         # bos_token / eos_token / unk_token / pad_token: strings, which chat templates read
@@ -60,45 +50,52 @@ class Tokenizer:
         self.eos_token_ids: list[int] = eos_token_ids
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         self.chat_template = chat_template
+        self.template_source = template_source  # names the template in errors
+        self._plain: dict[bool, Backend] = {}  # encoders that read special tokens as text
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> "Tokenizer":
         """Load an HF tokenizer folder: `tokenizer.json`, plus `tokenizer_config.json`,
         `chat_template.jinja` and `generation_config.json` where present."""
         path = Path(path)
-        if not (path / "tokenizer.json").is_file():
+        if not os.path.lexists(path / "tokenizer.json"):
             raise LayercakeError(
                 f"{path}: no tokenizer.json (only fast-tokenizer folders are supported)."
             )
+        open_regular(path / "tokenizer.json").close()  # a FIFO or directory: refused, not read
         try:
             backend = Backend.from_file(str(path / "tokenizer.json"))
-        except Exception as e:
-            raise LayercakeError(f"{path / 'tokenizer.json'} could not be read ({e}).") from e
+        except Exception as e:  # the tokenizers library's own error type
+            raise LayercakeError(f"{path / 'tokenizer.json'} could not be read ({e}).") from None
         # special_tokens_map.json is where older folders name their special tokens
         config = {
             **_read_json(path / "special_tokens_map.json"),
             **_read_json(path / "tokenizer_config.json"),
         }
         special = {
-            key: _content(config.get(key))
+            key: _content(config.get(key), path / "tokenizer_config.json", key)
             for key in ("bos_token", "eos_token", "unk_token", "pad_token")
         }
         # tokenizer.json's post-processor alone decides BOS/EOS: transformers v5 drops the config's
         # add_bos_token / add_eos_token whenever a tokenizer.json exists, and so do we.
-
-        template = config.get("chat_template")
-        if (path / "chat_template.jinja").is_file():  # newer HF folders keep it in its own file
-            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
-        elif isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-            template = {t["name"]: t["template"] for t in template}.get("default")
-
+        template, source = _dir_template(path, config.get("chat_template"))
         eos_ids = []
         if special["eos_token"] is not None:
             eos_ids.append(backend.token_to_id(special["eos_token"]))
         generation_eos = _read_json(path / "generation_config.json").get("eos_token_id")
-        eos_ids += generation_eos if isinstance(generation_eos, list) else [generation_eos]
-        eos_ids = list(dict.fromkeys(i for i in eos_ids if i is not None))
-        return cls(backend, special_tokens=special, eos_token_ids=eos_ids, chat_template=template)
+        generation_eos = generation_eos if isinstance(generation_eos, list) else [generation_eos]
+        if not all(i is None or (type(i) is int and i >= 0) for i in generation_eos):
+            raise LayercakeError(
+                f"{path / 'generation_config.json'}: eos_token_id must be token ids."
+            )
+        eos_ids = list(dict.fromkeys(i for i in eos_ids + generation_eos if i is not None))
+        return cls(
+            backend,
+            special_tokens=special,
+            eos_token_ids=eos_ids,
+            chat_template=template,
+            template_source=source,
+        )
 
     def save(self, path: str | os.PathLike) -> None:
         """Write an HF tokenizer folder (tokenizer.json + tokenizer_config.json) that
@@ -122,36 +119,14 @@ class Tokenizer:
         (sentencepiece BPE with byte fallback: Llama 2, Mistral, ...) tokenizers.
         """
         spec = ckpt.tokenizer_spec()
-        tokens, kind = spec["tokens"], spec["model"]
-        if kind == "gpt2":
-            backend = _byte_level_bpe(spec)
-        elif kind == "llama":
-            backend = _sentencepiece_bpe(spec)
-        else:
-            raise LayercakeError(
-                f"{ckpt.path}: tokenizer kind {kind!r} is not supported (supported: gpt2, llama)."
-            )
-
-        def token(key: str) -> str | None:
-            token_id = spec[f"{key}_token_id"]
-            return tokens[token_id] if token_id is not None and token_id < len(tokens) else None
-
-        special = {
-            "bos_token": token("bos"),
-            "eos_token": token("eos"),
-            "unk_token": token("unknown"),
-            "pad_token": token("padding"),
-        }
-        _add_special_tokens(backend, spec, special)
-        # llama.cpp adds BOS to a sentencepiece vocabulary unless the file says otherwise.
-        add_bos = spec["add_bos_token"] if spec["add_bos_token"] is not None else kind == "llama"
-        _set_post_processor(backend, special, add_bos, bool(spec["add_eos_token"]))
+        backend, special = gguf_backend(spec, ckpt.path)
         eos_ids = [spec[k] for k in ("eos_token_id", "eot_token_id", "eom_token_id")]
         return cls(
             backend,
             special_tokens=special,
             eos_token_ids=list(dict.fromkeys(i for i in eos_ids if i is not None)),
             chat_template=spec["chat_template"],
+            template_source=f"{ckpt.path}: tokenizer.chat_template",
         )
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -164,193 +139,159 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render `messages` ([{"role": ..., "content": ...}]) with the model's chat template,
-        exactly as transformers' `apply_chat_template(..., tokenize=False)` does."""
+        exactly as transformers' `apply_chat_template(..., tokenize=False)` does, within the
+        time and size limits of `layercake.chat_template`."""
         if not self.chat_template:
             raise LayercakeError(
                 "this tokenizer has no chat template; pass plain text instead of chat messages."
             )
-        try:
-            return _compile(self.chat_template).render(
-                messages=messages,
-                tools=None,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **{k: v for k, v in self.special_tokens.items() if v is not None},
-            )
-        except jinja2.TemplateError as e:
-            raise LayercakeError(f"the chat template failed to render: {e}") from e
-
-
-def _byte_level_bpe(spec: dict) -> Backend:
-    """GPT-2 style BPE over bytes spelled as printable characters."""
-    spelling = _bytes_to_unicode()
-    alphabet = set(spelling.values())
-    # Tokens written in plain text (llama.cpp sometimes does) are respelled in the byte alphabet.
-    vocab = {
-        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
-        for i, t in enumerate(spec["tokens"])
-    }
-    merges = [tuple(m.split(" ")) for m in spec["merges"] or ()]
-    backend = Backend(
-        models.BPE(
-            vocab,
-            merges,
-            dropout=None,
-            continuing_subword_prefix="",
-            end_of_word_suffix="",
-            fuse_unk=False,
+        return templates.render(
+            self.chat_template,
+            self.template_source,
+            messages=messages,
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **{k: v for k, v in self.special_tokens.items() if v is not None},
         )
-    )
-    split = _SPLITS.get(spec["pre"])
-    if split is None:
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-    backend.decoder = decoders.ByteLevel()
-    return backend
+
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, allow_special: bool = False
+    ) -> list[int]:
+        """Token ids of `messages` rendered by the chat template (which writes any BOS itself).
+
+        Special-token text inside the messages (`<|im_end|>` typed by a user) is encoded as the
+        plain text it is, never as the control token, so a message cannot close its turn or
+        open another role's; the template's own special tokens are kept. `allow_special=True`
+        encodes the messages' special-token text as control tokens (trusted input only).
+        """
+        if allow_special or self._special_regex() is None:
+            text = self.apply_chat_template(messages, add_generation_prompt)
+            return self.encode(text, add_special_tokens=False)
+        held: list[str] = []  # special-token texts taken out of the messages, in order
+        mark = f"\ue000{secrets.token_hex(8)}"  # a placeholder prefix no input can guess
+
+        def hide(m: re.Match) -> str:
+            held.append(m.group(0))
+            return f"{mark}{len(held) - 1}\ue001"
+
+        hidden = _map_strings(messages, lambda t: self._special_regex().sub(hide, t))
+        text = self.apply_chat_template(hidden, add_generation_prompt)
+        if not held:
+            return self.encode(text, add_special_tokens=False)
+        pieces = re.split(f"{mark}(\\d+)\ue001", text)
+        spans, pos = [], 0  # where the held texts are back in the prompt
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                pieces[i] = piece = held[int(piece)]
+                spans.append((pos, pos + len(piece)))
+            pos += len(piece)
+        return self._encode_with_plain_spans("".join(pieces), spans)
+
+    def _encode_with_plain_spans(self, text: str, spans: list[tuple[int, int]]) -> list[int]:
+        """`text` encoded as usual, except that between the special tokens outside `spans`, any
+        stretch holding a span is encoded with special tokens read as plain text. The stretches
+        are what the tokenizer encodes separately anyway (it splits at special tokens)."""
+        enc = self.backend.encode(text, add_special_tokens=False)
+        ids, offsets = enc.ids, enc.offsets  # each attribute read builds a new list
+        special = self._special_ids()
+        ends = [hi for _, hi in spans]  # spans are sorted and disjoint
+
+        def in_span(a: int, b: int) -> bool:
+            k = bisect.bisect_right(ends, a)  # the first span ending after a
+            return k < len(spans) and spans[k][0] < b
+
+        cuts = [i for i, t in enumerate(ids) if t in special and not in_span(*offsets[i])]
+        out: list[int] = []
+        tok0 = char0 = 0
+        for cut in [*cuts, len(ids)]:
+            char1 = offsets[cut][0] if cut < len(ids) else len(text)
+            if in_span(char0, char1):
+                out += self._plain_encoder(char0 == 0).encode(text[char0:char1]).ids
+            else:
+                out += ids[tok0:cut]
+            if cut < len(ids):
+                out.append(ids[cut])
+                tok0, char0 = cut + 1, offsets[cut][1]
+        return out
+
+    def _special_ids(self) -> set[int]:
+        return {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+
+    def _special_regex(self) -> re.Pattern | None:
+        """The special tokens' texts, longest first (None when there are none)."""
+        if not hasattr(self, "_special_re"):
+            texts = [t.content for t in self.backend.get_added_tokens_decoder().values()]
+            texts = sorted({t for t in texts if t}, key=len, reverse=True)
+            specials = [t for t in texts if self.backend.token_to_id(t) in self._special_ids()]
+            self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
+        return self._special_re
+
+    def _plain_encoder(self, at_start: bool) -> Backend:
+        """A copy of the tokenizer that reads special tokens as text and adds nothing; for a
+        stretch not at the start, a sentencepiece "prepend on first" setting becomes "never",
+        as it is for every stretch after the first when the whole text is encoded."""
+        if at_start not in self._plain:
+            spec = json.loads(self.backend.to_str())
+            spec["post_processor"] = None
+            if not at_start:
+                spec["pre_tokenizer"] = _never_prepend(spec.get("pre_tokenizer"))
+            plain = Backend.from_str(json.dumps(spec))
+            plain.encode_special_tokens = True
+            self._plain[at_start] = plain
+        return self._plain[at_start]
 
 
-def _sentencepiece_bpe(spec: dict) -> Backend:
-    """Sentencepiece BPE ("▁" for spaces, <0xNN> byte fallback), as transformers' LlamaTokenizer."""
-    tokens = spec["tokens"]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    if spec["merges"]:
-        merges = [tuple(m.split(" ")) for m in spec["merges"]]
-    else:  # most sentencepiece files store scores, not merges: rebuild them best-first
-        merges = _merges_from_scores(
-            vocab, dict(zip(tokens, spec["scores"] or [0.0] * len(tokens)))
-        )
-    backend = Backend(models.BPE(vocab, merges, fuse_unk=True, byte_fallback=True, dropout=None))
-    # transformers ignores add_space_prefix and always prepends; llama.cpp honours it, so do we.
-    prefix = spec["add_space_prefix"] is not False
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="first" if prefix else "never", split=False
-    )
-    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
-    return backend
+def _never_prepend(node: Any) -> Any:
+    """A tokenizer.json pre-tokenizer with every `prepend_scheme: first` set to `never`."""
+    if isinstance(node, list):
+        return [_never_prepend(x) for x in node]
+    if isinstance(node, dict):
+        out = {k: _never_prepend(v) for k, v in node.items()}
+        if out.get("prepend_scheme") == "first":
+            out["prepend_scheme"] = "never"
+        return out
+    return node
 
 
-def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
-    """Every split of a token into two tokens, highest-scoring token first (transformers' order)."""
-    merges = []
-    for token, score in scores.items():
-        pairs = [(token[:i], token[i:]) for i in range(1, len(token))]
-        pairs = sorted(
-            (p for p in pairs if p[0] in vocab and p[1] in vocab),
-            key=lambda p: (vocab[p[0]], vocab[p[1]]),
-        )
-        merges += [(left, right, score) for left, right in pairs]
-    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-    return [(left, right) for left, right, _ in merges]
-
-
-def _add_special_tokens(backend: Backend, spec: dict, special: dict[str, str | None]) -> None:
-    """Keep control tokens (and bos/eos/unk/pad) whole and special; user-defined ones whole only.
-
-    In a byte-level vocabulary a "control" token spelled outside the byte alphabet is a llama.cpp
-    mislabel; adding it would grow the vocabulary past the model's, so it is skipped.
-    """
-    types = spec["token_types"] or [1] * len(spec["tokens"])
-    alphabet = set(_bytes_to_unicode().values()) if spec["model"] == "gpt2" else None
-    control = [
-        t
-        for t, kind in zip(spec["tokens"], types)
-        if kind == _CONTROL and (alphabet is None or set(t) <= alphabet)
-    ]
-    named = [t for t in special.values() if t is not None and t not in control]
-    backend.add_special_tokens(
-        [AddedToken(t, normalized=False, special=True) for t in control + named]
-    )
-    vocab = backend.get_vocab()
-    user = [t for t, kind in zip(spec["tokens"], types) if kind == _USER_DEFINED and t in vocab]
-    backend.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
-
-
-def _set_post_processor(backend: Backend, special: dict, add_bos: bool, add_eos: bool) -> None:
-    """BOS/EOS around each sequence, transformers' `update_post_processor`."""
-    bos, eos = special.get("bos_token"), special.get("eos_token")
-    add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
-    single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
-    pair = (
-        f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
-    )
-    ids = [(bos, backend.token_to_id(bos))] if add_bos else []
-    ids += [(eos, backend.token_to_id(eos))] if add_eos else []
-    backend.post_processor = processors.TemplateProcessing(
-        single=single, pair=pair, special_tokens=ids
-    )
-
-
-@lru_cache
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table: printable bytes map to themselves."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    others = [b for b in range(256) if b not in printable]
-    return {
-        **{b: chr(b) for b in printable},
-        **{b: chr(256 + n) for n, b in enumerate(others)},
-    }
-
-
-class _Generation(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` (used to mark assistant tokens): render the body."""
-
-    tags: ClassVar[set[str]] = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-    def _render(self, caller):
-        return caller()
-
-
-def _raise_exception(message: str):
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    # jinja's own tojson escapes HTML characters, which templates do not expect
-    return json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
-@lru_cache
-def _compile(template: str) -> jinja2.Template:
-    """The template in the environment transformers renders chat templates in."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(template)
-    except jinja2.TemplateSyntaxError as e:
-        raise LayercakeError(f"the chat template is not valid jinja: {e}") from e
+def _map_strings(value: Any, f: Any) -> Any:
+    """`value` (messages: dicts, lists, strings) with `f` applied to every string in it."""
+    if isinstance(value, str):
+        return f(value)
+    if isinstance(value, dict):
+        return {k: _map_strings(v, f) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_map_strings(v, f) for v in value]
+    return value
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise LayercakeError(f"{path} could not be read as JSON ({e}).") from e
+    return read_json_object(path) if os.path.lexists(path) else {}
 
 
-def _content(token) -> str | None:
+def _dir_template(path: Path, template: Any) -> tuple[str | None, str]:
+    """The chat template of an HF folder (its own file, or tokenizer_config.json's, perhaps
+    among named ones) and where it came from."""
+    file = path / "chat_template.jinja"
+    if os.path.lexists(file):  # newer HF folders keep it in its own file
+        with open_regular(file) as f:
+            raw = f.read(4 * templates.MAX_TEMPLATE_CHARS + 1)
+        try:
+            return raw.decode("utf-8"), str(file)
+        except UnicodeDecodeError:
+            raise LayercakeError(f"{file}: not UTF-8 text") from None
+    source = f"{path / 'tokenizer_config.json'}: chat_template"
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        named = [t for t in template if isinstance(t, dict) and t.get("name") == "default"]
+        template = named[0].get("template") if named else None
+    if template is not None and not isinstance(template, str):
+        raise LayercakeError(f"{source} must be a string (or named templates).")
+    return template, source
+
+
+def _content(token: Any, path: Path, key: str) -> str | None:
     """A special token from tokenizer_config.json: a string, or an AddedToken dict."""
-    return token.get("content") if isinstance(token, dict) else token
+    token = token.get("content") if isinstance(token, dict) else token
+    if token is not None and not isinstance(token, str):
+        raise LayercakeError(f"{path}: {key} must be a string, not {token!r:.40}.")
+    return token

@@ -11,10 +11,11 @@ import torch
 from conftest import LLAMA_TINY, hf_model, make_hf_checkpoint
 from safetensors.torch import load_file, save_file
 
-from layercake.checkpoint import build_slice, open_checkpoint
+from layercake.checkpoint import open_checkpoint
 from layercake.checkpoint.parts import Parts, parse_parts
 from layercake.config import load_config
 from layercake.errors import LayercakeError
+from layercake.models.build import build_slice
 from layercake.runner import LocalRunner
 
 
@@ -47,7 +48,7 @@ def test_slice_reads_only_its_tensors(tiny_llama, tmp_path):
     the same hidden states, so it never read those bytes."""
     ref_ckpt = open_checkpoint(tiny_llama)
     config = load_config(ref_ckpt.config_dict())
-    ref = build_slice(ref_ckpt, "1-2", config=config)
+    ref = build_slice(ref_ckpt, "1-2", config=config, compiled=True)  # plain parameters
 
     bad = tmp_path / "poisoned"
     shutil.copytree(tiny_llama, bad)
@@ -63,7 +64,7 @@ def test_slice_reads_only_its_tensors(tiny_llama, tmp_path):
     f.write_bytes(bytes(data))
 
     ckpt = open_checkpoint(bad)
-    part = build_slice(ckpt, "1-2", config=config)
+    part = build_slice(ckpt, "1-2", config=config, compiled=True)
     assert {n for n, _ in part.named_parameters()} == {n for n in kept}
     h = torch.randn(2, 5, config.hidden_size)
     outs = []
@@ -105,7 +106,7 @@ def test_sharded_checkpoint_and_bf16_embedding(tmp_path):
     build_slice(ck2, "0-1", config=config)
     assert set(ck2._files) == {"a.safetensors"}  # layer 0 only: shard b never opened
     assert m.model.embed_tokens.weight.dtype == torch.bfloat16
-    assert m.model.layers["0"].mlp.up_proj.weight.dtype == torch.float32
+    assert m.model.layers["0"].mlp.gate_up_proj.weight.form == "mkl"  # fp32, packed
 
     full = LocalRunner([build_slice(ckpt, "f", config=config)], config)
     hf = hf_model(d)  # transformers reads the same bf16 shards into fp32
@@ -116,16 +117,22 @@ def test_sharded_checkpoint_and_bf16_embedding(tmp_path):
 
 
 def test_packed_linears_match(tiny_llama):
-    from layercake.ops.mkl import PackedLinear, packing_available
+    from layercake.ops.linear import Linear, forms
+    from layercake.ops.mkl import packing_available
 
     if not packing_available():
         pytest.skip("MKL packed GEMM not available in this PyTorch")
     ckpt = open_checkpoint(tiny_llama)
     config = load_config(ckpt.config_dict())
-    plain = LocalRunner([build_slice(ckpt, "f", config=config)], config)
-    packed_model = build_slice(ckpt, "f", config=config, pack=True)
-    n = sum(isinstance(m, PackedLinear) for m in packed_model.modules())
-    assert n == 3 * 7 + 1 and isinstance(packed_model.lm_head, PackedLinear)
+    plain = LocalRunner([build_slice(ckpt, "f", config=config, compiled=True)], config)
+    assert set(forms(plain.slices[0])) == {"dense"}
+    packed_model = build_slice(ckpt, "f", config=config)
+    # q/k/v and gate/up fused: 4 linears a layer, and the head
+    assert forms(packed_model) == {"mkl": 3 * 4 + 1}
+    assert isinstance(packed_model.lm_head, Linear)
+    c = config
+    qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+    assert packed_model.model.layers["0"].self_attn.qkv_proj.weight.shape == (qkv, c.hidden_size)
     packed = LocalRunner([packed_model], config)
     for B in (1, 3):
         tokens = torch.randint(0, LLAMA_TINY["vocab_size"], (B, 6))
@@ -142,12 +149,12 @@ def test_packed_linear_blocks_and_bias(monkeypatch):
     monkeypatch.setattr(cpu_linear, "BLOCK_BYTES", 4 * 24 * 10)  # 10 rows of 24 per block
     w = torch.randn(37, 24).to(torch.bfloat16)
     b = torch.randn(37)
-    m = cpu_linear.PackedLinear(w, b, torch.empty(240))
+    m = cpu_linear.MKLPacked(w, torch.empty(240))
     assert len(m.blocks) == 4
     for shape in [(1, 24), (5, 24), (2, 3, 24)]:
         x = torch.randn(shape)
         ref = torch.nn.functional.linear(x, w.float(), b)
-        torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(m.linear(x, b), ref, rtol=0, atol=1e-5)
 
 
 def _expect_error(path, match):
@@ -168,7 +175,7 @@ def test_checkpoint_errors(tiny_llama, tmp_path):
     shutil.copytree(tiny_llama, bad_type)
     cfg = json.loads((bad_type / "config.json").read_text())
     (bad_type / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_bigcode"}))
-    _expect_error(bad_type, "unsupported model_type 'gpt_bigcode'; supported: falcon, llama")
+    _expect_error(bad_type, "model_type = 'gpt_bigcode' is invalid: supported: falcon, llama")
 
     trunc = tmp_path / "trunc"
     shutil.copytree(tiny_llama, trunc)

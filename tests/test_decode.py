@@ -1,5 +1,6 @@
-"""The packed fast decode path: kernels equal dequantized fp32 matmuls, the packed model's
-logits close to the fp32 model's, and the lean one-token step giving the general path's tokens."""
+"""The fast decode path, which is the model's own forward: kernels equal dequantized fp32
+matmuls, fused linears equal the separate ones, the one-token step (eager, and the static
+compiled form) equals the general path, sliding windows and quantized caches included."""
 
 import pytest
 import torch
@@ -7,11 +8,12 @@ import torch.nn.functional as F
 from tests_helpers import bf16_llama
 
 import layercake
-from layercake.decode import DecodeRunner, fuse, unsupported
-from layercake.ops.int4pack import Int4Linear, PackedInt4, PackedInt8, kernel_ok, pack
-from layercake.ops.int4pack import Int4Linear as Int8Linear
+from layercake.ops.int4pack import PackedInt4, PackedInt8, kernel_ok, pack
 from layercake.ops.int4pack import int8_available as available
+from layercake.ops.linear import Linear as Int8Linear
+from layercake.ops.linear import forms
 from layercake.quant import QTensor, QuantSpec, dequantize, from_gguf, quantize
+from layercake.runner import LocalRunner
 
 pytestmark = pytest.mark.skipif(
     not (kernel_ok((64, 64), QuantSpec(4, 32), "cpu") and available()),
@@ -68,21 +70,6 @@ def test_gguf_blocks_to_kernels(qtype):
     assert rel(p.linear(x), F.linear(x, want)) < 1e-2
 
 
-def test_fuse_keeps_each_linear_and_shares_bytes():
-    g = torch.Generator().manual_seed(3)
-    parts = []
-    for n in (128, 64, 64):
-        q = quantize(torch.randn(n, 128, generator=g), 4, 32)
-        parts.append(Int4Linear(PackedInt4.from_parts(*pack(q), q.spec), torch.randn(n)))
-    x = torch.randn(2, 128, generator=g)
-    before = [m(x) for m in parts]
-    fused, bias = fuse(parts)
-    torch.testing.assert_close(fused.linear(x, bias), torch.cat(before, -1))
-    for m, b in zip(parts, before):
-        torch.testing.assert_close(m(x), b)
-        assert m.weight.data.untyped_storage().data_ptr() == fused.data.data_ptr()
-
-
 @pytest.fixture(scope="module")
 def packable(tmp_path_factory):
     """A random bf16 Llama whose every linear the int4 kernel takes (rows in blocks of 64)."""
@@ -93,39 +80,99 @@ def test_packed_model_logits_close_to_fp32(packable):
     ids = [[5, 17, 99, 3, 42, 7, 11, 250]]
     ref = layercake.load(packable).logits(ids)
     got = layercake.load(packable, packed=True, group_size=32).logits(ids)
-    assert rel(got, ref) < 0.1  # int4 weights (random ones: the worst case for int4)
+    # int4 weights (random ones: the worst case for int4); since the random checkpoints' layers
+    # decide the logits (benchmarks/checkpoints.py v2) int4 g32 costs ~0.19 here on any path
+    assert rel(got, ref) < 0.25
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
 
 
-@pytest.mark.parametrize("prompts", [[[5, 17, 99, 3]], [[5, 17, 99, 3], [8], [40, 41, 42]]])
-def test_fast_step_gives_the_general_path_tokens(packable, prompts):
-    """Greedy tokens of the lean step equal those of the general path over the same packed
-    weights; the logits agree within bf16 rounding. Batches with padding included."""
-    llm = layercake.load(packable, packed=True)
-    assert isinstance(llm.runner, DecodeRunner)
-    base = llm.runner.base
-    fast = llm.generate(prompts, max_new_tokens=12, ignore_eos=True)
-    llm.runner = base
-    ref = llm.generate(prompts, max_new_tokens=12, ignore_eos=True)
-    assert [r.token_ids for r in fast] == [r.token_ids for r in ref]
-    # one step, both ways, from the same cache contents
-    fast_runner = layercake.load(packable, packed=True).runner
-    base = fast_runner.base
-    tokens, pos = torch.tensor([[5, 17, 99, 3]]), torch.arange(4)[None]
-    c1, c2 = base.new_cache(1, 8), base.new_cache(1, 8)
-    base.forward(tokens, pos, c1)
-    base.forward(tokens, pos, c2)
-    nxt, npos = torch.tensor([[7]]), torch.tensor([[4]])
-    a, b = fast_runner.forward(nxt, npos, c1), base.forward(nxt, npos, c2)
-    assert a.shape == b.shape == (1, 1, 256) and c1.length == c2.length == 5
-    assert rel(a, b) < 2e-2
-    torch.testing.assert_close(c1.keys[0][:, :, :5], c2.keys[0][:, :, :5], atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(c1.values[1][:, :, :5], c2.values[1][:, :, :5], atol=2e-2, rtol=2e-2)
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_linears_equal_separate_ones(packable, packed):
+    """q/k/v and gate/up held as one weight each give the logits of the separate linears."""
+    from layercake.checkpoint import open_checkpoint
+    from layercake.models.build import build_slice
+    from layercake.quant import compression
+
+    ckpt = open_checkpoint(packable)
+    comp = compression(True, False, 4, 32) if packed else None
+    runs = []
+    for fuse in (True, False):
+        model = build_slice(ckpt, "f", compress=comp, fast=packed, fuse=fuse)
+        runs.append(LocalRunner([model], model.config))
+        attn = model.model.layers["0"].self_attn
+        assert (attn.qkv_proj is not None) == fuse and hasattr(attn, "q_proj") != fuse
+    if packed:
+        assert forms(runs[0].slices[0]) == {"blocks": 4 * 3 + 1}
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7]])
+    outs = []
+    for r in runs:
+        outs.append(r.forward(ids, torch.arange(6)[None], r.new_cache(1, 8)))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
 
 
-def test_unsupported_runners_are_explained(packable):
-    plain = layercake.load(packable)
-    assert "not one packed kind" in unsupported(plain.runner)
+def _one_token_steps(runner, prompts, steps=6):
+    """Logits of ``steps`` one-token steps after left-padded prompts (the engine's layout)."""
+    B, P = len(prompts), max(map(len, prompts))
+    tokens = torch.zeros(B, P, dtype=torch.long)
+    mask = torch.zeros(B, P, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        tokens[b, P - len(p) :], mask[b, P - len(p) :] = torch.tensor(p), True
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    cache = runner.new_cache(B, P + steps)
+    out = [runner.forward(tokens, pos, cache, mask, last_only=True)]
+    nxt, npos = out[0][:, -1].argmax(-1, keepdim=True), pos[:, -1:] + 1
+    for _ in range(steps):
+        out.append(runner.forward(nxt, npos, cache))
+        nxt, npos = out[-1][:, -1].argmax(-1, keepdim=True), npos + 1
+    return torch.cat(out, 1)
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    """A tiny Mistral with a sliding window shorter than the steps run."""
+    from conftest import make_hf_checkpoint
+
+    cfg = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+               max_position_embeddings=128, sliding_window=5)  # fmt: skip
+    return make_hf_checkpoint(tmp_path_factory.mktemp("mistral"), "mistral", **cfg)
+
+
+@pytest.mark.parametrize("cache", ["plain", "int8"])
+def test_static_step_equals_the_general_path(windowed, cache, monkeypatch):
+    """The compiled step's static form (every slot, written at a slot tensor, masked by the
+    window) run eagerly equals the general one-token step, with a sliding window and with a
+    quantized cache (which falls back to the general step); and both equal transformers."""
+    from conftest import hf_model
+
+    kw = dict(compress_cache=True, compress_bits=8) if cache == "int8" else {}
+    prompts = [[5, 17, 9, 3, 42, 7, 11], [8, 9], [40, 41, 42, 43]]
+    general = _one_token_steps(layercake.load(windowed, **kw).runner, prompts)
+    runner = layercake.load(windowed, **kw).runner
+    runner._step = runner._run  # the static path, not compiled (compiling takes minutes)
+    static = _one_token_steps(runner, prompts)
+    torch.testing.assert_close(static, general, rtol=1e-5, atol=1e-5)
+    if cache == "plain":  # transformers' sliding-window model on one prompt, same tokens
+        ids = general[:1, -7:].argmax(-1)
+        full = torch.tensor([prompts[0] + ids[0, :-1].tolist()])
+        with torch.no_grad():
+            ref = hf_model(windowed)(full).logits[:, -7:]
+        torch.testing.assert_close(general[:1, -7:], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_one_token_rope_matrix_equals_elementwise(packable, monkeypatch):
+    """A CPU one-token step rotates q/k with one batched matmul; it equals rotate-half."""
+    from layercake.models import layers
+
+    llm = layercake.load(packable)
+    prompts = [[5, 17, 99, 3], [8], [40, 41, 42]]
+    fast = _one_token_steps(llm.runner, prompts)
+    monkeypatch.setattr(layers.torch.compiler, "is_compiling", lambda: True)  # elementwise
+    ref = _one_token_steps(llm.runner, prompts)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_is_for_in_memory_models(packable):
     with pytest.raises(layercake.LayercakeError, match="in-memory"):
         layercake.load(packable, packed=True, cpu_memory="1GB")
 
@@ -149,20 +196,18 @@ def test_cli_packed(packable, capsys):
     assert "in-memory" in capsys.readouterr().err
 
 
-def test_continuous_batching_on_the_fast_path(packable, monkeypatch):
+def test_continuous_batching_on_the_fast_path(packable):
     """The server's engine (admission into free rows, cache shifts, finished rows masked) runs
-    its decode steps through the fast path and gives each request its solo greedy tokens."""
+    on the block kernels and gives each request its solo greedy tokens."""
     from layercake.engine import Engine, Request
     from layercake.sampling import SamplingParams
 
     llm = layercake.load(packable, packed=True)
+    assert "blocks" in forms(llm.runner.slices[0])
     prompts = [[5, 6, 7], [9], [11, 12, 13, 14, 15], [20, 21]]
     lengths = [6, 3, 9, 4]
     solo = [llm.generate(p, max_new_tokens=n, ignore_eos=True)[0].token_ids
             for p, n in zip(prompts, lengths)]  # fmt: skip
-    steps = []
-    fast = DecodeRunner._forward
-    monkeypatch.setattr(DecodeRunner, "_forward", lambda *a: steps.append(1) or fast(*a))
     eng = Engine(llm.runner, [], lambda ids: "", slots=2, capacity=32)
     reqs = [Request(p, SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True))
             for p, n in zip(prompts, lengths)]  # fmt: skip
@@ -172,4 +217,17 @@ def test_continuous_batching_on_the_fast_path(packable, monkeypatch):
     for req, ev in eng.run():
         got[id(req)].append(ev.token_id)
     assert [got[id(r)] for r in reqs] == solo
-    assert len(steps) >= max(lengths) - 1
+
+
+def test_bf16_weights_multiplied_as_stored(packable):
+    """A bf16 checkpoint in memory keeps its weights in bf16 by default (half the bytes of the
+    fp32 copy ``exact`` makes) and gives the fp32 path's logits: the products are exact."""
+    from layercake.ops.kernels import available
+
+    if not available():
+        pytest.skip("our CPU kernels are not built here")
+    fast, exact = layercake.load(packable), layercake.load(packable, exact=True)
+    assert forms(fast.runner.slices[0]) == {"bf16": 3 * 4 + 1}
+    assert set(forms(exact.runner.slices[0])) <= {"mkl", "dense"}
+    ids = [[5, 17, 99, 3, 42, 7, 11, 250], [9, 8]]
+    torch.testing.assert_close(fast.logits(ids), exact.logits(ids), rtol=1e-4, atol=1e-4)

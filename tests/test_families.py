@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import LLAMA_TINY, hf_model, make_hf_checkpoint
 
-from layercake.checkpoint import build_slice, open_checkpoint
+from layercake.checkpoint import open_checkpoint
 from layercake.config import load_config
 from layercake.errors import LayercakeError
+from layercake.models.build import build_slice
 from layercake.runner import LocalRunner
 
 TOL = 1e-4

@@ -355,8 +355,9 @@ def test_score_equals_manual_sums():
 def test_local_runner_matches_transformers(tiny_llama):
     from conftest import hf_model
 
-    from layercake.checkpoint import build_slice, open_checkpoint
+    from layercake.checkpoint import open_checkpoint
     from layercake.config import load_config
+    from layercake.models.build import build_slice
     from layercake.runner import LocalRunner
 
     ckpt = open_checkpoint(tiny_llama)

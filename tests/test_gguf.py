@@ -290,8 +290,8 @@ def test_load_touches_only_its_own_bytes(typed_file, tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(LayercakeError, match="not found"):
         GGUFCheckpoint(tmp_path / "nope.gguf")
-    with pytest.raises(LayercakeError, match="not found"):
-        GGUFCheckpoint(tmp_path)  # a folder
+    with pytest.raises(LayercakeError, match="is a directory"):
+        GGUFCheckpoint(tmp_path)
 
 
 @pytest.mark.parametrize("content", [b"", b"GG", b'{"model_type": "llama"}\n', b"\x00" * 4096])

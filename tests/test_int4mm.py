@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layercake.ops.int4pack import Int4Linear, PackedInt4, kernel_ok, pack, sz_for_kernel
+from layercake.ops.int4pack import PackedInt4, kernel_ok, pack, sz_for_kernel
+from layercake.ops.linear import Linear as Int4Linear
 from layercake.quant import QuantSpec, dequantize, quantize
 
 pytestmark = pytest.mark.skipif(not kernel_ok((64, 64), QuantSpec(4, 32), "cpu"),

@@ -55,10 +55,10 @@ def test_unavailable_kernels_fall_back(tmp_path):
     """With the kernels switched off, --packed runs on PyTorch's int4 kernel and SDPA."""
     code = (
         "from layercake.ops import kernels; import layercake, sys\n"
-        "from layercake.ops.blocks import Blocks\n"
+        "from layercake.ops.linear import forms\n"
         "assert not kernels.available(); print(kernels.unavailable_reason())\n"
-        "llm = layercake.load(packed=True); r = llm.runner\n"
-        "assert not r.own_kernels and not isinstance(r.layers[0].qkv, Blocks)\n"
+        "llm = layercake.load(packed=True); f = forms(llm.runner.slices[0])\n"
+        "assert 'blocks' not in f and f['int4pack'] > 0, f\n"
         "print(llm.generate(['Hi'], max_new_tokens=3, ignore_eos=True)[0].completion_tokens)\n"
     )
     env = {"LAYERCAKE_NO_KERNELS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from layercake.kv_cache import AttentionStep
 from layercake.ops import kernels
 from layercake.ops.blocks import Blocks, from_blocks, takes, to_blocks
-from layercake.ops.int4pack import Int4Linear
+from layercake.ops.linear import Linear as Int4Linear
 from layercake.quant import QTensor, QuantSpec, dequantize, from_gguf, quantize
 
 pytestmark = pytest.mark.skipif(

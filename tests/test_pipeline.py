@@ -24,6 +24,7 @@ from layercake.pipeline.rendezvous import free_ports
 from layercake.pipeline.stage import split_rows
 from layercake.pipeline.topology import parse_topology
 
+TOKEN = "test-token-0123456789abcdef"
 PROMPTS = [[1, 5, 9, 3, 11, 40], [4, 2], [7, 7, 7, 8], [3], [50, 60, 70]]
 
 
@@ -50,7 +51,8 @@ def topology(tmp: Path, layers: list[str], name: str = "topo.json", options=None
         for n, p, spec in zip(names, ports, layers)
     ]
     path = tmp / name
-    path.write_text(json.dumps({"nodes": nodes, "connect_timeout": 60, **top}))
+    doc = {"nodes": nodes, "connect_timeout": 60, "token": TOKEN, **top}
+    path.write_text(json.dumps(doc))
     return path
 
 
@@ -167,6 +169,15 @@ def test_two_processes_equal_single_process(tmp_path, llama5, reference):
             out = llm.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)
             assert [o.token_ids for o in out] == reference
             assert llm.runner.stats["forwards"] == 6 and llm.runner.stage.sizes == [3, 2]
+            # greedy: the head's node sent one id per row and step (the prompt's earlier chunks
+            # send nothing), not the logits
+            assert llm.runner.stats["bytes_received"] == 8 * len(PROMPTS) * 6
+            # sampled rows (and logprobs) need the logits: they come back whole, same tokens
+            kw = dict(max_new_tokens=4, temperature=0.9, seed=3, logprobs=2, ignore_eos=True)
+            single = layercake.load(llama5).generate(PROMPTS, **kw)
+            sampled = llm.generate(PROMPTS, **kw)
+            assert [o.token_ids for o in sampled] == [o.token_ids for o in single]
+            assert llm.runner.stats["bytes_received"] > 4 * len(PROMPTS) * 97 * 4
             # rows that stop early are dropped from the caches on every node (select)
             stops = [3, 6, 1, 6, 4]
             params = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True)
@@ -198,25 +209,52 @@ def test_three_processes_with_two_ranges_on_main(tmp_path, llama5, reference):
         assert list((tmp_path / "off").rglob(f"layer.{layer}.bin"))
 
 
-def test_killed_worker_ends_the_job_with_its_name(tmp_path, llama5, reference):
-    topo = topology(tmp_path, ["b 0-2 e", "2-5"])
-    with job_after_workers(topo, llama5, ["pc2"]) as (llm, procs):
-        stream = llm.stream(PROMPTS, max_new_tokens=40, ignore_eos=True)
-        for _ in range(2 * len(PROMPTS)):  # two steps of every row
-            next(stream)
+def test_wire_dtype_and_prompt_chunks(tmp_path, llama5):
+    """fp32 on the wire, the prompt in one piece: the logits are the single process's, bit for
+    bit. In chunks (every node busy during a prompt): fp32 rounding apart. Hidden states in
+    bf16 (half the bytes): bf16's rounding of the activations at one boundary, no more."""
+    tokens = torch.tensor([PROMPTS[0]])
+    positions = torch.arange(tokens.shape[1])[None]
+    single = layercake.load(llama5).runner
+    want = single.forward(tokens, positions, single.new_cache(1, 8))
+    sent = {}
+    for wire, chunks in (("float32", 1), ("float32", 4), ("bfloat16", 1)):
+        topo = topology(tmp_path, ["b 0-3", "3-5 e"], name=f"{wire}{chunks}.json",
+                        wire_dtype=wire, prefill_chunks=chunks)  # fmt: skip
+        with workers(topo, llama5, ["pc2"], "--once"), job(llama5, topo) as llm:
+            r = llm.runner
+            got = r.forward(tokens, positions, r.new_cache(1, 8))
+            diff = (got - want).abs().max().item()
+            sent[wire, chunks] = r.stats["bytes_sent"]
+        scale = want.abs().max().item()
+        if (wire, chunks) == ("float32", 1):
+            assert diff == 0.0
+        elif wire == "float32":
+            assert diff < 1e-5 * scale
+        else:
+            assert 0 < diff < 0.02 * scale
+    assert sent["bfloat16", 1] < 0.75 * sent["float32", 1]
+
+
+def test_restarted_worker_resumes_the_job(tmp_path, llama5, reference, capfd):
+    """With resume_timeout, a worker killed mid-generation and started again rejoins: the cache
+    is rebuilt by replaying the steps and the same stream finishes with the same tokens."""
+    topo = topology(tmp_path, ["b 0-2 e", "2-5"], resume_timeout=60)
+    got: dict[int, list[int]] = {i: [] for i in range(len(PROMPTS))}
+    with workers(topo, llama5, ["pc2"]) as procs, job(llama5, topo) as llm:
+        stream = llm.stream(PROMPTS, max_new_tokens=6, ignore_eos=True)
+        for _ in range(2 * len(PROMPTS)):
+            e = next(stream)
+            got[e.index].append(e.token_id)
         procs[0].kill()
-        t0 = time.monotonic()
-        with pytest.raises(LayercakeError, match=r"job ended: .*pc2 \(127\.0\.0\.1:\d+\)"):
-            for _ in stream:
-                pass
-        assert time.monotonic() - t0 < 30
-        with pytest.raises(LayercakeError, match="pc2"):  # the job stays ended
-            llm.generate(PROMPTS[:1], max_new_tokens=2)
-        # the worker is back: the job reconnects and goes on
-        with workers(topo, llama5, ["pc2"]):
-            llm.runner.reconnect()
-            out = llm.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)
-            assert [o.token_ids for o in out] == reference
+        procs[0].wait(10)
+        with workers(topo, llama5, ["pc2"]):  # restarted: it waits for main, then rejoins
+            for e in stream:
+                got[e.index].append(e.token_id)
+    assert [got[i] for i in range(len(PROMPTS))] == reference
+    err = capfd.readouterr().err
+    assert "lost the connection to node pc2" in err and "waiting up to 60 s for it" in err
+    assert "rejoined; 2 steps replayed" in err
 
 
 @contextlib.contextmanager
@@ -283,8 +321,9 @@ def test_port_in_use_and_absent_workers(tmp_path, llama5):
 
 
 def test_split_writes_only_each_nodes_tensors(tmp_path, llama5):
-    from layercake.checkpoint import build_slice, open_checkpoint
+    from layercake.checkpoint import open_checkpoint
     from layercake.cli import main
+    from layercake.models.build import build_slice
     from layercake.pipeline.split import model_id
     from layercake.runner import LocalRunner
 
@@ -300,8 +339,8 @@ def test_split_writes_only_each_nodes_tensors(tmp_path, llama5):
     assert model_id(tmp_path / "parts/pc2") == model_id(llama5) == model_id(tmp_path / "parts/main")
     cfg = layercake.load(llama5).config
     slices = [
-        build_slice(a, "b 0-1 4-5 e", config=cfg, pack=True),
-        build_slice(b, "1-4", config=cfg, pack=True),
+        build_slice(a, "b 0-1 4-5 e", config=cfg),
+        build_slice(b, "1-4", config=cfg),
     ]  # as load() builds them
     full = layercake.load(llama5)
     tokens = torch.tensor([PROMPTS[0]])
@@ -339,3 +378,21 @@ def test_torchrun_runs_the_job_on_rank_0(tmp_path, tiny_chat_llama):
     want = subprocess.run(one, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert want.stdout.strip() and want.stdout.strip() in r.stdout
+
+
+def test_ranges_on_one_node_share_its_memory_budget(tmp_path, llama5):
+    """Two offloaded ranges on one node: each plans with its share of the node's cpu_memory
+    (in proportion to its weights), not with all of it."""
+    from layercake.checkpoint import open_checkpoint
+    from layercake.config import load_config
+    from layercake.offload import SAFETY, process_rss
+    from layercake.pipeline.stage import Stage
+    from layercake.pipeline.topology import load_topology
+
+    off = {"cpu_memory": "3GB", "offload_dir": str(tmp_path / "off")}
+    topo = load_topology(topology(tmp_path, ["b 0-1 4-5 e", "1-4"], options={"main": off}), 5)
+    ckpt = open_checkpoint(llama5)
+    stage = Stage(topo, 0, ckpt, load_config(ckpt.config_dict()), llama5)
+    shares = [stage._budget(s) - process_rss() - SAFETY for s in stage.segments]
+    assert len(stage.runners) == 2 and 0 < shares[0] < shares[1]  # the head's range is larger
+    assert abs(sum(shares) - stage._free) <= 2 and stage._free < 3e9

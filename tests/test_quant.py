@@ -11,9 +11,9 @@ import torch
 
 import layercake
 from layercake.errors import LayercakeError
+from layercake.ops.linear import forms
 from layercake.quant import (
     QTensor,
-    QuantLinear,
     QuantSpec,
     dequantize,
     from_gguf,
@@ -135,12 +135,12 @@ PROMPT = [[1, 5, 9, 2, 33, 7, 8, 60, 4, 11]]
 def test_quantized_model_equals_fake_quantized_transformers(tiny_llama, bits):
     ref = _fake_quantized_hf(tiny_llama, bits, 16)(torch.tensor(PROMPT)).logits
     llm = layercake.load(tiny_llama, compress_weight=True, compress_bits=bits, group_size=16)
-    kinds = {type(m).__name__ for m in llm.runner.slices[0].modules()}
-    assert "QuantLinear" in kinds  # the layers (48 rows: not whole blocks for the int4 kernel)
+    kinds = set(forms(llm.runner.slices[0]))
+    assert "dequant" in kinds  # the layers (48 rows: not whole blocks for the int4 kernel)
     if bits == 8:
         torch.testing.assert_close(llm.logits(PROMPT), ref, rtol=1e-4, atol=1e-4)
     else:  # the int8 head runs on the int8 kernel: bf16 activations and results
-        assert "Int4Linear" in kinds
+        assert "int8row" in kinds
         assert (llm.logits(PROMPT) - ref).norm() / ref.norm() < 5e-3
     # and close to the uncompressed model: int8 within a few percent of the logits' range
     plain = layercake.load(tiny_llama).logits(PROMPT)
@@ -172,20 +172,20 @@ def test_compressed_cache_close_and_smaller(tiny_llama, bits, tol):
 def test_gguf_q4_1_weights_kept_as_stored():
     """SmolLM2's Q4_1 matrices are kept in their own form (repacked for the int4 CPU kernel
     without a float round trip), the Q8_0 head as it is: 4x fewer bytes, the same values."""
-    from layercake.ops.int4pack import Int4Linear
+    from layercake.ops.linear import Linear
 
-    plain = layercake.load()
-    llm = layercake.load(compress_weight=True)
-    mods = list(llm.runner.slices[0].modules())
-    packed = [m for m in mods if isinstance(m, Int4Linear)]
-    quant = [m for m in mods if isinstance(m, QuantLinear)]
-    assert len(packed) == 7 * 30 and all(m.weight.group_size == 32 for m in packed)
-    assert [m.spec for m in quant] == [QuantSpec(8, 32)]  # the tied head: the Q8_0 embedding's
+    plain = layercake.load(exact=True)
+    llm = layercake.load(compress_weight=True, exact=True)  # PyTorch's int4 kernel, not blocks
+    model = llm.runner.slices[0]
+    assert forms(model) == {"int4pack": 4 * 30, "dequant": 1}  # q/k/v and gate/up fused
+    packed = [m for m in model.modules() if isinstance(m, Linear) and m.weight.form == "int4pack"]
+    assert all(m.weight.group_size == 32 for m in packed)
+    assert model.lm_head.weight.spec == QuantSpec(8, 32)  # the tied head: the Q8_0 embedding's
     # the values are the checkpoint's: one matrix against its expanded fp32 weight
-    up = plain.runner.slices[0].get_submodule("model.layers.3.mlp.up_proj")
+    up = plain.runner.slices[0].get_submodule("model.layers.3.mlp.gate_up_proj")
     x = torch.randn(4, 576)
     ref = up(x)
-    got = llm.runner.slices[0].get_submodule("model.layers.3.mlp.up_proj")(x)
+    got = llm.runner.slices[0].get_submodule("model.layers.3.mlp.gate_up_proj")(x)
     assert ((got - ref).norm() / ref.norm()) < 5e-3  # bf16 activations and results
     ids = [plain.tokenizer.encode("The capital of France is")]
     a, b = llm.logits(ids), plain.logits(ids)

@@ -19,10 +19,25 @@ def both():
         path.parent, gguf_file=path.name, dtype=torch.float32
     ).eval()
     tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return layercake.load(), hf, tok
+    return layercake.load(exact=True), hf, tok  # fp32 throughout, as transformers
 
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a land"]
+
+
+def test_fast_default_keeps_the_gguf_blocks(both):
+    """Without options the Q4_1/Q8_0 weights run as blocks on our kernel (int8 activations, as
+    llama.cpp): logits within a few percent of the exact path's, the same top token."""
+    from layercake.ops.linear import forms
+
+    exact, _, tok = both
+    fast = layercake.load()
+    assert forms(fast.runner.slices[0]) == {"blocks": 30 * 4 + 1}  # q/k/v, gate/up fused
+    assert "blocks" in fast.runner.describe()
+    ids = tok.encode(PROMPTS[0])
+    a, b = fast.logits([ids])[0], exact.logits([ids])[0]
+    assert ((a - b).norm() / b.norm()).item() < 0.05
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.8
 
 
 def test_tokenizer_ids(both):

@@ -25,6 +25,7 @@ from gguf import GGMLQuantizationType as QType
 
 from layercake.checkpoint.gguf_format import TensorInfo, open_gguf
 from layercake.checkpoint.safetensors import release_pages
+from layercake.config import check_config
 from layercake.errors import LayercakeError
 
 # Stored as plain values: their bytes are reinterpreted, never dequantized.
@@ -57,6 +58,20 @@ _LAYER_NAMES = {
 # `rope_scaling` in the config instead.
 _NOT_PARAMETERS = {"rope_freqs.weight"}
 _ARCHITECTURES = {"llama": "LlamaForCausalLM"}
+# HF config key -> the architecture-scoped GGUF metadata key it is read from
+_CONFIG_KEYS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "embedding_length",
+    "intermediate_size": "feed_forward_length",
+    "num_hidden_layers": "block_count",
+    "num_attention_heads": "attention.head_count",
+    "num_key_value_heads": "attention.head_count_kv",
+    "head_dim": "attention.key_length",
+    "rope_dim": "rope.dimension_count",
+    "max_position_embeddings": "context_length",
+    "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+    "rope_theta": "rope.freq_base",
+}
 
 
 class GGUFCheckpoint:
@@ -71,7 +86,7 @@ class GGUFCheckpoint:
             self.path
         )  # _gguf: GGUF name -> TensorInfo
         self.architecture = self.metadata.get("general.architecture")
-        if self.architecture not in _ARCHITECTURES:
+        if not isinstance(self.architecture, str) or self.architecture not in _ARCHITECTURES:
             raise LayercakeError(
                 f"{self.path}: GGUF architecture {self.architecture!r} is not supported "
                 f"(supported: {', '.join(_ARCHITECTURES)})."
@@ -97,37 +112,36 @@ class GGUFCheckpoint:
         return self.metadata.get(f"{self.architecture}.{key}", default)
 
     def config_dict(self) -> dict:
-        """An HF `config.json`-equivalent dict built from the GGUF metadata."""
-        required = (
-            "embedding_length",
-            "feed_forward_length",
-            "block_count",
-            "attention.head_count",
-        )
-        if missing := [f"{self.architecture}.{k}" for k in required if self._meta(k) is None]:
+        """An HF `config.json`-equivalent dict built from the GGUF metadata, every value checked
+        (`check_config`) before anything is computed from it."""
+        required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        names = {hf: f"{self.architecture}.{key}" for hf, key in _CONFIG_KEYS.items()}
+        names["rope_scaling.factor"] = f"{self.architecture}.rope.scaling.factor"
+        names.update({f"{k}_token_id": f"tokenizer.ggml.{k}_token_id" for k in ("bos", "eos")})
+        if missing := [names[k] for k in required if self._meta(_CONFIG_KEYS[k]) is None]:
             raise LayercakeError(f"{self.path}: the GGUF metadata lacks {', '.join(missing)}.")
-        heads, hidden = self._meta("attention.head_count"), self._meta("embedding_length")
-        vocab = self._meta("vocab_size") or len(self.metadata.get("tokenizer.ggml.tokens", ()))
+        raw = {hf: self._meta(key) for hf, key in _CONFIG_KEYS.items()}
+        raw = {k: v for k, v in raw.items() if v is not None}
+        check_config(raw, str(self.path), names)
+        heads, hidden = raw["num_attention_heads"], raw["hidden_size"]
+        vocab = raw.get("vocab_size")
+        if vocab is None and isinstance(tokens := self.metadata.get("tokenizer.ggml.tokens"), list):
+            vocab = len(tokens)
         if not vocab and "token_embd.weight" in self._gguf:
             vocab = int(self._gguf["token_embd.weight"].shape[-1])  # ggml order: (hidden, vocab)
         config = {
             "architectures": [_ARCHITECTURES[self.architecture]],
             "model_type": self.architecture,
             "hidden_act": "silu",
-            "vocab_size": vocab,
-            "hidden_size": hidden,
-            "intermediate_size": self._meta("feed_forward_length"),
-            "num_hidden_layers": self._meta("block_count"),
-            "num_attention_heads": heads,
-            "num_key_value_heads": self._meta("attention.head_count_kv", heads),
+            **raw,
+            "vocab_size": vocab or None,  # unknown: load_config says so
+            "num_key_value_heads": raw.get("num_key_value_heads", heads),
             # key_length is the head width where llama.cpp states it; otherwise the rotary width,
             # which equals the head width for llama (transformers reads it the same way).
-            "head_dim": self._meta("attention.key_length")
-            or self._meta("rope.dimension_count")
-            or hidden // heads,
-            "max_position_embeddings": self._meta("context_length", 2048),  # HF llama's default
-            "rms_norm_eps": self._meta("attention.layer_norm_rms_epsilon", 1e-5),
-            "rope_theta": self._meta("rope.freq_base", 10000.0),
+            "head_dim": raw.get("head_dim") or raw.get("rope_dim") or hidden // heads,
+            "max_position_embeddings": raw.get("max_position_embeddings", 2048),  # HF's default
+            "rms_norm_eps": raw.get("rms_norm_eps", 1e-5),
+            "rope_theta": raw.get("rope_theta", 10000.0),
             "rope_scaling": self._rope_scaling(),
             # llama.cpp writes `output.weight` only when it is not the embedding matrix.
             "tie_word_embeddings": "output.weight" not in self._gguf,
@@ -135,9 +149,11 @@ class GGUFCheckpoint:
             "mlp_bias": "model.layers.0.mlp.up_proj.bias" in self._hf_to_gguf,
             "torch_dtype": self._dtype_name(),
         }
+        config.pop("rope_dim", None)
         for key, gguf_key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
             if (token_id := self.metadata.get(f"tokenizer.ggml.{gguf_key}_token_id")) is not None:
                 config[f"{key}_token_id"] = token_id
+        check_config(config, str(self.path), names)
         return config
 
     def _dtype_name(self) -> str:
@@ -173,8 +189,12 @@ class GGUFCheckpoint:
         low_freq_factor = 1, so we assume it and then check the divisors come back exactly.
         """
         divisors = self._load(self._gguf["rope_freqs.weight"], torch.float64, "rope_freqs.weight")
+        if divisors.dim() != 1 or not divisors.numel() or not (divisors >= 1).all():
+            raise LayercakeError(
+                f"{self.path}: tensor rope_freqs.weight is not a list of divisors >= 1."
+            )
         head_dim = 2 * divisors.numel()
-        theta = self._meta("rope.freq_base", 10000.0)
+        theta = float(self._meta("rope.freq_base", 10000.0))
         wavelen = (
             2 * math.pi * theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         )
@@ -185,8 +205,8 @@ class GGUFCheckpoint:
             smooth = (1 / divisors[middle] - 1 / factor) / (1 - 1 / factor)
             slope, intercept = np.polyfit((1 / wavelen[middle]).numpy(), smooth.numpy(), 1)
             if intercept < 0:  # intercept = -low / (high - low), slope = old / (high - low)
-                high = round(low - 1 / intercept, 4)
-                old = round(slope * (high - low))
+                high = round(float(low - 1 / intercept), 4)
+                old = round(float(slope * (high - low)))
         scaling = {
             "rope_type": "llama3",
             "factor": round(factor, 4),

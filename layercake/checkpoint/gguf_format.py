@@ -17,6 +17,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 from gguf import GGUFValueType
 
+from layercake.checkpoint.files import open_regular
 from layercake.errors import LayercakeError
 
 
@@ -36,9 +37,7 @@ def open_gguf(path: Path) -> tuple[mmap.mmap, dict, dict[str, TensorInfo]]:
 
     Returns the read-only map, the metadata as plain Python values, and the tensors by GGUF name.
     """
-    if not path.is_file():
-        raise LayercakeError(f"GGUF file not found: {path}")
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         if f.read(4) != b"GGUF":
             raise LayercakeError(f"{path} is not a GGUF file (it does not start with b'GGUF').")
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -137,6 +136,8 @@ class _HeaderParser:
             block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
             if (row := dims[0] if dims else 1) % block_size:
                 raise _Corrupt(f"rows of {row} values are not whole {qtype.name} blocks")
+            if offset % alignment:
+                raise _Corrupt(f"data offset {offset} is not a multiple of the alignment")
             n = math.prod(dims)
             tensors[name] = TensorInfo(
                 name, qtype, dims, n, n // block_size * type_size, data_start + offset

@@ -8,6 +8,7 @@ copied (the page cache holds it once).
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -16,6 +17,8 @@ from typing import Any
 
 import torch
 
+from layercake.checkpoint.files import open_regular, read_json_object
+from layercake.config import check_config, load_config
 from layercake.errors import LayercakeError
 
 DTYPES = {
@@ -41,37 +44,43 @@ def release_pages(m: mmap.mmap, start: int, end: int) -> None:
         pass
 
 
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+MAX_DIMS = 8
+
+
 class SafetensorsFile:
     """One .safetensors file: header parsed and validated, data memory-mapped lazily."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
             raw = f.read(8)
             if len(raw) < 8:
                 raise LayercakeError(f"{path}: truncated safetensors file (no header)")
             (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > 100 * 2**20:
-                raise LayercakeError(f"{path}: corrupt or truncated safetensors header")
+            if n > size - 8:
+                raise LayercakeError(
+                    f"{path}: truncated or not safetensors: the header claims {n} bytes, "
+                    f"the file has {size}"
+                )
+            if n > MAX_HEADER_BYTES:
+                raise LayercakeError(f"{path}: safetensors header of {n} bytes (at most 100 MiB)")
             try:
                 header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
                 raise LayercakeError(f"{path}: corrupt safetensors header (not JSON)") from None
-        header.pop("__metadata__", None)
+        if not isinstance(header, dict):
+            raise LayercakeError(
+                f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, "
+                "not an object)"
+            )
+        if not isinstance(header.pop("__metadata__", None), (dict, type(None))):
+            raise LayercakeError(f"{path}: corrupt safetensors header (__metadata__ not an object)")
         self.base = 8 + n
         self.entries: dict[str, dict[str, Any]] = header
         for name, e in header.items():
-            if e.get("dtype") not in DTYPES:
-                raise LayercakeError(
-                    f"{path}: tensor {name} has unsupported dtype {e.get('dtype')}"
-                )
-            lo, hi = e["data_offsets"]
-            if not 0 <= lo <= hi or self.base + hi > size:
-                raise LayercakeError(
-                    f"{path}: truncated or corrupt: tensor {name} needs bytes up to "
-                    f"{self.base + hi}, the file has {size}"
-                )
+            _check_entry(path, name, e, size - self.base)
         self._map: mmap.mmap | None = None
 
     def nbytes(self, name: str) -> int:
@@ -96,11 +105,44 @@ class SafetensorsFile:
         if hi == lo:
             return torch.empty(shape, dtype=dtype)
         if self._map is None:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         count = (hi - lo) // dtype.itemsize
         t = torch.frombuffer(self._map, dtype=dtype, count=count, offset=self.base + lo)
+        if (self.base + lo) % dtype.itemsize:  # a header not padded: kernels want aligned data
+            t = t.clone()
         return t.view(shape)
+
+
+def _check_entry(path: Path, name: str, e: Any, data_size: int) -> None:
+    """One header entry: a known dtype, a shape of non-negative whole numbers, and offsets
+    inside the data that hold exactly shape x dtype bytes."""
+
+    def bad(why: str) -> LayercakeError:
+        return LayercakeError(f"{path}: corrupt safetensors header: tensor {name!r} {why}")
+
+    if not isinstance(e, dict):
+        raise bad(f"is described by a JSON {type(e).__name__}, not an object")
+    dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise bad(f"has dtype {dtype!r} (supported: {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS:
+        raise bad(f"has shape {shape!r}: not a list of at most {MAX_DIMS} sizes")
+    if any(type(d) is not int or d < 0 for d in shape):
+        raise bad(f"has shape {shape!r}: sizes must be whole numbers >= 0")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or any(type(o) is not int for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise bad(f"has data_offsets {offsets!r}: not [begin, end] with 0 <= begin <= end")
+    lo, hi = offsets
+    if hi > data_size:
+        raise bad(f"needs data bytes up to {hi}, the file has {data_size}: truncated or corrupt")
+    need = math.prod(shape) * DTYPES[dtype].itemsize
+    if hi - lo != need:
+        raise bad(f"of shape {shape} {dtype} needs {need} bytes, its offsets span {hi - lo}")
 
 
 class SafetensorsCheckpoint:
@@ -109,15 +151,13 @@ class SafetensorsCheckpoint:
     def __init__(self, directory: str | os.PathLike) -> None:
         self.dir = Path(directory)
         cfg = self.dir / "config.json"
-        if not cfg.is_file():
+        if not os.path.lexists(cfg):
             raise LayercakeError(f"{self.dir}: no config.json (not a Hugging Face model directory)")
-        try:
-            self._config = json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
-            raise LayercakeError(f"{cfg}: not valid JSON ({e})") from None
+        self._config = read_json_object(cfg)
+        check_config(self._config, str(cfg))
         index = self.dir / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
+        if os.path.lexists(index):
+            weight_map = _weight_map(index)
         else:
             files = sorted(self.dir.glob("*.safetensors"))
             if not files:
@@ -131,11 +171,9 @@ class SafetensorsCheckpoint:
             weight_map = {}
             for p in files:
                 weight_map.update(dict.fromkeys(SafetensorsFile(p).entries, p.name))
-        for fname in set(weight_map.values()):
-            if not (self.dir / fname).is_file():
-                raise LayercakeError(f"{self.dir}: the index names {fname}, which is missing")
         self.weight_map: dict[str, str] = weight_map
         self._files: dict[str, SafetensorsFile] = {}
+        load_config(self._config, str(cfg))  # complete and buildable, said with the file named
 
     def config_dict(self) -> dict[str, Any]:
         return dict(self._config)
@@ -172,3 +210,20 @@ class SafetensorsCheckpoint:
         out = t.to(dtype)
         f.drop(name)
         return out
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The tensor -> file map of a sharded checkpoint's index; files must be plain names in the
+    model directory (an index cannot send the reader elsewhere)."""
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise LayercakeError(f"{index}: 'weight_map' is missing or not an object")
+    for name, fname in weight_map.items():
+        if not isinstance(fname, str) or fname in ("", ".", "..") or Path(fname).name != fname:
+            raise LayercakeError(
+                f"{index}: tensor {name!r} is in {fname!r}, not a file name in this directory"
+            )
+    for fname in set(weight_map.values()):
+        if not os.path.lexists(index.parent / fname):
+            raise LayercakeError(f"{index}: names {fname}, which is missing")
+    return weight_map

@@ -62,7 +62,7 @@ class DecoderSlice(nn.Module):
         for name, block in self.blocks().items():
             i = int(name)
             if span is None or span[0] <= i < span[1]:
-                h = block(h, ctx, cache.keys[i], cache.values[i], step)
+                h = block.forward(h, ctx, cache.keys[i], cache.values[i], step)  # no hooks
         if not (self.parts.head and last):
             return h
         if last_only:

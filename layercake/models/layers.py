@@ -5,8 +5,10 @@ Everything here is stateless apart from weights; the KV cache comes in as tensor
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,8 +40,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
+        w = self._parameters["weight"]  # no __getattr__: called twice a layer per step
+        if x.dtype == torch.float32 and w.dtype == torch.float32:
+            return torch.rms_norm(x, w.shape, w, self.eps)  # one fused op
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -101,9 +104,50 @@ class Rotary:
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
+        """The rotation for heads laid out (B, T, heads, hd) (before the transpose)."""
+        cos, sin = self(positions, dtype)  # (B, 1, T, hd)
+        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, T, 1, hd)
+        B, T = positions.shape
+        mat = None
+        if T == 1 and cos.device.type == "cpu" and dtype == torch.float32:
+            if not torch.compiler.is_compiling():  # compiled graphs fuse the elementwise form
+                hd = cos.shape[-1]
+                mat = torch.diag_embed(cos.view(B, hd)) + _half_swap(hd) * sin.view(B, 1, hd)
+        return Rope(cos, sin, mat)
+
+
+@functools.cache
+def _half_swap(head_dim: int) -> torch.Tensor:
+    """R with ``x @ R = cat(-x[half:], x[:half])`` (rotate-half)."""
+    h = head_dim // 2
+    R = torch.zeros(head_dim, head_dim, device="cpu")
+    idx = torch.arange(h, device="cpu")
+    R[idx + h, idx] = -1.0
+    R[idx, idx + h] = 1.0
+    return R
+
+
+@dataclass
+class Rope:
+    """Rotate-half RoPE for one forward: ``cos``/``sin`` (B, T, 1, hd); for a one-token step on
+    the CPU also ``mat`` (B, hd, hd), the whole rotation as one small batched matmul (one op per
+    layer instead of six)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mat: torch.Tensor | None = None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, heads, hd) rotated (a new tensor)."""
+        if self.mat is not None:
+            B, _, n, hd = x.shape
+            return torch.bmm(x.reshape(B, n, hd), self.mat).view(B, 1, n, hd)
+        return apply_rotary(x, self.cos, self.sin)
+
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on x (B, heads, T, hd)."""
+    """Rotate-half RoPE on x (.., hd), cos/sin broadcasting to it."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -128,7 +172,11 @@ def cached_attention(
         dev = cache_k.device
         out = cached_attention(q.to(dev), k.to(dev), v.to(dev), cache_k, cache_v, step, scale)
         return out.to(q.device, non_blocking=True)
-    if isinstance(cache_k, QuantKV):  # held quantized: written so, read back dequantized
+    if step.slot is not None:  # a compiled step of static shapes: every slot, unwritten masked
+        cache_k.index_copy_(2, step.slot, k)
+        cache_v.index_copy_(2, step.slot, v)
+        keys, values = cache_k, cache_v
+    elif isinstance(cache_k, QuantKV):  # held quantized: written so, read back dequantized
         cache_k.write(step.start, step.end, k)
         cache_v.write(step.start, step.end, v)
         keys, values = cache_k.read(step.end), cache_v.read(step.end)
@@ -147,13 +195,42 @@ def cached_attention(
     return out.transpose(1, 2).reshape(B, T, H * hd)
 
 
+def one_token_attention(
+    qkv: torch.Tensor,  # (B, 1, (H + 2 KV) hd)
+    rot: torch.Tensor,  # (B, hd, hd): ``Rope.mat``
+    H: int,
+    KV: int,
+    hd: int,
+    cache_k: torch.Tensor | QuantKV,
+    cache_v: torch.Tensor | QuantKV,
+    step: AttentionStep,
+) -> torch.Tensor | None:
+    """A one-token step of fused q/k/v on the CPU in the fewest ops (at one token a step is
+    bound by calls, not arithmetic): q and k rotated by one batched matmul, k and v written into
+    the cache in place, attention on ``kernels.decode_attention``. Returns (B, 1, H * hd), or
+    None where this does not apply (a quantized or static cache, no kernels): the caller then
+    takes the general path, whose results these equal."""
+    if step.slot is not None or not isinstance(cache_k, torch.Tensor) or not kernels.available():
+        return None
+    if cache_k.dtype != torch.float32 or cache_k.device.type != "cpu":
+        return None
+    B, s = qkv.shape[0], step.start
+    flat = qkv.view(B, -1)
+    qk = torch.bmm(flat[:, : (H + KV) * hd].view(B, H + KV, hd), rot)  # (B, H + KV, hd)
+    cache_k[:, :, s].copy_(qk[:, H:])
+    cache_v[:, :, s].copy_(flat[:, (H + KV) * hd :].view(B, KV, hd))
+    keys, values = cache_k[:, :, : s + 1], cache_v[:, :, : s + 1]
+    out = kernels.decode_attention(qk[:, :H], keys, values, step.mask.view(B, -1), hd**-0.5)
+    return out.view(B, 1, H * hd)
+
+
 def _own_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
     """Whether a one-token step's attention runs on ``kernels.decode_attention``: fp32 on the
-    CPU, in eager mode (compiled graphs keep SDPA, which Inductor fuses), kernels built."""
+    CPU, kernels built (compiled graphs call it too: it skips the masked slots of a static
+    cache, which SDPA would compute)."""
     return (
         q.device.type == "cpu"
         and q.dtype == keys.dtype == torch.float32
         and keys.stride(-1) == values.stride(-1) == 1
-        and not torch.compiler.is_compiling()
         and kernels.available()
     )

@@ -16,7 +16,14 @@ from layercake.checkpoint.parts import Parts
 from layercake.config import BaseConfig, rope_parameters
 from layercake.kv_cache import AttentionStep
 from layercake.models.base import DecoderSlice
-from layercake.models.layers import Embedding, RMSNorm, Rotary, apply_rotary, cached_attention
+from layercake.models.layers import (
+    Embedding,
+    RMSNorm,
+    Rope,
+    Rotary,
+    cached_attention,
+    one_token_attention,
+)
 
 
 @dataclass(frozen=True)
@@ -64,15 +71,27 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=c.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, c.hidden_size, bias=c.o_bias)
+        self.qkv_proj: nn.Module | None = None  # q, k, v as one weight (``models.build``)
 
-    def forward(self, x, rope, cache_k, cache_v, step: AttentionStep) -> torch.Tensor:
+    def forward(self, x, rope: Rope, cache_k, cache_v, step: AttentionStep) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.o_proj(cached_attention(q, k, v, cache_k, cache_v, step))
+        H, KV, hd = self.n_heads, self.n_kv, self.hd
+        fused = self.qkv_proj
+        if T == 1 and rope.mat is not None and fused is not None:
+            out = one_token_attention(fused.forward(x), rope.mat, H, KV, hd, cache_k, cache_v, step)
+            if out is not None:
+                return self.o_proj.forward(out)
+        if fused is not None:
+            qkv = fused.forward(x)  # (B, T, (H + 2 KV) hd)
+            qk = rope.apply(qkv[..., : (H + KV) * hd].view(B, T, H + KV, hd))
+            q, k = qk[:, :, :H], qk[:, :, H:]  # (B, T, H, hd), (B, T, KV, hd)
+            v = qkv[..., (H + KV) * hd :].view(B, T, KV, hd)
+        else:
+            q = rope.apply(self.q_proj(x).view(B, T, H, hd))
+            k = rope.apply(self.k_proj(x).view(B, T, KV, hd))
+            v = self.v_proj(x).view(B, T, KV, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        return self.o_proj.forward(cached_attention(q, k, v, cache_k, cache_v, step))
 
 
 class MLP(nn.Module):
@@ -81,10 +100,17 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        self.gate_up_proj: nn.Module | None = None  # gate and up as one weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # in place on the fresh intermediate: no second (tokens x intermediate) allocation
-        return self.down_proj(F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x)))
+        fused = self.gate_up_proj
+        if fused is not None:
+            gu = fused.forward(x)  # (B, T, 2 I)
+            n = gu.shape[-1] // 2
+            act = F.silu(gu[..., :n]).mul_(gu[..., n:])
+        else:  # in place on the fresh intermediate: no second (tokens x I) allocation
+            act = F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x))
+        return self.down_proj.forward(act)
 
 
 class Block(nn.Module):
@@ -96,12 +122,18 @@ class Block(nn.Module):
         self.mlp = MLP(c)
 
     def forward(self, h, rope, cache_k, cache_v, step: AttentionStep) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, cache_k, cache_v, step)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        # children's forward called directly (no hooks are used): a one-token step is bound by
+        # calls, and nn.Module's __call__ costs as much as a small op
+        h = h + self.self_attn.forward(
+            self.input_layernorm.forward(h), rope, cache_k, cache_v, step
+        )
+        return h + self.mlp.forward(self.post_attention_layernorm.forward(h))
 
 
 class Model(DecoderSlice):
     tied = {"lm_head.weight": "model.embed_tokens.weight"}
+    # linears built as one weight where they are held alike (``models.build``)
+    fused = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
     def __init__(self, config: Config, parts: Parts) -> None:
         super().__init__(config, parts)
@@ -122,7 +154,7 @@ class Model(DecoderSlice):
         return self.model.layers
 
     def context(self, positions: torch.Tensor, dtype: torch.dtype) -> Any:
-        return self.rotary(positions, dtype)
+        return self.rotary.rope(positions, dtype)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(h))

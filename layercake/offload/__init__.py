@@ -84,9 +84,9 @@ def resident_runner(
 ) -> LocalRunner:  # fmt: skip
     """Everything fits the budget: the in-memory runner (packed or compressed weights), in
     blocks."""
-    from layercake.checkpoint import build_slice
+    from layercake.models.build import build_slice
 
-    model = build_slice(ckpt, parts, device, dtype, config, pack=True, compress=compress)
+    model = build_slice(ckpt, parts, device, dtype, config, compress=compress)
     cache_quant = compress.cache_spec(config.head_dim) if compress else None
     runner = LocalRunner([model], config, device, dtype, cache_quant)
     runner.block_size, runner.policy = policy.block_size, policy

@@ -152,6 +152,7 @@ def _model(ckpt: Any, config: BaseConfig, parts: Parts, device: torch.device,
 def plan_from_args(a: Any) -> Plan:
     """``layercake plan``'s options -> the plan (the model opened, nothing loaded)."""
     from layercake.checkpoint import open_checkpoint
+    from layercake.checkpoint.locate import locate_model
     from layercake.checkpoint.parts import parse_parts
     from layercake.config import load_config
     from layercake.devices import parse_device, parse_dtype
@@ -162,7 +163,7 @@ def plan_from_args(a: Any) -> Plan:
         raise LayercakeError("--prompt-len, --gen-len and --max-sequences must be at least 1")
     if a.threads:
         torch.set_num_threads(a.threads)
-    path = Path(a.model).expanduser() if a.model else embedded_model_path()
+    path = locate_model(a.model) if a.model else embedded_model_path()
     dev = parse_device(a.device)
     comp = compression(a.compress_weight, False, a.compress_bits, a.group_size)
     choices: list[Compression | None] = [comp]

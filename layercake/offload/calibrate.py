@@ -30,6 +30,7 @@ from layercake.checkpoint.parts import Parts
 from layercake.config import BaseConfig, load_config
 from layercake.models import family
 from layercake.offload.measure import load_cache, machine_key, save_cache
+from layercake.progress import track
 from layercake.quant import Compression
 
 HEAD_PROBE_BYTES = 64 * 2**20  # one head slab of the probe (storage dtype)
@@ -162,7 +163,7 @@ def _measure(cfg: dict, stored: torch.dtype, device: torch.device, dtype: torch.
         load_l, step_l = _load_and_step(layer, config, device, dtype, 1, decode_len)
         load_h, _ = _load_and_step(head, config, device, dtype, 1, 1)
         out["layer_load_s"], out["head_load_s_per_row"] = load_l, load_h / rows
-        for bs in batch_sizes:
+        for bs in track(batch_sizes, "timing the model's layers (once; cached)", unit="sizes"):
             dec = _forward_s(layer, config, device, dtype, bs, 1, 1, decode_len, repeats=9)
             out["decode_layer_s"][bs] = step_l if bs == 1 else max(step_l, dec - load_l)
             pre = _forward_s(layer, config, device, dtype, bs, 1, prompt_len, 0, repeats=3)

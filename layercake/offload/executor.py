@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layercake.checkpoint import _embedding_dtype
 from layercake.checkpoint.parts import Parts
 from layercake.checkpoint.quantized import load_rows
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.kv_cache import AttentionStep, KVCache, QuantKV
 from layercake.models import family
+from layercake.models.build import embedding_dtype
 from layercake.offload.cuda import DeviceKV, WeightStream, to_device_rows, to_host_rows
 from layercake.offload.kvdisk import DiskKV, KVStream
 from layercake.offload.kvtiers import KVTiers
@@ -40,8 +40,9 @@ from layercake.offload.tiers import (
     keep_in_ram,
 )
 from layercake.ops import kernels
-from layercake.ops.int4pack import Int4Linear, PackedInt4, PackedInt8, kernel8_ok, nbytes8
-from layercake.ops.kernels import BF16Linear, bf16_linear
+from layercake.ops import linear as ops
+from layercake.ops.int4pack import PackedInt4, PackedInt8, nbytes8
+from layercake.ops.kernels import bf16_linear
 from layercake.quant import Compression, QTensor, dequantize
 
 
@@ -161,21 +162,23 @@ class OffloadRunner:
     # ---- placement -------------------------------------------------------------------------
     def _int8(self, e: Entry) -> bool:
         """Whether ``e`` multiplies on the int8 kernel (per-row int8, e.g. an int4 model's head)."""
-        return (
-            bool(e.quant)
-            and not e.form
-            and self.dtype == torch.float32
-            and kernel8_ok(e.shape, e.spec, self.device)
-        )
+        return bool(e.quant) and not e.form and self._form(e, e.spec) == "int8row"
 
     def _direct(self, e: Entry, u: Unit) -> bool:
         """Whether ``e`` is multiplied in bf16 as stored: a linear weight or a head slab."""
-        if not self.direct or e.quant or e.form or e.torch_dtype != torch.bfloat16:
+        if not self.direct or e.quant or e.form or self._form(e, None) != "bf16":
             return False
         if u.kind == "head":
             return True
         owner = self.model.get_submodule(e.param.rpartition(".")[0])
-        return e.param.endswith(".weight") and type(owner) in (nn.Linear, BF16Linear)
+        return e.param.endswith(".weight") and type(owner) in (nn.Linear, ops.Linear)
+
+    def _form(self, e: Entry, spec: object) -> str:
+        """The form the chooser picks for a streamed weight entry."""
+        stored = None if e.quant else e.torch_dtype
+        shape = e.weight_shape if e.form else e.shape
+        return ops.choose(shape, stored=stored, spec=spec, device=self.device, dtype=self.dtype,
+                          streamed=True)  # fmt: skip
 
     def _packed_modules(self) -> None:
         """Linears whose weight is held in the int4 kernel's form become ``Int4Linear``s, those
@@ -185,10 +188,8 @@ class OffloadRunner:
             for e in u.entries:
                 if u.kind != "layer":
                     continue
-                if e.form == "data" or self._int8(e):
-                    module = Int4Linear(None)
-                elif self._direct(e, u):
-                    module = BF16Linear()
+                if e.form == "data" or self._int8(e) or self._direct(e, u):
+                    module = ops.Linear(None)
                 else:
                     continue
                 name = e.param.rpartition(".")[0]
@@ -210,7 +211,7 @@ class OffloadRunner:
             owner = self.model.get_submodule(name.rpartition(".")[0])
             want = self.dtype
             if isinstance(owner, nn.Embedding):
-                want = _embedding_dtype(ckpt, src, self.dtype, self.device)
+                want = embedding_dtype(ckpt, src, self.dtype, self.device)
                 if want != self.dtype:
                     owner.compute_dtype = self.dtype
             state[name] = ckpt.load(src, want).to(self.device)
@@ -327,7 +328,7 @@ class OffloadRunner:
                 parts = [raw.view(e.torch_dtype).view(r1 - r0, -1) for r0, r1, raw in segs]
                 t = parts[0] if len(parts) == 1 else parts
                 if p.owner is not None:
-                    p.owner.weight = t
+                    p.owner.weight = ops.BF16(t)
                 out[e.param] = t
                 continue
             if p.pscratch is not None:  # per-row int8

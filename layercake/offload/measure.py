@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from layercake.offload.tiers import ALIGN, DirectReader, align_up, host_buffer
+from layercake.progress import waiting
 
 PROBE_BYTES = 512 * 2**20  # written once to the offload dir and read back with direct I/O
 CHUNK_BYTES = 128 * 2**20  # about one streamed unit of a 1B-3B model per read
@@ -168,13 +169,14 @@ def measure_machine(
     hit = data.get("machines", {}).get(key)
     if hit is not None and not remeasure:
         return Machine(**hit)
-    m = Machine(
-        key=key,
-        disk_gbps=round(disk_gbps(offload_dir), 3) if offload_dir is not None else 0.0,
-        matmul_gflops=round(matmul_gflops(device=device), 1),
-        h2d_gbps=h2d_gbps(device),
-        measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    )
+    with waiting("measuring this machine's disk and matmul rates (once; cached)"):
+        m = Machine(
+            key=key,
+            disk_gbps=round(disk_gbps(offload_dir), 3) if offload_dir is not None else 0.0,
+            matmul_gflops=round(matmul_gflops(device=device), 1),
+            h2d_gbps=h2d_gbps(device),
+            measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
     data.setdefault("machines", {})[key] = asdict(m)
     save_cache(data)
     return m

@@ -320,7 +320,7 @@ def static_bytes(ckpt: Any, model: torch.nn.Module, units: list[Unit], tied: dic
                  dtype: torch.dtype, device: torch.device, touched_rows: int) -> int:  # fmt: skip
     """Host bytes of the resident tensors outside the units (embeddings, norms): a table kept as
     a view of the checkpoint costs only the rows a block touches."""
-    from layercake.checkpoint import _embedding_dtype
+    from layercake.models.build import embedding_dtype
 
     unit_params = {e.param for u in units for e in u.entries} | {"lm_head.weight"}
     names = set(ckpt.tensor_names())
@@ -331,7 +331,7 @@ def static_bytes(ckpt: Any, model: torch.nn.Module, units: list[Unit], tied: dic
         src = name if name in names else tied.get(name, name)
         owner = model.get_submodule(name.rpartition(".")[0])
         if isinstance(owner, torch.nn.Embedding) and src in names:
-            want = _embedding_dtype(ckpt, src, dtype, device)
+            want = embedding_dtype(ckpt, src, dtype, device)
             if want != dtype:  # a view: the rows looked up are paged in
                 row = p.shape[-1] * want.itemsize
                 total += min(p.shape[0], touched_rows) * (row + 4096)

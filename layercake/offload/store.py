@@ -25,7 +25,9 @@ import torch
 from layercake.checkpoint.quantized import load_rows, quant_spec, weight_quant
 from layercake.errors import LayercakeError
 from layercake.offload.tiers import ALIGN, align_up, check_writable
-from layercake.ops.int4pack import BLOCK_N, data_shape, kernel_ok, pack, sz_shape
+from layercake.ops.int4pack import BLOCK_N, data_shape, pack, sz_shape
+from layercake.ops.linear import choose
+from layercake.progress import track
 from layercake.quant import Compression, QTensor, QuantSpec
 
 FORMAT = 1
@@ -134,8 +136,10 @@ def plan_units(
             if compress is not None and len(shape) == 2:
                 head = param == "lm_head.weight"
                 quant = weight_quant(ckpt, src, compress, shape[1], head)
-                if packed and kernel_ok(shape, quant_spec(quant), "cpu"):
-                    spec = quant_spec(quant)
+                spec = quant_spec(quant)
+                form = choose(shape, stored=None, spec=spec, device="cpu", dtype=compute,
+                              streamed=True)  # fmt: skip
+                if packed and form == "int4pack":
                     part = [Entry(param, src, data_shape(shape), "uint8", row0, 0, quant, "data"),
                             Entry(f"{param}#sz", src, sz_shape(shape, spec), "bfloat16", row0, 0,
                                   quant, "sz")]  # fmt: skip
@@ -193,7 +197,7 @@ def prepare(ckpt: Any, units: list[Unit], source: Path, offload_dir: Path) -> Pa
         return out
     check_writable(offload_dir, sum(u.file_bytes for u in units))
     out.mkdir(parents=True, exist_ok=True)
-    for u in units:
+    for u in track(units, f"writing the offload layout {out}", lambda u: u.file_bytes, "B"):
         _write_unit(ckpt, u, out / f"{u.name}.bin")
     tmp = out / "manifest.json.tmp"
     tmp.write_text(key)

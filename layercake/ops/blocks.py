@@ -90,10 +90,11 @@ def from_blocks(w: torch.Tensor, bits: int) -> torch.Tensor:
 @dataclass
 class Blocks:
     """A weight (out, in) held as blocks (see ``to_blocks``); ``linear`` is ``x @ W.T`` in fp32
-    (the same interface as ``int4mm.PackedInt4``, so an ``Int4Linear`` holds it)."""
+    (a weight form of ``ops.linear``)."""
 
     data: torch.Tensor  # (out, in / 32 * block bytes) uint8
     bits: int
+    form = "blocks"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -101,11 +102,11 @@ class Blocks:
         return N, nbytes // BLOCK_BYTES[self.bits] * GROUP
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        N, K = self.shape
+        *lead, K = x.shape
         y = kernels.block_mm(x.reshape(-1, K).float(), self.data, self.bits)
         if bias is not None:
             y += bias
-        return y.view(*x.shape[:-1], N)
+        return y.view(*lead, y.shape[1])
 
     @classmethod
     def from_quantized(cls, q: QTensor) -> Blocks:

@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from torch import nn
 
 from layercake.quant import BLOCK_ELEMENTS, QTensor, QuantSpec, dequantize
 
@@ -114,6 +112,7 @@ class PackedInt4:
     data: torch.Tensor
     sz: torch.Tensor
     group_size: int
+    form = "int4pack"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -149,6 +148,7 @@ class PackedInt8:
     data: torch.Tensor
     scale: torch.Tensor
     offset: torch.Tensor | None = None
+    form = "int8row"
 
     def __post_init__(self) -> None:
         # the kernel's unit scales: made here, not in ``linear`` (a compiled step must see a
@@ -236,28 +236,3 @@ def int8_available() -> bool:
 def nbytes8(rows: int, width: int) -> int:
     """Bytes of a ``PackedInt8`` of ``rows`` x ``width``: values, scales, offsets (aligned)."""
     return (rows * width + 3) // 4 * 4 + 8 * rows
-
-
-class Int4Linear(nn.Module):
-    """``y = x @ W.T + b`` with W a ``PackedInt4``, ``PackedInt8`` or ``ops.blocks.Blocks`` (held,
-    or bound per use by the offload executor: ``weight`` is a plain attribute, ``bias`` a
-    parameter slot)."""
-
-    def __init__(self, weight: Any, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.weight = weight
-        b = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
-        self.register_parameter("bias", b)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight.linear(x, self.bias)
-
-    def extra_repr(self) -> str:
-        if self.weight is None:
-            return "unbound"
-        out, width = self.weight.shape
-        if isinstance(self.weight, PackedInt8):
-            return f"in={width}, out={out}, int8 per row, packed"
-        if not isinstance(self.weight, PackedInt4):  # ops.blocks.Blocks
-            return f"in={width}, out={out}, int{self.weight.bits}-g32 blocks"
-        return f"in={width}, out={out}, int4-g{self.weight.group_size} packed"

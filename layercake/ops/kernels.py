@@ -34,7 +34,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
+
+from layercake.progress import waiting
 
 SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
 CPU_FLAGS = ("avx2", "fma", "f16c")
@@ -81,8 +82,6 @@ def _build(target: Path, extra_flags: tuple[str, ...] = ()) -> None:
 
     cxx = _compiler()
     assert cxx is not None  # unsupported() said so before
-    print(f"layercake: compiling its CPU kernels (once, ~10 s; cached in {target.parent})",
-          file=sys.stderr)  # fmt: skip
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c",
            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *extra_flags, str(SOURCE)]  # fmt: skip
@@ -93,9 +92,10 @@ def _build(target: Path, extra_flags: tuple[str, ...] = ()) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        r = subprocess.run([*cmd, "-o", str(out)], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{r.stderr[-2000:]}")
+        with waiting(f"compiling the CPU kernels (once; cached in {target.parent})"):
+            r = subprocess.run([*cmd, "-o", str(out)], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"compiling {SOURCE.name} failed:\n{r.stderr[-2000:]}")
         os.replace(out, target)  # atomic: concurrent builders each publish a whole file
     for old in target.parent.glob("kernels-*.so"):  # builds of other sources / PyTorch versions
         if old != target:
@@ -155,11 +155,18 @@ def require() -> None:
         raise RuntimeError(f"layercake's CPU kernels are not available: {why}")
 
 
+_OPS: dict = {}
+
+
 def _op(name: str):
-    """The registered op ``torch.ops.layercake.<name>`` (built and loaded first if need be)."""
-    if not hasattr(torch.ops.layercake, name):
-        require()
-    return getattr(torch.ops.layercake, name)
+    """The registered op ``torch.ops.layercake.<name>.default`` (built and loaded first if need
+    be); looked up once: a one-token step calls these hundreds of times."""
+    op = _OPS.get(name)
+    if op is None:
+        if not hasattr(torch.ops.layercake, name):
+            require()
+        op = _OPS[name] = getattr(torch.ops.layercake, name).default
+    return op
 
 
 def block_mm(x: torch.Tensor, w: torch.Tensor, bits: int) -> torch.Tensor:
@@ -185,21 +192,6 @@ def bf16_mm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -
         return _op("bf16_mm")(x, w)
     _op("bf16_mm_out")(x, w, out)
     return out
-
-
-class BF16Linear(nn.Module):
-    """``y = x @ W.T + b`` in fp32 with W held in bf16 (``bf16_mm``): ``weight`` is bound per use
-    by the offload executor, one (N, K) tensor or a list of row blocks in order (rows held in
-    different tiers: each multiplies where it lies, nothing is gathered)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        require()
-        self.weight: torch.Tensor | list[torch.Tensor] | None = None
-        self.register_parameter("bias", None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return bf16_linear(x, self.weight, self.bias)
 
 
 def bf16_linear(

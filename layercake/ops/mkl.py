@@ -11,7 +11,6 @@ copy is ever held.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 BLOCK_BYTES = 64 * 2**20  # rows packed per block: bounds the scratch buffer, and the transient
 
@@ -39,20 +38,21 @@ except (AttributeError, RuntimeError):  # a PyTorch built without MKL
     _mkl_linear = None
 
 
-class PackedLinear(nn.Module):
-    """``y = x @ W.T + b`` with W held in MKL's packed layout, in blocks of output rows."""
+class MKLPacked:
+    """A weight (out, in) held in MKL's packed layout, in blocks of output rows; ``linear`` is
+    ``x @ W.T + b`` in fp32 (the form ``ops.linear`` names "mkl")."""
 
-    def __init__(
-        self, source: torch.Tensor, bias: torch.Tensor | None, scratch: torch.Tensor | None = None
-    ) -> None:
+    form = "mkl"
+
+    def __init__(self, source: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
         """Pack ``source`` (out, in), any float dtype (e.g. a bf16 view of the checkpoint);
         ``scratch`` is a reusable fp32 buffer of at least one block."""
-        super().__init__()
-        self.out_features, self.in_features = source.shape
-        rows = max(1, BLOCK_BYTES // (4 * self.in_features))
+        self.shape = tuple(source.shape)
+        out_features, in_features = self.shape
+        rows = max(1, BLOCK_BYTES // (4 * in_features))
         self.blocks: list[torch.Tensor] = []
         self.stubs: list[torch.Tensor] = []
-        for r0 in range(0, self.out_features, rows):
+        for r0 in range(0, out_features, rows):
             part = source[r0 : r0 + rows]
             if part.dtype != torch.float32:
                 if scratch is None or scratch.numel() < part.numel():
@@ -63,16 +63,16 @@ class PackedLinear(nn.Module):
             )
             # the op reads only the shape and dtype of the plain weight: a zero-stride stand-in
             self.stubs.append(torch.zeros(1).expand(part.shape))
-        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).contiguous()  # (M, in)
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        out_features, in_features = self.shape
+        x2 = x.reshape(-1, in_features).contiguous()  # (M, in)
         M = x2.shape[0]
         if len(self.blocks) == 1:  # the common case, kept lean: decoding is call-bound
-            y = _mkl_linear(x2, self.blocks[0], self.stubs[0], self.bias, M)
+            y = _mkl_linear(x2, self.blocks[0], self.stubs[0], bias, M)
         else:
             outs = [_mkl_linear(x2, b, s, None, M) for b, s in zip(self.blocks, self.stubs)]
             y = torch.cat(outs, dim=-1)  # (M, out)
-            if self.bias is not None:
-                y += self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+            if bias is not None:
+                y += bias
+        return y.view(*x.shape[:-1], out_features)

@@ -1,12 +1,15 @@
 """Joining a job: the handshake over rank 0's TCP store, then the gloo (and NCCL) process group.
 
-Rank 0's address is the rendezvous: it hosts a ``TCPStore`` there. Every process writes a hello
-(name, layercake version, topology digest, model identity; JSON, never pickle) under its own
-key; rank 0 compares each worker's hello with its own and answers ``ok`` or the reason, and each
-worker compares rank 0's hello itself, so a mismatch is reported on both sides before any
-process group exists. A worker's address names the interface gloo binds to (its host), and the
-worker holds its port for the life of the process, so two workers given one address collide
-clearly. Gloo picks its own ports for the data connections.
+Rank 0's address is the rendezvous: it hosts a ``TCPStore`` there, bound to that address only.
+Every process writes a hello (name, layercake version, topology digest, model identity; JSON,
+never pickle) under its own key, signed with the job's shared token (HMAC-SHA256 over the hello,
+the generation and a nonce rank 0 draws for it: a hello read from the store cannot be replayed,
+and one written without the token is dropped). Rank 0 compares each worker's hello with its own
+and answers ``ok`` or the reason, and each worker checks rank 0's signature and hello itself, so
+a mismatch is reported on both sides before any process group exists. Each node's address names
+the interface its gloo device binds to (``netif``), and a worker holds its port for the life of
+the process, so two workers given one address collide clearly. Gloo picks its own ports for the
+data connections.
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import hashlib
+import hmac
 import json
+import os
+import secrets
 import socket
 import sys
 import time
@@ -23,10 +30,12 @@ from typing import Any
 import torch.distributed as dist
 
 from layercake.errors import LayercakeError
-from layercake.pipeline.topology import Node, Topology
+from layercake.pipeline.netif import gloo_interface, interface_of
+from layercake.pipeline.topology import MIN_TOKEN, Node, Topology
 from layercake.pipeline.transport import FOREVER, Transport
 
 POLL = 0.1
+TOKEN_ENV = "LAYERCAKE_PIPELINE_TOKEN"
 
 
 def hold_address(node: Node) -> socket.socket:
@@ -98,6 +107,51 @@ def mismatch(mine: dict[str, Any], theirs: dict[str, Any]) -> str | None:
     return None
 
 
+def job_token(topology: Topology, rank: int) -> str:
+    """The job's shared secret: ``LAYERCAKE_PIPELINE_TOKEN``, else the topology's ``token``;
+    rank 0 without either makes one and says how to hand it to the workers."""
+    tok = os.environ.get(TOKEN_ENV) or topology.token
+    if tok:
+        if len(tok) < MIN_TOKEN:
+            raise LayercakeError(f"{TOKEN_ENV} must be at least {MIN_TOKEN} characters")
+        return tok
+    name = topology.nodes[rank].name
+    if rank > 0:
+        raise LayercakeError(
+            f"node {name}: no pipeline token: set {TOKEN_ENV} to the token the job's first node "
+            f"printed (or put `token:` in {topology.source} on every node)"
+        )
+    tok = secrets.token_hex(16)
+    print(f"layercake {name}: this job's token is {tok}: start the workers with "
+          f"{TOKEN_ENV}={tok} (or put `token: {tok}` in the topology)", file=sys.stderr,
+          flush=True)  # fmt: skip
+    return tok
+
+
+def _sign(token: str, *parts: str) -> str:
+    return hmac.new(token.encode(), "\x00".join(parts).encode(), hashlib.sha256).hexdigest()
+
+
+def _signed(doc: dict[str, Any], token: str, *context: str) -> str:
+    body = json.dumps(doc, sort_keys=True)
+    return json.dumps({"hello": body, "mac": _sign(token, *context, body)})
+
+
+def _verify(store: dist.Store, key: str, token: str, *context: str) -> dict[str, Any] | None:
+    """The hello under ``key`` if its MAC is right for ``token`` and ``context`` (None if not)."""
+    doc = _read(store, key)
+    body, mac = doc.get("hello"), doc.get("mac")
+    if not isinstance(body, str) or not isinstance(mac, str):
+        return None
+    if not hmac.compare_digest(mac, _sign(token, *context, body)):
+        return None
+    try:
+        hello = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    return hello if isinstance(hello, dict) else None
+
+
 def _read(store: dist.Store, key: str) -> dict[str, Any]:
     raw = store.get(key)
     if len(raw) > 65536:
@@ -111,61 +165,102 @@ def _read(store: dist.Store, key: str) -> dict[str, Any]:
     return doc
 
 
-def _store(host: str, port: int, master: bool, timeout: float) -> dist.TCPStore:
+def _store(host: str, port: int, master: bool, timeout: float,
+           listen: socket.socket | None = None) -> dist.TCPStore:  # fmt: skip
+    """A store client, or (``listen``: a socket bound to rank 0's address) the server on that
+    address only: TCPStore alone would listen on every interface."""
+    fd = listen.detach() if listen is not None else None
     return dist.TCPStore(host, port, world_size=None, is_master=master,
-                         timeout=datetime.timedelta(seconds=timeout),
-                         wait_for_workers=False)  # fmt: skip
+                         timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False,
+                         master_listen_fd=fd)  # fmt: skip
 
 
 def _process_group(topology: Topology, rank: int, store: dist.Store, timeout: float) -> None:
+    """Join the group with gloo bound to the interface that owns this node's address."""
     node = topology.nodes[rank]
+    interface = interface_of(node.host)
+    if interface is None:
+        raise LayercakeError(
+            f"node {node.name}: {node.host} is not an address of this machine: run "
+            f"'{node.name}' on the host the topology names, or correct its address"
+        )
+    print(f"layercake {node.name}: gloo bound to interface {interface} ({node.host})",
+          file=sys.stderr, flush=True)  # fmt: skip
     cuda = sum(n.device.startswith("cuda") for n in topology.nodes) >= 2
     t = datetime.timedelta(seconds=timeout)
     n = len(topology.nodes)
+    backend = "gloo"
     if cuda and node.device.startswith("cuda") and dist.is_nccl_available():
         import torch
 
         torch.cuda.set_device(torch.device(node.device))
-        dist.init_process_group("cpu:gloo,cuda:nccl", store=store, rank=rank, world_size=n,
-                                timeout=t)  # fmt: skip
-        return
-    opts = dist.ProcessGroupGloo._Options()
-    opts._timeout = t
-    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=node.host)]
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=n, timeout=t,
-                            pg_options=opts)  # fmt: skip
+        backend = "cpu:gloo,cuda:nccl"
+    try:
+        with gloo_interface(interface):
+            dist.init_process_group(backend, store=store, rank=rank, world_size=n, timeout=t)
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        others = ", ".join(m.describe() for i, m in enumerate(topology.nodes) if i != rank)
+        raise LayercakeError(
+            f"node {node.name}: could not connect to {others} over {interface} ({node.host}): "
+            f"is every node's address reachable from the others? ({first})"
+        ) from None
 
 
 def host_job(topology: Topology, model_id: str, model_path: str,
              store: dist.TCPStore | None = None) -> tuple[Transport, Any]:  # fmt: skip
-    """Rank 0: serve the rendezvous, accept every worker (or explain why not), build the group.
-    Returns the transport and the store, which lives as long as the runner: a ``reconnect``
-    starts the next generation of keys on it instead of binding the port again."""
+    """Rank 0: serve the rendezvous on its own address, accept every worker whose hello carries
+    the job's token (or explain why not), build the group. Returns the transport and the store,
+    which lives as long as the runner: a ``reconnect`` starts the next generation of keys on it
+    instead of binding the port again."""
     main = topology.nodes[0]
+    token = job_token(topology, 0)
     if store is None:
-        hold_address(main).close()  # the clear errors; the store binds the port right after
+        held = hold_address(main)  # the clear errors; the store serves on this socket
         try:
-            store = _store(main.host, main.port, True, topology.connect_timeout)
+            store = _store(main.host, main.port, True, topology.connect_timeout, held)
         except (RuntimeError, OSError) as e:
             raise LayercakeError(
                 f"node {main.name}: cannot listen on {main.address}: {e}"
             ) from None
-    gen = f"{store.add('generation', 0) + 1}/"
+    number = store.add("generation", 0) + 1
+    gen, nonce = f"{number}/", secrets.token_hex(16)
     mine = hello(topology, 0, model_id, model_path)
-    store.set(gen + "hello/" + main.name, json.dumps(mine))
+    store.set(gen + "nonce", nonce)
+    store.set(gen + "hello/" + main.name, _signed(mine, token, gen, nonce, main.name))
     store.add("generation", 1)  # workers read the generation, then its hello
-    workers = topology.nodes[1:]
+    _accept(topology, store, token, gen, nonce, mine)
+    _process_group(topology, 0, dist.PrefixStore(gen + "pg", store), topology.connect_timeout)
+    return Transport(topology.nodes, 0, topology.timeout), store
+
+
+def _accept(topology: Topology, store: dist.Store, token: str, gen: str, nonce: str,
+            mine: dict[str, Any]) -> None:  # fmt: skip
+    """Wait for every worker's signed hello; a hello without the token is dropped (and said),
+    the worker's own may still come; a mismatch ends the start with both sides told why."""
+    main, workers = topology.nodes[0], topology.nodes[1:]
     deadline = time.monotonic() + topology.connect_timeout
     waiting = {w.name for w in workers}
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []
+    forged: set[str] = set()
     while waiting:
         for w in sorted(waiting):
-            if store.check([gen + "hello/" + w]):
-                waiting.discard(w)
-                why = mismatch(mine, _read(store, gen + "hello/" + w))
-                store.set(gen + "verdict/" + w, why or "ok")
-                if why:
-                    problems.append((w, f"node {w} rejected: {why}"))
+            key = gen + "hello/" + w
+            if not store.check([key]):
+                continue
+            theirs = _verify(store, key, token, gen, nonce, w)
+            if theirs is None or theirs.get("name") != w:
+                store.delete_key(key)  # no answer: a worker with another token finds out itself
+                if w not in forged:
+                    print(f"layercake {main.name}: rejected a hello for {w} without this job's "
+                          "token", file=sys.stderr, flush=True)  # fmt: skip
+                forged.add(w)
+                continue
+            waiting.discard(w)
+            why = mismatch(mine, theirs)
+            store.set(gen + "verdict/" + w, why or "ok")
+            if why:
+                problems.append((w, f"node {w} rejected: {why}"))
         if problems:  # the rejected worker reads why before this process (and its store) ends
             for w, _ in problems:
                 with contextlib.suppress(RuntimeError):
@@ -174,14 +269,13 @@ def host_job(topology: Topology, model_id: str, model_path: str,
         if waiting and time.monotonic() > deadline:
             late = [w for w in workers if w.name in waiting]
             names = ", ".join(w.describe() for w in late)
+            bad = " (hellos without this job's token were rejected)" if forged & waiting else ""
             raise LayercakeError(
-                f"{names} did not join within {topology.connect_timeout:.0f} s: start "
+                f"{names} did not join within {topology.connect_timeout:.0f} s{bad}: start "
                 f"`layercake worker --topology {topology.source} --name {late[0].name}` there "
                 f"and check that it can reach {main.name} at {main.address}"
             )
         time.sleep(POLL)
-    _process_group(topology, 0, dist.PrefixStore(gen + "pg", store), topology.connect_timeout)
-    return Transport(topology.nodes, 0, topology.timeout), store
 
 
 def _connect(topology: Topology, me: Node, deadline: float | None) -> dist.TCPStore:
@@ -212,10 +306,11 @@ def join_job(topology: Topology, rank: int, model_id: str, model_path: str,
     me = topology.nodes[rank]
     deadline = None if connect_timeout is None else time.monotonic() + connect_timeout
     mine = hello(topology, rank, model_id, model_path)
+    token = job_token(topology, rank)
     while True:
         store = _connect(topology, me, deadline)
         try:
-            return _handshake(topology, rank, store, mine)
+            return _handshake(topology, rank, store, mine, token)
         except (RuntimeError, _Newer):  # the store went away or a new generation began
             time.sleep(POLL)
 
@@ -224,15 +319,22 @@ class _Newer(Exception):
     pass
 
 
-def _handshake(topology: Topology, rank: int, store: dist.TCPStore, mine: dict[str, Any]
-               ) -> tuple[Transport, Any]:  # fmt: skip
+def _handshake(topology: Topology, rank: int, store: dist.TCPStore, mine: dict[str, Any],
+               token: str) -> tuple[Transport, Any]:  # fmt: skip
     main, me = topology.nodes[0], topology.nodes[rank]
     while store.add("generation", 0) == 0:  # rank 0 is between jobs
         time.sleep(POLL)
     number = store.add("generation", 0)
     gen = f"{number}/"
-    store.set(gen + "hello/" + me.name, json.dumps(mine))
-    why = mismatch(mine, _read(store, gen + "hello/" + main.name))
+    nonce = store.get(gen + "nonce").decode(errors="replace")
+    theirs = _verify(store, gen + "hello/" + main.name, token, gen, nonce, main.name)
+    if theirs is None:
+        raise LayercakeError(
+            f"{main.name} at {main.address} does not hold this job's token: give every node "
+            f"the same {TOKEN_ENV} (or `token:` in the topology)"
+        )
+    store.set(gen + "hello/" + me.name, _signed(mine, token, gen, nonce, me.name))
+    why = mismatch(mine, theirs)
     while not store.check([gen + "verdict/" + me.name]):
         if store.add("generation", 0) != number:
             raise _Newer

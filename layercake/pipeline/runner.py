@@ -2,17 +2,20 @@
 the workers, so ``LLM.generate`` runs unchanged; and ``run_worker``, what ``layercake worker``
 runs on every other node.
 
-A forward splits the batch's rows into micro-batches: rank 0 runs its first segment on
-micro-batch m and sends it on while the next node computes m-1, and so on down the path; the
-last segment's logits come back to rank 0. Each node keeps the KV cache of its own layers, one
-per micro-batch, under the cache id rank 0 hands out.
+A forward splits the batch's rows into micro-batches and a prompt's tokens into chunks (the
+pieces): rank 0 runs its first segment on piece p and sends it on while the next node computes
+p-1, and so on down the path; the last segment's logits (or, for a greedy generation, each row's
+argmax id) come back to rank 0. Each node keeps the KV cache of its own layers, one per
+micro-batch, under the cache id rank 0 hands out.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.kv_cache import KVCache
 from layercake.pipeline.rendezvous import host_job, join_job, leave_job
-from layercake.pipeline.stage import Stage, run_segments, serve
+from layercake.pipeline.stage import Stage, pieces, receive, run_segments, serve
 from layercake.pipeline.topology import Topology, load_topology
 from layercake.pipeline.transport import Kind, PeerError
 
@@ -54,21 +57,38 @@ class PipelineRunner:
         # disk reads (measured: 4.5 tok/s with 1, 3.5 with 2, 2.3 with 4 in benchmarks/pipeline)
         default = 1 if any(n.offloaded for n in topology.nodes) else len(topology.nodes)
         self.micro_batches = micro_batches or topology.micro_batches or default
+        # a prompt's tokens in chunks: node k runs chunk c while node k+1 runs chunk c-1
+        self.prefill_chunks = topology.prefill_chunks or 2 * len(topology.nodes)
         self.workers = list(range(1, len(topology.nodes)))
         self._next_id = 0
         self.failed: LayercakeError | None = None
         self.forwards = 0  # passes through the pipeline (one per forward call)
+        self._sampler: Any = None
+        self._log: list[tuple[str, tuple]] = []
 
     # ---- the Runner interface ---------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int) -> PipelineCache:
         self._alive()
+        cache = PipelineCache(self, 0, batch, capacity)
+        self._open(cache)
+        self._sampler = None  # a generation over this cache hands over its own (use_sampler)
+        self._log: list[tuple[str, tuple]] = []  # what was done to it since: replayed on resume
+        return cache
+
+    def _open(self, cache: PipelineCache) -> None:
+        """(Re)create ``cache`` under a new id on every node."""
+        batch, capacity = cache.batch, cache.capacity
         m = max(1, min(self.micro_batches, batch))
         sizes = [batch // m + (i < batch % m) for i in range(m)]
+        why = self.stage.limits.cache(sizes, capacity)
+        if why:
+            raise LayercakeError(f"pipeline: a cache of {batch} rows x {capacity} slots exceeds "
+                                 f"this job's limits ({why}): raise max_batch / max_context in "
+                                 f"{self.topology.source}")  # fmt: skip
         self._next_id += 1
-        cid = self._next_id
+        cid = cache.cache_id = self._next_id
         self._guard(lambda: self._broadcast(Kind.NEW_CACHE, (cid, capacity), [torch.tensor(sizes)]))
         self.stage.new_cache(cid, sizes, capacity)
-        return PipelineCache(self, cid, batch, capacity)
 
     @torch.inference_mode()
     def forward(
@@ -84,7 +104,42 @@ class PipelineRunner:
         if not isinstance(cache, PipelineCache) or cache.runner is not self:
             raise LayercakeError("a pipeline runs with a cache from its own new_cache()")
         self.stage.check(cache.cache_id)
-        return self._guard(lambda: self._forward(tokens, positions, cache, token_mask, last_only))
+        mask = None if token_mask is None else token_mask.cpu().clone()
+        args = (tokens.cpu().clone(), positions.cpu().clone(), mask, last_only)  # they mutate
+        out = self._resilient(cache, lambda: self._forward(args[0], args[1], cache, *args[2:]))
+        self._log.append(("forward", args))
+        return out
+
+    def _resilient(self, cache: PipelineCache, fn: Any) -> Any:
+        """``fn``; with the topology's ``resume_timeout``, a lost worker that comes back in time
+        (restarted) is reconnected, the cache rebuilt by replaying its steps, and ``fn`` run
+        again: the job goes on with the same tokens."""
+        try:
+            return self._guard(fn)
+        except LayercakeError:
+            wait = self.topology.resume_timeout
+            if not wait or self.failed is None:
+                raise
+            lost = self.failed
+            name = self.topology.nodes[0].name
+            print(f"layercake {name}: {lost}; waiting up to {wait:.0f} s for it to rejoin",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            try:
+                self.reconnect(wait)
+            except LayercakeError as e:
+                self.failed = LayercakeError(f"{lost} (not back within {wait:.0f} s: {e})")
+                raise self.failed from None
+            first = self._log[0][1] if self._log else None
+            cache.batch = len(first[0]) if first else cache.batch
+            self._open(cache)
+            for kind, args in self._log:
+                if kind == "forward":
+                    self._guard(lambda a=args: self._forward(a[0], a[1], cache, *a[2:]))
+                else:
+                    self._guard(lambda a=args: self._do_select(cache, a[0]))
+            print(f"layercake {name}: rejoined; {len(self._log)} steps replayed",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            return self._guard(fn)
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: PipelineCache,
                  mask: torch.Tensor | None, last_only: bool) -> torch.Tensor:  # fmt: skip
@@ -92,39 +147,63 @@ class PipelineRunner:
         tokens, positions = tokens.cpu(), positions.cpu()
         mask = mask.cpu().expand(tokens.shape) if mask is not None else None
         control = [positions] + ([mask] if mask is not None else [])
-        args = (cid, T, int(last_only), int(mask is not None))
+        ids_only = last_only and self._greedy()
+        self.stage.ids_only = ids_only
+        chunks = min(T, self.prefill_chunks) if T > 1 else 1
+        args = (cid, T, int(last_only), int(mask is not None), int(ids_only), chunks)
         self._broadcast(Kind.FORWARD, args, control)
         sizes = self.stage.sizes
         path = self.topology.path
-        inputs = list(tokens.split(sizes))
+        plan = pieces(sizes, T, chunks)
+        rows = tokens.split(sizes)
+        inputs = [rows[m][:, t0:t1] for m, t0, t1 in plan]
         t = self.transport
         if path[0].rank != 0:  # the embeddings live elsewhere: token ids travel there
-            for m, x in enumerate(inputs):
-                t.send(path[0].rank, Kind.DATA, (cid, m), [x])
+            for p, x in enumerate(inputs):
+                t.send(path[0].rank, Kind.DATA, (cid, p), [x])
         finals, error, lost = run_segments(self.stage, t, cid, positions, mask, last_only, inputs,
-                                        self.topology.timeout)  # fmt: skip
-        if path[-1].rank != 0:  # the head lives elsewhere: collect the logits
-            for _ in range(len(sizes)):
-                f = t.recv(path[-1].rank)
-                if f.kind == Kind.ERROR:
-                    from layercake.pipeline.stage import _text
-
-                    error, lost = error or _text(f), lost or bool(f.args[2])
-                else:
-                    finals.append(f.tensors[0])
+                                        self.topology.timeout, chunks)  # fmt: skip
+        if path[-1].rank != 0:  # the head lives elsewhere: collect its logits (or ids)
+            pos = positions.split(sizes)
+            for p, (m, t0, t1) in enumerate(plan):
+                x, msg, gone = receive(self.stage, t, path[-1].rank, cid, p,
+                                       pos[m][:, t0:t1].shape, self.topology.timeout,
+                                       head=True)  # fmt: skip
+                error, lost = error or msg, lost or gone
+                finals.append(x)
         if error:
             t.drop_pending()
             raise PeerError(error, "") if lost else LayercakeError(error)
-        t.flush()
+        with self.stage.timed("send_wait_s"):
+            t.flush()
         self.forwards += 1
-        out = torch.cat(finals) if len(finals) > 1 else finals[0]
+        self.stage.steps += 1
+        out = _assemble(finals, plan, T, last_only)
+        if ids_only:  # what the greedy sampler needs from the logits: their argmax
+            ids = out.view(-1, 1, 1)
+            logits = torch.full((len(ids), 1, self.vocab_size), -torch.inf, device=self.device)
+            return logits.scatter_(2, ids.to(self.device), 0.0)
         return out.to(self.device, torch.float32)
+
+    def use_sampler(self, sampler: Any) -> None:
+        """The sampler of the current cache's generation: when every row is greedy and wants no
+        logprobs, the head's node sends back each row's argmax id instead of its logits."""
+        self._sampler = sampler
+
+    def _greedy(self) -> bool:
+        s = self._sampler
+        return (s is not None and set(s.groups) == {"greedy"} and s.history is None
+                and not s.logprob_rows)  # fmt: skip
 
     def _select(self, cache: PipelineCache, rows: torch.Tensor) -> None:
         self._alive()
         self.stage.check(cache.cache_id)
         rows = rows.cpu().to(torch.int64)
-        self._guard(lambda: self._broadcast(Kind.SELECT, (cache.cache_id,), [rows]))
+        self._resilient(cache, lambda: self._do_select(cache, rows))
+        self._log.append(("select", (rows,)))
+
+    def _do_select(self, cache: PipelineCache, rows: torch.Tensor) -> None:
+        self._broadcast(Kind.SELECT, (cache.cache_id,), [rows])
         self.stage.select(cache.cache_id, rows)
         cache.batch = len(rows)
 
@@ -173,14 +252,30 @@ class PipelineRunner:
         leave_job()
         self.transport = None
 
-    def reconnect(self) -> None:
-        """After a failure: wait for every worker to join again (e.g. the restarted one) and go
-        on with a fresh group; caches are gone, so a batch job resumes from its last result."""
+    def reconnect(self, timeout: float | None = None) -> None:
+        """After a failure: wait for every worker to join again (e.g. the restarted one; up to
+        ``timeout`` s, default the topology's connect_timeout) and go on with a fresh group;
+        caches are gone, so a batch job resumes from its last result."""
         if self._store is None:
             raise LayercakeError("this pipeline was closed: load it again")
         self._leave()
-        self.transport, self._store = host_job(self.topology, *self._identity, store=self._store)
+        topo = self.topology if timeout is None else replace(self.topology, connect_timeout=timeout)
+        self.transport, self._store = host_job(topo, *self._identity, store=self._store)
         self.failed = None
+
+
+def _assemble(finals: list[torch.Tensor], plan: list[tuple[int, int, int]], T: int,
+              last_only: bool) -> torch.Tensor:  # fmt: skip
+    """The head's outputs per piece -> (B, T or 1, ...): each micro-batch's chunks joined along
+    the tokens (``last_only``: its last chunk alone), the micro-batches along the rows."""
+    per_m: list[list[torch.Tensor]] = []
+    for p, (_, t0, t1) in enumerate(plan):
+        if t0 == 0:
+            per_m.append([])
+        if not last_only or t1 == T:
+            per_m[-1].append(finals[p])
+    rows = [parts[0] if len(parts) == 1 else torch.cat(parts, 1) for parts in per_m]
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 def pipeline_runner(topology: str | os.PathLike | Topology, ckpt: Any, config: BaseConfig,
@@ -250,6 +345,7 @@ def run_worker(topology: str | os.PathLike | Topology, name: str | None, model: 
         leave_job()
         del store
         how = "done" if clean else "ended (rank 0 or a peer left)"
-        print(f"layercake worker {name}: job {how}", file=sys.stderr, flush=True)
+        print(f"layercake worker {name}: job {how}; time {json.dumps(stage.report())}",
+              file=sys.stderr, flush=True)  # fmt: skip
         if once:
             return

@@ -5,7 +5,11 @@ the node's own budgets), their KV caches per micro-batch, and the worker loop
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +20,44 @@ from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.kv_cache import KVCache
 from layercake.pipeline.topology import Segment, Topology
-from layercake.pipeline.transport import FOREVER, Frame, Kind, PeerError, Transport, encode_text
+from layercake.pipeline.transport import (
+    FOREVER,
+    BadFrame,
+    Frame,
+    Kind,
+    PeerError,
+    Transport,
+    decode_text,
+    encode_text,
+)
 
 WORKER_WAIT = 0.8  # of the job's timeout: a worker reports a silent peer before rank 0 gives up
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one job may ask of a node (the topology's ``max_batch``/``max_context`` and the
+    model's widths): every frame and cache request is checked against it before allocation."""
+
+    max_batch: int
+    max_context: int
+    hidden: int
+    vocab: int
+
+    def cache(self, sizes: list[int], capacity: int) -> str | None:
+        """Why a cache of micro-batches ``sizes`` x ``capacity`` slots is refused (None: fine)."""
+        if not sizes or min(sizes) < 1 or sum(sizes) > self.max_batch:
+            return (f"micro-batch sizes {sizes[:8]} (total {sum(sizes)}) outside 1..max_batch "
+                    f"{self.max_batch}")  # fmt: skip
+        if not 0 < capacity <= self.max_context:
+            return f"capacity {capacity} outside 1..max_context {self.max_context}"
+        return None
+
+    def control_bytes(self) -> int:  # FORWARD's positions (int64) and mask (uint8), the most
+        return self.max_batch * self.max_context * 9
+
+    def data_bytes(self, rows: int, T: int, logits: bool) -> int:  # fp32 at most on the wire
+        return rows * T * 4 * (self.vocab if logits else max(self.hidden, 2))
 
 
 class Stage:
@@ -32,13 +71,63 @@ class Stage:
         self.node = topology.nodes[rank]
         self.device = parse_device(self.node.device)
         self.dtype = parse_dtype(self.node.options.get("dtype", dtype), self.device)
+        wire = topology.wire_dtype
+        self.wire_dtype = getattr(torch, wire) if wire else self.dtype
         self.segments = topology.segments(rank)
-        self.runners = {s.index: self._runner(ckpt, config, source, s.parts) for s in self.segments}
+        self.topology_config, self._free = config, None
+        self.limits = Limits(topology.max_batch,
+                             topology.max_context or config.max_position_embeddings,
+                             config.hidden_size, config.vocab_size)  # fmt: skip
+        self.runners = {}
+        for s in self.segments:
+            self.runners[s.index] = self._runner(ckpt, config, source, s.parts, self._budget(s))
         self.cache_id = -1
         self.sizes: list[int] = []
         self.caches: dict[int, list[KVCache]] = {}  # segment index -> one cache per micro-batch
+        self.times = dict.fromkeys(("compute_s", "peer_wait_s", "send_wait_s"), 0.0)
+        self.steps = 0  # forward passes served
+        self.ids_only = False  # this forward's head sends argmax ids, not logits
 
-    def _runner(self, ckpt: Any, config: BaseConfig, source: Path, parts: Parts) -> Any:
+    @contextlib.contextmanager
+    def timed(self, key: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[key] += time.perf_counter() - t0
+
+    def report(self) -> dict[str, Any]:
+        """Where this node's time went over the job (seconds), and its passes: compute (the
+        segments' forwards, weight waits included), weights_wait (an offloaded segment waiting
+        for the disk), peer_wait (for a neighbour's frame: network and its compute = idle here),
+        send_wait (for frames to leave)."""
+        out = {k: round(v, 3) for k, v in self.times.items()}
+        for r in self.runners.values():
+            for k, v in (getattr(r, "times", None) or {}).items():
+                out[k] = round(out.get(k, 0.0) + v, 3)
+        return dict(out, steps=self.steps)
+
+    def _budget(self, seg: Segment) -> int | str | None:
+        """The node's ``cpu_memory`` for one of its segments: each an offloaded runner, which
+        counts what the process holds already, so a range gets its share of what was left when
+        the first was built (in proportion to its weights), not all of it."""
+        total = self.node.options.get("cpu_memory")
+        if total is None or len(self.segments) == 1:
+            return total
+        from layercake.offload import SAFETY, parse_bytes, process_rss
+
+        c = self.topology_config
+        layer = c.hidden_size * (2 * c.num_attention_heads + 2 * c.num_key_value_heads) * \
+            c.head_dim + 3 * c.hidden_size * c.intermediate_size  # fmt: skip
+        size = {x.index: len(x.parts.layers) * layer + x.parts.head * c.vocab_size * c.hidden_size
+                for x in self.segments}  # fmt: skip
+        if self._free is None:
+            self._free = parse_bytes(total) - process_rss() - SAFETY
+        return process_rss() + SAFETY + int(self._free * size[seg.index] / sum(size.values()))
+
+    def _runner(self, ckpt: Any, config: BaseConfig, source: Path, parts: Parts,
+                cpu_memory: int | str | None) -> Any:  # fmt: skip
+        """The Runner of one segment: offloaded with the node's budgets, else resident."""
         o = self.node.options
         if self.node.offloaded:
             from layercake.offload import offload_runner
@@ -46,18 +135,21 @@ class Stage:
             offload_dir = o.get("offload_dir")
             return offload_runner(
                 ckpt, config, source, parts, self.device, self.dtype, o.get("percent"),
-                o.get("cpu_memory"), o.get("device_memory"),
+                cpu_memory, o.get("device_memory"),
                 Path(offload_dir).expanduser() if offload_dir else None,
                 o.get("batch_size"), o.get("num_batches"), o.get("max_context"),
             )  # fmt: skip
-        from layercake.checkpoint import build_slice
+        from layercake.models.build import build_slice
         from layercake.runner import LocalRunner
 
-        model = build_slice(ckpt, parts, self.device, self.dtype, config, pack=True)
+        model = build_slice(ckpt, parts, self.device, self.dtype, config)
         return LocalRunner([model], config, self.device, self.dtype)
 
     def new_cache(self, cache_id: int, sizes: list[int], capacity: int) -> None:
         """One cache per micro-batch per segment; replaces the previous job's caches."""
+        why = self.limits.cache(sizes, capacity)
+        if why:
+            raise BadFrame(f"node {self.node.name}: cache request refused: {why}")
         self.caches = {}  # the old ones go first: memory for one set at a time
         self.cache_id, self.sizes = cache_id, list(sizes)
         for s in self.segments:
@@ -73,6 +165,10 @@ class Stage:
 
     def select(self, cache_id: int, rows: torch.Tensor) -> None:
         self.check(cache_id)
+        n = sum(self.sizes)
+        ok = rows.dim() == 1 and 0 < len(rows) <= n and rows.dtype == torch.int64
+        if not ok or rows.min() < 0 or rows.max() >= n or (rows.diff() <= 0).any():
+            raise BadFrame(f"node {self.node.name}: SELECT rows are not ascending rows of {n}")
         sizes, picks = split_rows(self.sizes, rows)
         for idx, caches in self.caches.items():
             kept = []
@@ -86,26 +182,36 @@ class Stage:
         self.sizes = sizes
 
     def prefetch_after(self, seg: Segment) -> None:
-        """Range streaming: once ``seg`` is done, start reading the next held range's first
-        streamed weights (an offloaded segment's disk rows) while the other nodes compute. The
-        ring wraps: after the last range, the first one's for the next step."""
+        """Once ``seg`` is done, start reading the next held range's first streamed weights (an
+        offloaded segment's disk units, as many as its staging slots hold) while the other
+        nodes compute. The ring wraps: after the last range, the first one's for the next step
+        (a node with one range reads its own first units while the others run theirs)."""
         i = self.segments.index(seg)
         nxt = self.segments[(i + 1) % len(self.segments)]
         loader = getattr(self.runners[nxt.index], "loader", None)
-        if nxt is not seg and loader is not None:
-            loader.submit(0)
+        if loader is not None:
+            for unit in sorted(loader.ranges)[: len(loader.slots)]:
+                loader.submit(unit)
 
     @torch.inference_mode()
     def run(self, seg: Segment, m: int, x: torch.Tensor, positions: torch.Tensor,
-            mask: torch.Tensor | None, last_only: bool) -> torch.Tensor:  # fmt: skip
+            mask: torch.Tensor | None, last_only: bool,
+            final: bool = True) -> torch.Tensor:  # fmt: skip
+        """One piece through one segment. ``final``: the piece ends its micro-batch's tokens
+        (an earlier chunk's last-position logits are nobody's: the head sends none)."""
         if x.is_floating_point():
             x = x.to(self.device, self.dtype)
         if mask is None:  # (B, T): a runner would shape its default after hidden states
             mask = torch.ones(positions.shape, dtype=torch.bool)
-        out = self.runners[seg.index].forward(
-            x, positions, self.caches[seg.index][m], mask, last_only
-        )
-        return out if seg.parts.head else out.to(self.dtype)
+        with self.timed("compute_s"):
+            out = self.runners[seg.index].forward(
+                x, positions, self.caches[seg.index][m], mask, last_only
+            )
+        if seg.parts.head and last_only and not final:
+            return out[:, :, :0]
+        if seg.parts.head:  # ids: the greedy argmax of the last position (see use_sampler)
+            return out[:, -1:].argmax(-1) if self.ids_only else out
+        return out.to(self.wire_dtype)
 
 
 def split_rows(sizes: list[int], rows: torch.Tensor) -> tuple[list[int], list[torch.Tensor | None]]:
@@ -132,94 +238,141 @@ def neighbours(topology: Topology, seg: Segment) -> tuple[int, int]:
     return prev, nxt
 
 
+def pieces(sizes: list[int], T: int, chunks: int) -> list[tuple[int, int, int]]:
+    """The order a pass goes through the pipeline: micro-batch by micro-batch, each split along
+    its tokens into ``chunks`` (a long prompt keeps every node busy without more caches):
+    ``(micro-batch, t0, t1)``."""
+    c = max(1, min(chunks, T))
+    bounds = [T * k // c for k in range(c + 1)]
+    return [(m, bounds[k], bounds[k + 1]) for m in range(len(sizes)) for k in range(c)]
+
+
 def run_segments(stage: Stage, transport: Transport, cache_id: int, positions: torch.Tensor,
                  mask: torch.Tensor | None, last_only: bool, inputs: list[torch.Tensor] | None,
-                 wait: float) -> tuple[list[torch.Tensor], str | None, bool]:  # fmt: skip
-    """Run this rank's segments in path order, every micro-batch in turn: receive (or take
-    ``inputs`` for the path's first segment), compute, send on. A failure upstream or here
+                 wait: float, chunks: int = 1) -> tuple[list[Any], str | None, bool]:  # fmt: skip
+    """Run this rank's segments in path order, every piece (``pieces``) in turn: receive (or
+    take ``inputs`` for the path's first segment), compute, send on. A failure upstream or here
     travels on as an ERROR frame in place of the output, so every peer stays in step. Returns
     the outputs of a final segment held here (the logits on rank 0), the first error, and
     whether a peer was lost (the job cannot go on)."""
     name = stage.node.name
     pos_m = positions.split(stage.sizes)
     mask_m = mask.split(stage.sizes) if mask is not None else [None] * len(stage.sizes)
+    plan = pieces(stage.sizes, positions.shape[1], chunks)
     error: str | None = None
     lost = False
-    finals: list[torch.Tensor] = []
+    finals: list[Any] = []
     last = len(stage.topology.path) - 1
     for seg in stage.segments:
         prev, nxt = neighbours(stage.topology, seg)
-        for m in range(len(stage.sizes)):
+        for p, (m, t0, t1) in enumerate(plan):
             out = msg = None
+            pos = pos_m[m][:, t0:t1]
             if seg.index == 0 and inputs is not None:
-                x = inputs[m]
+                x = inputs[p]
             else:
-                try:
-                    f = transport.recv(prev, wait)
-                except PeerError as e:  # told downstream, so rank 0 names the right node
-                    f, lost = None, True
-                    msg, x = str(e), None
-                if f is None:
-                    pass
-                elif f.kind == Kind.ERROR:
-                    msg, x = _text(f), None
-                    lost = lost or bool(f.args[2])
-                elif f.kind != Kind.DATA or f.args[:2] != [cache_id, m]:
-                    raise LayercakeError(f"node {name}: out-of-step frame {f.kind.name} {f.args}")
-                else:
-                    x = f.tensors[0]
+                x, msg, gone = receive(stage, transport, prev, cache_id, p, pos.shape, wait)
+                lost = lost or gone
             if msg is None:
                 try:
-                    out = stage.run(seg, m, x, pos_m[m], mask_m[m], last_only)
+                    msk = None if mask_m[m] is None else mask_m[m][:, t0:t1]
+                    out = stage.run(seg, m, x, pos, msk, last_only, t1 == pos_m[m].shape[1])
                 except Exception as e:  # the job fails; the peers are told so, then rank 0 raises
                     msg = f"node {name}: {type(e).__name__}: {e}" if not isinstance(
                         e, LayercakeError) else f"node {name}: {e}"  # fmt: skip
             error = error or msg
             if seg.index == last and nxt == stage.rank:
-                finals.append(out if out is not None else torch.empty(0))
+                finals.append(out)
             elif msg is not None:
-                transport.send(nxt, Kind.ERROR, (cache_id, m, int(lost)), [encode_text(msg)])
+                transport.send(nxt, Kind.ERROR, (cache_id, p, int(lost)), [encode_text(msg)])
             else:
-                transport.send(nxt, Kind.DATA, (cache_id, m), [out])
+                transport.send(nxt, Kind.DATA, (cache_id, p), [out])
         stage.prefetch_after(seg)
     return finals, error, lost
 
 
-def _text(f: Frame) -> str:
-    from layercake.pipeline.transport import decode_text
+def receive(stage: Stage, transport: Transport, src: int, cache_id: int, m: int,
+            shape: torch.Size, wait: float, head: bool = False
+            ) -> tuple[Any, str | None, bool]:  # fmt: skip
+    """Piece ``m``'s input from ``src``, checked against its expected rows and length
+    (``head``: the head's output, logits or ids, rows only): (tensor, None, False), or (None,
+    why, peer lost). A bad frame ends the job (the stream is out of step), not this process."""
+    rows, T = shape
+    try:
+        with stage.timed("peer_wait_s"):
+            f = transport.recv(src, wait, stage.limits.data_bytes(rows, T, head))
+    except (PeerError, BadFrame) as e:  # told downstream, so rank 0 names the right node
+        return None, str(e), True
+    if f.kind == Kind.ERROR:
+        return None, _text(f), bool(f.args[2])
+    x = f.tensors[0] if len(f.tensors) == 1 else None
+    good = f.kind == Kind.DATA and f.args[:2] == [cache_id, m] and x is not None
+    if good and x.dim() in (2, 3) and len(x) == rows and (head or x.shape[1] == T):
+        return x, None, False
+    what = f"{f.kind.name} {f.args[:2]} {[tuple(t.shape) for t in f.tensors]}"
+    return None, (f"node {stage.node.name}: rejected a frame from "
+                  f"{stage.topology.nodes[src].name}: expected piece {m} of cache "
+                  f"{cache_id}, ({rows}, {T}, ...), got {what}"), True  # fmt: skip
 
+
+def _text(f: Frame) -> str:
     return decode_text(f.tensors[0]) if f.tensors else "unknown error"
 
 
 def serve(stage: Stage, transport: Transport) -> bool:
     """A worker's loop for one job: follow rank 0's frames until SHUTDOWN (True) or until rank
-    0 goes away (False). Errors in a forward are sent on, not raised: the job decides."""
+    0 goes away (False). Errors in a forward are sent on, not raised: the job decides. A frame
+    that breaks the protocol or the job's limits is refused with one log line and ends this job
+    (the worker waits for the next), never the process."""
     wait = stage.topology.timeout * WORKER_WAIT
+    name = stage.node.name
     while True:
         try:
-            f = transport.recv(0, FOREVER)
-        except PeerError:
-            return False
-        if f.kind == Kind.SHUTDOWN:
-            return True
-        cache_id = f.args[0]
-        if f.kind == Kind.NEW_CACHE:
-            stage.new_cache(cache_id, f.tensors[0].tolist(), f.args[1])
-        elif f.kind == Kind.SELECT:
-            stage.select(cache_id, f.tensors[0])
-        elif f.kind == Kind.FORWARD:
-            T, last_only, has_mask = f.args[1:4]
-            positions = f.tensors[0]
-            mask = f.tensors[1].bool() if has_mask else None
-            try:
-                stage.check(cache_id)
-                _, _, lost = run_segments(stage, transport, cache_id, positions, mask,
-                                          bool(last_only), None, wait)  # fmt: skip
+            f = transport.recv(0, FOREVER, stage.limits.control_bytes())
+            if f.kind == Kind.SHUTDOWN:
+                return True
+            if f.kind != Kind.FORWARD:
+                _control(stage, f)
+                continue
+            positions, mask, last_only = _forward_frame(stage, f)
+            _, _, lost = run_segments(stage, transport, f.args[0], positions, mask, last_only,
+                                      None, wait, f.args[5])  # fmt: skip
+            with stage.timed("send_wait_s"):
                 transport.flush(wait)
-                if lost:
-                    return False
-            except PeerError as e:  # a neighbour died: this job is over for everyone
-                print(f"layercake worker {stage.node.name}: {e}", file=sys.stderr, flush=True)
+            stage.steps += 1
+            if lost:
                 return False
-        else:
-            raise LayercakeError(f"node {stage.node.name}: unexpected frame {f.kind.name}")
+        except PeerError as e:  # rank 0 or a neighbour died: this job is over for everyone
+            print(f"layercake worker {name}: {e}", file=sys.stderr, flush=True)
+            return False
+        except LayercakeError as e:  # a bad frame or a request this job's limits refuse
+            print(f"layercake worker {name}: frame refused, leaving this job: {e}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            return False
+
+
+def _control(stage: Stage, f: Frame) -> None:
+    one = len(f.tensors) == 1 and f.tensors[0].dim() == 1 and f.tensors[0].dtype == torch.int64
+    if f.kind == Kind.NEW_CACHE and one and len(f.tensors[0]) <= stage.limits.max_batch:
+        stage.new_cache(f.args[0], f.tensors[0].tolist(), f.args[1])
+    elif f.kind == Kind.SELECT and one:
+        stage.select(f.args[0], f.tensors[0])
+    else:
+        shapes = [tuple(t.shape) for t in f.tensors]
+        raise BadFrame(f"node {stage.node.name}: unexpected {f.kind.name} frame {shapes}")
+
+
+def _forward_frame(stage: Stage, f: Frame) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """FORWARD's positions and mask, checked against the live cache and the job's limits."""
+    stage.check(f.args[0])
+    T, last_only, has_mask, ids_only, chunks = f.args[1:6]
+    stage.ids_only = bool(ids_only and last_only)
+    want = (sum(stage.sizes), T)
+    types = [torch.int64] + ([torch.uint8] if has_mask else [])
+    ok = 0 < T <= stage.limits.max_context and len(f.tensors) == len(types) and 0 < chunks <= T
+    if not ok or any(tuple(t.shape) != want or t.dtype != d for t, d in zip(f.tensors, types)):
+        shapes = [tuple(t.shape) for t in f.tensors]
+        raise BadFrame(f"node {stage.node.name}: FORWARD frame {shapes} does not fit the "
+                       f"cache's {want[0]} rows (T={T}, max_context "
+                       f"{stage.limits.max_context})")  # fmt: skip
+    return f.tensors[0], (f.tensors[1].bool() if has_mask else None), bool(last_only)

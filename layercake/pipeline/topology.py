@@ -39,7 +39,12 @@ NODE_KEYS = {
     "cpu_memory", "device_memory", "percent", "offload_dir", "batch_size", "num_batches",
     "max_context",
 }  # fmt: skip
-TOP_KEYS = {"nodes", "model", "timeout", "micro_batches", "connect_timeout"}
+TOP_KEYS = {
+    "nodes", "model", "timeout", "micro_batches", "connect_timeout", "token", "max_batch",
+    "max_context", "wire_dtype", "resume_timeout", "prefill_chunks",
+}  # fmt: skip
+WIRE_DTYPES = ("float32", "bfloat16")
+MIN_TOKEN = 16
 BUDGET_KEYS = ("cpu_memory", "device_memory", "percent")
 DEFAULT_TIMEOUT = 30.0
 
@@ -83,6 +88,12 @@ class Topology:
     timeout: float = DEFAULT_TIMEOUT
     connect_timeout: float = 60.0
     micro_batches: int | None = None
+    token: str | None = None  # the shared secret of the handshake (never in the digest)
+    max_batch: int = 1024  # per-job limits every frame is checked against before allocation
+    max_context: int | None = None  # None: the model's
+    wire_dtype: str | None = None  # hidden states between nodes (None: the compute dtype)
+    prefill_chunks: int | None = None  # a prompt's tokens split this many ways (default 2 x nodes)
+    resume_timeout: float = 0.0  # s a lost worker may take to come back (0: the job ends)
     path: list[Segment] = field(default_factory=list)  # set by ``check``
     num_layers: int = 0
 
@@ -103,6 +114,9 @@ class Topology:
             ],
             "timeout": self.timeout,
             "micro_batches": self.micro_batches,
+            "limits": [self.max_batch, self.max_context],
+            "wire_dtype": self.wire_dtype,
+            "prefill_chunks": self.prefill_chunks,
         }  # fmt: skip
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -272,7 +286,10 @@ def parse_topology(doc: dict[str, Any], source: str = "<topology>",
         errors += [f"{where}: {e}" for e in _check_options(options)]
         nodes.append(Node(name, host, port, layers, str(device), options))
     top: dict[str, Any] = {}
-    for key, kind in (("timeout", float), ("connect_timeout", float), ("micro_batches", int)):
+    numbers = [("timeout", float), ("connect_timeout", float), ("micro_batches", int),
+               ("max_batch", int), ("max_context", int), ("resume_timeout", float),
+               ("prefill_chunks", int)]  # fmt: skip
+    for key, kind in numbers:
         if key in doc:
             v = doc[key]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
@@ -281,6 +298,18 @@ def parse_topology(doc: dict[str, Any], source: str = "<topology>",
                 errors.append(f"{key} must be a whole number, not {v!r}")
             else:
                 top[key] = kind(v)
+    if "wire_dtype" in doc:
+        if doc["wire_dtype"] not in WIRE_DTYPES:
+            errors.append(f"wire_dtype must be one of {', '.join(WIRE_DTYPES)}, not "
+                          f"{doc['wire_dtype']!r}")  # fmt: skip
+        else:
+            top["wire_dtype"] = doc["wire_dtype"]
+    if "token" in doc:
+        tok = doc["token"]
+        if not isinstance(tok, str) or len(tok) < MIN_TOKEN:
+            errors.append(f"token must be a string of at least {MIN_TOKEN} characters")
+        else:
+            top["token"] = tok
     if "model" in doc and not isinstance(doc["model"], str):
         errors.append(f"model must be a path, not {doc['model']!r}")
     if num_layers is not None:  # every mistake at once: the file's and the ranges'

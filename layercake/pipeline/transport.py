@@ -9,6 +9,7 @@ Every wait has a deadline; a peer that dies or stays silent raises ``PeerError``
 from __future__ import annotations
 
 import datetime
+import math
 import time
 from dataclasses import dataclass
 from enum import IntEnum
@@ -24,6 +25,7 @@ HEADER = 32
 MAX_PAYLOADS = 4
 MAX_DIMS = 3
 MAX_FRAME_BYTES = 1 << 36  # a header asking for more is corrupt, not allocated
+TEXT_BYTES = 4096  # an ERROR frame's message, at most
 FOREVER = 30 * 24 * 3600.0  # an idle worker waits for the next job as long as rank 0 lives
 
 DTYPE_CODES = {
@@ -39,6 +41,10 @@ class Kind(IntEnum):
     DATA = 4  # args: cache_id, micro-batch; payload: token ids or hidden states or logits
     ERROR = 5  # args: cache_id, micro-batch, peer lost; payload: utf-8 message (uint8)
     SHUTDOWN = 6
+
+
+class BadFrame(LayercakeError):
+    """A frame that breaks the protocol or the job's limits: rejected before allocation."""
 
 
 class PeerError(LayercakeError):
@@ -57,7 +63,7 @@ class Frame:
 
 
 def encode_text(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(text.encode()[:4096] or b"?"), dtype=torch.uint8)
+    return torch.frombuffer(bytearray(text.encode()[:TEXT_BYTES] or b"?"), dtype=torch.uint8)
 
 
 def decode_text(t: torch.Tensor) -> str:
@@ -116,28 +122,34 @@ class Transport:
     def drop_pending(self) -> None:
         self.pending = []
 
-    def recv(self, src: int, timeout: float | None = None) -> Frame:
-        """The next frame from ``src``; ``PeerError`` if it dies or is silent past ``timeout``."""
+    def recv(self, src: int, timeout: float | None = None, max_bytes: int | None = None) -> Frame:
+        """The next frame from ``src``; ``PeerError`` if it dies or is silent past ``timeout``.
+        A header asking for more than ``max_bytes`` of payload (what the job can need there) is
+        rejected before anything is allocated (``BadFrame``)."""
         limit = timeout or self.timeout
+        cap = min(MAX_FRAME_BYTES, max(max_bytes or MAX_FRAME_BYTES, TEXT_BYTES))
         header = torch.zeros(HEADER, dtype=torch.int64)
         self._wait(self._irecv(header, src), src, limit, "waiting for")
         h = header.tolist()
+        who = self.nodes[src].describe()
         if h[0] != MAGIC or h[1] not in Kind._value2member_map_ or not 0 <= h[8] <= MAX_PAYLOADS:
-            raise LayercakeError(
-                f"node {self.nodes[src].describe()} sent a malformed frame: is it a layercake "
-                "worker of the same version?"
-            )
-        tensors, total = [], 0
-        wire = self.wire_device(src)
-        for i in range(h[8]):
+            raise BadFrame(f"node {who} sent a malformed frame header: is it a layercake node of "
+                           "the same version?")  # fmt: skip
+        specs, total = [], 0
+        for i in range(h[8]):  # every payload checked before any is allocated
             code, ndim, *dims = h[9 + 5 * i : 14 + 5 * i]
             shape = dims[:ndim]
             if code not in CODE_DTYPES or not 0 <= ndim <= MAX_DIMS or min(shape, default=0) < 0:
-                raise LayercakeError(f"node {self.nodes[src].describe()} sent a malformed frame")
+                raise BadFrame(f"node {who} sent a malformed frame header (payload {i})")
             dtype = CODE_DTYPES[code]
-            total += dtype.itemsize * int(torch.Size(shape).numel())
-            if total > MAX_FRAME_BYTES:
-                raise LayercakeError(f"node {self.nodes[src].describe()} sent an oversized frame")
+            total += dtype.itemsize * math.prod(shape)
+            specs.append((shape, dtype))
+        if total > cap:
+            raise BadFrame(f"node {who} sent a {Kind(h[1]).name} frame of {total} bytes, more "
+                           f"than this job allows there ({cap})")  # fmt: skip
+        tensors = []
+        wire = self.wire_device(src)
+        for shape, dtype in specs:
             t = torch.empty(shape, dtype=dtype, device=wire)
             self._wait(self._irecv(t, src), src, limit, "waiting for")
             tensors.append(t)

@@ -1,122 +1,79 @@
 """OpenAI-compatible HTTP API (FastAPI + uvicorn): ``/v1/models``, ``/v1/completions`` and
-``/v1/chat/completions``, streamed over SSE on request.
+``/v1/chat/completions``, streamed over SSE on request; ``/health`` and ``/metrics``.
 
-One engine thread runs the continuous-batching loop: requests arriving from the event loop go
-through a queue into free slots, and each token goes back to its request's asyncio queue, so
-concurrent requests are decoded together step by step, each with its own sampler and seed.
-"""
+One engine thread runs the continuous-batching loop (``engine_loop``). A request is admitted
+before its body is read (429 past ``slots + max_queue`` sequences), its body is read up to
+``max_body`` bytes (413), then parsed and tokenized in a worker thread (``validate``), so a large
+body never stalls the other streams; a client that goes away frees its slots."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import queue
-import threading
+import hmac
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from layercake.engine import Engine, default_capacity
+from layercake.checkpoint.locate import model_label
 from layercake.engine import Request as EngineRequest
 from layercake.errors import LayercakeError
-from layercake.generate import StepEvent
-from layercake.jobs.requests import RequestError, parse_sampling, prompt_ids, token_text
+from layercake.server.engine_loop import EngineLoop, Reply
+from layercake.server.errors import APIError, install_error_handlers
+from layercake.server.limits import (
+    DEFAULT_MAX_BODY,
+    DEFAULT_MAX_PROMPTS,
+    DEFAULT_MAX_QUEUE,
+    Admission,
+    read_body,
+)
+from layercake.server.metrics import Metrics
+from layercake.server.page import add_chat_page
+from layercake.server.responses import SSEResponse, collect, sse
+from layercake.server.validate import Parsed, check_model, parse_request
 
 if TYPE_CHECKING:
     from layercake.llm import LLM
 
 DEFAULT_CONTEXT = 1024  # prompt + completion tokens per request when --max-context is not given
+CLIENT_GONE = 499  # the status counted for a request whose client left before its answer
 
 
-class APIError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (
-            status,
-            message,
-            type_,
-            param,
-            code,
-        )
+class _Gate:
+    """ASGI middleware: the API key on /v1/* (/health and /metrics stay open for probes), and
+    every answer counted by endpoint and status."""
 
-    def response(self) -> JSONResponse:
-        body = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        return JSONResponse({"error": body}, status_code=self.status)
+    def __init__(self, app: ASGIApp, api_key: str | None, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+        self.expected = f"Bearer {api_key}".encode() if api_key is not None else None
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = CLIENT_GONE
 
-class _Reply:
-    """Where the engine thread puts one request's events (thread-safe into the event loop)."""
+        async def counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, index: int) -> None:
-        self.loop, self.index = loop, index
-        self.queue: asyncio.Queue[StepEvent | Exception] = asyncio.Queue()
-
-    def put(self, item: StepEvent | Exception) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the event loop is closed (shutting down): nobody is listening
-            pass
-
-
-class EngineLoop:
-    """The engine and the thread that steps it."""
-
-    def __init__(self, llm: LLM, slots: int, context: int) -> None:
-        self.llm = llm
-        self.engine = Engine(
-            llm.runner, llm.eos_token_ids, llm._decode, slots, default_capacity(context)
-        )
-        self.inbox: queue.Queue[EngineRequest | None] = queue.Queue()
-        self.thread = threading.Thread(target=self._run, daemon=True, name="layercake-engine")
-        self.thread.start()
-
-    def submit(self, req: EngineRequest) -> None:
-        self.engine.check(req.prompt, req.params)  # pure: safe from the event loop's thread
-        self.inbox.put(req)
-
-    def stop(self) -> None:
-        self.inbox.put(None)
-        self.thread.join(timeout=10)
-
-    def _run(self) -> None:
-        eng = self.engine
-        while True:
-            block = not eng.busy
-            try:
-                while True:
-                    req = self.inbox.get(block=block)
-                    block = False
-                    if req is None:
-                        return
-                    try:
-                        eng.add(req)
-                    except LayercakeError as e:  # checked on submit already; never fatal here
-                        req.tag.put(e)
-            except queue.Empty:
-                pass
-            try:
-                events = eng.step()
-            except Exception as e:  # an engine bug: fail the requests in flight, keep serving
-                running = [s.request for s in eng.seqs if s is not None] + list(eng.waiting)
-                for r in running:
-                    r.tag.put(e)
-                self.engine = eng = Engine(
-                    eng.runner, list(eng.eos), eng.decode, eng.slots, eng.capacity
-                )
-                continue
-            for req, ev in events:
-                req.tag.put(ev)
+            if self.expected is not None and scope["path"].startswith("/v1/"):
+                given = dict(scope["headers"]).get(b"authorization", b"")
+                if not hmac.compare_digest(given, self.expected):
+                    err = APIError(401, "Incorrect API key provided", code="invalid_api_key")
+                    return await err.response()(scope, receive, counted)
+            await self.app(scope, receive, counted)
+        except Exception:
+            status = 500
+            raise
+        finally:
+            self.metrics.count_request(scope["path"], status)
 
 
 def create_app(
@@ -125,31 +82,59 @@ def create_app(
     max_context: int | None = None,
     api_key: str | None = None,
     model_name: str | None = None,
+    max_body: int = DEFAULT_MAX_BODY,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    max_prompts: int = DEFAULT_MAX_PROMPTS,
 ) -> FastAPI:
     """The FastAPI app over ``llm``: ``slots`` sequences decoded together, each request's
-    prompt + completion within ``max_context`` tokens."""
+    prompt + completion within ``max_context`` tokens; bodies up to ``max_body`` bytes; up to
+    ``max_queue`` sequences waiting for a slot; up to ``max_prompts`` prompts per request."""
     context = min(max_context or DEFAULT_CONTEXT, llm.runner.max_context)
-    loop_holder = EngineLoop(llm, slots, context)
-    name = model_name or llm.path.name
+    metrics = Metrics()
+    loop_holder = EngineLoop(llm, slots, context, metrics)
+    admission = Admission(slots, max_queue)
+    name = model_name or model_label(llm.path)
+    names = {name, llm.path.name, str(llm.path)}
     app = FastAPI(title="layercake", on_shutdown=[loop_holder.stop])
-    app.state.engine = loop_holder
+    app.state.engine, app.state.admission, app.state.metrics = loop_holder, admission, metrics
+    app.add_middleware(_Gate, api_key=api_key, metrics=metrics)
+    install_error_handlers(app)
 
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, e: APIError) -> JSONResponse:
-        return e.response()
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Any:
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-            return APIError(
-                401, "Incorrect API key provided", param=None, code="invalid_api_key"
-            ).response()
-        return await call_next(request)
+    card = {"id": name, "object": "model", "created": 0, "owned_by": "layercake"}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        card = {"id": name, "object": "model", "created": 0, "owned_by": "layercake"}
         return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        check_model(model, names)
+        return card
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        up = loop_holder.alive
+        body = {
+            "status": "ok" if up else "engine stopped",
+            "model": name,
+            "slots": slots,
+            "slots_in_use": loop_holder.slots_in_use,
+            "queue_depth": loop_holder.waiting,
+            "max_queue": max_queue,
+        }
+        return JSONResponse(body, status_code=200 if up else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        gauges = {
+            "layercake_up": ("1 while the engine thread runs.", int(loop_holder.alive)),
+            "layercake_slots": ("KV cache slots (sequences decoded together).", slots),
+            "layercake_slots_in_use": ("Slots decoding a sequence.", loop_holder.slots_in_use),
+            "layercake_queue_depth": ("Sequences waiting for a slot.", loop_holder.waiting),
+            "layercake_accepted_sequences": ("Sequences admitted, not finished.", admission.used),
+            "layercake_tokens_per_second": ("Tokens/s, last 10 s.", metrics.tokens_per_s()),
+        }
+        return PlainTextResponse(metrics.render(gauges), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -159,185 +144,85 @@ def create_app(
     async def chat_completions(request: Request) -> Any:
         return await _complete(request, chat=True)
 
+    add_chat_page(app, llm, name, context, slots)  # the chat page at / and /v1/info
+
+    def prepare(raw: bytes, chat: bool) -> Parsed:  # in a worker thread
+        parsed = parse_request(llm, raw, chat, names, context, max_prompts)
+        for p in parsed.prompts:
+            try:
+                loop_holder.check(EngineRequest(p, parsed.params))
+            except LayercakeError as e:
+                param = "max_tokens" if "max_new" in str(e) else "prompt"
+                raise APIError(400, str(e), param=param) from None
+        return parsed
+
     async def _complete(request: Request, chat: bool) -> Any:
-        body = await _json(request)
-        prompts, params = _parse(llm, body, chat, context)
-        loop = asyncio.get_running_loop()
-        reqs = [EngineRequest(p, params, tag=_Reply(loop, i)) for i, p in enumerate(prompts)]
+        ticket = admission.ticket()  # 429 before anything is read
+        reqs: list[EngineRequest] = []
+
+        def close() -> None:
+            for r in reqs:
+                if not r.finished:
+                    r.cancelled = True  # its slot goes to the next request
+            ticket.close()
+
+        handed_over = False
         try:
-            for r in reqs:
-                loop_holder.submit(r)
-        except LayercakeError as e:
-            for r in reqs:
-                r.cancelled = True
-            param = "max_tokens" if "max_new" in str(e) else "prompt"
-            raise APIError(400, str(e), param=param) from None
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        meta = {"id": rid, "created": int(time.time()), "model": name}
-        if body.get("stream"):
-            return StreamingResponse(_sse(llm, reqs, chat, meta), media_type="text/event-stream")
-        return await _collect(llm, reqs, chat, meta)
+            raw = await read_body(request, max_body)
+            parsed = await asyncio.to_thread(prepare, raw, chat)
+            ticket.resize(len(parsed.prompts))
+            loop = asyncio.get_running_loop()
+            for i, p in enumerate(parsed.prompts):
+                reqs.append(EngineRequest(p, parsed.params, tag=Reply(loop, i)))
+                loop_holder.submit(reqs[-1])
+            rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+            meta = {"id": rid, "created": int(time.time()), "model": name}
+            if parsed.stream:
+                handed_over = True
+                return SSEResponse(sse(llm, reqs, chat, meta, parsed.include_usage), close)
+            return await _unless_disconnected(request, collect(llm, reqs, chat, meta))
+        finally:
+            if not handed_over:
+                close()
 
     return app
 
 
-async def _json(request: Request) -> dict[str, Any]:
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, Any]) -> Any:
+    """``work``'s result, or (cancelling it) an empty 499 if the client goes away first."""
+
+    async def gone() -> None:  # the body is read: what remains to receive is the disconnect
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(gone())
     try:
-        body = json.loads(await request.body())
-    except ValueError as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    return body
-
-
-def _parse(llm: LLM, body: dict[str, Any], chat: bool, context: int) -> tuple[list[list[int]], Any]:
-    try:
-        if body.get("n") not in (None, 1):
-            raise RequestError("only n=1 is supported", "n")
-        if body.get("echo"):
-            raise RequestError("echo is not supported", "echo")
-        if chat:
-            if body.get("messages") is None:
-                raise RequestError("missing messages", "messages")
-            prompts = [prompt_ids(llm, {"messages": body["messages"]})]
-        else:
-            p = body.get("prompt")
-            many = isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p)
-            prompts = [prompt_ids(llm, {"prompt": x}) for x in (p if many else [p])]
-        defaults: dict[str, Any] = {"temperature": 1.0}  # OpenAI's defaults
-        if chat:  # no max_tokens: up to the context
-            defaults["max_new_tokens"] = max(1, context - max(map(len, prompts)))
-        params = parse_sampling(body, defaults, chat_logprobs=chat)
-    except RequestError as e:
-        raise APIError(400, str(e), param=e.param) from None
-    except LayercakeError as e:
-        raise APIError(400, str(e)) from None
-    return prompts, params
-
-
-async def _events(reqs: list[EngineRequest]) -> AsyncIterator[tuple[int, StepEvent]]:
-    """Events of every request as they come, until each has finished; cancels on exit."""
-    pending = {i: asyncio.ensure_future(r.tag.queue.get()) for i, r in enumerate(reqs)}
-    try:
-        while pending:
-            done, _ = await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
-            for i in [i for i, f in pending.items() if f in done]:
-                item = pending.pop(i).result()
-                if isinstance(item, Exception):
-                    raise APIError(500, f"the engine failed: {item}", "server_error")
-                if item.finish_reason is None:
-                    pending[i] = asyncio.ensure_future(reqs[i].tag.queue.get())
-                yield i, item
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for f in pending.values():
-            f.cancel()
-        for r in reqs:
-            if not r.finished:
-                r.cancelled = True  # a client gone: its slot goes to the next request
-
-
-def _logprobs(llm: LLM, evs: list[StepEvent], chat: bool, offset: int = 0) -> dict[str, Any]:
-    lps = [e.logprob for e in evs if e.logprob is not None]
-    toks = [token_text(llm, lp.token_id) for lp in lps]
-    if chat:
-        return {
-            "content": [
-                {
-                    "token": t,
-                    "logprob": lp.logprob,
-                    "bytes": list(t.encode()),
-                    "top_logprobs": [
-                        {
-                            "token": (s := token_text(llm, k)),
-                            "logprob": v,
-                            "bytes": list(s.encode()),
-                        }
-                        for k, v in lp.top_logprobs.items()
-                    ],
-                }
-                for t, lp in zip(toks, lps)
-            ]
-        }
-    offsets, pos = [], offset
-    for t in toks:
-        offsets.append(pos)
-        pos += len(t)
-    return {
-        "tokens": toks,
-        "token_logprobs": [lp.logprob for lp in lps],
-        "top_logprobs": [{token_text(llm, k): v for k, v in lp.top_logprobs.items()} for lp in lps],
-        "text_offset": offsets,
-    }
-
-
-async def _collect(
-    llm: LLM, reqs: list[EngineRequest], chat: bool, meta: dict[str, Any]
-) -> dict[str, Any]:
-    evs: list[list[StepEvent]] = [[] for _ in reqs]
-    async for i, ev in _events(reqs):
-        evs[i].append(ev)
-    choices = []
-    for i, e in enumerate(evs):
-        text = "".join(x.text for x in e)
-        lp = _logprobs(llm, e, chat) if reqs[i].params.logprobs is not None else None
-        c: dict[str, Any] = {"index": i, "finish_reason": e[-1].finish_reason, "logprobs": lp}
-        if chat:
-            c["message"] = {"role": "assistant", "content": text}
-        else:
-            c["text"] = text
-        choices.append(c)
-    n_prompt = sum(len(r.prompt) for r in reqs)
-    n_out = sum(map(len, evs))
-    usage = {
-        "prompt_tokens": n_prompt,
-        "completion_tokens": n_out,
-        "total_tokens": n_prompt + n_out,
-    }
-    obj = "chat.completion" if chat else "text_completion"
-    return {**meta, "object": obj, "choices": choices, "usage": usage}
-
-
-async def _sse(
-    llm: LLM, reqs: list[EngineRequest], chat: bool, meta: dict[str, Any]
-) -> AsyncIterator[str]:
-    obj = "chat.completion.chunk" if chat else "text_completion"
-    offsets = [0] * len(reqs)
-
-    def chunk(choice: dict[str, Any]) -> str:
-        return f"data: {json.dumps({**meta, 'object': obj, 'choices': [choice]})}\n\n"
-
-    if chat:
-        yield chunk(
-            {
-                "index": 0,
-                "delta": {"role": "assistant", "content": ""},
-                "finish_reason": None,
-                "logprobs": None,
-            }
-        )
-    try:
-        async for i, ev in _events(reqs):
-            lp = None
-            if reqs[i].params.logprobs is not None:
-                lp = _logprobs(llm, [ev], chat, offsets[i])
-            offsets[i] += len(ev.text)
-            c: dict[str, Any] = {"index": i, "finish_reason": ev.finish_reason, "logprobs": lp}
-            if chat:
-                c["delta"] = {"content": ev.text} if ev.text else {}
-            else:
-                c["text"] = ev.text
-            yield chunk(c)
-    except APIError as e:
-        yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type}})}\n\n"
-    yield "data: [DONE]\n\n"
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if task in done:
+        return task.result()
+    return Response(status_code=CLIENT_GONE)
 
 
 def serve(
-    llm: LLM, slots: int, max_context: int | None, host: str, port: int, api_key: str | None
+    llm: LLM,
+    slots: int,
+    max_context: int | None,
+    host: str,
+    port: int,
+    api_key: str | None,
+    max_body: int = DEFAULT_MAX_BODY,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    max_prompts: int = DEFAULT_MAX_PROMPTS,
 ) -> None:
     """Run the server until interrupted."""
     import uvicorn
 
-    app = create_app(llm, slots, max_context, api_key)
+    app = create_app(
+        llm, slots, max_context, api_key, max_body=max_body, max_queue=max_queue,
+        max_prompts=max_prompts,
+    )  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,125 @@
+"""The engine thread: requests from the event loop go through an inbox into the continuous-
+batching ``Engine``; each token goes back to its request's asyncio queue.
+
+A request whose own step fails (its sampler raised) gets that error alone; the other sequences
+keep decoding. Only a failure of the whole step (e.g. the forward pass) fails every request in
+flight, and the engine is rebuilt so the server keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from typing import TYPE_CHECKING
+
+from layercake.engine import Engine, Request, default_capacity
+from layercake.generate import StepEvent
+
+if TYPE_CHECKING:
+    from layercake.llm import LLM
+    from layercake.server.metrics import Metrics
+
+
+class Reply:
+    """Where the engine thread puts one request's events (thread-safe into the event loop)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, index: int) -> None:
+        self.loop, self.index = loop, index
+        self.queue: asyncio.Queue[StepEvent | Exception] = asyncio.Queue()
+
+    def put(self, item: StepEvent | Exception) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed (shutting down): nobody is listening
+            pass
+
+
+class EngineLoop:
+    """The engine and the thread that steps it; ``slots_in_use`` and ``waiting`` are read by
+    /health and /metrics."""
+
+    def __init__(self, llm: LLM, slots: int, context: int, metrics: Metrics) -> None:
+        self.llm, self.slots, self.context, self.metrics = llm, slots, context, metrics
+        self.engine = self._new_engine()
+        self.inbox: queue.Queue[Request | None] = queue.Queue()
+        self.live: list[Request] = []  # added to the engine, not finished (engine thread only)
+        self.slots_in_use = self.waiting = 0
+        self.thread = threading.Thread(target=self._run, daemon=True, name="layercake-engine")
+        self.thread.start()
+
+    def _new_engine(self) -> Engine:
+        llm = self.llm
+        return Engine(
+            llm.runner, llm.eos_token_ids, llm._decode, self.slots, default_capacity(self.context)
+        )
+
+    def check(self, req: Request) -> None:
+        """Raise LayercakeError if ``req`` cannot run here (pure: safe from any thread)."""
+        self.engine.check(req.prompt, req.params)
+
+    def submit(self, req: Request) -> None:
+        """Queue a checked request for the engine thread."""
+        self.inbox.put(req)
+
+    def stop(self) -> None:
+        self.inbox.put(None)
+        self.thread.join(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def _run(self) -> None:
+        while self._take_inbox():
+            try:
+                self._step()
+            except Exception as e:  # the whole step failed: fail what is in flight, go on
+                self._fail_all(e)
+
+    def _step(self) -> None:
+        eng = self.engine
+        prompt, generated = eng.stats.prompt_tokens, eng.stats.generated_tokens
+        events = eng.step()
+        for req, ev in events:
+            req.tag.put(ev)
+        for req in self.live:
+            if req.error is not None:  # this request alone failed
+                req.tag.put(req.error)
+        self.live = [r for r in self.live if not (r.finished or r.cancelled)]
+        self.metrics.count_tokens(
+            eng.stats.generated_tokens - generated, eng.stats.prompt_tokens - prompt
+        )
+        self._gauges()
+
+    def _take_inbox(self) -> bool:
+        """Move new requests into the engine (waiting for one when idle); False to stop."""
+        block = not self.engine.busy
+        while True:
+            try:
+                req = self.inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if req is None:
+                return False
+            if req.cancelled:
+                continue
+            try:
+                self.engine.add(req)
+            except Exception as e:  # checked on submit already; never fatal here
+                req.tag.put(e)
+                continue
+            self.live.append(req)
+
+    def _fail_all(self, e: Exception) -> None:
+        for r in self.live:
+            if not r.finished:
+                r.tag.put(e)
+        self.live = []
+        self.engine = self._new_engine()
+        self._gauges()
+
+    def _gauges(self) -> None:
+        eng = self.engine
+        self.slots_in_use = sum(s is not None for s in eng.seqs)
+        self.waiting = len(eng.waiting) + self.inbox.qsize()
