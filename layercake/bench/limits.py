@@ -61,7 +61,7 @@ def matmul_gflops_per_rows(rows: tuple[int, ...] = ROWS, repeats: int = 5) -> di
     w = torch.randn(N, K)
     forms = [lambda x: torch.nn.functional.linear(x, w)]
     if mkl.packing_available():
-        forms.append(mkl.PackedLinear(w, None))
+        forms.append(mkl.MKLPacked(w).linear)
     if kernels.available():
         wb = w.bfloat16()
         forms.append(lambda x: kernels.bf16_mm(x, wb))
