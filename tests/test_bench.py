@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from agreement import logits_agreement, tokens_agreement  # noqa: E402
-from checkpoints import LLAMA_1B, write_random_llama  # noqa: E402
+import layercake
+from benchmarks.agreement import logits_agreement, tokens_agreement
+from benchmarks.checkpoints import LLAMA_1B, write_random_llama
 
-import layercake  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = dict(LLAMA_1B, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256,
@@ -98,8 +97,8 @@ def test_roofline_arithmetic() -> None:
 
 
 def test_benchmark_parents_do_not_import_torch() -> None:
-    code = ("import sys; sys.path.insert(0, 'benchmarks'); import offload, compression, "
-            "generation, decode; assert 'torch' not in sys.modules, 'torch imported'")  # fmt: skip
+    code = ("import sys, benchmarks.offload, benchmarks.compression, benchmarks.generation, "
+            "benchmarks.decode; assert 'torch' not in sys.modules, 'torch imported'")  # fmt: skip
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
 

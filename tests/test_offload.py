@@ -1,4 +1,7 @@
-"""Offloading: the schedule's invariants, policies, and offloaded output == in-memory output."""
+"""Offloading: offloaded output == in-memory output, over placements, budgets and forms.
+
+The schedule's own tests are in ``test_schedule.py``, the placement policy's in
+``test_policy.py``."""
 
 from __future__ import annotations
 
@@ -14,100 +17,11 @@ import torch
 
 import layercake
 from layercake.errors import LayercakeError
-from layercake.offload.footprint import Footprint
-from layercake.offload.policy import STAGING_SLOTS, Policy, parse_bytes, plan_policy
-from layercake.offload.schedule import zigzag
+from layercake.offload.policy import STAGING_SLOTS
 from layercake.ops import kernels
 from layercake.ops.linear import BF16, Linear
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15], [20, 21, 22]]
-
-
-# ---- schedule ------------------------------------------------------------------------------
-@pytest.mark.parametrize("units,batches", [(1, 1), (2, 3), (5, 1), (7, 4)])
-def test_zigzag_computes_each_unit_batch_once_after_its_load(units, batches):
-    ops = list(zigzag(units, batches))
-    computes = [(o.unit, o.batch) for o in ops if o.kind == "compute"]
-    assert sorted(computes) == [(j, k) for j in range(units) for k in range(batches)]
-    # zig-zag: every micro-batch of unit j before any of unit j + 1
-    assert [u for u, _ in computes] == sorted(u for u, _ in computes)
-    in_flight: set[int] = set()
-    ready: set[int] = set()
-    cache_loaded: set[tuple[int, int]] = set()
-    for o in ops:
-        if o.kind == "load":
-            in_flight.add(o.unit)
-        elif o.kind == "wait":
-            assert o.unit in in_flight, "waited for a unit never loaded"
-            ready.add(o.unit)
-        elif o.kind == "load_cache":
-            cache_loaded.add((o.unit, o.batch))
-        elif o.kind == "compute":
-            assert o.unit in ready and (o.unit, o.batch) in cache_loaded
-        elif o.kind == "store_cache":
-            assert (o.unit, o.batch) in computes
-        elif o.kind == "free":
-            ready.discard(o.unit)
-            in_flight.discard(o.unit)
-        # double buffering: never more than two units' weights staged at once
-        assert len(in_flight) <= 2
-    # the next pass's first units are already in flight when this one ends (prefetch wraps)
-    assert 0 in in_flight
-
-
-def test_zigzag_prefetches_next_unit_before_computing_current():
-    ops = list(zigzag(4, 2))
-    for j in range(3):
-        first_compute = next(i for i, o in enumerate(ops) if o.kind == "compute" and o.unit == j)
-        load_next = next(i for i, o in enumerate(ops) if o.kind == "load" and o.unit == j + 1)
-        assert load_next < first_compute
-
-
-# ---- policy --------------------------------------------------------------------------------
-def test_parse_bytes():
-    assert parse_bytes("1.6GB") == 1_600_000_000
-    assert parse_bytes("800MiB") == 800 * 2**20
-    assert parse_bytes("2G") == 2 * 10**9
-    assert parse_bytes(1234) == 1234
-    with pytest.raises(LayercakeError, match="size"):
-        parse_bytes("lots")
-
-
-@pytest.mark.parametrize(
-    "pct", [(101, 0, 100, 0, 100, 0), (60, 50, 100, 0, 100, 0), (-1, 0, 0, 0, 0, 0)]
-)
-def test_percentages_out_of_range(pct):
-    with pytest.raises(LayercakeError, match="0-100"):
-        Policy.from_percent(pct)
-    with pytest.raises(LayercakeError, match="six numbers"):
-        Policy.from_percent(pct[:4])
-
-
-def _fp(**kw):
-    d = dict(weights=2_000_000_000, compute_ratio=2.0, max_unit=100_000_000,
-             activations=100_000_000, kv=100_000_000)  # fmt: skip
-    d.update(kw)
-    return Footprint(**d)
-
-
-def test_plan_respects_budget_and_is_monotonic():
-    last = -1.0
-    for budget in (700e6, 900e6, 1.2e9, 1.8e9, 2.5e9):
-        p = plan_policy(_fp(), int(budget), None, False, 32, 1)
-        resident = 2e9 * (p.w_device * 2 + p.w_cpu) / 100
-        staging = STAGING_SLOTS * 100e6 * p.w_disk / 100
-        kv = 100e6 * (p.cache_device + p.cache_cpu) / 100
-        assert resident + staging + kv + 100e6 + 200e6 <= budget + 1
-        held = p.w_device + p.w_cpu
-        assert held >= last
-        last = held
-    assert plan_policy(_fp(), int(5e9), None, False, 32, 1).w_device == 100
-
-
-def test_plan_budget_too_small_says_minimum():
-    least = (300e6 + STAGING_SLOTS * 100e6) / 1e9  # activations + scratch, and the slots
-    with pytest.raises(LayercakeError, match=rf"at least {least:.2f} GB"):
-        plan_policy(_fp(), int(400e6), None, False, 32, 1)
 
 
 # ---- offloaded == in memory ----------------------------------------------------------------

@@ -1,12 +1,13 @@
-"""Helpers for tests that need bigger checkpoints than transformers writes quickly."""
+"""Helpers for tests that need bigger checkpoints than transformers writes quickly.
+
+``benchmarks/`` is importable as a package because pytest puts the repository root on the path
+(``pythonpath`` in pyproject.toml): no test edits the import path."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from checkpoints import LLAMA_1B, write_random_llama  # noqa: E402
+from benchmarks.checkpoints import LLAMA_1B, write_random_llama
 
 
 def bf16_llama(

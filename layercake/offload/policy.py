@@ -113,9 +113,8 @@ def split_bytes(total: int, policy_dev: float, policy_cpu: float) -> tuple[int, 
 
 # The loader's ring of staging buffers for units' disk rows: one being computed on, two being read
 # ahead. With two (one read ahead) a decode step whose reads take nearly as long as its compute
-# (the 1B model at 128 rows under 1.6 GB: 73 ms of reads against 81 ms of matmuls a layer) waited
-# 0.1-0.2 s a step for weights (of ~1.8 s); with three it waits none. The third costs a unit's disk
-# share of RAM, taken from the resident weights.
+# still waited for weights; with three it waits none (the README's "Offloading" has the figures).
+# The third costs a unit's disk share of RAM, taken from the resident weights.
 STAGING_SLOTS = 3
 # compressed weights held resident dequantize this much at a time (``quant.Workspace``)
 RESIDENT_SCRATCH = 64 * 2**20

@@ -1,17 +1,17 @@
 """Group-32 int4/int8 weights as GGUF-style blocks, multiplied by our own AVX2 kernel.
 
-PyTorch's ``_weight_int4pack_mm_for_cpu`` moves only ~4 GB/s of packed weights per core for
-one row of activations on this kind of CPU (it unpacks to floats): single-stream decode is
-bound by that kernel, not by memory. ``block_mm`` (``csrc/kernels.cpp``) does what llama.cpp
+PyTorch's ``_weight_int4pack_mm_for_cpu`` unpacks to floats, so for one row of activations it
+moves packed weights far slower than memory delivers them: single-stream decode is bound by that
+kernel, not by memory. ``block_mm`` (``csrc/kernels.cpp``) does what llama.cpp
 does instead: the activations are quantized per block of 32 to int8 and each block's dot
 product runs on integer multiply-adds, on weights held as blocks of (fp16 scale, fp16 offset,
 32 values). A 4-bit block has exactly GGUF Q4_1's fields, so a Q4_1 model keeps its weights
 bit for bit; Q4_0 and our own int4 groups of 32 map onto it too, and 8-bit groups (GGUF Q8_0,
-output heads) have their own 36-byte block. Measured here (2 threads, one row of activations):
-1.7-2.3x PyTorch's int4 kernel; ~1.4x from 32 rows on.
+output heads) have their own 36-byte block. It outruns PyTorch's int4 kernel at one row of
+activations and from 32 rows on (the README's "Fast CPU decoding" has the figures).
 
-The activations' int8 rounding adds ~0.5 % relative error to a product (PyTorch's kernel
-rounds them to bf16: ~0.2 %); ``benchmarks/quality.py`` measures the perplexity it costs.
+The activations' int8 rounding adds more error to a product than PyTorch's kernel's bf16
+rounding (README); ``benchmarks/quality.py`` measures the perplexity it costs.
 """
 
 from __future__ import annotations

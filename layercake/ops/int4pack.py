@@ -2,11 +2,10 @@
 dequantize step.
 
 ``torch.ops.aten._weight_int4pack_mm_for_cpu`` multiplies bf16 activations by int4 weights
-held in its own packed form, unpacking inside the kernel. Measured on this machine (2 threads,
-a 1536x576 weight): 39 us for one row of activations (11 GB/s of packed weights) and ~150
-GFLOP/s from 32 rows on, the speed of an fp32 GEMM on dequantized weights, with none of the
-dequantization (which moved ~1 GB/s). Activations and results pass through bf16 (relative error
-~2e-3); fp32 or fp16 activations take a path 20-30x slower, so they are converted.
+held in its own packed form, unpacking inside the kernel: from 32 rows of activations on it
+runs at the speed of an fp32 GEMM on dequantized weights, with none of the dequantization (the
+README's "Compression" section has the figures). Activations and results pass through bf16; fp32
+or fp16 activations take a much slower path, so they are converted.
 
 The packed form: output rows go in blocks of ``BLOCK_N`` = 64; a block's bytes are contiguous
 and depend on that block's values only, so any range of whole blocks is one byte range and can
@@ -62,7 +61,7 @@ def kernel8_ok(shape: tuple[int, ...], spec: QuantSpec, device: torch.device | s
         and spec.bits == 8
         and len(shape) == 2
         and spec.group_size == shape[1]
-        and shape[1] % 16 == 0  # other widths crash the kernel (measured: 100, 104, 120)
+        and shape[1] % 16 == 0  # other widths crash the kernel (seen: 100, 104, 120)
     )
 
 
@@ -143,7 +142,7 @@ def _ones(rows: int) -> torch.Tensor:
 class PackedInt8:
     """A weight (out, in) as int8 ``data`` with an fp32 ``scale`` and (asymmetric) an fp32
     ``offset`` per row: ``W = scale * data + offset``. The kernel runs with unit scales (bf16
-    activations; fp32 ones take a path 10-20x slower) and the fp32 scales are applied to its
+    activations; fp32 ones take a much slower path) and the fp32 scales are applied to its
     result, so they are not rounded to bf16."""
 
     data: torch.Tensor

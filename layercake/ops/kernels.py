@@ -2,18 +2,23 @@
 ``torch.ops.layercake.*`` so that ``torch.compile`` graphs call them directly.
 
 - ``block_mm``: matmul on int4/int8 weights held as blocks (see ``blocks``).
-- ``decode_attention``: one query per row against a KV cache, skipping masked slots. PyTorch's
-  SDPA costs ~60 us a call at these sizes (9 heads, 256 slots), as much as a layer's matmuls.
+- ``decode_attention``: one query per row against a KV cache, skipping masked slots: at decode
+  sizes PyTorch's SDPA costs about as much per call as a layer's matmuls (README, "Fast CPU
+  decoding").
 - ``bf16_mm``: fp32 activations times bf16 weights, widened in registers: an offloaded bf16
-  layer needs no fp32 copy. Measured here (2 threads, 8192 x 2048): 159 GFLOP/s at 32 rows,
-  178 at 128 and 174 at 1024, against 38, 78 and 116 for converting to fp32 and then MKL's
-  GEMM (MKL alone on fp32 weights: ~140-160).
+  layer needs no fp32 copy, and it outruns converting to fp32 and then MKL's GEMM (README,
+  "Offloading").
+
+Each op checks its arguments and raises a ``RuntimeError`` naming the op and the problem (wrong
+dtype or device, mismatched shapes, no KV heads, a layout it cannot read) before it reads any
+memory. Weights may start at any byte address (views into mapped files or staging buffers).
 
 The C++ is compiled with the system compiler against the installed PyTorch (tens of seconds,
 once: cached under ``$LAYERCAKE_CACHE`` or ``~/.cache/layercake``, in ``kernels/``, keyed by
-the source and the PyTorch version). Where it cannot be (not x86-64 Linux, no AVX2/FMA/F16C,
-no compiler, ``LAYERCAKE_NO_KERNELS`` set), ``available()`` is False, ``unavailable_reason()``
-says why, and callers keep PyTorch's kernels.
+the source and the PyTorch version). Where it cannot be (``unsupported()``: not x86-64 Linux, no
+AVX2/FMA/F16C, no compiler, ``LAYERCAKE_NO_KERNELS`` set), ``available()`` is False,
+``unavailable_reason()`` says why, and callers keep PyTorch's kernels. Where it can be, a failed
+build is reported the same way (and fails the test suite: ``tests/test_kernel_build.py``).
 """
 
 from __future__ import annotations
@@ -52,15 +57,34 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _build(target: Path) -> None:
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def unsupported() -> str | None:
+    """Why the kernels cannot be built on this machine (None: they should build). A build that
+    fails where this is None is a bug, not a missing feature."""
+    if os.environ.get("LAYERCAKE_NO_KERNELS"):
+        return "LAYERCAKE_NO_KERNELS is set"
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"{platform.system()} {platform.machine()} (the kernels are for x86-64 Linux)"
+    missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    if _compiler() is None:
+        return "no C++ compiler (c++ / g++ on PATH, or $CXX)"
+    return None
+
+
+def _build(target: Path, extra_flags: tuple[str, ...] = ()) -> None:
+    """Compile ``SOURCE`` into ``target`` (``extra_flags``: e.g. a sanitizer, for tests)."""
     from torch.utils import cpp_extension
 
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if cxx is None:
-        raise RuntimeError("no C++ compiler (c++ / g++) on PATH")
+    cxx = _compiler()
+    assert cxx is not None  # unsupported() said so before
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c",
-           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", str(SOURCE)]  # fmt: skip
+           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *extra_flags, str(SOURCE)]  # fmt: skip
     cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
     libs = cpp_extension.library_paths()
     cmd += [f"-L{p}" for p in libs] + [f"-Wl,-rpath,{p}" for p in libs]
@@ -97,13 +121,9 @@ def _fake_bf16_mm_out(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> None
 @functools.cache
 def _load() -> str | None:
     """Build (once) and register the kernels; None when they work, else why not."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return f"{platform.system()} {platform.machine()} (the kernels are for x86-64 Linux)"
-    missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
-    if missing:
-        return f"the CPU lacks {', '.join(missing)}"
-    if os.environ.get("LAYERCAKE_NO_KERNELS"):
-        return "LAYERCAKE_NO_KERNELS is set"
+    why = unsupported()
+    if why is not None:
+        return why
     key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
     target = cache_dir() / f"kernels-{key}.so"
     try:
@@ -157,7 +177,11 @@ def block_mm(x: torch.Tensor, w: torch.Tensor, bits: int) -> torch.Tensor:
 def decode_attention(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """q (B, H, D) against keys/values (B, KV, S, D) where ``mask`` (B, S) is True -> (B, H, D)."""
+    """q (B, H, D) against keys/values (B, KV, S, D) where ``mask`` (B, S) is True -> (B, H, D).
+
+    H must be a multiple of KV (GQA; KV >= 1); keys and values need unit stride in D (views of a
+    longer cache are fine); any D. A row with every slot masked gets zeros, as SDPA gives for a
+    bool mask (not the NaN of a softmax over nothing): a padding or free row stays finite."""
     return _op("decode_attention")(q, keys, values, mask, scale)
 
 

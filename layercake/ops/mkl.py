@@ -2,9 +2,10 @@
 
 For the small row counts of decoding (a batch of 1-64 tokens), MKL's sgemm spends most of its
 time re-packing the weight matrix on every call; packing each weight once at load time (the same
-MKL packed-GEMM path PyTorch's inductor uses when it freezes a CPU model) makes those calls about
-twice as fast, with results equal within float rounding. The weight is packed straight from the
-checkpoint in row blocks through one small scratch buffer, so no unpacked fp32 copy is ever held.
+MKL packed-GEMM path PyTorch's inductor uses when it freezes a CPU model) makes those calls much
+faster (README, "Benchmarks"), with results equal within float rounding. The weight is packed
+straight from the checkpoint in row blocks through one small scratch buffer, so no unpacked fp32
+copy is ever held.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ BLOCK_BYTES = 64 * 2**20  # rows packed per block: bounds the scratch buffer, an
 
 
 def _pack_hint(rows: int) -> int:
-    """The batch size MKL tunes a packing for (any batch works with the result). Measured here:
-    for weights of >= 1536 output rows, a hint of 1024 runs prefill-sized batches 1.3-1.6x
-    faster and decoding batches (1-32) as fast as a hint of 32; for fewer rows it halves the
-    speed of small batches, so those keep 32."""
+    """The batch size MKL tunes a packing for (any batch works with the result). For weights of
+    >= 1536 output rows a hint of 1024 ran prefill-sized batches faster than a hint of 32 and
+    decoding batches (1-32) as fast; for fewer rows it slowed small batches down, so those keep
+    32 (the figures are in the README's "Benchmarks")."""
     return 1024 if rows >= 1536 else 32
 
 

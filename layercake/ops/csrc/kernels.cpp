@@ -1,4 +1,9 @@
-// layercake's CPU kernels (AVX2 + FMA + F16C), built on first use by layercake/kernels.py.
+// layercake's CPU kernels (AVX2 + FMA + F16C), built on first use by layercake/ops/kernels.py.
+//
+// Every op checks its arguments with TORCH_CHECK (a RuntimeError naming the op and what is
+// wrong) before touching memory. Weights may start at any byte address (a view into a mapped
+// file or a staging buffer): their 16-bit fields are read with memcpy or unaligned vector loads,
+// never through a cast to ``uint16_t*``.
 //
 // block_mm: matmul on group-32 quantized weights held as GGUF-style blocks.
 //
@@ -32,13 +37,14 @@ namespace {
 constexpr int64_t QK = 32;
 constexpr int64_t MT = 4;       // rows of activations per pass over a weight row
 constexpr int64_t CHUNK = 16;
-constexpr int64_t PF = 4;       // rows prefetched ahead (measured best of 2, 4, 8, 16)
+constexpr int64_t PF = 4;       // rows prefetched ahead (the best of 2, 4, 8, 16 measured)
 
 // Runs fn(0, next) .. fn(n - 1, next) on PyTorch's threads, each thread taking the next task as it
 // finishes one (not a fixed half each): a core interrupted by disk I/O or another thread then
-// does fewer tasks instead of the other waiting for it at the end (measured: ~10 % of a streamed
-// decode step was spent waiting so with fixed halves). ``next`` is the task the same thread runs
-// after this one (-1: none), claimed ahead so that its memory can be prefetched.
+// does fewer tasks instead of the other waiting for it at the end (with fixed halves a streamed
+// decode step spent a measurable share waiting so; the README has the figure). ``next`` is the
+// task the same thread runs after this one (-1: none), claimed ahead so that its memory can be
+// prefetched. With one thread (or inside a parallel region) the tasks run in order here.
 template <class F>
 void parallel_tasks(int64_t n, const F& fn) {
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
@@ -57,11 +63,17 @@ void parallel_tasks(int64_t n, const F& fn) {
   });
 }
 
-inline float half_at(const uint8_t* p) {
+// A 16-bit field at any byte address (memcpy: no alignment assumed; one load once compiled).
+inline uint16_t u16_at(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
+  return h;
 }
+
+inline float half_at(const uint8_t* p) { return _cvtsh_ss(u16_at(p)); }
+
+// Eight 16-bit fields from p, at any byte address.
+inline __m128i u16x8_at(const uint8_t* p) { return _mm_loadu_si128((const __m128i*)p); }
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -118,21 +130,20 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, 
 
 // A row's fp16 offsets m[0..G) dotted with sx[0..G), and its fp16 scales d[0..G) times dx,
 // as the block loop reads them: 4 bits, one 8-lane vector per pair of blocks (4 lanes each);
-// 8 bits, one float per block.
+// 8 bits, one float per block. ``row`` may start at any byte (the fields are read unaligned).
 template <int BITS>
 inline float prepare(const uint8_t* row, int64_t G, const float* dx, const float* sx, float* scale) {
-  const uint16_t* d16 = (const uint16_t*)row;
-  const uint16_t* m16 = d16 + G;
+  const uint8_t* d16 = row;          // G fp16 scales
+  const uint8_t* m16 = row + 2 * G;  // G fp16 offsets
   __m256 o8 = _mm256_setzero_ps();
   float o = 0.f;
   int64_t g = 0;
   const __m256i lo = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
   const __m256i two = _mm256_set1_epi32(2);
   for (; g + 8 <= G; g += 8) {
-    const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(m16 + g)));
+    const __m256 m = _mm256_cvtph_ps(u16x8_at(m16 + 2 * g));
     o8 = _mm256_fmadd_ps(m, _mm256_loadu_ps(sx + g), o8);
-    const __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(d16 + g))),
-                                   _mm256_loadu_ps(dx + g));
+    const __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(u16x8_at(d16 + 2 * g)), _mm256_loadu_ps(dx + g));
     if constexpr (BITS == 4) {
       __m256i idx = lo;
       for (int k = 0; k < 4; ++k, idx = _mm256_add_epi32(idx, two))
@@ -142,8 +153,8 @@ inline float prepare(const uint8_t* row, int64_t G, const float* dx, const float
     }
   }
   for (; g < G; ++g) {
-    o += _cvtsh_ss(m16[g]) * sx[g];
-    const float s = _cvtsh_ss(d16[g]) * dx[g];
+    o += half_at(m16 + 2 * g) * sx[g];
+    const float s = half_at(d16 + 2 * g) * dx[g];
     if constexpr (BITS == 4) {
       for (int k = 0; k < 4; ++k) scale[4 * g + k] = s;  // block g's half of its pair's vector
     } else {
@@ -154,8 +165,9 @@ inline float prepare(const uint8_t* row, int64_t G, const float* dx, const float
 }
 
 // R rows of activations against one weight row: y[r * ldy]. ``scale`` has room for R rows of
-// 4 * G floats. (Two weight rows at a time, for more independent chains, measured 1.8x slower
-// streaming from RAM: the hardware prefetcher follows one stream per thread better.)
+// 4 * G floats. (Two weight rows at a time, for more independent chains, measured slower
+// streaming from RAM, see the README: the hardware prefetcher follows one stream per thread
+// better.)
 //
 // 4 bits, two blocks per step: one 32-byte load holds blocks A and B's values; its low nibbles
 // are [A 0..15 | B 0..15], its high nibbles [A 16..31 | B 16..31], and the activations were
@@ -255,15 +267,27 @@ void block_mm(const float* x, const uint8_t* w, float* y, int64_t M, int64_t N, 
   });
 }
 
+// What both matmuls take: CPU tensors, x (M, K) float32 and w 2-D of ``wtype`` (``wname``).
+void check_operands(const char* op, const at::Tensor& x, const at::Tensor& w,
+                    at::ScalarType wtype, const char* wname) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), op, ": CPU tensors only, got x on ",
+              x.device(), ", w on ", w.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, op, ": x must be 2-D float32, got ",
+              x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(w.scalar_type() == wtype && w.dim() == 2, op, ": w must be 2-D ", wname, ", got ",
+              w.scalar_type(), " ", w.sizes());
+}
+
+// x (M, K) float32 (copied if not contiguous), w (N, K / 32 * block bytes) uint8 blocks at any
+// byte address (copied if not contiguous).
 at::Tensor block_mm_op(const at::Tensor& x, const at::Tensor& w, int64_t bits) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "block_mm: CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "block_mm: x must be 2-D float32");
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2, "block_mm: w must be 2-D uint8");
-  TORCH_CHECK(bits == 4 || bits == 8, "block_mm: bits must be 4 or 8");
+  check_operands("block_mm", x, w, at::kByte, "uint8");
+  TORCH_CHECK(bits == 4 || bits == 8, "block_mm: bits must be 4 or 8, got ", bits);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const int64_t BS = bits == 4 ? 20 : 36;
   TORCH_CHECK(K % QK == 0 && w.size(1) == K / QK * BS, "block_mm: shapes do not match: x ",
-              x.sizes(), ", w ", w.sizes(), ", bits ", bits);
+              x.sizes(), ", w ", w.sizes(), ", bits ", bits, " (w needs K / 32 * ", BS,
+              " bytes a row, K a multiple of 32)");
   at::Tensor xc = x.contiguous(), wc = w.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
@@ -275,9 +299,12 @@ at::Tensor block_mm_op(const at::Tensor& x, const at::Tensor& w, int64_t bits) {
 }
 
 // One query per row against a KV cache: q (B, H, D), keys / values (B, KV, S, D) with unit
-// stride in D, mask (B, S) bool (false: skip the slot); out (B, H, D). The H / KV query heads
-// of a KV head share it (GQA). Masked slots cost nothing, so a cache allocated long but
-// filled short is cheap.
+// stride in D (any other strides: a view of a longer cache), mask with B * S elements, (B, S) or
+// (B, 1, 1, S), bool (false: skip the slot); out (B, H, D). The H / KV query heads of a KV head
+// share it (GQA). Masked slots cost nothing, so a cache allocated long but filled short is cheap.
+// A row whose slots are all masked gets zeros, as PyTorch's SDPA gives for a bool mask (a plain
+// softmax over nothing would be NaN): the callers switch between this kernel and SDPA, and a
+// free or padding row of a batch stays finite.
 inline float dot(const float* a, const float* b, int64_t D) {
   int64_t d = 0;
   __m256 acc = _mm256_setzero_ps();
@@ -295,16 +322,37 @@ inline void axpy(float a, const float* x, float* y, int64_t D) {
   for (; d < D; ++d) y[d] += a * x[d];
 }
 
-at::Tensor decode_attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const at::Tensor& mask, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(), "decode_attention: shapes");
+void decode_attention_check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& mask) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() &&
+                  mask.device().is_cpu(),
+              "decode_attention: CPU tensors only");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
                   v.scalar_type() == at::kFloat && mask.scalar_type() == at::kBool,
-              "decode_attention: float32 q, k, v and a bool mask");
+              "decode_attention: float32 q, k, v and a bool mask, got ", q.scalar_type(), ", ",
+              k.scalar_type(), ", ", v.scalar_type(), ", ", mask.scalar_type());
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(),
+              "decode_attention: q must be (B, H, D) and keys, values (B, KV, S, D), got q ",
+              q.sizes(), ", keys ", k.sizes(), ", values ", v.sizes());
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KV = k.size(1), S = k.size(2);
-  TORCH_CHECK(k.size(0) == B && k.size(3) == D && H % KV == 0 && mask.numel() == B * S,
-              "decode_attention: shapes do not match");
-  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: keys/values need unit stride");
+  TORCH_CHECK(KV > 0, "decode_attention: keys need at least one KV head, got ", k.sizes());
+  TORCH_CHECK(H % KV == 0, "decode_attention: ", H, " query heads are not a multiple of ", KV,
+              " KV heads");
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D, "decode_attention: shapes do not match: q ",
+              q.sizes(), ", keys ", k.sizes());
+  TORCH_CHECK(mask.dim() >= 1 && mask.numel() == B * S && mask.size(-1) == S &&
+                  (mask.dim() == 1 ? B == 1 : mask.size(0) == B),
+              "decode_attention: mask must hold (B, S) = (", B, ", ", S, ") slots, got ",
+              mask.sizes());
+  TORCH_CHECK((k.stride(3) == 1 && v.stride(3) == 1) || D <= 1,
+              "decode_attention: keys and values need unit stride in head_dim, got strides ",
+              k.strides(), " and ", v.strides());
+}
+
+at::Tensor decode_attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& mask, double scale) {
+  decode_attention_check(q, k, v, mask);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KV = k.size(1), S = k.size(2);
   at::Tensor qc = q.contiguous(), mc = mask.reshape({B, S}).contiguous();
   at::Tensor out = at::empty({B, H, D}, q.options());
   const float* qp = qc.data_ptr<float>();
@@ -348,20 +396,18 @@ at::Tensor decode_attention_op(const at::Tensor& q, const at::Tensor& k, const a
 // registers (a bf16 is the top half of a float: widen and shift), so an offloaded bf16 layer
 // needs no fp32 copy of its weights. Tiles of MR activation rows x NR weight rows, 12 FMA chains,
 // over K in blocks of KC (the tile's activations stay in L2); each task owns NC weight rows
-// (kept in L2 while every activation tile passes over them).
-// measured on the 2-core AVX2 machine (mean of six shapes at 128 and 1024 rows, GFLOP/s): 6x2
-// tiles with K blocks of 512 133; 4x3 tiles 148; 4x3 with K blocks of 4096 and 96 rows a task 173
-// (then, on the 2-core AMD machine: tasks of 48 / 96 / 144 / 192 rows within noise of each other;
-// the prefetch of the next block +2-5 % at 32 / 128 / 1024 rows, interleaved A/B)
+// (kept in L2 while every activation tile passes over them). The tile shape, KC and NC were
+// chosen by measurement over several shapes (4x3 beat 6x2; larger K blocks beat 512; tasks of
+// 48-192 rows were within noise of each other): the README has the figures.
+// W is addressed by bytes (``w`` + 2 * element index), so it may start at any address.
 constexpr int64_t MR = 4, NR = 3, KC = 4096, NC = 96;
 
-inline __m256 bf16x8(const uint16_t* p) {
-  return _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+inline __m256 bf16x8(const uint8_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(u16x8_at(p)), 16));
 }
 
 template <int R, int C>
-inline void bf16_tile(const float* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t k0,
+inline void bf16_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t k0,
                       int64_t k1, float* y, int64_t ldy) {
   const bool first = k0 == 0;  // y is stored by the first K block, added to by the others
   __m256 acc[R][C];
@@ -370,7 +416,7 @@ inline void bf16_tile(const float* x, int64_t ldx, const uint16_t* w, int64_t ld
   int64_t k = k0;
   for (; k + 8 <= k1; k += 8) {
     __m256 wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = bf16x8(w + c * ldw + k);
+    for (int c = 0; c < C; ++c) wv[c] = bf16x8(w + 2 * (c * ldw + k));
     for (int r = 0; r < R; ++r) {
       const __m256 xv = _mm256_loadu_ps(x + r * ldx + k);
       for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
@@ -380,7 +426,7 @@ inline void bf16_tile(const float* x, int64_t ldx, const uint16_t* w, int64_t ld
     for (int c = 0; c < C; ++c) {
       float s = hsum(acc[r][c]);
       for (int64_t kk = k; kk < k1; ++kk) {  // K not a multiple of 8
-        uint32_t bits = (uint32_t)w[c * ldw + kk] << 16;
+        uint32_t bits = (uint32_t)u16_at(w + 2 * (c * ldw + kk)) << 16;
         float wf;
         std::memcpy(&wf, &bits, 4);
         s += x[r * ldx + kk] * wf;
@@ -390,17 +436,17 @@ inline void bf16_tile(const float* x, int64_t ldx, const uint16_t* w, int64_t ld
 }
 
 template <int R>
-inline void bf16_rows(const float* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t k0,
+inline void bf16_rows(const float* x, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t k0,
                       int64_t k1, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) bf16_tile<R, NR>(x, ldx, w + n * ldw, ldw, k0, k1, y + n, ldy);
-  for (; n < n1; ++n) bf16_tile<R, 1>(x, ldx, w + n * ldw, ldw, k0, k1, y + n, ldy);
+  for (; n + NR <= n1; n += NR)
+    bf16_tile<R, NR>(x, ldx, w + 2 * n * ldw, ldw, k0, k1, y + n, ldy);
+  for (; n < n1; ++n) bf16_tile<R, 1>(x, ldx, w + 2 * n * ldw, ldw, k0, k1, y + n, ldy);
 }
 
+// x (M, K) float32 and w (N, K) bf16 at any byte address, each copied if not contiguous.
 void bf16_mm_check(const at::Tensor& x, const at::Tensor& w) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "bf16_mm: CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "bf16_mm: x must be 2-D float32");
-  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2, "bf16_mm: w must be 2-D bf16");
+  check_operands("bf16_mm", x, w, at::kBFloat16, "bf16");
   TORCH_CHECK(x.size(1) == w.size(1), "bf16_mm: shapes do not match: x ", x.sizes(), ", w ",
               w.sizes());
 }
@@ -415,7 +461,7 @@ void bf16_mm_into(const at::Tensor& x, const at::Tensor& w, at::Tensor& y) {
   }
   at::Tensor xc = x.contiguous(), wc = w.contiguous();
   const float* xp = xc.data_ptr<float>();
-  const uint16_t* wp = (const uint16_t*)wc.data_ptr<at::BFloat16>();
+  const uint8_t* wp = (const uint8_t*)wc.data_ptr();  // any byte address (see bf16x8)
   float* yp = y.data_ptr<float>();
   const int64_t ldy = y.stride(0);
   // The weights of the block after this one (the task's next K block, or the thread's next task)
@@ -438,7 +484,7 @@ void bf16_mm_into(const at::Tensor& x, const at::Tensor& w, at::Tensor& y) {
       auto prefetch = [&]() {
         const int64_t r0 = p0 + pass * per_pass, r1 = std::min(p1, r0 + per_pass);
         for (int64_t r = r0; r < r1; ++r) {
-          const char* row = (const char*)(wp + r * K + q0);
+          const char* row = (const char*)(wp + 2 * (r * K + q0));
           for (int64_t b = 0; b < (q1 - q0) * 2; b += 64) _mm_prefetch(row + b, _MM_HINT_T1);
         }
         ++pass;
