@@ -4,7 +4,7 @@ job and the server.
 
 Every row of a ``KVCache`` writes at the same slot (``length``), so a new prompt of P tokens is
 placed at slots [length - P, length) of its row, its earlier slots marked padding: positions are
-the row's own (0 at its first token), and prompts are prefilled unpadded (``generate.prefill``),
+the row's own (0 at its first token), and prompts are prefilled unpadded (``prefill.prefill``),
 so what the row computes equals a solo run. The cache is
 shifted right when a prompt is longer than ``length``, and left when ``length`` reaches the
 capacity (by the first slot any live row still uses; the capacity leaves slack so this happens
@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from layercake.errors import LayercakeError
-from layercake.generate import GenerationStats, Row, StepEvent, check_prompt, prefill
+from layercake.generate import GenerationStats, Row, StepEvent, check_prompt
 from layercake.kv_cache import KVCache, QuantKV
+from layercake.prefill import prefill
 from layercake.sampling import Sampler, SamplingParams
 
 if TYPE_CHECKING:

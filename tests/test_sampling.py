@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from layercake.errors import LayercakeError
-from layercake.sampling import (
-    Sampler,
-    SamplingParams,
+from layercake.sampling import Sampler, SamplingParams
+from layercake.sampling_ops import (
     apply_frequency_presence_penalties,
     apply_repetition_penalty,
     filter_logits,

@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from layercake.sampling import GREEDY_BELOW, Sampler, SamplingParams, make_finite
+from layercake.sampling import GREEDY_BELOW, Sampler, SamplingParams
+from layercake.sampling_ops import make_finite
 
 V = 37
 TEMPERATURES = [0.0, 1e-300, 1e-45, 1e-8, GREEDY_BELOW, 0.7, 1e5, 1e300]
