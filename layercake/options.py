@@ -123,8 +123,8 @@ class Options:
 
     @classmethod
     def from_args(cls, a: argparse.Namespace, **kw: Any) -> Options:
-        """The engine options a command line parsed (``cli_options.add_engine_options``); ``kw`` sets
-        those a command decides itself (``max_sequences``)."""
+        """The engine options a command line parsed (``cli_options.add_engine_options``);
+        ``kw`` sets those a command decides itself (``max_sequences``)."""
         given = {f.name: getattr(a, f.name) for f in fields(cls) if hasattr(a, f.name)}
         return cls.of(**{**given, **kw})
 
