@@ -172,3 +172,10 @@ def test_control_tokens_typed_by_a_user_stay_text(llm, client):
     assert (ids.count(bos), ids.count(eos)) == (2, 1), ids
     r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=1)
     assert r.usage.prompt_tokens == len(ids)
+    # a request may ask for control tokens in its text (an extension field)
+    raw = json.dumps({"messages": msgs, "allow_special_tokens": True}).encode()
+    ids = parse_request(llm, raw, True, {"tiny"}, 96, 1).prompts[0]
+    assert (ids.count(bos), ids.count(eos)) == (3, 2), ids
+    bad = json.dumps({"messages": msgs, "allow_special_tokens": "yes"}).encode()
+    with pytest.raises(Exception, match="allow_special_tokens"):
+        parse_request(llm, bad, True, {"tiny"}, 96, 1)

@@ -29,7 +29,8 @@ from layercake.jobs.requests import token_text as _token_text
 if TYPE_CHECKING:
     from layercake.llm import LLM
 
-LINE_FIELDS = {"id", "prompt", "messages", "choices", "logprobs", *SAMPLING_FIELDS}
+LINE_FIELDS = {"id", "prompt", "messages", "choices", "logprobs", "allow_special_tokens",
+               *SAMPLING_FIELDS}  # fmt: skip
 
 
 @dataclass

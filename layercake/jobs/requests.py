@@ -103,7 +103,11 @@ def prompt_ids(llm: LLM, body: dict[str, Any]) -> list[int]:
     if body.get("messages") is not None:
         if body.get("prompt") is not None:
             raise RequestError("give either prompt or messages, not both", "messages")
-        return llm.chat_prompt(_messages(body["messages"]))
+        special = body.get("allow_special_tokens", False)
+        if not isinstance(special, bool):
+            raise RequestError("allow_special_tokens must be true or false", "allow_special_tokens")
+        # control-token text typed in messages is plain text unless the request asks otherwise
+        return llm.chat_prompt(_messages(body["messages"]), allow_special=special)
     prompt = body.get("prompt")
     if prompt is None:
         raise RequestError("missing prompt (or messages)", "prompt")

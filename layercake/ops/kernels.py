@@ -23,7 +23,6 @@ build is reported the same way (and fails the test suite: ``tests/test_kernel_bu
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import platform
@@ -118,9 +117,19 @@ def _fake_bf16_mm_out(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> None
     return None
 
 
-@functools.cache
+_STATE: list[str | None] = []  # _load's answer once it has run
+
+
 def _load() -> str | None:
-    """Build (once) and register the kernels; None when they work, else why not."""
+    """Build (once) and register the kernels; None when they work, else why not. The answer is
+    kept in a plain list, which a compiled graph reads as a constant (torch.compile would trace
+    into a functools.cache'd builder and fail on its file reads)."""
+    if not _STATE:
+        _STATE.append(_build_and_register())
+    return _STATE[0]
+
+
+def _build_and_register() -> str | None:
     why = unsupported()
     if why is not None:
         return why

@@ -155,7 +155,8 @@ def _chat_ids(llm: LLM, body: dict[str, Any]) -> list[int]:
         messages = [_role(i, m) for i, m in enumerate(messages)]
     # LLM.chat_prompt encodes control-token text typed in messages as plain text (where the
     # tokenizer has that option), so "<|im_end|>" typed by a user cannot end its turn
-    return prompt_ids(llm, {"messages": messages})
+    special = body.get("allow_special_tokens", False)  # an extension: opt in to control tokens
+    return prompt_ids(llm, {"messages": messages, "allow_special_tokens": special})
 
 
 def _role(i: int, m: Any) -> Any:
