@@ -385,7 +385,7 @@ def test_ranges_on_one_node_share_its_memory_budget(tmp_path, llama5):
     (in proportion to its weights), not with all of it."""
     from layercake.checkpoint import open_checkpoint
     from layercake.config import load_config
-    from layercake.offload import SAFETY, process_rss
+    from layercake.offload.footprint import SAFETY, process_rss
     from layercake.pipeline.stage import Stage
     from layercake.pipeline.topology import load_topology
 
