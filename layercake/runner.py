@@ -20,22 +20,6 @@ class Runner(Protocol):
     max_context: int
     device: torch.device
 
-    def describe(self) -> str:
-        """Which path runs, and why (``-v``, the chat page): device, dtype, the forms of the
-        linear weights (``ops.linear``), the KV cache's form and whether steps compile."""
-        from layercake.ops.linear import forms
-
-        counts = sum((forms(s) for s in self.slices), Counter())
-        held = ", ".join(f"{f} x{n}" for f, n in counts.most_common())
-        why = [WHY[f] for f in counts if f in WHY]
-        words = [f"in memory, {self.device.type}, {str(self.dtype).removeprefix('torch.')}"]
-        words.append(f"linears: {held}" + (f" ({'; '.join(why)})" if why else ""))
-        if self.cache_quant is not None:
-            words.append(f"KV cache {self.cache_quant}")
-        if self._step is not None:
-            words.append(f"one-token steps of <= {MAX_STATIC_BATCH} rows compiled")
-        return "; ".join(words)
-
     def new_cache(self, batch: int, capacity: int) -> KVCache: ...
 
     def forward(

@@ -77,7 +77,7 @@ def build_slice(
             if lin.form != "dense":
                 linears[owner_name] = lin
                 continue
-        want = _embedding_dtype(ckpt, src, dtype, device) if isinstance(owner, Embedding) else dtype
+        want = embedding_dtype(ckpt, src, dtype, device) if isinstance(owner, Embedding) else dtype
         if want != dtype:
             owner.compute_dtype = dtype
         if (src, want) not in loaded:
@@ -126,7 +126,14 @@ def _fusions(model: nn.Module, linears: dict[str, _Linear]) -> list[tuple[str, l
 class _Maker:
     """Makes each planned linear (alone or fused) in its form and puts it in the model."""
 
-    def __init__(self, ckpt, linears, loaded, device, dtype) -> None:  # noqa: ANN001
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        linears: dict[str, _Linear],
+        loaded: dict[tuple[str, torch.dtype], torch.Tensor],
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
         self.ckpt, self.linears, self.loaded = ckpt, linears, loaded
         self.device, self.dtype = device, dtype
         self.scratch: torch.Tensor | None = None
@@ -141,7 +148,9 @@ class _Maker:
             if name not in done:
                 self._put(model, name, [name])
 
-    def _put(self, model: nn.Module, name: str, members: list[str], drop=()) -> None:  # noqa: ANN001
+    def _put(
+        self, model: nn.Module, name: str, members: list[str], drop: tuple | list = ()
+    ) -> None:
         lins = [self.linears[m] for m in members]
         biases = [model.get_submodule(m).bias for m in members]
         weight = self._weight(lins)
@@ -204,7 +213,7 @@ def check_shape(t: torch.Tensor, src: str, p: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _embedding_dtype(
+def embedding_dtype(
     ckpt: Checkpoint, name: str, dtype: torch.dtype, device: torch.device | str
 ) -> torch.dtype:
     """An embedding table stored narrower than the compute dtype (bf16/fp16 for fp32) stays a
@@ -213,6 +222,3 @@ def _embedding_dtype(
     stored = ckpt.stored_dtype(name)
     narrower = stored is not None and stored.is_floating_point and stored.itemsize < dtype.itemsize
     return stored if narrower and torch.device(device).type == "cpu" else dtype
-
-
-embedding_dtype = _embedding_dtype
