@@ -81,7 +81,7 @@ def build_slice(
         if want != dtype:
             owner.compute_dtype = dtype
         if (src, want) not in loaded:
-            loaded[src, want] = check_shape(ckpt.load(src, want), src, p).to(device)
+            loaded[src, want] = check_shape(ckpt.load(src, want), src, tuple(p.shape)).to(device)
         state[name] = loaded[src, want]
     model.load_state_dict(state, assign=True, strict=not linears)
     groups = _fusions(model, linears) if fuse else []
@@ -198,17 +198,13 @@ class _Maker:
         source = self.loaded.get((lin.src, torch.float32))  # a tied head: the embedding's
         if source is None:  # as stored: a view of the file where it can be
             source = self.ckpt.load(lin.src, lin.stored or torch.float32)
-        if tuple(source.shape) != lin.shape:
-            raise LayercakeError(
-                f"tensor {lin.src!r} has shape {tuple(source.shape)}, config says {lin.shape}"
-            )
-        return source
+        return check_shape(source, lin.src, lin.shape)
 
 
-def check_shape(t: torch.Tensor, src: str, p: torch.Tensor) -> torch.Tensor:
-    if tuple(t.shape) != tuple(p.shape):
+def check_shape(t: torch.Tensor, src: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if tuple(t.shape) != tuple(shape):
         raise LayercakeError(
-            f"tensor {src!r} has shape {tuple(t.shape)}, config says {tuple(p.shape)}"
+            f"tensor {src!r} has shape {tuple(t.shape)}, config says {tuple(shape)}"
         )
     return t
 
