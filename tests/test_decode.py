@@ -161,7 +161,8 @@ def test_static_step_equals_the_general_path(windowed, cache, monkeypatch):
 
 
 def test_one_token_rope_matrix_equals_elementwise(packable, monkeypatch):
-    """A CPU one-token step rotates q/k with one batched matmul; it equals rotate-half."""
+    """A CPU one-token step runs the layers on 2-D hidden states with RoPE, the cache write and
+    attention in one kernel call; it equals the general (elementwise, 3-D) step."""
     from layercake.models import layers
 
     llm = layercake.load(packable)

@@ -339,3 +339,62 @@ def test_cached_attention_runs_a_decode_step_on_the_kernel(monkeypatch):
     want = layers.cached_attention(q, k, v, *(c.clone() for c in cache), step)
     assert len(calls) == 1
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (3, 5, 7), (40, 2048), (2, 1, 9)])
+def test_rms_norm_equals_pytorch(shape):
+    """Any row count and width (a tail shorter than a vector), non-contiguous input too."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g) * 3
+    w = torch.randn(shape[-1], generator=g)
+    want = torch.rms_norm(x, w.shape, w, 1e-5)
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5), want, rtol=1e-5, atol=1e-6)
+    xt = torch.randn(shape[-1], *shape[:-1], generator=g).movedim(0, -1)  # not contiguous
+    torch.testing.assert_close(
+        kernels.rms_norm(xt, w, 1e-6), torch.rms_norm(xt, w.shape, w, 1e-6), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_rms_norm_rejects_bad_arguments():
+    with pytest.raises(RuntimeError, match="rms_norm: weight must be"):
+        kernels.rms_norm(torch.randn(2, 8), torch.ones(7), 1e-6)
+    with pytest.raises(RuntimeError, match="rms_norm: float32"):
+        kernels.rms_norm(torch.randn(2, 8).double(), torch.ones(8), 1e-6)
+
+
+@pytest.mark.parametrize("B,H,KV,D,slot", [(1, 9, 3, 64, 0), (3, 4, 4, 12, 6), (2, 8, 2, 6, 30)])
+def test_decode_step_rotates_writes_and_attends(B, H, KV, D, slot):
+    """Equals: rotate-half RoPE on q and k, k and v written at ``slot``, SDPA over [0, slot]."""
+    from layercake.models.layers import apply_rotary
+
+    g = torch.Generator().manual_seed(slot)
+    cap = slot + 5
+    qkv = torch.randn(B, (H + 2 * KV) * D, generator=g)
+    ang = torch.rand(B, D // 2, generator=g) * 6
+    cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
+    ck, cv = torch.randn(B, KV, cap, D, generator=g), torch.randn(B, KV, cap, D, generator=g)
+    mask = torch.rand(B, 1, 1, slot + 1, generator=g) > 0.3
+    mask[..., slot] = True
+    ref_k, ref_v = ck.clone(), cv.clone()
+    q = apply_rotary(qkv[:, : H * D].view(B, H, D), cos[:, None], sin[:, None])
+    k = apply_rotary(qkv[:, H * D : (H + KV) * D].view(B, KV, D), cos[:, None], sin[:, None])
+    ref_k[:, :, slot], ref_v[:, :, slot] = k, qkv[:, (H + KV) * D :].view(B, KV, D)
+    want = F.scaled_dot_product_attention(
+        q[:, :, None], ref_k[:, :, : slot + 1], ref_v[:, :, : slot + 1], attn_mask=mask,
+        scale=D**-0.5, enable_gqa=True,
+    ).reshape(B, H * D)  # fmt: skip
+    got = kernels.decode_step(qkv, cos, sin, ck, cv, slot, mask, D**-0.5, H)
+    torch.testing.assert_close(ck, ref_k, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cv, ref_v)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_decode_step_rejects_bad_arguments():
+    ck = torch.zeros(1, 2, 4, 8)
+    qkv, cs, m = torch.zeros(1, 8 * 8), torch.zeros(1, 8), torch.ones(1, 4, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        kernels.decode_step(qkv, cs, cs, ck, ck.clone(), 4, m, 1.0, 4)
+    with pytest.raises(RuntimeError, match="qkv must be"):
+        kernels.decode_step(qkv[:, :-1], cs, cs, ck, ck.clone(), 3, m, 1.0, 4)
+    with pytest.raises(RuntimeError, match="multiple of KV"):
+        kernels.decode_step(torch.zeros(1, 7 * 8), cs, cs, ck, ck.clone(), 3, m, 1.0, 3)

@@ -65,6 +65,12 @@ class DecoderSlice(nn.Module):
         """Per-forward data shared by all layers (e.g. rotary cos/sin)."""
         return None
 
+    def flat(self, ctx: Any, cache_k: object, step: AttentionStep) -> bool:
+        """Whether this one-token step runs the layers on 2-D hidden states (B, hidden): the
+        family's blocks take that lean form (fewer reshapes and checks per layer) for ``ctx``,
+        the first held layer's cache ``cache_k`` and ``step``."""
+        return False
+
     def forward(
         self,
         x: torch.Tensor,
@@ -82,10 +88,18 @@ class DecoderSlice(nn.Module):
         last = span is None or not ranges or span[1] >= ranges[-1][1]
         h = self.embed(x, positions) if self.parts.embed and first else x  # (B, T, hidden)
         ctx = self.context(positions, h.dtype)
-        for name, block in self.blocks().items():
+        blocks = self.blocks()
+        B, T = h.shape[:2]
+        first = next(iter(blocks), None)
+        flat = T == 1 and first is not None and self.flat(ctx, cache.keys[int(first)], step)
+        if flat:
+            h = h.view(B, -1)  # (B, hidden) through the layers
+        for name, block in blocks.items():
             i = int(name)
             if span is None or span[0] <= i < span[1]:
                 h = block.forward(h, ctx, cache.keys[i], cache.values[i], step)  # no hooks
+        if flat:
+            h = h.view(B, 1, -1)
         if not (self.parts.head and last):
             return h
         if last_only:

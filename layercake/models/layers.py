@@ -42,7 +42,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self._parameters["weight"]  # no __getattr__: called twice a layer per step
         if x.dtype == torch.float32 and w.dtype == torch.float32:
-            return torch.rms_norm(x, w.shape, w, self.eps)  # one fused op
+            if x.is_cpu and kernels.available() and not torch.compiler.is_compiling():
+                return kernels.rms_norm(x, w, self.eps)  # one op (compiled graphs fuse their own)
+            return torch.rms_norm(x, w.shape, w, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -108,13 +110,9 @@ class Rotary:
         """The rotation for heads laid out (B, T, heads, hd) (before the transpose)."""
         cos, sin = self(positions, dtype)  # (B, 1, T, hd)
         cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, T, 1, hd)
-        B, T = positions.shape
-        mat = None
-        if T == 1 and cos.device.type == "cpu" and dtype == torch.float32:
-            if not torch.compiler.is_compiling():  # compiled graphs fuse the elementwise form
-                hd = cos.shape[-1]
-                mat = torch.diag_embed(cos.view(B, hd)) + _half_swap(hd) * sin.view(B, 1, hd)
-        return Rope(cos, sin, mat)
+        one = positions.shape[1] == 1 and cos.device.type == "cpu" and dtype == torch.float32
+        # compiled graphs fuse the elementwise form
+        return Rope(cos, sin, one and not torch.compiler.is_compiling())
 
 
 @functools.cache
@@ -130,17 +128,26 @@ def _half_swap(head_dim: int) -> torch.Tensor:
 
 @dataclass
 class Rope:
-    """Rotate-half RoPE for one forward: ``cos``/``sin`` (B, T, 1, hd); for a one-token step on
-    the CPU also ``mat`` (B, hd, hd), the whole rotation as one small batched matmul (one op per
-    layer instead of six)."""
+    """Rotate-half RoPE for one forward: ``cos``/``sin`` (B, T, 1, hd). ``one_token``: a CPU fp32
+    one-token step (not compiled), where the rotation runs as one small batched matmul, ``mat``
+    (B, hd, hd) (one op per layer instead of six), or inside ``kernels.decode_step``."""
 
     cos: torch.Tensor
     sin: torch.Tensor
-    mat: torch.Tensor | None = None
+    one_token: bool = False
+    _mat: torch.Tensor | None = None
+
+    @property
+    def mat(self) -> torch.Tensor | None:
+        if self._mat is None and self.one_token:
+            B, hd = self.cos.shape[0], self.cos.shape[-1]
+            swap = _half_swap(hd) * self.sin.view(B, 1, hd)
+            self._mat = torch.diag_embed(self.cos.view(B, hd)) + swap
+        return self._mat
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, heads, hd) rotated (a new tensor)."""
-        if self.mat is not None:
+        if self.one_token:
             B, _, n, hd = x.shape
             return torch.bmm(x.reshape(B, n, hd), self.mat).view(B, 1, n, hd)
         return apply_rotary(x, self.cos, self.sin)
@@ -196,32 +203,37 @@ def cached_attention(
 
 
 def one_token_attention(
-    qkv: torch.Tensor,  # (B, 1, (H + 2 KV) hd)
-    rot: torch.Tensor,  # (B, hd, hd): ``Rope.mat``
+    qkv: torch.Tensor,  # (B, (H + 2 KV) hd)
+    rope: Rope,
     H: int,
-    KV: int,
-    hd: int,
-    cache_k: torch.Tensor | QuantKV,
-    cache_v: torch.Tensor | QuantKV,
+    cache_k: torch.Tensor,  # (B, KV, capacity, hd) fp32 on the CPU
+    cache_v: torch.Tensor,
     step: AttentionStep,
-) -> torch.Tensor | None:
-    """A one-token step of fused q/k/v on the CPU in the fewest ops (at one token a step is
-    bound by calls, not arithmetic): q and k rotated by one batched matmul, k and v written into
-    the cache in place, attention on ``kernels.decode_attention``. Returns (B, 1, H * hd), or
-    None where this does not apply (a quantized or static cache, no kernels): the caller then
-    takes the general path, whose results these equal."""
-    if step.slot is not None or not isinstance(cache_k, torch.Tensor) or not kernels.available():
-        return None
-    if cache_k.dtype != torch.float32 or cache_k.device.type != "cpu":
-        return None
-    B, s = qkv.shape[0], step.start
-    flat = qkv.view(B, -1)
-    qk = torch.bmm(flat[:, : (H + KV) * hd].view(B, H + KV, hd), rot)  # (B, H + KV, hd)
-    cache_k[:, :, s].copy_(qk[:, H:])
-    cache_v[:, :, s].copy_(flat[:, (H + KV) * hd :].view(B, KV, hd))
-    keys, values = cache_k[:, :, : s + 1], cache_v[:, :, : s + 1]
-    out = kernels.decode_attention(qk[:, :H], keys, values, step.mask.view(B, -1), hd**-0.5)
-    return out.view(B, 1, H * hd)
+) -> torch.Tensor:
+    """A one-token step of fused q/k/v on the CPU in one call (at one token a step is bound by
+    calls, not arithmetic): ``kernels.decode_step`` rotates q and k, writes k and v into the
+    cache in place and attends. Returns (B, H * hd). Only for a step ``flat_step`` accepted
+    (plain fp32 CPU cache, kernels built, no static slot); its results equal the general
+    path's."""
+    hd = cache_k.shape[-1]
+    return kernels.decode_step(
+        qkv, rope.cos, rope.sin, cache_k, cache_v, step.start, step.mask, hd**-0.5, H
+    )
+
+
+def flat_step(rope: Rope, cache_k: object, step: AttentionStep) -> bool:
+    """Whether a one-token step runs on 2-D hidden states (B, hidden) through the layers, with
+    attention on ``one_token_attention``: the rotation matrix is built (a CPU fp32 step, not
+    compiled), the cache is plain fp32 on the CPU (a quantized one takes the general path),
+    no static slot, our kernels built. Checked once per step, not once per layer."""
+    return (
+        rope.one_token
+        and step.slot is None
+        and isinstance(cache_k, torch.Tensor)
+        and cache_k.dtype == torch.float32
+        and cache_k.is_cpu
+        and kernels.available()
+    )
 
 
 def _own_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:

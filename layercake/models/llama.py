@@ -21,6 +21,7 @@ from layercake.models.layers import (
     Rope,
     Rotary,
     cached_attention,
+    flat_step,
     one_token_attention,
 )
 from layercake.models.parts import Parts
@@ -74,13 +75,13 @@ class Attention(nn.Module):
         self.qkv_proj: nn.Module | None = None  # q, k, v as one weight (``models.build``)
 
     def forward(self, x, rope: Rope, cache_k, cache_v, step: AttentionStep) -> torch.Tensor:
-        B, T, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv, self.hd
         fused = self.qkv_proj
-        if T == 1 and rope.mat is not None and fused is not None:
-            out = one_token_attention(fused.forward(x), rope.mat, H, KV, hd, cache_k, cache_v, step)
-            if out is not None:
-                return self.o_proj.forward(out)
+        if x.dim() == 2:  # (B, hidden): a flat one-token step (``flat_step`` accepted it)
+            qkv = fused.forward(x) if fused is not None else self.qkv(x)
+            out = one_token_attention(qkv, rope, H, cache_k, cache_v, step)
+            return self.o_proj.forward(out)
+        B, T, _ = x.shape
         if fused is not None:
             qkv = fused.forward(x)  # (B, T, (H + 2 KV) hd)
             qk = rope.apply(qkv[..., : (H + KV) * hd].view(B, T, H + KV, hd))
@@ -92,6 +93,10 @@ class Attention(nn.Module):
             v = self.v_proj(x).view(B, T, KV, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         return self.o_proj.forward(cached_attention(q, k, v, cache_k, cache_v, step))
+
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """q, k, v side by side, from separate weights (a streamed layer)."""
+        return torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
 
 
 class MLP(nn.Module):
@@ -158,3 +163,6 @@ class Model(DecoderSlice):
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.norm(h)
+
+    def flat(self, ctx: Rope, cache_k: object, step: AttentionStep) -> bool:
+        return flat_step(ctx, cache_k, step)

@@ -5,6 +5,8 @@
 - ``decode_attention``: one query per row against a KV cache, skipping masked slots: at decode
   sizes PyTorch's SDPA costs about as much per call as a layer's matmuls (README, "Fast CPU
   decoding").
+- ``decode_step``: a one-token step's RoPE, cache write and attention from fused q/k/v.
+- ``rms_norm``: RMSNorm in one op (two a layer in a one-token step).
 - ``bf16_mm``: fp32 activations times bf16 weights, widened in registers: an offloaded bf16
   layer needs no fp32 copy, and it outruns converting to fp32 and then MKL's GEMM (README,
   "Offloading").
@@ -113,6 +115,14 @@ def _fake_bf16_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[0])
 
 
+def _fake_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _fake_decode_step(qkv, cos, sin, cache_k, cache_v, slot: int, mask, scale: float, H: int):
+    return qkv.new_empty(qkv.shape[0], H * cache_k.shape[-1])
+
+
 def _fake_bf16_mm_out(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> None:
     return None
 
@@ -147,6 +157,8 @@ def _build_and_register() -> str | None:
     torch.library.register_fake("layercake::decode_attention")(_fake_attention)
     torch.library.register_fake("layercake::bf16_mm")(_fake_bf16_mm)
     torch.library.register_fake("layercake::bf16_mm_out")(_fake_bf16_mm_out)
+    torch.library.register_fake("layercake::rms_norm")(_fake_rms_norm)
+    torch.library.register_fake("layercake::decode_step")(_fake_decode_step)
     return None
 
 
@@ -201,6 +213,30 @@ def bf16_mm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -
         return _op("bf16_mm")(x, w)
     _op("bf16_mm_out")(x, w, out)
     return out
+
+
+def decode_step(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    slot: int,
+    mask: torch.Tensor,
+    scale: float,
+    heads: int,
+) -> torch.Tensor:
+    """A one-token step's attention from fused projections ``qkv`` (B, (H + 2 KV) D): q and k
+    rotated by rotate-half RoPE (``cos``/``sin``: B * D values), k and v written into slot
+    ``slot`` of the caches (B, KV, capacity, D), q attending over slots [0, slot] where ``mask``
+    (B * (slot + 1) values) allows, as ``decode_attention``. Returns (B, H * D)."""
+    return _op("decode_step")(qkv, cos, sin, cache_k, cache_v, slot, mask, scale, heads)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of fp32 ``x`` (.., D) with fp32 weight ``w`` (D,), as one op (PyTorch's CPU
+    ``rms_norm`` is a composite of five ops and their temporaries)."""
+    return _op("rms_norm")(x, w, eps)
 
 
 def bf16_linear(

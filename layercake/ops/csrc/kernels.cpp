@@ -392,6 +392,63 @@ at::Tensor decode_attention_op(const at::Tensor& q, const at::Tensor& k, const a
   return out;
 }
 
+// A one-token step's attention from fused projections: qkv (B, (H + 2 KV) D) holds q, k, v of
+// each row; q and k are rotated (rotate-half RoPE with cos / sin of B * D values), k and v written
+// into slot ``slot`` of the caches (B, KV, capacity, D), and q attends over slots [0, slot]
+// (``decode_attention`` with ``mask``). Returns (B, H * D). One call instead of a dozen small ops
+// a layer: a one-token step is bound by calls, not arithmetic.
+inline void rotate_half(const float* x, const float* c, const float* s, float* y, int64_t D) {
+  const int64_t h = D / 2;
+  for (int64_t i = 0; i < h; ++i) y[i] = x[i] * c[i] - x[i + h] * s[i];
+  for (int64_t i = h; i < D; ++i) y[i] = x[i] * c[i] + x[i - h] * s[i];
+}
+
+at::Tensor decode_step_op(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                          at::Tensor cache_k, at::Tensor cache_v, int64_t slot,
+                          const at::Tensor& mask, double scale, int64_t H) {
+  TORCH_CHECK(cache_k.dim() == 4 && cache_v.sizes() == cache_k.sizes(),
+              "decode_step: caches must be (B, KV, capacity, D), got ", cache_k.sizes(), " and ",
+              cache_v.sizes());
+  const int64_t B = cache_k.size(0), KV = cache_k.size(1), D = cache_k.size(3);
+  TORCH_CHECK(KV > 0 && H > 0 && H % KV == 0 && D % 2 == 0, "decode_step: ", H,
+              " query heads, ", KV, " KV heads, head_dim ", D,
+              " (H a multiple of KV >= 1, head_dim even)");
+  TORCH_CHECK(qkv.device().is_cpu() && cos.device().is_cpu() && sin.device().is_cpu() &&
+                  cache_k.device().is_cpu() && cache_v.device().is_cpu(),
+              "decode_step: CPU tensors only");
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat &&
+                  sin.scalar_type() == at::kFloat && cache_k.scalar_type() == at::kFloat &&
+                  cache_v.scalar_type() == at::kFloat,
+              "decode_step: float32 qkv, cos, sin and caches");
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(0) == B && qkv.size(1) == (H + 2 * KV) * D,
+              "decode_step: qkv must be (B, (H + 2 KV) D) = (", B, ", ", (H + 2 * KV) * D,
+              "), got ", qkv.sizes());
+  TORCH_CHECK(cos.numel() == B * D && sin.numel() == B * D, "decode_step: cos and sin need B * D = ",
+              B * D, " values, got ", cos.numel(), " and ", sin.numel());
+  TORCH_CHECK(slot >= 0 && slot < cache_k.size(2), "decode_step: slot ", slot,
+              " outside the cache's capacity ", cache_k.size(2));
+  TORCH_CHECK(cache_k.stride(3) == 1 && cache_v.stride(3) == 1,
+              "decode_step: caches need unit stride in head_dim");
+  const at::Tensor x = qkv.contiguous(), c = cos.contiguous(), sn = sin.contiguous();
+  at::Tensor q = at::empty({B, H, D}, qkv.options());
+  const float *xp = x.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = sn.data_ptr<float>();
+  float *qp = q.data_ptr<float>(), *kp = cache_k.data_ptr<float>(), *vp = cache_v.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = xp + b * (H + 2 * KV) * D;
+    const float *cb = cp + b * D, *sb = sp + b * D;
+    for (int64_t h = 0; h < H; ++h) rotate_half(row + h * D, cb, sb, qp + (b * H + h) * D, D);
+    for (int64_t j = 0; j < KV; ++j) {
+      const int64_t at = b * cache_k.stride(0) + j * cache_k.stride(1) + slot * cache_k.stride(2);
+      const int64_t av = b * cache_v.stride(0) + j * cache_v.stride(1) + slot * cache_v.stride(2);
+      rotate_half(row + (H + j) * D, cb, sb, kp + at, D);
+      std::memcpy(vp + av, row + (H + KV + j) * D, D * sizeof(float));
+    }
+  }
+  at::Tensor out = decode_attention_op(q, cache_k.narrow(2, 0, slot + 1),
+                                       cache_v.narrow(2, 0, slot + 1), mask, scale);
+  return out.view({B, H * D});
+}
+
 // bf16_mm: y (M, N) fp32 = x (M, K) fp32 @ W.T for W (N, K) bf16, converting W's values in
 // registers (a bf16 is the top half of a float: widen and shift), so an offloaded bf16 layer
 // needs no fp32 copy of its weights. Tiles of MR activation rows x NR weight rows, 12 FMA chains,
@@ -521,10 +578,53 @@ void bf16_mm_out_op(const at::Tensor& x, const at::Tensor& w, at::Tensor y) {
 
 }  // namespace
 
+// RMSNorm over the last dimension: y = x / sqrt(mean(x^2) + eps) * w, all in fp32 (as
+// transformers computes it). One op instead of PyTorch's CPU composite (pow, mean, rsqrt, two
+// multiplies and their temporaries): a one-token step runs two of these a layer.
+void rms_norm_rows(const float* x, const float* w, float* y, int64_t D, double eps) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    const __m256 v = _mm256_loadu_ps(x + d);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  float ss = hsum(acc);
+  for (; d < D; ++d) ss += x[d] * x[d];
+  const float r = 1.f / std::sqrt(ss / (float)D + (float)eps);
+  const __m256 rv = _mm256_set1_ps(r);
+  d = 0;
+  for (; d + 8 <= D; d += 8)
+    _mm256_storeu_ps(y + d, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + d), rv),
+                                          _mm256_loadu_ps(w + d)));
+  for (; d < D; ++d) y[d] = x[d] * r * w[d];
+}
+
+at::Tensor rms_norm_op(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "rms_norm: CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
+              "rms_norm: float32 x and weight, got ", x.scalar_type(), " and ", w.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && w.dim() == 1 && x.size(-1) == w.size(0),
+              "rms_norm: weight must be (D,) for x (.., D), got x ", x.sizes(), ", weight ",
+              w.sizes());
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  const int64_t D = x.size(-1), M = D ? xc.numel() / D : 0;
+  const float *xp = xc.data_ptr<float>(), *wp = wc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)),
+                   [&](int64_t r0, int64_t r1) {
+                     for (int64_t r = r0; r < r1; ++r) rms_norm_rows(xp + r * D, wp, yp + r * D, D, eps);
+                   });
+  return y;
+}
+
 TORCH_LIBRARY(layercake, m) {
   m.def("block_mm(Tensor x, Tensor w, int bits) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def("bf16_mm(Tensor x, Tensor w) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("decode_step(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) cache_k, Tensor(b!) cache_v, "
+        "int slot, Tensor mask, float scale, int H) -> Tensor");
   m.def("bf16_mm_out(Tensor x, Tensor w, Tensor(a!) y) -> ()");
 }
 
@@ -532,5 +632,7 @@ TORCH_LIBRARY_IMPL(layercake, CPU, m) {
   m.impl("block_mm", &block_mm_op);
   m.impl("decode_attention", &decode_attention_op);
   m.impl("bf16_mm", &bf16_mm_op);
+  m.impl("rms_norm", &rms_norm_op);
+  m.impl("decode_step", &decode_step_op);
   m.impl("bf16_mm_out", &bf16_mm_out_op);
 }
