@@ -246,6 +246,8 @@ def topology_file(a: argparse.Namespace, case: str) -> Path:
         doc["micro_batches"] = a.micro_batches
     if a.wire_dtype:
         doc["wire_dtype"] = a.wire_dtype
+    if a.prefill_chunks:
+        doc["prefill_chunks"] = a.prefill_chunks
     path = a.offload_dir / f"topology-{case}.json"
     path.write_text(json.dumps(doc))
     return path
@@ -318,6 +320,7 @@ def main() -> None:
     ap.add_argument("--node-budget", help="cpu_memory of every pipeline node (default: --mem; "
                     "'none': the node's layers resident in fp32)")  # fmt: skip
     ap.add_argument("--micro-batches", type=int)
+    ap.add_argument("--prefill-chunks", type=int, help="a prompt's pieces (default 2 x nodes)")
     ap.add_argument("--split", type=int, nargs="+", default=[8],
                     help="two: h0 holds b 0-SPLIT, h1 the rest (several: a case each)")  # fmt: skip
     ap.add_argument("--no-lock", action="store_true", help="the caller holds the bench lock")
@@ -343,6 +346,7 @@ def main() -> None:
     print(json.dumps({"model_bytes": size, "mem": a.mem, "disk_rate": a.disk_rate,
                       "batch": a.batch, "prompt_len": a.prompt_len, "gen_len": a.gen_len,
                       "micro_batches": a.micro_batches, "node_budget": a.node_budget,
+                      "prefill_chunks": a.prefill_chunks,
                       "split": a.split,
                       "wire_dtype": a.wire_dtype, "time": time.strftime("%F %T")}),
           flush=True)  # fmt: skip
