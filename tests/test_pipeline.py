@@ -169,6 +169,8 @@ def test_two_processes_equal_single_process(tmp_path, llama5, reference):
             out = llm.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)
             assert [o.token_ids for o in out] == reference
             assert llm.runner.stats["forwards"] == 6 and llm.runner.stage.sizes == [3, 2]
+            m = torch.tensor(llm.runner.stage.report()["marks"])  # running totals, every pass
+            assert len(m) == 6 and (m.diff(dim=0) >= 0).all() and m[-1, 4] == 8 * 5 * 6
             # greedy: the head's node sent one id per row and step (the prompt's earlier chunks
             # send nothing), not the logits
             assert llm.runner.stats["bytes_received"] == 8 * len(PROMPTS) * 6

@@ -177,7 +177,7 @@ class PipelineRunner:
         with self.stage.timed("send_wait_s"):
             t.flush()
         self.forwards += 1
-        self.stage.steps += 1
+        self.stage.end_step(t)
         out = _assemble(finals, plan, T, last_only)
         if ids_only:  # what the greedy sampler needs from the logits: their argmax
             ids = out.view(-1, 1, 1)

@@ -31,6 +31,16 @@ from layercake.pipeline.transport import (
     encode_text,
 )
 
+MARKS = (
+    "compute_s",
+    "weights_wait_s",
+    "peer_wait_s",
+    "send_wait_s",
+    "bytes_in",
+    "bytes_out",
+    "disk_bytes",
+    "disk_read_s",
+)
 WORKER_WAIT = 0.8  # of the job's timeout: a worker reports a silent peer before rank 0 gives up
 
 
@@ -86,6 +96,7 @@ class Stage:
         self.caches: dict[int, list[KVCache]] = {}  # segment index -> one cache per micro-batch
         self.times = dict.fromkeys(("compute_s", "peer_wait_s", "send_wait_s"), 0.0)
         self.steps = 0  # forward passes served
+        self.marks: list[list[float]] = []  # the running totals after each pass (end_step)
         self.ids_only = False  # this forward's head sends argmax ids, not logits
 
     @contextlib.contextmanager
@@ -100,12 +111,28 @@ class Stage:
         """Where this node's time went over the job (seconds), and its passes: compute (the
         segments' forwards, weight waits included), weights_wait (an offloaded segment waiting
         for the disk), peer_wait (for a neighbour's frame: network and its compute = idle here),
-        send_wait (for frames to leave)."""
+        send_wait (for frames to leave); ``marks``: those running totals after each pass."""
+        return dict(self._totals(), steps=self.steps, marks=self.marks)
+
+    def _totals(self) -> dict[str, float]:
         out = {k: round(v, 3) for k, v in self.times.items()}
+        out["disk_bytes"] = out["disk_read_s"] = 0  # an offloaded segment's weight reads
         for r in self.runners.values():
-            for k, v in (getattr(r, "times", None) or {}).items():
+            times = dict(getattr(r, "times", None) or {}, disk_read_s=getattr(r, "read_s", 0))
+            for k, v in times.items():
                 out[k] = round(out.get(k, 0.0) + v, 3)
-        return dict(out, steps=self.steps)
+            out["disk_bytes"] += getattr(r, "bytes_read", 0)
+        return out
+
+    def end_step(self, transport: Transport) -> None:
+        """A forward pass is done: count it and note the running totals (``MARKS``: compute,
+        weight waits, peer waits, sends, payload bytes in and out, weight bytes read from disk
+        and the seconds spent reading them), so that a job's report can
+        be cut after any pass (a benchmark leaves out what ran after its timed part)."""
+        self.steps += 1
+        t = self._totals()
+        io = [transport.bytes_received, transport.bytes_sent, t["disk_bytes"], t["disk_read_s"]]
+        self.marks.append([t.get(k, 0.0) for k in MARKS[:4]] + io)
 
     def _budget(self, seg: Segment) -> int | str | None:
         """The node's ``cpu_memory`` for one of its segments: each an offloaded runner, which
@@ -334,7 +361,7 @@ def serve(stage: Stage, transport: Transport) -> bool:
                                       None, wait, f.args[5])  # fmt: skip
             with stage.timed("send_wait_s"):
                 transport.flush(wait)
-            stage.steps += 1
+            stage.end_step(transport)
             if lost:
                 return False
         except PeerError as e:  # rank 0 or a neighbour died: this job is over for everyone
