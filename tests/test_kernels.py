@@ -398,3 +398,14 @@ def test_decode_step_rejects_bad_arguments():
         kernels.decode_step(qkv[:, :-1], cs, cs, ck, ck.clone(), 3, m, 1.0, 4)
     with pytest.raises(RuntimeError, match="multiple of KV"):
         kernels.decode_step(torch.zeros(1, 7 * 8), cs, cs, ck, ck.clone(), 3, m, 1.0, 3)
+
+
+@pytest.mark.parametrize("shape", [(1, 3072), (5, 2, 38), (3, 2)])
+def test_silu_mul_equals_pytorch(shape):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=g) * 6
+    x.view(-1)[:4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])[: x.numel()]
+    gate, up = x.chunk(2, -1)
+    torch.testing.assert_close(kernels.silu_mul(x), F.silu(gate) * up, rtol=2e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="silu_mul: float32"):
+        kernels.silu_mul(torch.zeros(2, 3))

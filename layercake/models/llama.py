@@ -25,6 +25,7 @@ from layercake.models.layers import (
     one_token_attention,
 )
 from layercake.models.parts import Parts
+from layercake.ops import kernels
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,9 @@ class MLP(nn.Module):
         fused = self.gate_up_proj
         if fused is not None:
             gu = fused.forward(x)  # (B, T, 2 I)
+            if gu.dtype == torch.float32 and gu.is_cpu and kernels.available():
+                if not torch.compiler.is_compiling():  # compiled graphs fuse their own
+                    return self.down_proj.forward(kernels.silu_mul(gu))
             n = gu.shape[-1] // 2
             act = F.silu(gu[..., :n]).mul_(gu[..., n:])
         else:  # in place on the fresh intermediate: no second (tokens x I) allocation

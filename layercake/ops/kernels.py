@@ -6,6 +6,7 @@
   sizes PyTorch's SDPA costs about as much per call as a layer's matmuls (README, "Fast CPU
   decoding").
 - ``decode_step``: a one-token step's RoPE, cache write and attention from fused q/k/v.
+- ``silu_mul``: SwiGLU's ``silu(gate) * up`` from the fused gate|up output in one op.
 - ``rms_norm``: RMSNorm in one op (two a layer in a one-token step).
 - ``bf16_mm``: fp32 activations times bf16 weights, widened in registers: an offloaded bf16
   layer needs no fp32 copy, and it outruns converting to fp32 and then MKL's GEMM (README,
@@ -123,6 +124,10 @@ def _fake_decode_step(qkv, cos, sin, cache_k, cache_v, slot: int, mask, scale: f
     return qkv.new_empty(qkv.shape[0], H * cache_k.shape[-1])
 
 
+def _fake_silu_mul(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+
+
 def _fake_bf16_mm_out(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> None:
     return None
 
@@ -158,6 +163,7 @@ def _build_and_register() -> str | None:
     torch.library.register_fake("layercake::bf16_mm")(_fake_bf16_mm)
     torch.library.register_fake("layercake::bf16_mm_out")(_fake_bf16_mm_out)
     torch.library.register_fake("layercake::rms_norm")(_fake_rms_norm)
+    torch.library.register_fake("layercake::silu_mul")(_fake_silu_mul)
     torch.library.register_fake("layercake::decode_step")(_fake_decode_step)
     return None
 
@@ -231,6 +237,11 @@ def decode_step(
     ``slot`` of the caches (B, KV, capacity, D), q attending over slots [0, slot] where ``mask``
     (B * (slot + 1) values) allows, as ``decode_attention``. Returns (B, H * D)."""
     return _op("decode_step")(qkv, cos, sin, cache_k, cache_v, slot, mask, scale, heads)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's product for fp32 ``x`` (.., 2 I) holding gate | up: ``silu(gate) * up`` (.., I)."""
+    return _op("silu_mul")(x)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
