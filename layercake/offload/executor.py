@@ -2,7 +2,7 @@
 device, host RAM and disk, following the zig-zag schedule, with disk reads in a background thread.
 
 It wraps the family's own model (built on the meta device) and never forks its math: per unit it
-binds the unit's weights into the model's modules and calls the same blocks ``LocalRunner`` runs;
+binds the unit's weights into the model's modules and calls the same layers ``LocalRunner`` runs;
 the head runs as the model's ``final_norm`` and then its projection, one slab of vocabulary rows
 per streamed unit. Where the weights lie is ``placement``'s, how a unit's stored bytes become
 its weights ``materialize``'s, a pass's KV rows and spilled activations ``passes``', every memory
@@ -81,8 +81,8 @@ class OffloadRunner(Placement, Materializer):
         self.kv = KVTiers(
             config, self.layers, policy, device, dtype, offload_dir, kv_budget, self.cache_quant
         )
-        # where a pass spends its time: blocked on weight reads, converting weights to the
-        # compute dtype, blocked on KV cache reads, and in total
+        # where a pass spends its time: waiting for weight reads, materializing weights,
+        # waiting for KV cache reads, and in total
         self.times = dict.fromkeys(("weights_wait_s", "materialize_s", "kv_wait_s", "forward_s"),
                                    0.0)  # fmt: skip
         self.kv_mover = KVMover(device, options.cpu_cache_compute, self.times)
@@ -157,9 +157,9 @@ class OffloadRunner(Placement, Materializer):
         """Rows per micro-batch for a pass of T tokens: the policy's batch size, or a multiple
         of it when T is short. The plan holds two widest-layer intermediates per token of one
         micro-batch at the full context (batch_size x capacity tokens) and a pass needs about
-        three per token, so a decode step (T = 1) runs the whole block as one micro-batch (a
-        matmul of 128 rows reaches about twice the FLOP rate of four of 32 here) while a prompt
-        keeps the policy's micro-batches."""
+        three per token, so a decode step (T = 1) runs the whole block as one micro-batch (one
+        wide matmul runs at a higher FLOP rate than several narrow ones) while a prompt keeps
+        the policy's micro-batches."""
         bs = self.policy.batch_size
         return bs * max(1, (2 * capacity) // (3 * max(1, T)))
 

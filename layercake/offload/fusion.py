@@ -37,9 +37,9 @@ def fuse_linears(
     names = set(ckpt.tensor_names())
     groups = getattr(type(model), "fused", {})
     for i in layers:
-        block = model.blocks()[str(i)]
-        layer = module_name(model, block)
-        for name, parent in list(block.named_modules()):
+        module = model.blocks()[str(i)]  # layer i
+        layer = module_name(model, module)
+        for name, parent in list(module.named_modules()):
             for fused, members in groups.items():
                 mods = [getattr(parent, m, None) for m in members]
                 if not all(type(m) is nn.Linear for m in mods):

@@ -3,13 +3,13 @@
 A unit is what the executor loads at once: one decoder layer, or a slab of rows of the output
 head (the head of a large-vocabulary model is as big as several layers; slabs keep every load
 about a layer's size). ``prepare`` writes each unit once to its own file in ``offload_dir``, in
-the storage dtype (or, compressed, in the quantized row layout of ``layercake.quant``: packed
-values, scales and zeros of a row side by side, so row ranges stay byte ranges), every tensor
-at a 4 KiB-aligned offset so that any row range can be read with one large direct read; the
-compression mode is part of each entry, hence of the layout's hash, so a bf16 and an int4
-layout of one model coexist. A manifest written last marks the set complete and is reused next time.
-Fused linears (``fusion``: q/k/v, gate/up) are one tensor of the layout, their members' rows side
-by side.
+the storage dtype (or, compressed, in the quantized row layout of ``layercake.quant``: a row's
+values, two 4-bit ones to a byte, scales and zeros side by side, so row ranges stay byte
+ranges), every tensor at a 4 KiB-aligned offset so that any row range can be read with one large
+direct read; the compression mode is part of each entry, hence of the layout's hash, so a bf16
+and an int4 layout of one model coexist. A manifest written last marks the set complete and is
+reused next time. Fused linears (``fusion``: q/k/v, gate/up) are one tensor of the layout, their
+members' rows side by side.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from layercake.checkpoint.quantized import load_rows, quant_spec, weight_quant
 from layercake.errors import LayercakeError
 from layercake.offload.fusion import fuse_linears, module_name
 from layercake.offload.tiers import ALIGN, align_up, check_writable
-from layercake.ops.int4pack import BLOCK_N, data_shape, pack, sz_shape
+from layercake.ops.int4pack import BLOCK_N as INT4PACK_ROWS
+from layercake.ops.int4pack import data_shape, pack, sz_shape
 from layercake.ops.linear import choose
 from layercake.progress import track
 from layercake.quant import Compression, QTensor, QuantSpec
@@ -73,7 +74,7 @@ class Entry:
     def weight_shape(self) -> tuple[int, int]:
         """An int4pack piece's weight (out, in); ``shape`` is that of the piece itself."""
         if self.piece == "data":
-            return self.shape[0] * BLOCK_N, self.shape[1] * 2 // BLOCK_N
+            return self.shape[0] * INT4PACK_ROWS, self.shape[1] * 2 // INT4PACK_ROWS
         return self.shape[0], self.shape[1] // 2 * self.spec.group_size
 
     @property
@@ -127,7 +128,7 @@ def plan_units(
     The layers' fusable linears of ``model`` (on meta) are fused first (``fusion``). With
     ``compress.weight``, matrices are held quantized in every tier; with ``int4pack`` (CPU
     compute), the int4 ones the kernel takes in its ``int4pack`` form: two pieces, the values
-    (rows of ``BLOCK_N`` output rows) and the scales and zeros (rows), each placed like any
+    (rows of ``INT4PACK_ROWS`` output rows) and the scales and zeros (rows), each placed like any
     tensor."""
     compress = compress if compress is not None and compress.weight is not None else None
     names = set(ckpt.tensor_names())
@@ -179,8 +180,8 @@ def plan_units(
         layer_bytes = max((u.nbytes for u in units), default=64 * 2**20)
         (probe,) = entries([("lm_head.weight", (1, width), 0)])
         rows = max(1, min(vocab, layer_bytes // probe.row_bytes))
-        if int4pack and rows > BLOCK_N:  # slabs of whole ``BLOCK_N`` row ranges of int4pack
-            rows = rows // BLOCK_N * BLOCK_N
+        if int4pack and rows > INT4PACK_ROWS:  # slabs of whole int4pack row ranges
+            rows = rows // INT4PACK_ROWS * INT4PACK_ROWS
         for r0 in range(0, vocab, rows):
             n = min(rows, vocab - r0)
             units.append(
@@ -269,7 +270,7 @@ _last_int4pack: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def int4pack_piece(ckpt: Any, e: Entry) -> torch.Tensor:
-    """An int4pack piece (``e.piece`` of the weight's rows), packed from the row layout; the
+    """An int4pack piece (``e.piece`` of the weight's rows), made from the row layout; the
     two pieces of one weight come in a row, so the other one is kept for its turn."""
     key = (e.src, e.row0)
     if key not in _last_int4pack:
