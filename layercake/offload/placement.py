@@ -71,8 +71,8 @@ class Placement:
             done += e.nbytes
             if e.piece:  # a piece of the int4pack form, made from the row layout once
                 rows, mapped = int4pack_piece(ckpt, e), False
-            else:
-                rows = entry_rows(ckpt, e)
+            else:  # only the rows kept here are read
+                rows = entry_rows(ckpt, e, b)
                 # a view of the checkpoint's map when stored so: kept as it is, never copied;
                 # else (dequantized, fused, or compressed: in every tier, the device's
                 # included) owned memory, of which only the rows kept here are held
@@ -88,10 +88,14 @@ class Placement:
             if b > a:
                 if mapped:
                     cpu = keep_in_ram(rows[a:b])
-                else:  # owned (dequantized or quantized here): only the rows kept are held
-                    cpu = rows[a:b] if e.quant and a == 0 and b == n else rows[a:b].clone()
+                else:  # owned (dequantized, quantized or fused here): only the rows kept
+                    # are held (compressed or fused ``rows`` are exactly the first b)
+                    cpu = rows[a:b] if (e.quant or e.members) and a == 0 else rows[a:b].clone()
                 if self.cuda:
                     cpu = cpu.pin_memory()
+            if e.members:  # the rows kept are copies: the members' pages read may go
+                for src in e.sources:
+                    ckpt.release(src)
             owner, attr = None, e.param.rpartition(".")[2]
             if u.kind == "layer":
                 owner = self.model.get_submodule(e.param.rpartition(".")[0])

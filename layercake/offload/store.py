@@ -252,18 +252,21 @@ def _write_unit(ckpt: Any, u: Unit, path: Path) -> None:
 
 def entry_rows(ckpt: Any, e: Entry, n: int | None = None) -> torch.Tensor:
     """The first ``n`` (default: all) rows of a plain or quantized entry as stored in the layout:
-    a view of the checkpoint where it holds them so, a fused entry's members side by side."""
+    a view of the checkpoint where it holds them so, a fused entry's members side by side (only
+    the members' pages that hold those rows are read)."""
     n = e.shape[0] if n is None else n
     if not e.members:
         if e.quant:
             return load_rows(ckpt, e.src, e.quant, e.row0, n)
         return ckpt.load(e.src, e.torch_dtype)[e.row0 : e.row0 + n]
-    parts = []
+    parts, left = [], n
     for src, rows in e.members:
-        parts.append(load_rows(ckpt, src, e.quant) if e.quant else ckpt.load(src, e.torch_dtype))
-        if tuple(parts[-1].shape[:1]) != (rows,):
+        t = load_rows(ckpt, src, e.quant) if e.quant else ckpt.load(src, e.torch_dtype)
+        if tuple(t.shape[:1]) != (rows,):
             raise LayercakeError(f"tensor {src!r} does not have the {rows} rows config says")
-    return torch.cat(parts)[:n]
+        parts.append(t[: max(0, left)])
+        left -= rows
+    return torch.cat(parts)
 
 
 _last_int4pack: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
