@@ -5,7 +5,7 @@ takes for one decoder layer and for rows of the output head, at each micro-batch
 and for decode, with weights converted (or dequantized, compressed) from host RAM exactly as when
 they stream. A one-layer checkpoint of the model's shapes (random weights, its stored dtype) and a
 head-only one are written to a temporary directory and run by ``OffloadRunner``, so whatever the
-executor does (a bf16 -> fp32 copy, a dequantization, a packed int4 matmul) is what is timed.
+executor does (a bf16 -> fp32 copy, a dequantization, an int4pack matmul) is what is timed.
 
 Results are cached next to the machine's rates (``measure.py``), keyed by the machine, the layer's
 shapes, the compression, the lengths and a digest of layercake's sources (a changed executor is

@@ -70,10 +70,10 @@ def disk_gbps(directory: Path, nbytes: int | None = None) -> float:
     directory.mkdir(parents=True, exist_ok=True)
     probe = directory / ".layercake-measure.bin"
     try:
-        block = torch.randint(0, 256, (CHUNK_BYTES,), dtype=torch.uint8).numpy().tobytes()
+        chunk = torch.randint(0, 256, (CHUNK_BYTES,), dtype=torch.uint8).numpy().tobytes()
         with open(probe, "wb") as f:
             for _ in range(max(1, (nbytes or PROBE_BYTES) // CHUNK_BYTES)):
-                f.write(block)
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
             if hasattr(os, "posix_fadvise"):

@@ -138,7 +138,7 @@ def plan_policy(
         budget = (cpu_memory or 0) + (device_memory or 0)
         fixed = fp.activations + fp.work
         resident = fp.weights * fp.compute_ratio + fp.activations + fp.kv
-        if fp.scratch:  # compressed, resident: dequantized a block at a time
+        if fp.scratch:  # compressed, resident: dequantized a chunk at a time
             resident += min(fp.scratch, RESIDENT_SCRATCH)
         if resident <= budget:
             return Policy(100, 0, 100, 0, 100, 0, **kw)

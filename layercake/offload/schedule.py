@@ -26,7 +26,7 @@ class Op:
 
 def zigzag(num_units: int, num_batches: int, lookahead: int = 1) -> Iterator[Op]:
     """The ops of one forward pass. ``load`` asks for a unit's weights (the executor may already
-    have them in flight from the previous pass: it keeps the loads it issued); ``wait`` blocks
+    have them in flight from the previous pass: it keeps the loads it issued); ``wait`` waits
     until they are ready; ``free`` hands the unit's staging memory back to the loader."""
     for j in range(min(lookahead, num_units) + 1):
         yield Op("load", j % num_units)
