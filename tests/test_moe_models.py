@@ -15,6 +15,7 @@ from test_families import Case, positions, tokens
 from layercake.config import load_config
 from layercake.errors import LayercakeError
 from layercake.models.moe import SparseMoE
+from layercake.ops.linear import form_of
 from layercake.runner import LocalRunner
 
 TOL = 1e-3
@@ -123,3 +124,86 @@ def test_bad_moe_config_is_one_error() -> None:
     with pytest.raises(LayercakeError, match="clip_qkv"):
         load_config(dict(BASE, model_type="olmoe", num_experts=4, num_experts_per_tok=2,
                          clip_qkv=8.0))  # fmt: skip
+
+
+# ---- every path: pipeline, split, compression, compiled one-token steps ----------------------
+
+
+@pytest.fixture(scope="module")
+def mixtral_stacked(tmp_path_factory) -> Path:
+    model_type, cfg, _ = CASES["mixtral-stacked"]
+    cfg = dict(cfg, num_hidden_layers=3, hidden_size=64, intermediate_size=64)  # int blocks
+    return save_tiny(tmp_path_factory.mktemp("mixtral3"), model_type, cfg, True)
+
+
+def test_two_process_pipeline_equals_single_process(tmp_path, mixtral_stacked) -> None:
+    from test_pipeline import PROMPTS, job, log_of, topology, workers
+
+    import layercake
+
+    want = layercake.load(mixtral_stacked).generate(PROMPTS, max_new_tokens=6, ignore_eos=True)
+    topo = topology(tmp_path, ["b 0-2", "2-3 e"], micro_batches=2)
+    with workers(topo, mixtral_stacked, ["pc2"], "--once") as procs:
+        with job(mixtral_stacked, topo) as llm:
+            out = llm.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)
+        assert procs[0].wait(20) == 0, log_of(procs[0])
+    assert [o.token_ids for o in out] == [o.token_ids for o in want]
+
+
+def test_split_writes_each_nodes_experts(tmp_path, mixtral_stacked) -> None:
+    """A stacked checkpoint split per node: each node's file holds its layers' experts, one
+    tensor each, and its slice computes what the whole model's does."""
+    from test_pipeline import topology
+
+    from layercake.checkpoint import open_checkpoint
+    from layercake.cli import main
+    from layercake.models.build import build_slice
+
+    topo = topology(tmp_path, ["b 0-1", "1-3 e"])
+    assert main(["split", "--model", str(mixtral_stacked), "--topology", str(topo),
+                 "--out", str(tmp_path / "parts")]) == 0  # fmt: skip
+    b = open_checkpoint(tmp_path / "parts/pc2")
+    assert "model.layers.2.mlp.experts.5.down_proj.weight" in b.weight_map  # stored per expert
+    assert not any(".layers.0." in n for n in b.tensor_names())
+    full = Case(mixtral_stacked)
+    cfg = full.config
+    a = open_checkpoint(tmp_path / "parts/main")
+    runner = LocalRunner([build_slice(a, "b 0-1", config=cfg), build_slice(b, "1-3 e", config=cfg)],
+                         cfg)  # fmt: skip
+    toks = tokens(1, 7)
+    want = full.runner.forward(toks, positions(1, 0, 7), full.runner.new_cache(1, 7))
+    assert torch.equal(runner.forward(toks, positions(1, 0, 7), runner.new_cache(1, 7)), want)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_compressed_experts(mixtral_stacked, bits: int) -> None:
+    """--compress-weight: experts held quantized (their own linears), routers kept dense."""
+    from layercake.options import Options
+    from layercake.runners import build_runner
+
+    full = Case(mixtral_stacked)
+    o = Options.of(compress_weight=True, compress_bits=bits, group_size=32)
+    r = build_runner(o, full.ckpt, full.config, mixtral_stacked)
+    moe = [m for m in r.slices[0].modules() if isinstance(m, SparseMoE)]
+    assert all(type(m.gate.weight) is torch.nn.Parameter for m in moe)  # dense fp32 router
+    assert all(form_of(e.gate_up_proj) == "blocks" for m in moe for e in m.experts)
+    toks = tokens(3, 9)
+    ref = full.runner.forward(toks, positions(3, 0, 9), full.runner.new_cache(3, 9))
+    out = r.forward(toks, positions(3, 0, 9), r.new_cache(3, 9))
+    assert (out - ref).norm() / ref.norm() < (0.15 if bits == 8 else 0.8)
+
+
+@pytest.mark.slow
+def test_compiled_one_token_steps(case: Case) -> None:
+    """--compile: one-token steps run as one graph (experts through one opaque op), equal to
+    eager."""
+    from layercake.models.build import build_slice
+
+    c = case.config
+    compiled = LocalRunner([build_slice(case.ckpt, "f", config=c, compiled=True)], c,
+                           compile_step=True)  # fmt: skip
+    prompt = tokens(2, 6, seed=7)
+    want, want_logits = greedy(case.runner, prompt, STEPS)
+    got, got_logits = greedy(compiled, prompt, STEPS)
+    assert got.tolist() == want.tolist()
+    assert (got_logits - want_logits).abs().max().item() < 1e-4
