@@ -43,16 +43,17 @@ def grouped(
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # choices grouped by expert, rows in order
     counts = torch.bincount(flat, minlength=len(experts)).tolist()
-    rows = order // k  # (N k,) the row of each choice
-    xs = x.index_select(0, rows)  # (N k, hidden)
+    xs = x.index_select(0, order // k)  # (N k, hidden): each choice's row
     ys = torch.empty_like(xs)
     start = 0
     for e, n in enumerate(counts):
         if n:
             ys[start : start + n] = experts[e].forward(xs[start : start + n])
             start += n
-    ys.mul_(weights.reshape(-1)[order].to(ys.dtype)[:, None])
-    return torch.zeros_like(x).index_add_(0, rows, ys)
+    # back in (row, choice) order (a gather: no scatter-add, whose CPU kernel is slow), then
+    # each row's weighted sum of its k outputs as one batched matmul
+    ys = ys.index_select(0, torch.argsort(order)).view(N, k, -1)  # (N, k, hidden)
+    return torch.bmm(weights.to(ys.dtype).unsqueeze(1), ys).view(N, -1)
 
 
 class SparseMoE(nn.Module):
