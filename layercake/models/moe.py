@@ -11,7 +11,6 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from layercake.models.llama import MLP, Config
@@ -45,32 +44,16 @@ def grouped(
     order = torch.argsort(flat, stable=True)  # choices grouped by expert, rows in order
     counts = torch.bincount(flat, minlength=len(experts)).tolist()
     xs = x.index_select(0, order // k)  # (N k, hidden): each choice's row
-    blocks = [(e, n) for e, n in enumerate(counts) if n]
-    if all(experts[e].gate_up_proj is not None for e, _ in blocks):
-        ys = _fused_swiglu(xs, blocks, experts)
-    else:
-        ys = torch.cat([experts[e].forward(part) for (e, _), part in _split(xs, blocks)])
+    ys = torch.empty_like(xs)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            ys[start : start + n] = experts[e].forward(xs[start : start + n])
+            start += n
     # back in (row, choice) order (a gather: no scatter-add, whose CPU kernel is slow), then
     # each row's weighted sum of its k outputs as one batched matmul
     ys = ys.index_select(0, torch.argsort(order)).view(N, k, -1)  # (N, k, hidden)
     return torch.bmm(weights.to(ys.dtype).unsqueeze(1), ys).view(N, -1)
-
-
-def _split(xs: torch.Tensor, blocks: list[tuple[int, int]]) -> zip:
-    """((expert, rows), its block of ``xs``) for each chosen expert, in order."""
-    return zip(blocks, torch.split(xs, [n for _, n in blocks]))
-
-
-def _fused_swiglu(
-    xs: torch.Tensor, blocks: list[tuple[int, int]], experts: nn.ModuleList
-) -> torch.Tensor:
-    """The experts' SwiGLU (``llama.MLP``) with their gate/up weights fused: each expert's two
-    matmuls on its block, the activation once for all blocks (at one token a step is bound by
-    calls, not arithmetic)."""
-    gu = torch.cat([experts[e].gate_up_proj.forward(part) for (e, _), part in _split(xs, blocks)])
-    n = gu.shape[-1] // 2
-    act = F.silu(gu[:, :n]).mul_(gu[:, n:])  # (N k, I)
-    return torch.cat([experts[e].down_proj.forward(part) for (e, _), part in _split(act, blocks)])
 
 
 class SparseMoE(nn.Module):
