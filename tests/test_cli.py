@@ -105,7 +105,7 @@ def test_model_path_errors(tiny_llama, tmp_path, capsys):
     shutil.copytree(tiny_llama, other)
     cfg = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
-    cases.append((other, "supported: falcon, llama, mistral, opt, qwen2"))
+    cases.append((other, "supported: falcon, llama, mistral, mixtral, olmoe"))
     trunc = tmp_path / "trunc"
     shutil.copytree(tiny_llama, trunc)
     w = trunc / "model.safetensors"
