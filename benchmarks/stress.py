@@ -277,7 +277,7 @@ async def throughput(c: httpx.AsyncClient, url: str, a: argparse.Namespace) -> N
             r.raise_for_status()
             async for line in r.aiter_lines():
                 if line.startswith("data: {") and '"usage"' in line:
-                    n = json.loads(line[6:]).get("usage", {}).get("completion_tokens", n) or n
+                    n = (json.loads(line[6:]).get("usage") or {}).get("completion_tokens", n)
         return n
 
     async def run(n: int) -> dict:
