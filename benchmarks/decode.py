@@ -1,13 +1,14 @@
-"""Single-stream decode and prompt speed: layercake fp32, layercake packed (eager and compiled),
-transformers and llama.cpp (llama-cpp-python, when installed) on the same checkpoint, same run.
+"""Single-stream decode and prompt speed: layercake with no flags (the fast default) and
+``--compile``, ``--exact`` (fp32), ``--packed`` (eager and compiled), transformers and llama.cpp
+(llama-cpp-python, when installed) on the same checkpoint, same run.
 
 Each (model, engine) case runs in its own process and prints one JSON line; ``--repeats``
 alternates the engines and reports each one's median-decode run. Greedy tokens are compared with
-layercake fp32's (``same_tokens``: positions equal; ``same_prefix``: equal until the first
+layercake --exact's (fp32; ``same_tokens``: positions equal; ``same_prefix``: equal until the first
 difference). llama.cpp only reads GGUF files, so it runs on the SmolLM2 GGUF only.
 
-  python benchmarks/decode.py                                  # SmolLM2, prompt 32, generate 128
-  python benchmarks/decode.py --models llama1b --engines layercake-fp32 layercake-packed
+  python benchmarks/decode.py --repeats 3  # no flags, --compile, llama.cpp; prompt 32, gen 128
+  python benchmarks/decode.py --models llama1b --engines layercake-exact layercake-packed
   python benchmarks/decode.py --profile --engines layercake-packed layercake-packed-compiled
 """
 
@@ -33,12 +34,15 @@ from generation import model_path, prompts, run_transformers  # noqa: E402
 
 TEXT = HERE / "data/gettysburg.txt"
 ENGINES = {  # name -> layercake.load options (None: another engine)
-    "layercake-fp32": dict(),
+    "layercake": dict(),  # no flags: the fast default
+    "layercake-compiled": dict(compile=True),
+    "layercake-exact": dict(exact=True),  # fp32 weights and activations: the reference tokens
     "layercake-packed": dict(packed=True),
     "layercake-packed-compiled": dict(packed=True, compile=True),
     "transformers": None,
     "llama.cpp": None,
 }
+DEFAULT_ENGINES = ["layercake", "layercake-compiled", "llama.cpp"]  # issue 18's done-when
 
 
 def prompt_ids(model: str, path: Path, length: int) -> torch.Tensor:
@@ -230,13 +234,16 @@ def run_case(a: argparse.Namespace, model: str, engine: str) -> tuple[dict, list
         err = p.stderr.strip().splitlines()[-1:]
         print(json.dumps(dict(bench="decode", engine=engine, model=model, error=err)), flush=True)
         return None
-    return json.loads(lines[0]), json.loads(lines[1])["tokens"][0]
+    rec = json.loads(lines[0])
+    if not a.profile:  # every run's raw line; the medians follow
+        print(json.dumps({**rec, "line": "run"}), flush=True)
+    return rec, json.loads(lines[1])["tokens"][0]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["smollm2"])
-    ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
+    ap.add_argument("--engines", nargs="+", default=DEFAULT_ENGINES, choices=list(ENGINES))
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--gen-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
@@ -280,7 +287,7 @@ def main() -> None:
 def report(runs: dict[str, list[tuple[dict, list]]]) -> None:
     """One line per engine (its median end-to-end run), with the spread of its runs, ratios to
     llama.cpp (end to end and decode only; the ranges over the repeats), the compile time
-    (a compiled engine's warm-up over its eager twin's) and tokens compared with fp32's."""
+    (a compiled engine's warm-up over its eager twin's) and tokens compared with --exact's."""
     best = {}
     for e, rs in runs.items():
         if rs:  # the runs in repeat order (repeat i of every engine ran back to back)
@@ -289,10 +296,11 @@ def report(runs: dict[str, list[tuple[dict, list]]]) -> None:
             rec["decode_runs"] = [r[0]["decode_tok_s"] for r in rs]
             best[e] = (rec, toks)
     ref = best.get("llama.cpp", (None, None))[0]
-    fp32 = best.get("layercake-fp32", (None, None))[1]
-    eager = best.get("layercake-packed", (None, None))[0]
+    fp32 = best.get("layercake-exact", (None, None))[1]
     for e, (rec, toks) in best.items():
-        if e.endswith("-compiled") and eager is not None:
+        twin = e.removesuffix("-compiled")  # the same engine eager: its warm-up did not compile
+        eager = best.get(twin, (None,))[0] if twin != e else None
+        if eager is not None:
             rec["compile_s"] = round(rec["warmup_s"] - eager["warmup_s"], 2)
         if ref is not None:
             for k in ("e2e", "decode"):  # the same repeat's runs paired: a range, not a best

@@ -160,8 +160,10 @@ def worker(a: argparse.Namespace) -> None:
 
     vocab = open_checkpoint(path).config_dict()["vocab_size"]
     ids = prompts(a.batch, a.prompt_len, vocab)
-    fn = run_layercake if a.engine == "layercake" else run_transformers
-    r = fn(path, ids, a.gen_len, a.compile)
+    if a.engine.startswith("layercake"):  # layercake: no flags; layercake-exact: --exact
+        r = run_layercake(path, ids, a.gen_len, a.compile, exact=a.engine == "layercake-exact")
+    else:
+        r = run_transformers(path, ids, a.gen_len, a.compile)
     B, gen = a.batch, a.gen_len
     total = r["prefill_s"] + r["decode_s"]
     limits = machine_limits()  # measured on their own, once, cached (layercake bench's)
@@ -199,7 +201,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["smollm2", "llama1b"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 32])
-    ap.add_argument("--engines", nargs="+", default=["layercake", "transformers"])
+    ap.add_argument("--engines", nargs="+", default=["layercake", "transformers"],
+                    choices=["layercake", "layercake-exact", "transformers"])  # fmt: skip
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--gen-len", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
@@ -259,7 +262,9 @@ def run_case(a: argparse.Namespace, m: str, B: int, e: str) -> tuple[dict, list]
             flush=True,
         )
         return None
-    return json.loads(lines[0]), json.loads(lines[1])["tokens"]
+    rec = json.loads(lines[0])
+    print(json.dumps({**rec, "line": "run"}), flush=True)  # every run's raw line, then medians
+    return rec, json.loads(lines[1])["tokens"]
 
 
 def report(runs: dict[str, list[tuple[dict, list]]], repeats: int) -> None:

@@ -10,12 +10,16 @@ print one JSON line per scenario:
 - ``abandoned``: 8 non-streaming requests whose clients leave after 0.5 s, then how long the
   slots take to free and how long a small request takes;
 - ``hostile``: nested brackets, a lone surrogate, a 1000-prompt list, a bad ``stream``: statuses
-  (no 5xx); the server's 5xx count from /metrics at the end.
+  (no 5xx); the server's 5xx count from /metrics at the end;
+- ``throughput`` (not in the default set): tokens/s of 1 stream and of ``--streams`` (8)
+  concurrent streams (``--max-tokens`` each, EOS ignored), alternating ``--repeats`` times, one
+  line per run, then the medians, their spread and the ratio.
 
 It starts ``layercake serve`` on the embedded model (or ``--model``) unless ``--url`` names a
 running server (then RSS is read only with ``--pid``). Needs httpx. Run it alone:
 
   flock /tmp/layercake-bench.lock python benchmarks/stress.py
+  flock /tmp/layercake-bench.lock python benchmarks/stress.py --only throughput --max-tokens 64
   python benchmarks/stress.py --url http://127.0.0.1:8000 --pid 1234 --only burst
 """
 
@@ -26,13 +30,14 @@ import asyncio
 import json
 import select
 import socket
+import statistics
 import subprocess
 import sys
 import time
 
 import httpx
 
-SCENARIOS = ["streams", "burst", "oversized", "abandoned", "hostile"]
+SCENARIOS = ["streams", "burst", "oversized", "abandoned", "hostile", "throughput"]
 WORDS = "the cake layer oven flour sugar butter egg milk cream berry apple lemon honey salt".split()
 
 
@@ -67,12 +72,17 @@ def start_server(a: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "layercake.cli", "serve", "--port", str(port)]
     cmd += ["--batch-size", str(a.batch_size), "--max-queue", str(a.max_queue)]
     cmd += ["--model", a.model] if a.model else []
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd += a.serve_args.split() if a.serve_args else []
+    log = open(a.server_log, "w") if a.server_log else subprocess.DEVNULL  # noqa: SIM115
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
+    deadline = time.time() + 900  # a compiled step is built before the server listens
     while time.time() < deadline:
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                up = round(time.time() - t0, 1)
+                emit({"scenario": "start", "command": cmd[3:], "startup_s": up})
                 return proc, url
         except httpx.HTTPError:
             time.sleep(0.5)
@@ -250,10 +260,59 @@ async def hostile(c: httpx.AsyncClient, url: str) -> dict:
     return {"scenario": "hostile", "status": out, "server_5xx_total": fives}
 
 
+async def throughput(c: httpx.AsyncClient, url: str, a: argparse.Namespace) -> None:
+    """1 stream vs ``a.streams`` concurrent ones, alternating: a line per run, then medians."""
+
+    async def one(i: int) -> int:
+        body = {
+            "prompt": prompt(i),
+            "max_tokens": a.max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        n = 0
+        async with c.stream("POST", f"{url}/v1/completions", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if line.startswith("data: {") and '"usage"' in line:
+                    n = (json.loads(line[6:]).get("usage") or {}).get("completion_tokens", n)
+        return n
+
+    async def run(n: int) -> dict:
+        t0 = time.perf_counter()
+        tokens = await asyncio.gather(*(one(i) for i in range(n)))
+        wall = time.perf_counter() - t0
+        return {
+            "scenario": "throughput_run",
+            "streams": n,
+            "tokens": sum(tokens),
+            "wall_s": round(wall, 3),
+            "tok_s": round(sum(tokens) / wall, 2),
+        }
+
+    await run(a.streams)  # warm-up: every row of the engine's cache, allocator
+    rates: dict[int, list[float]] = {1: [], a.streams: []}
+    for _ in range(a.repeats):
+        for n in (1, a.streams):  # alternate: drift in the machine hits both
+            row = await run(n)
+            emit(row)
+            rates[n].append(row["tok_s"])
+    one_s, many = rates[1], rates[a.streams]
+    pairs = [m / o for o, m in zip(one_s, many)]
+    emit({"scenario": "throughput", "streams": a.streams, "max_tokens": a.max_tokens,
+          "repeats": a.repeats, "one_stream_tok_s_median": statistics.median(one_s),
+          "one_stream_tok_s_runs": one_s, "many_streams_tok_s_median": statistics.median(many),
+          "many_streams_tok_s_runs": many,
+          "ratio_median": round(statistics.median(many) / statistics.median(one_s), 2),
+          "ratio_range_paired": [round(min(pairs), 2), round(max(pairs), 2)]})  # fmt: skip
+
+
 async def main_async(a: argparse.Namespace, url: str, pid: int | None) -> None:
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=100)
     async with httpx.AsyncClient(timeout=600, limits=limits) as c:
-        todo = a.only or SCENARIOS
+        todo = a.only or SCENARIOS[:-1]
         if "streams" in todo:
             emit(await streams(c, url, a.clients, a.max_tokens))
         if "burst" in todo:
@@ -265,6 +324,8 @@ async def main_async(a: argparse.Namespace, url: str, pid: int | None) -> None:
             emit(await abandoned(c, url))
         if "hostile" in todo:
             emit(await hostile(c, url))
+        if a.only and "throughput" in todo:
+            await throughput(c, url, a)
         health = (await c.get(f"{url}/health")).json()
     rss = {"rss_mb": rss_mb(pid), "peak_rss_mb": rss_mb(pid, "VmHWM")}
     emit({"scenario": "end", "health": health, **rss})
@@ -280,6 +341,10 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--only", nargs="+", choices=SCENARIOS)
+    p.add_argument("--streams", type=int, default=8, help="throughput: concurrent streams")
+    p.add_argument("--repeats", type=int, default=3, help="throughput: alternations")
+    p.add_argument("--serve-args", help="more flags for the started server, e.g. '--no-compile'")
+    p.add_argument("--server-log", help="write the started server's stderr here")
     a = p.parse_args()
     proc = None
     if a.url:

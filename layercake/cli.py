@@ -35,9 +35,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
         prompt = llm.chat_prompt(messages + [{"role": "user", "content": a.prompt}])
     else:
         prompt = llm.tokenizer.encode(a.prompt)
-    describe = getattr(llm.runner, "describe", None)
-    if a.verbose and callable(describe):
-        print(f"[path: {describe()}]", file=sys.stderr)
+    if a.verbose:
+        print_path(llm)
     reason = None
     try:
         for ev in llm.stream(prompt, **sampling_kwargs(a)):
@@ -58,6 +57,13 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
         print(roofline_line(llm, s), file=sys.stderr)
     return 0
+
+
+def print_path(llm) -> None:  # noqa: ANN001
+    """``-v``: which path runs the model, and why (the runner's own words)."""
+    from layercake.bench.roofline import runner_path
+
+    print(f"[path: {runner_path(llm.runner)}]", file=sys.stderr, flush=True)
 
 
 def cmd_worker(a: argparse.Namespace) -> int:
@@ -131,8 +137,18 @@ def cmd_batch(a: argparse.Namespace) -> int:
         raise LayercakeError(f"output directory {out.parent} does not exist")
     lines = len(read_lines(Path(a.input)))  # raises on duplicate ids
     llm = load_from_args(a, max_sequences=max(1, lines))
-    summary = run_batch(llm, a.input, a.output, engine_slots(llm, a), defaults, a.max_context)
+    if a.verbose:
+        print_path(llm)
+    slots = engine_slots(llm, a)
+    summary = run_batch(llm, a.input, a.output, slots, defaults, a.max_context)
     print(json.dumps(summary))
+    if a.verbose:
+        from layercake.bench.roofline import roofline_line
+        from layercake.generate import GenerationStats
+
+        keys = ("prompt_tokens", "prefill_s", "decode_s", "decode_steps")
+        stats = GenerationStats(batch_size=slots, **{k: summary[k] for k in keys})
+        print(roofline_line(llm, stats), file=sys.stderr)
     return 0
 
 
@@ -152,9 +168,22 @@ def cmd_serve(a: argparse.Namespace) -> int:
     for k, v in limits.items():
         if v is not None and v < (0 if k == "max_queue" else 1):
             raise LayercakeError(f"--{k.replace('_', '-')} is too small: {v}")
+    from layercake.server.compiled import serve_compiles, warmed_up
+
+    explicit = a.compile is True  # --compile; None: serve's default, decided here
+    if a.compile is None:
+        a.compile = serve_compiles(a)
     llm = load_from_args(a)
+    slots = engine_slots(llm, a, default=8)
+    if a.compile:
+        llm = warmed_up(llm, a, slots, explicit, lambda: load_from_args(a))
+    if a.verbose:
+        from layercake.bench.limits import machine_limits
+
+        print_path(llm)
+        machine_limits(getattr(llm.runner, "offload_dir", None))  # measured now, not mid-serve
     serve(
-        llm, engine_slots(llm, a, default=8), a.max_context, a.host, a.port, a.api_key,
+        llm, slots, a.max_context, a.host, a.port, a.api_key, verbose=a.verbose,
         **{k: v for k, v in limits.items() if v is not None},
     )  # fmt: skip
     return 0
@@ -215,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
     g.add_argument("--system", help="system message (with --chat)")
-    g.add_argument("-v", "--verbose", action="store_true", help="print speed figures to stderr")
+    add_verbose(g)
     add_engine_options(g)
     add_sampling_options(g)
     g.set_defaults(func=cmd_generate)
@@ -223,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_command(sub)
     from layercake.bench import add_bench_command
 
-    add_bench_command(sub, add_engine_options)
+    add_bench_command(sub, add_engine_options, add_verbose)
     b = sub.add_parser(
         "batch",
         help="answer a JSONL file of requests into a JSONL file of results (resumable)",
@@ -234,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--input", required=True, help="JSONL requests")
     b.add_argument("--output", required=True, help="JSONL results (appended to; resumed)")
+    add_verbose(b)
     add_engine_options(b)
     add_sampling_options(b, max_new_tokens=128)
     b.set_defaults(func=cmd_batch)
@@ -253,9 +283,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-prompts", type=int,
         help="prompts in one /v1/completions list; more is a 400 (default 16)",
     )  # fmt: skip
+    add_verbose(s)
     add_engine_options(s)
-    s.set_defaults(func=cmd_serve)
+    s.add_argument(
+        "--no-compile", dest="compile", action="store_false",
+        help="serve with eager steps: no compile at start (serve compiles its one-token step "
+        "by default where the model runs in memory in steps of <= 8 rows)",
+    )  # fmt: skip
+    s.set_defaults(func=cmd_serve, compile=None)
     return parser
+
+
+def add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="print to stderr which path runs and why, and the run's speed against this "
+        "machine's measured limits (the roofline line)",
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

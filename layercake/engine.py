@@ -14,7 +14,8 @@ The cache's capacity follows the sequences in flight, not the longest one the en
 it starts at ``initial`` slots, grows (a new cache, the written slots copied) when a longer
 sequence is admitted, and is allocated afresh at its starting size when a request arrives to an
 empty engine after a long one. A runner with a memory plan for its cache (offloading) gets the
-whole capacity at once instead.
+whole capacity at once instead; one whose steps are compiled (a graph per cache size) gets two
+sizes only, the starting one and the whole capacity.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ class Engine:
         self.resizable = getattr(runner, "block_size", None) is None  # offloading plans its own
         first = capacity if not self.resizable else min(capacity, initial or INITIAL_CAPACITY)
         self.initial = first
+        # a compiled step is one graph per cache size: two sizes only (compiled once each)
+        self.two_sizes = compiles_steps(runner)
         self.cache = runner.new_cache(slots, first)
         self.resizable = self.resizable and _resizable(self.cache)
         dev = runner.device
@@ -238,11 +241,14 @@ class Engine:
         short = need > cap * 2 // 3  # slack: a compaction every cap / 3 steps at worst
         if not live:
             want = min(self.capacity, max(self.initial, default_capacity(need)))
+            if self.two_sizes and want > self.initial:
+                want = self.capacity
             if want != cap and (short or cap > 2 * want):
                 self.cache = None  # its memory goes back before the new one is taken
                 self.cache = self.runner.new_cache(self.slots, want)
         elif short:
             size = min(self.capacity, max(default_capacity(need), 2 * cap))
+            size = self.capacity if self.two_sizes else size
             if size > cap:
                 self.cache = grown(self.runner.new_cache(self.slots, size), self.cache)
 
@@ -266,6 +272,12 @@ class Engine:
 
 
 INITIAL_CAPACITY = 256  # cache slots per row an engine starts with, unless told
+
+
+def compiles_steps(runner: object) -> bool:
+    """Whether ``runner`` runs its one-token steps as a compiled graph (``LocalRunner`` with
+    ``compile_step``): each cache size it sees is compiled once, tens of seconds."""
+    return getattr(runner, "_step", None) is not None
 
 
 def _resizable(cache: object) -> bool:

@@ -59,9 +59,10 @@ def test_layercake_bench_json_one_case(tmp_path: Path) -> None:
     env = dict(os.environ, LAYERCAKE_CACHE=str(tmp_path / "cache"))
     seed_limits(tmp_path / "cache", 1)
     cmd = [sys.executable, "-m", "layercake.cli", "bench", "--model", str(model), "--json",
-           "-b", "2", "-p", "5", "-n", "4", "-r", "2", "--threads", "1"]  # fmt: skip
+           "-b", "2", "-p", "5", "-n", "4", "-r", "2", "--threads", "1", "-v"]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr
+    assert "[path: in memory, cpu" in p.stderr and "roofline: decode RAM" in p.stderr, p.stderr
     lines = [json.loads(ln) for ln in p.stdout.splitlines()]
     assert len(lines) == 1
     r = lines[0]

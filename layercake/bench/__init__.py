@@ -42,7 +42,7 @@ COLUMNS = [  # header, key, format
 def engine_options(a: argparse.Namespace) -> dict:
     """The parsed engine options, passed as they are to each case's ``load_from_args``."""
     skip = {"func", "command", "batches", "prompt_lens", "gen_lens", "repetitions", "json",
-            "no_warmup", "timeout", "remeasure"}  # fmt: skip
+            "no_warmup", "timeout", "remeasure", "verbose"}  # fmt: skip
     return {k: v for k, v in vars(a).items() if k not in skip}
 
 
@@ -105,6 +105,9 @@ def run_bench(a: argparse.Namespace) -> int:
         rec.setdefault("prompt_len", P)
         rec.setdefault("gen_len", G)
         failed += "error" in rec
+        if a.verbose and "error" not in rec:  # the same two lines as generate -v, per case
+            print(f"B={B} prompt={P} gen={G}: [path: {rec.get('path')}]\n  {rec.get('roofline')}",
+                  file=sys.stderr, flush=True)  # fmt: skip
         if a.json:
             print(json.dumps(rec), flush=True)
         elif "error" in rec:
@@ -116,7 +119,7 @@ def run_bench(a: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def add_bench_command(sub: argparse._SubParsersAction, add_engine_options) -> None:
+def add_bench_command(sub: argparse._SubParsersAction, add_engine_options, add_verbose) -> None:
     """The ``bench`` subcommand: its own options plus every engine option."""
     p = sub.add_parser(
         "bench",
@@ -136,5 +139,6 @@ def add_bench_command(sub: argparse._SubParsersAction, add_engine_options) -> No
     p.add_argument("--json", action="store_true", help="one JSON line per case")
     p.add_argument("--remeasure", action="store_true",
                    help="measure this machine's limits again (they are cached)")  # fmt: skip
+    add_verbose(p)
     add_engine_options(p)
     p.set_defaults(func=run_bench)

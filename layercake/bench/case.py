@@ -34,7 +34,14 @@ def run_case(spec: dict) -> dict:
     """Load, warm up, then time ``repetitions`` generations; the median end-to-end run's
     figures, with the spread of the repetitions."""
     from layercake.bench.limits import machine_limits
-    from layercake.bench.roofline import head_params, linear_params, roofline, weight_bytes
+    from layercake.bench.roofline import (
+        format_roofline,
+        head_params,
+        linear_params,
+        roofline,
+        runner_path,
+        weight_bytes,
+    )
     from layercake.cli import load_from_args
 
     a = argparse.Namespace(**spec["engine"])
@@ -66,6 +73,7 @@ def run_case(spec: dict) -> dict:
                ram_bytes_per_step=weight_bytes(r),
                disk_bytes_per_step=disk_step)  # fmt: skip
     ram = run["ram_bytes_per_step"]
+    fractions = roofline(run, limits)
     rec = dict(
         batch=B,
         prompt_len=P,
@@ -89,7 +97,9 @@ def run_case(spec: dict) -> dict:
         limits=dict(
             ram_gbps=limits.ram_gbps, disk_gbps=limits.disk_gbps, matmul_gflops=limits.matmul_gflops
         ),  # fmt: skip
-        **roofline(run, limits),
+        **fractions,
+        path=runner_path(r),
+        roofline=format_roofline(fractions, limits, B),
     )
     llm.close()
     return rec

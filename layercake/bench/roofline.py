@@ -217,3 +217,22 @@ def roofline_line(llm: Any, stats: Any) -> str:
     limits = machine_limits(getattr(r, "offload_dir", None))
     disk = getattr(r, "disk_bytes", 0) * stats.decode_steps  # units' disk rows, every step
     return format_roofline(run_roofline(llm, stats, limits, disk), limits, stats.batch_size)
+
+
+_KINDS = {"LocalRunner": "in memory", "OffloadRunner": "offload"}
+
+
+def runner_path(runner: Any) -> str:
+    """Which path runs the model: the runner's own ``describe()`` where it has one, else its
+    kind, device and dtype (and ``compiled`` where it compiles its step)."""
+    describe = getattr(runner, "describe", None)
+    if callable(describe):
+        return str(describe())
+    kind = type(runner).__name__
+    words = [_KINDS.get(kind, kind), str(getattr(runner, "device", "")).strip()]
+    dtype = getattr(runner, "dtype", None)
+    if dtype is not None:
+        words.append(str(dtype).removeprefix("torch."))
+    if getattr(runner, "compiled", False) or getattr(runner, "_step", None) is not None:
+        words.append("compiled")
+    return ", ".join(w for w in words if w)

@@ -194,6 +194,7 @@ def run_batch(
         "completion_tokens": stats.generated_tokens,
         "prefill_s": round(stats.prefill_s, 3),
         "decode_s": round(stats.decode_s, 3),
+        "decode_steps": stats.decode_steps,
         "prefill_tok_s": round(stats.prefill_tok_s, 2),
         "decode_tok_s": round(stats.decode_tok_s, 2),
         "throughput_tok_s": round(stats.throughput, 2),

@@ -85,13 +85,15 @@ def create_app(
     max_body: int = DEFAULT_MAX_BODY,
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_prompts: int = DEFAULT_MAX_PROMPTS,
+    verbose: bool = False,
 ) -> FastAPI:
     """The FastAPI app over ``llm``: ``slots`` sequences decoded together, each request's
     prompt + completion within ``max_context`` tokens; bodies up to ``max_body`` bytes; up to
-    ``max_queue`` sequences waiting for a slot; up to ``max_prompts`` prompts per request."""
-    context = min(max_context or DEFAULT_CONTEXT, llm.runner.max_context)
+    ``max_queue`` sequences waiting for a slot; up to ``max_prompts`` prompts per request.
+    ``verbose``: a roofline line on stderr each time the engine runs dry."""
+    context = serve_context(llm, max_context)
     metrics = Metrics()
-    loop_holder = EngineLoop(llm, slots, context, metrics)
+    loop_holder = EngineLoop(llm, slots, context, metrics, verbose)
     admission = Admission(slots, max_queue)
     name = model_name or model_label(llm.path)
     names = {name, llm.path.name, str(llm.path)}
@@ -207,6 +209,12 @@ async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, Any])
     return Response(status_code=CLIENT_GONE)
 
 
+def serve_context(llm: LLM, max_context: int | None) -> int:
+    """Prompt + completion tokens a request may use: ``max_context`` or the default, within
+    the model's context."""
+    return min(max_context or DEFAULT_CONTEXT, llm.runner.max_context)
+
+
 def serve(
     llm: LLM,
     slots: int,
@@ -217,12 +225,14 @@ def serve(
     max_body: int = DEFAULT_MAX_BODY,
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_prompts: int = DEFAULT_MAX_PROMPTS,
+    verbose: bool = False,
 ) -> None:
-    """Run the server until interrupted."""
+    """Run the server until interrupted (a compiled step is built before it listens: see
+    ``cli.cmd_serve``)."""
     import uvicorn
 
     app = create_app(
         llm, slots, max_context, api_key, max_body=max_body, max_queue=max_queue,
-        max_prompts=max_prompts,
+        max_prompts=max_prompts, verbose=verbose,
     )  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -8,12 +8,15 @@ flight, and the engine is rebuilt so the server keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
+import sys
 import threading
 from typing import TYPE_CHECKING
 
 from layercake.engine import Engine, Request, default_capacity
-from layercake.generate import StepEvent
+from layercake.generate import GenerationStats, StepEvent
+from layercake.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from layercake.llm import LLM
@@ -38,9 +41,15 @@ class EngineLoop:
     """The engine and the thread that steps it; ``slots_in_use`` and ``waiting`` are read by
     /health and /metrics."""
 
-    def __init__(self, llm: LLM, slots: int, context: int, metrics: Metrics) -> None:
+    def __init__(
+        self, llm: LLM, slots: int, context: int, metrics: Metrics, verbose: bool = False
+    ) -> None:
+        """``verbose``: each time the engine runs dry, a roofline line for the work since it
+        last did (``bench.roofline``) on stderr."""
         self.llm, self.slots, self.context, self.metrics = llm, slots, context, metrics
+        self.verbose = verbose
         self.engine = self._new_engine()
+        self._since = dataclasses.replace(self.engine.stats)  # the stats when last idle
         self.inbox: queue.Queue[Request | None] = queue.Queue()
         self.live: list[Request] = []  # added to the engine, not finished (engine thread only)
         self.slots_in_use = self.waiting = 0
@@ -48,10 +57,7 @@ class EngineLoop:
         self.thread.start()
 
     def _new_engine(self) -> Engine:
-        llm = self.llm
-        return Engine(
-            llm.runner, llm.eos_token_ids, llm._decode, self.slots, default_capacity(self.context)
-        )
+        return new_engine(self.llm, self.slots, self.context)
 
     def check(self, req: Request) -> None:
         """Raise LayercakeError if ``req`` cannot run here (pure: safe from any thread)."""
@@ -90,6 +96,22 @@ class EngineLoop:
             eng.stats.generated_tokens - generated, eng.stats.prompt_tokens - prompt
         )
         self._gauges()
+        if self.verbose and not eng.busy and self.inbox.empty():
+            self._report()
+
+    def _report(self) -> None:
+        """The roofline of the work since the engine last ran dry (one busy period)."""
+        from layercake.bench.roofline import roofline_line
+
+        now, was = self.engine.stats, self._since
+        self._since = dataclasses.replace(now)
+        delta = GenerationStats(batch_size=self.slots)
+        for f in dataclasses.fields(GenerationStats):
+            if f.name != "batch_size":
+                setattr(delta, f.name, getattr(now, f.name) - getattr(was, f.name))
+        print(f"layercake: served {delta.generated_tokens} tokens, prefill "
+              f"{delta.prefill_tok_s:.1f} tok/s, decode {delta.decode_tok_s:.1f} tok/s; "
+              f"{roofline_line(self.llm, delta)}", file=sys.stderr, flush=True)  # fmt: skip
 
     def _take_inbox(self) -> bool:
         """Move new requests into the engine (waiting for one when idle); False to stop."""
@@ -117,9 +139,35 @@ class EngineLoop:
                 r.tag.put(e)
         self.live = []
         self.engine = self._new_engine()
+        self._since = dataclasses.replace(self.engine.stats)
         self._gauges()
 
     def _gauges(self) -> None:
         eng = self.engine
         self.slots_in_use = sum(s is not None for s in eng.seqs)
         self.waiting = len(eng.waiting) + self.inbox.qsize()
+
+
+def new_engine(llm: LLM, slots: int, context: int) -> Engine:
+    """The server's engine: ``slots`` rows, each sequence within ``context`` tokens."""
+    return Engine(llm.runner, llm.eos_token_ids, llm._decode, slots, default_capacity(context))
+
+
+def warm_up(llm: LLM, slots: int, context: int) -> None:
+    """Run one decode step at each cache size the server's engine uses (the starting one, and
+    the whole capacity where steps are compiled), so a compiled step is built before the first
+    request instead of stalling it (progress lines say so while it compiles)."""
+    eng = new_engine(llm, slots, context)
+    spans = [2]  # generated tokens of a request that fits the starting size
+    if eng.two_sizes and eng.capacity > eng.initial:
+        n = eng.max_span - 2  # the longest request: the engine grows to the whole capacity
+        spans += [n] if default_capacity(2 + n) > eng.initial else []
+    token = llm.eos_token_ids[0] if llm.eos_token_ids else 0
+    for n in spans:
+        # two prompt tokens: a one-token prompt's prefill would be a (compiled) one-row step
+        params = SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True)
+        req = Request([token, token], params)
+        eng.add(req)
+        eng.step()  # admits it (prefill) and runs one decode step
+        req.cancelled = True
+        eng.step()  # frees its slot

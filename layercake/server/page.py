@@ -11,28 +11,13 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse
 
+from layercake.bench.roofline import runner_path
+
 if TYPE_CHECKING:
     from layercake.llm import LLM
 
 STATIC = Path(__file__).parent / "static"
 FILES = {"chat.js": "text/javascript", "chat.css": "text/css"}
-_KINDS = {"LocalRunner": "in memory", "OffloadRunner": "offload"}
-
-
-def runner_path(runner: Any) -> str:
-    """Which path runs the model: the runner's own ``describe()`` where it has one, else its
-    kind, device and dtype (and ``compiled`` where it compiles its step)."""
-    describe = getattr(runner, "describe", None)
-    if callable(describe):
-        return str(describe())
-    kind = type(runner).__name__
-    words = [_KINDS.get(kind, kind), str(getattr(runner, "device", "")).strip()]
-    dtype = getattr(runner, "dtype", None)
-    if dtype is not None:
-        words.append(str(dtype).removeprefix("torch."))
-    if getattr(runner, "compiled", False) or getattr(runner, "_step", None) is not None:
-        words.append("compiled")
-    return ", ".join(w for w in words if w)
 
 
 def add_chat_page(app: FastAPI, llm: LLM, name: str, context: int, slots: int) -> None:

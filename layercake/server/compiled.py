@@ -1,0 +1,66 @@
+"""``serve`` compiles its one-token step by default: a server runs for hours, so the tens of
+seconds a compile costs once buy every later step. Where a compiled step cannot run (offloaded
+weights, compressed ones, steps of more rows than a compiled graph takes) the default is off;
+``--no-compile`` turns it off, ``--compile`` insists (a failure is then an error, not a note).
+
+The step is compiled before the server listens (``engine_loop.warm_up``), so the first request
+never waits for it; progress lines say so while it compiles."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from layercake.errors import LayercakeError
+from layercake.progress import is_quiet
+
+if TYPE_CHECKING:
+    from layercake.llm import LLM
+
+DEFAULT_SLOTS = 8  # serve's rows decoded together without --batch-size
+
+
+def serve_compiles(a: argparse.Namespace) -> bool:
+    """Whether ``serve`` compiles its step without being told: in memory on the CPU or CUDA,
+    weights not re-compressed, steps of at most ``MAX_STATIC_BATCH`` rows."""
+    from layercake.runner import MAX_STATIC_BATCH
+
+    offloaded = any(getattr(a, k, None) is not None for k in
+                    ("percent", "device_memory", "cpu_memory"))  # fmt: skip
+    compressed = getattr(a, "compress_weight", False) and not getattr(a, "packed", False)
+    rows = a.batch_size or DEFAULT_SLOTS
+    device = str(getattr(a, "device", "cpu") or "cpu")
+    return (
+        not offloaded
+        and not compressed
+        and rows <= MAX_STATIC_BATCH
+        and device.split(":")[0] in ("cpu", "cuda")
+    )
+
+
+def warmed_up(
+    llm: LLM, a: argparse.Namespace, slots: int, explicit: bool, reload: Callable[[], LLM]
+) -> LLM:
+    """``llm`` with its compiled step built for the server's engine (``slots`` rows, each cache
+    size it uses); if compiling fails, an error with ``--compile`` (``explicit``), else a
+    warning and the model loaded again with eager steps (``reload`` with ``a.compile`` off)."""
+    from layercake.server.app import serve_context
+    from layercake.server.engine_loop import warm_up
+
+    if not is_quiet():
+        print("layercake: serve compiles its one-token step before listening (once per cache "
+              "size; --no-compile skips it)", file=sys.stderr, flush=True)  # fmt: skip
+    try:
+        warm_up(llm, slots, serve_context(llm, a.max_context))
+        return llm
+    except Exception as e:  # no compiler, an op Inductor cannot take: serve eagerly instead
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        if explicit:
+            raise LayercakeError(f"--compile: the one-token step did not compile: {why}") from None
+        print(f"layercake: warning: the one-token step did not compile ({why}); serving with "
+              "eager steps", file=sys.stderr, flush=True)  # fmt: skip
+    a.compile = False
+    llm.close()
+    return reload()
