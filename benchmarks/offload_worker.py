@@ -19,6 +19,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from agreement import logits_agreement  # noqa: E402
 from generation import model_path, process_read_bytes, prompts, run_transformers  # noqa: E402
+from offload import cap_bytes  # noqa: E402
 
 LOGIT_ROWS, LOGIT_TOKENS = 2, 16  # logits compared with the in-memory run's: a small slice
 
@@ -166,14 +167,6 @@ def run_accelerate(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespac
     r["steps"] = gen
     r["policy"] = f"device_map=auto max_memory cpu {budget / 1e9:.2f} GB, offload_folder"
     return r
-
-
-def cap_bytes(cap: str) -> int:
-    """The cap as memlimit reads it (``numfmt --from=iec``: 1600M is 1600 MiB), so that the
-    budget an engine is given is the memory it really has."""
-    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    s = cap.upper().removesuffix("B")
-    return int(float(s.rstrip("KMGT")) * units[s[len(s.rstrip("KMGT")) :]])
 
 
 def compare_logits(fn, ids: torch.Tensor, a: argparse.Namespace) -> dict:
