@@ -94,7 +94,7 @@ def _offloaded(
         **kw,
         context=o.max_context or 256,
         compress=compress,
-        packed=device.type == "cpu",
+        int4pack=device.type == "cpu",
     )
     if cpu_b is not None:  # a budget for the whole process: what it holds already counts
         cpu_b -= held_bytes()

@@ -80,11 +80,12 @@ def test_offload_bf16_checkpoint_and_budget(tmp_path, monkeypatch):
     pol = llm.runner.policy
     assert 0 < pol.w_cpu < 100 and pol.w_device == 0
     assert [r.token_ids for r in llm.generate(PROMPTS, max_new_tokens=5)] == want
-    # host-RAM rows of bf16 tensors are views of the checkpoint's map, not copies
+    # host-RAM rows of bf16 tensors are views of the checkpoint's map, not copies (but those
+    # of fused weights: the members' rows side by side)
     placed = [p for ps in llm.runner.placed for p in ps if p.cpu is not None]
     assert placed and all(p.cpu.dtype == torch.bfloat16 for p in placed)
     if kernels.available():  # the linears multiply those rows as they lie, in bf16
-        assert llm.runner.direct and all(p.direct for p in placed if p.cpu.dim() == 2)
+        assert llm.runner.as_stored and all(p.form == "bf16" for p in placed if p.cpu.dim() == 2)
         lins = [m for m in llm.runner.model.modules() if isinstance(m, Linear)]
         assert lins and all(isinstance(m.weight, BF16) for m in lins)
         assert llm.runner.scratch.numel() < 4096  # only the norms convert
@@ -249,8 +250,8 @@ def test_packed_int4_offload_equals_packed_in_memory(tmp_path, percent):
     assert forms_of(ref.runner.slices[0])["int4pack"] > 0
     want = [r.token_ids for r in ref.generate(PROMPTS, max_new_tokens=5)]
     llm = layercake.load(path, percent=percent, offload_dir=tmp_path / "off", batch_size=2, **kw)
-    forms = {e.form for u in llm.runner.units for e in u.entries}
-    assert forms == {"", "data", "sz"}  # norms plain, every matrix packed (the head's slabs too)
+    pieces = {e.piece for u in llm.runner.units for e in u.entries}
+    assert pieces == {"", "data", "sz"}  # norms plain, every matrix int4pack (the head's too)
     assert [r.token_ids for r in llm.generate(PROMPTS, max_new_tokens=5)] == want
     torch.testing.assert_close(llm.logits(PROMPTS), ref.logits(PROMPTS), rtol=1e-5, atol=1e-5)
     if percent[1] < 100:

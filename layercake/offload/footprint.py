@@ -1,7 +1,7 @@
-"""Memory accounting of offloading: the bytes of the streamed units, of a block's KV cache and
-activations, of the resident tensors outside the units, and of the process itself. The budget
-planner (``policy``), the cost model (``planner``), ``auto`` and the runner factory read every
-memory figure from here."""
+"""Memory accounting of offloading: the bytes of the streamed units, of a block's (the
+micro-batches that share each load of a layer) KV cache and activations, of the resident tensors
+outside the units, and of the process itself. The budget planner (``policy``), the cost model
+(``planner``), ``auto`` and the runner factory read every memory figure from here."""
 
 from __future__ import annotations
 
@@ -37,12 +37,12 @@ class Footprint:
     max_unit: int  # the largest unit, storage dtype
     activations: int  # hidden states, MLP intermediates and logits of one block
     kv: int  # the KV cache of one block at the planned context
-    # compressed weights: one unit dequantized; ``direct``: a unit's vectors converted (else
+    # compressed weights: one unit dequantized; ``as_stored``: a unit's vectors converted (else
     # max_unit * compute_ratio)
     scratch: int = 0
     # bf16 weights multiply as stored on the CPU when not all resident (``kernels.bf16_mm``):
     # only a unit's vectors (norms, biases) convert, into ``scratch``
-    direct: bool = False
+    as_stored: bool = False
 
     @property
     def work(self) -> int:
@@ -77,26 +77,31 @@ def footprint(
     num_batches: int,
     context: int,
     compress: Compression | None = None,
-    packed: bool = False,
+    int4pack: bool = False,
 ) -> Footprint:
     """Sizes of the streamed units and of one block's cache and activations. Compressed
     weights are held compressed in every tier, the device's included (ratio 1); each unit is
-    dequantized into a compute-dtype scratch, or (``packed``, the int4 CPU kernel's form) has
+    dequantized into a compute-dtype scratch, or (``int4pack``, the int4 CPU kernel's form) has
     its scales transposed and its values gathered from two tiers into a byte scratch."""
     block = batch_size * num_batches
-    units = streamed_units(ckpt, config, parts, dtype, compress, packed)[1]
+    units = streamed_units(ckpt, config, parts, dtype, compress, int4pack)[1]
     weights = sum(u.nbytes for u in units)
     itemsize = units[0].entries[0].torch_dtype.itemsize
     scratch = max(
-        sum(e.nbytes if e.form else e.numel * dtype.itemsize for e in u.entries) for u in units
+        sum(e.nbytes if e.piece else e.numel * dtype.itemsize for e in u.entries) for u in units
     )
     compressed = compress is not None and compress.weight is not None
-    direct = direct_bf16(units, dtype, compress)  # then only vectors (norms, biases) convert
-    direct_scratch = max(
+    as_stored = bf16_as_stored(units, dtype, compress)  # then only vectors (norms, biases) convert
+    vector_scratch = max(
         sum(e.numel * dtype.itemsize for e in u.entries if len(e.shape) == 1) for u in units
     )
-    widest = (
-        max(e.shape[0] for u in units for e in u.entries if u.kind == "layer")
+    widest = (  # a fused weight's widest member: the intermediates are the members'
+        max(
+            max((r for _, r in e.members), default=e.shape[0])
+            for u in units
+            for e in u.entries
+            if u.kind == "layer"
+        )  # fmt: skip
         if any(u.kind == "layer" for u in units)
         else config.hidden_size
     )
@@ -112,15 +117,15 @@ def footprint(
     return Footprint(
         weights=weights,
         compute_ratio=1.0 if compressed else dtype.itemsize / itemsize,
-        scratch=scratch if compressed else direct_scratch if direct else 0,
-        direct=direct,
+        scratch=scratch if compressed else vector_scratch if as_stored else 0,
+        as_stored=as_stored,
         max_unit=max(u.nbytes for u in units),
         activations=act,
         kv=kv,
     )
 
 
-def direct_bf16(units: list, dtype: torch.dtype, compress: Compression | None) -> bool:
+def bf16_as_stored(units: list, dtype: torch.dtype, compress: Compression | None) -> bool:
     """Whether streamed bf16 weights multiply as stored (fp32 compute on the CPU, our kernel)."""
     from layercake.ops import kernels
 
@@ -138,18 +143,18 @@ def streamed_units(
     parts: Parts,
     dtype: torch.dtype,
     compress: Compression | None,
-    packed: bool = False,
+    int4pack: bool = False,
 ) -> tuple[torch.nn.Module, list]:
-    """The slice's model on the meta device and its streamed units (``store.plan_units``;
-    ``packed``: CPU compute, int4 weights in the kernel's form)."""
+    """The slice's model on the meta device (its fusable linears fused) and its streamed units
+    (``store.plan_units``; ``int4pack``: CPU compute, int4 weights in the kernel's form)."""
     from layercake.models import family
     from layercake.offload.store import plan_units
 
     fam = family(config.model_type)
     with torch.device("meta"):
         model = fam.Model(config, parts)
-    packed = packed and dtype == torch.float32
-    units = plan_units(ckpt, model, parts.layers, parts.head, dtype, compress, packed)
+    int4pack = int4pack and dtype == torch.float32
+    units = plan_units(ckpt, model, parts.layers, parts.head, dtype, compress, int4pack)
     if not units:
         raise LayercakeError(f"part {parts} has no layers or head to offload")
     return model, units

@@ -8,6 +8,8 @@ values, scales and zeros of a row side by side, so row ranges stay byte ranges),
 at a 4 KiB-aligned offset so that any row range can be read with one large direct read; the
 compression mode is part of each entry, hence of the layout's hash, so a bf16 and an int4
 layout of one model coexist. A manifest written last marks the set complete and is reused next time.
+Fused linears (``fusion``: q/k/v, gate/up) are one tensor of the layout, their members' rows side
+by side.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from layercake.checkpoint.quantized import load_rows, quant_spec, weight_quant
 from layercake.errors import LayercakeError
+from layercake.offload.fusion import fuse_linears, module_name
 from layercake.offload.tiers import ALIGN, align_up, check_writable
 from layercake.ops.int4pack import BLOCK_N, data_shape, pack, sz_shape
 from layercake.ops.linear import choose
@@ -36,7 +39,8 @@ FORMAT = 1
 @dataclass(frozen=True)
 class Entry:
     """One tensor of a unit: ``param`` the model's name (or ``lm_head.weight``), ``src`` the
-    checkpoint's, rows [row0, row0 + shape[0]) of it, at ``offset`` in the unit's file."""
+    checkpoint's, rows [row0, row0 + shape[0]) of it, at ``offset`` in the unit's file; a fused
+    weight's rows are those of ``members`` ((checkpoint tensor, rows), in order) side by side."""
 
     param: str
     src: str
@@ -44,8 +48,9 @@ class Entry:
     dtype: str
     row0: int
     offset: int
-    quant: str = ""  # "" plain; "int4-g64" or a GGUF block type: the quantized row layout
-    form: str = ""  # "data" / "sz": one part of the int4 kernel's packed form (``int4mm``)
+    quant: str = ""  # "" plain; "int4-g64" or a GGUF quant type: the quantized row layout
+    piece: str = ""  # "data" / "sz": one of the two tensors of the ``int4pack`` form
+    members: tuple[tuple[str, int], ...] = ()
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -60,15 +65,20 @@ class Entry:
         return math.prod(self.shape)
 
     @property
+    def sources(self) -> tuple[str, ...]:
+        """The checkpoint tensors this entry's rows come from."""
+        return tuple(src for src, _ in self.members) or (self.src,)
+
+    @property
     def weight_shape(self) -> tuple[int, int]:
-        """A packed part's weight (out, in); ``shape`` is that of the part itself."""
-        if self.form == "data":
+        """An int4pack piece's weight (out, in); ``shape`` is that of the piece itself."""
+        if self.piece == "data":
             return self.shape[0] * BLOCK_N, self.shape[1] * 2 // BLOCK_N
         return self.shape[0], self.shape[1] // 2 * self.spec.group_size
 
     @property
     def row_bytes(self) -> int:
-        if self.quant and not self.form:
+        if self.quant and not self.piece:
             return self.spec.row_bytes(self.shape[-1])
         n = self.torch_dtype.itemsize
         for s in self.shape[1:]:
@@ -111,14 +121,17 @@ def plan_units(
     head: bool,
     compute: torch.dtype,
     compress: Compression | None = None,
-    packed: bool = False,
+    int4pack: bool = False,
 ) -> list[Unit]:
     """Units in execution order: the held layers, then head slabs of about a layer's bytes.
-    With ``compress.weight``, matrices are held quantized in every tier; with ``packed`` (CPU
-    compute), the int4 ones the kernel takes in its packed form: two entries, the packed values
-    (rows of 64-row blocks) and the scales and zeros (rows), each placed like any tensor."""
+    The layers' fusable linears of ``model`` (on meta) are fused first (``fusion``). With
+    ``compress.weight``, matrices are held quantized in every tier; with ``int4pack`` (CPU
+    compute), the int4 ones the kernel takes in its ``int4pack`` form: two pieces, the values
+    (rows of ``BLOCK_N`` output rows) and the scales and zeros (rows), each placed like any
+    tensor."""
     compress = compress if compress is not None and compress.weight is not None else None
     names = set(ckpt.tensor_names())
+    fused = fuse_linears(ckpt, model, layers, compute, compress)
 
     def src_of(param: str) -> str:
         src = model.source_name(param, names)
@@ -129,33 +142,35 @@ def plan_units(
     def entries(params: list[tuple[str, tuple[int, ...], int]]) -> tuple[Entry, ...]:
         out, offset = [], 0
         for param, shape, row0 in params:
-            src = src_of(param)
+            members = tuple((src_of(m), rows) for m, rows in fused.get(param, ()))
+            src = members[0][0] if members else src_of(param)
             if compress is not None and len(shape) == 2:
                 head = param == "lm_head.weight"
                 quant = weight_quant(ckpt, src, compress, shape[1], head)
                 spec = quant_spec(quant)
                 form = choose(shape, stored=None, spec=spec, device="cpu", dtype=compute,
                               streamed=True)  # fmt: skip
-                if packed and form == "int4pack":
-                    part = [Entry(param, src, data_shape(shape), "uint8", row0, 0, quant, "data"),
+                if int4pack and form == "int4pack":
+                    part = [Entry(param, src, data_shape(shape), "uint8", row0, 0, quant, "data",
+                                  members),
                             Entry(f"{param}#sz", src, sz_shape(shape, spec), "bfloat16", row0, 0,
-                                  quant, "sz")]  # fmt: skip
+                                  quant, "sz", members)]  # fmt: skip
                 else:
-                    part = [Entry(param, src, shape, "uint8", row0, 0, quant)]
+                    part = [Entry(param, src, shape, "uint8", row0, 0, quant, "", members)]
             else:
-                dt = storage_dtype(ckpt, src, compute)
-                part = [Entry(param, src, shape, str(dt).removeprefix("torch."), row0, 0)]
+                dt = str(storage_dtype(ckpt, src, compute)).removeprefix("torch.")
+                part = [Entry(param, src, shape, dt, row0, 0, "", "", members)]
             for e in part:
                 out.append(replace(e, offset=offset))
                 offset = align_up(offset + e.nbytes)
         return tuple(out)
 
     units = []
-    blocks = model.blocks()
     for i in layers:
+        layer = model.blocks()[str(i)]
         params = [
-            (f"{_prefix(model, blocks[str(i)])}.{n}", tuple(p.shape), 0)
-            for n, p in blocks[str(i)].named_parameters()
+            (f"{module_name(model, layer)}.{n}", tuple(p.shape), 0)
+            for n, p in layer.named_parameters()
         ]
         units.append(Unit(f"layer.{i}", "layer", i, entries(params)))
     if head:
@@ -164,7 +179,7 @@ def plan_units(
         layer_bytes = max((u.nbytes for u in units), default=64 * 2**20)
         (probe,) = entries([("lm_head.weight", (1, width), 0)])
         rows = max(1, min(vocab, layer_bytes // probe.row_bytes))
-        if packed and rows > BLOCK_N:  # slabs of whole packed blocks
+        if int4pack and rows > BLOCK_N:  # slabs of whole ``BLOCK_N`` row ranges of int4pack
             rows = rows // BLOCK_N * BLOCK_N
         for r0 in range(0, vocab, rows):
             n = min(rows, vocab - r0)
@@ -172,13 +187,6 @@ def plan_units(
                 Unit(f"head.{r0}", "head", r0, entries([("lm_head.weight", (n, width), r0)]))
             )
     return units
-
-
-def _prefix(model: torch.nn.Module, module: torch.nn.Module) -> str:
-    for name, m in model.named_modules():
-        if m is module:
-            return name
-    raise KeyError("module not in model")
 
 
 def prepare(ckpt: Any, units: list[Unit], source: Path, offload_dir: Path) -> Path:
@@ -223,12 +231,7 @@ def _write_unit(ckpt: Any, u: Unit, path: Path) -> None:
     try:
         with open(tmp, "wb") as f:
             for e in u.entries:
-                if e.form:
-                    t = packed_part(ckpt, e)
-                elif e.quant:
-                    t = load_rows(ckpt, e.src, e.quant, e.row0, e.shape[0])
-                else:
-                    t = ckpt.load(e.src, e.torch_dtype)[e.row0 : e.row0 + e.shape[0]]
+                t = int4pack_piece(ckpt, e) if e.piece else entry_rows(ckpt, e)
                 f.seek(e.offset)
                 f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
             f.truncate(u.file_bytes)
@@ -242,25 +245,42 @@ def _write_unit(ckpt: Any, u: Unit, path: Path) -> None:
         raise LayercakeError(f"writing offload file {path}: {e.strerror}") from e
     finally:
         for e in u.entries:
-            ckpt.release(e.src)
+            for src in e.sources:
+                ckpt.release(src)
 
 
-_last_packed: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+def entry_rows(ckpt: Any, e: Entry, n: int | None = None) -> torch.Tensor:
+    """The first ``n`` (default: all) rows of a plain or quantized entry as stored in the layout:
+    a view of the checkpoint where it holds them so, a fused entry's members side by side."""
+    n = e.shape[0] if n is None else n
+    if not e.members:
+        if e.quant:
+            return load_rows(ckpt, e.src, e.quant, e.row0, n)
+        return ckpt.load(e.src, e.torch_dtype)[e.row0 : e.row0 + n]
+    parts = []
+    for src, rows in e.members:
+        parts.append(load_rows(ckpt, src, e.quant) if e.quant else ckpt.load(src, e.torch_dtype))
+        if tuple(parts[-1].shape[:1]) != (rows,):
+            raise LayercakeError(f"tensor {src!r} does not have the {rows} rows config says")
+    return torch.cat(parts)[:n]
 
 
-def packed_part(ckpt: Any, e: Entry) -> torch.Tensor:
-    """A packed entry's tensor (``e.form`` part of the weight's rows), packed from the row
-    layout; the two parts of one weight come in a row, so the other one is kept for its turn."""
+_last_int4pack: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def int4pack_piece(ckpt: Any, e: Entry) -> torch.Tensor:
+    """An int4pack piece (``e.piece`` of the weight's rows), packed from the row layout; the
+    two pieces of one weight come in a row, so the other one is kept for its turn."""
     key = (e.src, e.row0)
-    if key not in _last_packed:
-        _last_packed.clear()
+    if key not in _last_int4pack:
+        _last_int4pack.clear()
         shape = e.weight_shape
-        rows = load_rows(ckpt, e.src, e.quant, e.row0, shape[0])
-        _last_packed[key] = pack(QTensor.from_rows(rows, shape, e.spec))
-    data, sz = _last_packed[key]
-    if e.form == "sz":
-        del _last_packed[key]
-    return data if e.form == "data" else sz
+        rows = entry_rows(ckpt, replace(e, shape=shape, piece=""), shape[0])
+        _last_int4pack[key] = pack(QTensor.from_rows(rows, shape, e.spec))
+    data, sz = _last_int4pack[key]
+    if e.piece == "sz":
+        del _last_int4pack[key]
+    return data if e.piece == "data" else sz
 
 
 def disk_range(u: Unit, first_row: dict[str, int]) -> tuple[int, int]:
