@@ -105,6 +105,7 @@ MAX_WIDTH = 2**20  # hidden, intermediate and head widths
 MAX_VOCAB = 2**24
 MAX_CONTEXT = 2**27
 MAX_TOKEN_ID = 2**31 - 1
+MAX_EXPERTS = 4096
 
 _INTS: dict[str, tuple[int, int]] = {
     "vocab_size": (1, MAX_VOCAB),
@@ -120,7 +121,13 @@ _INTS: dict[str, tuple[int, int]] = {
     "ffn_hidden_size": (1, MAX_WIDTH),
     "word_embed_proj_dim": (1, MAX_WIDTH),
     "max_position_embeddings": (1, MAX_CONTEXT),
-    "sliding_window": (1, MAX_CONTEXT),
+    "sliding_window": (0, MAX_CONTEXT),  # Qwen-MoE configs write 0 for none
+    "num_experts": (0, MAX_EXPERTS),
+    "num_local_experts": (0, MAX_EXPERTS),
+    "num_experts_per_tok": (1, MAX_EXPERTS),
+    "moe_intermediate_size": (1, MAX_WIDTH),
+    "shared_expert_intermediate_size": (0, MAX_WIDTH),
+    "decoder_sparse_step": (1, MAX_LAYERS),
     "num_ln_in_parallel_attn": (1, 2),
     "bos_token_id": (0, MAX_TOKEN_ID),
 }
@@ -133,7 +140,8 @@ _FLOATS: dict[str, tuple[float, float]] = {  # open below, closed above
 _BOOLS = (
     "tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "alibi", "bias",
     "new_decoder_architecture", "multi_query", "parallel_attn", "do_layer_norm_before",
-    "enable_bias", "layer_norm_elementwise_affine", "_remove_final_layer_norm",
+    "enable_bias", "layer_norm_elementwise_affine", "_remove_final_layer_norm", "norm_topk_prob",
+    "qkv_bias",
 )  # fmt: skip
 _STRINGS = ("model_type", "hidden_act", "activation", "activation_function")
 
@@ -175,6 +183,11 @@ def check_config(d: Any, source: str, names: dict[str, str] | None = None) -> No
         type(i) is not int or not 0 <= i <= MAX_TOKEN_ID for i in eos_list
     ):
         raise bad("eos_token_id", eos, "must be a token id or a list of token ids")
+    only = d.get("mlp_only_layers")
+    if only is not None and (
+        not isinstance(only, list) or any(type(i) is not int or i < 0 for i in only)
+    ):
+        raise bad("mlp_only_layers", only, "must be a list of layer indices")
     _check_shapes(d, bad)
     for key in ("rope_scaling", "rope_parameters"):
         if d.get(key) is not None:

@@ -23,7 +23,15 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
 
+from layercake.checkpoint.experts import Part, expert_parts, model_names
 from layercake.checkpoint.gguf_format import TensorInfo, open_gguf
+from layercake.checkpoint.gguf_names import (
+    ARCHITECTURES,
+    CONFIG_KEYS,
+    NOT_PARAMETERS,
+    hf_name,
+    moe_fields,
+)
 from layercake.checkpoint.safetensors import release_pages
 from layercake.config import check_config
 from layercake.errors import LayercakeError
@@ -36,42 +44,6 @@ _BLOCKS = (
     QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K,
 )  # fmt: skip
 SUPPORTED_TYPES = tuple(t.name for t in (*_PLAIN, *_BLOCKS))
-
-# llama.cpp tensor names -> HF names, per architecture family (only llama so far).
-_GLOBAL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-# Tensors the file may carry that are not parameters: llama 3's rope frequency factors become
-# `rope_scaling` in the config instead.
-_NOT_PARAMETERS = {"rope_freqs.weight"}
-_ARCHITECTURES = {"llama": "LlamaForCausalLM"}
-# HF config key -> the architecture-scoped GGUF metadata key it is read from
-_CONFIG_KEYS = {
-    "vocab_size": "vocab_size",
-    "hidden_size": "embedding_length",
-    "intermediate_size": "feed_forward_length",
-    "num_hidden_layers": "block_count",
-    "num_attention_heads": "attention.head_count",
-    "num_key_value_heads": "attention.head_count_kv",
-    "head_dim": "attention.key_length",
-    "rope_dim": "rope.dimension_count",
-    "max_position_embeddings": "context_length",
-    "rms_norm_eps": "attention.layer_norm_rms_epsilon",
-    "rope_theta": "rope.freq_base",
-}
 
 
 class GGUFCheckpoint:
@@ -86,26 +58,32 @@ class GGUFCheckpoint:
             self.path
         )  # _gguf: GGUF name -> TensorInfo
         self.architecture = self.metadata.get("general.architecture")
-        if not isinstance(self.architecture, str) or self.architecture not in _ARCHITECTURES:
+        if not isinstance(self.architecture, str) or self.architecture not in ARCHITECTURES:
             raise LayercakeError(
                 f"{self.path}: GGUF architecture {self.architecture!r} is not supported "
-                f"(supported: {', '.join(_ARCHITECTURES)})."
+                f"(supported: {', '.join(ARCHITECTURES)})."
             )
         self._map: mmap.mmap | None = None  # a private (copy-on-write) map for zero-copy views
         self._hf_to_gguf = {}
         unknown = []
         for name in self._gguf:
-            if name in _NOT_PARAMETERS:
+            if name in NOT_PARAMETERS:
                 continue
-            if (hf_name := _hf_name(name)) is None:
+            if (hf := hf_name(name)) is None:
                 unknown.append(name)
             else:
-                self._hf_to_gguf[hf_name] = name
+                self._hf_to_gguf[hf] = name
         if unknown:
             raise LayercakeError(
                 f"{self.path}: tensors with no known {self.architecture} parameter name: "
                 f"{', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}"
             )
+        experts = self._meta("expert_count")
+        # each expert of a stacked tensor seen as its own (rows of the stacked one)
+        self.parts: dict[str, Part] = expert_parts(
+            {"num_experts": experts if type(experts) is int and experts > 0 else 0},
+            self._hf_to_gguf,
+        )
 
     def _meta(self, key: str, default=None):
         """An architecture-scoped metadata value, e.g. `block_count` -> `llama.block_count`."""
@@ -115,12 +93,12 @@ class GGUFCheckpoint:
         """An HF `config.json`-equivalent dict built from the GGUF metadata, every value checked
         (`check_config`) before anything is computed from it."""
         required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-        names = {hf: f"{self.architecture}.{key}" for hf, key in _CONFIG_KEYS.items()}
+        names = {hf: f"{self.architecture}.{key}" for hf, key in CONFIG_KEYS.items()}
         names["rope_scaling.factor"] = f"{self.architecture}.rope.scaling.factor"
         names.update({f"{k}_token_id": f"tokenizer.ggml.{k}_token_id" for k in ("bos", "eos")})
-        if missing := [names[k] for k in required if self._meta(_CONFIG_KEYS[k]) is None]:
+        if missing := [names[k] for k in required if self._meta(CONFIG_KEYS[k]) is None]:
             raise LayercakeError(f"{self.path}: the GGUF metadata lacks {', '.join(missing)}.")
-        raw = {hf: self._meta(key) for hf, key in _CONFIG_KEYS.items()}
+        raw = {hf: self._meta(key) for hf, key in CONFIG_KEYS.items()}
         raw = {k: v for k, v in raw.items() if v is not None}
         check_config(raw, str(self.path), names)
         heads, hidden = raw["num_attention_heads"], raw["hidden_size"]
@@ -130,8 +108,8 @@ class GGUFCheckpoint:
         if not vocab and "token_embd.weight" in self._gguf:
             vocab = int(self._gguf["token_embd.weight"].shape[-1])  # ggml order: (hidden, vocab)
         config = {
-            "architectures": [_ARCHITECTURES[self.architecture]],
-            "model_type": self.architecture,
+            "architectures": [ARCHITECTURES[self.architecture][1]],
+            "model_type": ARCHITECTURES[self.architecture][0],
             "hidden_act": "silu",
             **raw,
             "vocab_size": vocab or None,  # unknown: load_config says so
@@ -150,6 +128,7 @@ class GGUFCheckpoint:
             "torch_dtype": self._dtype_name(),
         }
         config.pop("rope_dim", None)
+        config.update(moe_fields(self.architecture, raw, self._meta, self._hf_to_gguf.__contains__))
         for key, gguf_key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
             if (token_id := self.metadata.get(f"tokenizer.ggml.{gguf_key}_token_id")) is not None:
                 config[f"{key}_token_id"] = token_id
@@ -222,8 +201,9 @@ class GGUFCheckpoint:
         return scaling
 
     def tensor_names(self) -> list[str]:
-        """HF parameter names of the tensors in the file, in file order."""
-        return list(self._hf_to_gguf)
+        """HF parameter names of the tensors in the file, in file order (then each expert of
+        the stacked expert tensors)."""
+        return model_names(self._hf_to_gguf, self.parts)
 
     def tensor_nbytes(self, name: str) -> int:
         """Bytes the tensor occupies in the file (its quantized size)."""
@@ -336,9 +316,22 @@ class GGUFCheckpoint:
         return data.reshape(-1, tensor.shape[0] // block_size * type_size)
 
     def _tensor(self, name: str) -> TensorInfo:
-        if name not in self._hf_to_gguf:
+        """The tensor info of ``name``; for one expert of a stacked tensor, that of its rows
+        (contiguous bytes of the file, so every reader above reads only them)."""
+        part = self.parts.get(name)
+        if part is None and name not in self._hf_to_gguf:
             raise LayercakeError(f"{self.path}: no tensor named {name!r} in this checkpoint.")
-        return self._gguf[self._hf_to_gguf[name]]
+        t = self._gguf[self._hf_to_gguf[part.src if part else name]]
+        if part is None or len(t.shape) != 3:
+            return t
+        lo, hi = part.rows(tuple(reversed(t.shape)))
+        row_bytes = t.n_bytes // (t.n_elements // t.shape[0])
+        return t._replace(
+            shape=(t.shape[0], hi - lo),
+            n_elements=(hi - lo) * t.shape[0],
+            n_bytes=(hi - lo) * row_bytes,
+            data_offset=t.data_offset + lo * row_bytes,
+        )
 
     def tokenizer_spec(self) -> dict:
         """What `layercake.tokenizer.Tokenizer.from_gguf` needs, from the `tokenizer.*` metadata.
@@ -386,13 +379,3 @@ def _unpermute_rows(w: torch.Tensor, heads: int, out: torch.Tensor) -> torch.Ten
     d = w.shape[0] // heads // 2
     out.unflatten(0, (heads, 2, d)).copy_(w.unflatten(0, (heads, d, 2)).transpose(1, 2))
     return out
-
-
-def _hf_name(gguf_name: str) -> str | None:
-    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None if unknown."""
-    parts = gguf_name.split(".")
-    if len(parts) == 2 and parts[0] in _GLOBAL_NAMES:
-        return f"{_GLOBAL_NAMES[parts[0]]}.{parts[1]}"
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
-    return None

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from layercake.checkpoint.experts import Part, expert_parts, model_names
 from layercake.checkpoint.files import open_regular, read_json_object
 from layercake.config import check_config, load_config
 from layercake.errors import LayercakeError
@@ -87,12 +88,16 @@ class SafetensorsFile:
         lo, hi = self.entries[name]["data_offsets"]
         return hi - lo
 
-    def drop(self, name: str) -> None:
-        """Tell the kernel the tensor's mapped pages are not needed now (after converting it):
-        they leave this process's memory and would be read back from the file if touched."""
+    def drop(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Tell the kernel the tensor's mapped pages (of its ``rows`` only, if given) are not
+        needed now (after converting it): they leave this process's memory and would be read
+        back from the file if touched."""
         if self._map is None:
             return
         lo, hi = self.entries[name]["data_offsets"]
+        if rows is not None:
+            row = self.nbytes(name) // max(1, _rows(self.entries[name]["shape"]))
+            lo, hi = lo + rows[0] * row, lo + rows[1] * row
         page = mmap.PAGESIZE
         start = (self.base + lo) // page * page
         release_pages(self._map, start, self.base + hi)
@@ -112,6 +117,11 @@ class SafetensorsFile:
         if (self.base + lo) % dtype.itemsize:  # a header not padded: kernels want aligned data
             t = t.clone()
         return t.view(shape)
+
+
+def _rows(shape: list[int]) -> int:
+    """Rows of a tensor seen as 2-D (rows, last dim)."""
+    return math.prod(shape[:-1]) if shape else 1
 
 
 def _check_entry(path: Path, name: str, e: Any, data_size: int) -> None:
@@ -171,7 +181,9 @@ class SafetensorsCheckpoint:
             weight_map = {}
             for p in files:
                 weight_map.update(dict.fromkeys(SafetensorsFile(p).entries, p.name))
-        self.weight_map: dict[str, str] = weight_map
+        self.weight_map: dict[str, str] = weight_map  # stored tensor -> file
+        # model tensors stored under another name or stacked with other experts
+        self.parts: dict[str, Part] = expert_parts(self._config, weight_map)
         self._files: dict[str, SafetensorsFile] = {}
         load_config(self._config, str(cfg))  # complete and buildable, said with the file named
 
@@ -179,7 +191,15 @@ class SafetensorsCheckpoint:
         return dict(self._config)
 
     def tensor_names(self) -> list[str]:
-        return list(self.weight_map)
+        return model_names(self.weight_map, self.parts)
+
+    def _part(self, name: str) -> tuple[SafetensorsFile, str, tuple[int, int] | None]:
+        """(file, stored tensor, its rows or None for all) that hold model tensor ``name``."""
+        part = self.parts.get(name)
+        if part is None:
+            return self._file(name), name, None
+        f = self._file(part.src)
+        return f, part.src, part.rows(tuple(f.entries[part.src]["shape"]))
 
     def _file(self, name: str) -> SafetensorsFile:
         fname = self.weight_map[name]
@@ -191,24 +211,32 @@ class SafetensorsCheckpoint:
         return f
 
     def tensor_nbytes(self, name: str) -> int:
-        return self._file(name).nbytes(name)
+        f, src, rows = self._part(name)
+        if rows is None:
+            return f.nbytes(src)
+        return f.nbytes(src) // _rows(f.entries[src]["shape"]) * (rows[1] - rows[0])
 
     def release(self, name: str) -> None:
         """The caller has its own copy of ``name``: let its mapped pages go."""
-        self._file(name).drop(name)
+        f, src, rows = self._part(name)
+        f.drop(src, rows)
 
     def stored_dtype(self, name: str) -> torch.dtype:
-        return DTYPES[self._file(name).entries[name]["dtype"]]
+        f, src, _ = self._part(name)
+        return DTYPES[f.entries[src]["dtype"]]
 
     def load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The tensor in ``dtype``: the mapped bytes themselves when the dtype already matches,
-        else a converted copy (and the mapped pages are released)."""
-        f = self._file(name)
-        t = f.view(name)
+        else a converted copy (and the mapped pages are released). An expert stored stacked
+        with others is its own rows of the stacked tensor: only they are read."""
+        f, src, rows = self._part(name)
+        t = f.view(src)
+        if rows is not None:
+            t = t.reshape(-1, t.shape[-1])[rows[0] : rows[1]]
         if t.dtype == dtype:
             return t
         out = t.to(dtype)
-        f.drop(name)
+        f.drop(src, rows)
         return out
 
 

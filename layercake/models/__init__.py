@@ -13,6 +13,11 @@ FAMILIES: dict[str, str] = {
     "qwen2": "llama",
     "opt": "opt",
     "falcon": "falcon",
+    "qwen3": "qwen3",
+    "mixtral": "sparse",
+    "qwen2_moe": "sparse",
+    "qwen3_moe": "sparse",
+    "olmoe": "sparse",
 }
 
 

@@ -36,6 +36,7 @@ class Config(BaseConfig):
     o_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None
+    qk_norm: str = ""  # "head": RMSNorm of each q/k head (Qwen3); "proj": of the whole q/k (OLMoE)
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> Config:
@@ -72,34 +73,57 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=c.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, c.hidden_size, bias=c.o_bias)
         self.qkv_proj: nn.Module | None = None  # q, k, v as one weight (``models.build``)
+        self.qk_norm = c.qk_norm
+        if c.qk_norm:  # before rotary, as the checkpoint's family does
+            per_head = c.qk_norm == "head"
+            self.q_norm = RMSNorm(self.hd if per_head else self.n_heads * self.hd, c.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd if per_head else self.n_kv * self.hd, c.rms_norm_eps)
 
     def forward(self, x, rope: Rope, cache_k, cache_v, step: AttentionStep) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv, self.hd
         fused = self.qkv_proj
-        if T == 1 and rope.mat is not None and fused is not None:
-            out = one_token_attention(fused.forward(x), rope.mat, H, KV, hd, cache_k, cache_v, step)
+        qkv = fused.forward(x) if fused is not None else None  # (B, T, (H + 2 KV) hd)
+        if qkv is not None and self.qk_norm:
+            q, k = self.norm_qk(qkv[..., : H * hd], qkv[..., H * hd : (H + KV) * hd])
+            qkv = torch.cat((q, k, qkv[..., (H + KV) * hd :]), dim=-1)
+        if T == 1 and rope.mat is not None and qkv is not None:
+            out = one_token_attention(qkv, rope.mat, H, KV, hd, cache_k, cache_v, step)
             if out is not None:
                 return self.o_proj.forward(out)
-        if fused is not None:
-            qkv = fused.forward(x)  # (B, T, (H + 2 KV) hd)
+        if qkv is not None:
             qk = rope.apply(qkv[..., : (H + KV) * hd].view(B, T, H + KV, hd))
             q, k = qk[:, :, :H], qk[:, :, H:]  # (B, T, H, hd), (B, T, KV, hd)
             v = qkv[..., (H + KV) * hd :].view(B, T, KV, hd)
         else:
-            q = rope.apply(self.q_proj(x).view(B, T, H, hd))
-            k = rope.apply(self.k_proj(x).view(B, T, KV, hd))
+            q, k = self.q_proj(x), self.k_proj(x)
+            if self.qk_norm:
+                q, k = self.norm_qk(q, k)
+            q = rope.apply(q.view(B, T, H, hd))
+            k = rope.apply(k.view(B, T, KV, hd))
             v = self.v_proj(x).view(B, T, KV, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         return self.o_proj.forward(cached_attention(q, k, v, cache_k, cache_v, step))
 
+    def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (B, T, H hd), k (B, T, KV hd) through their RMS norms (per head or whole)."""
+        if self.qk_norm == "head":
+            B, T, hd = q.shape[0], q.shape[1], self.hd
+            q = self.q_norm.forward(q.reshape(B, T, -1, hd)).view(B, T, -1)
+            k = self.k_norm.forward(k.reshape(B, T, -1, hd)).view(B, T, -1)
+            return q, k
+        return self.q_norm.forward(q), self.k_norm.forward(k)
+
 
 class MLP(nn.Module):
-    def __init__(self, c: Config) -> None:
+    def __init__(self, c: Config, size: int | None = None) -> None:
+        """``size``: the intermediate width (an expert's or a shared expert's), else the
+        config's."""
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        size = size or c.intermediate_size
+        self.gate_proj = nn.Linear(c.hidden_size, size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(size, c.hidden_size, bias=c.mlp_bias)
         self.gate_up_proj: nn.Module | None = None  # gate and up as one weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,12 +138,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, c: Config) -> None:
+    def __init__(self, c: Config, mlp: nn.Module | None = None) -> None:
+        """``mlp``: another feed-forward module (a mixture of experts), else the SwiGLU MLP."""
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.self_attn = Attention(c)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = MLP(c)
+        self.mlp = mlp if mlp is not None else MLP(c)
 
     def forward(self, h, rope, cache_k, cache_v, step: AttentionStep) -> torch.Tensor:
         # children's forward called directly (no hooks are used): a one-token step is bound by
@@ -141,11 +166,15 @@ class Model(DecoderSlice):
         self.model = nn.Module()
         if parts.embed:
             self.model.embed_tokens = Embedding(c.vocab_size, c.hidden_size)
-        self.model.layers = nn.ModuleDict({str(i): Block(c) for i in parts.layers})
+        self.model.layers = nn.ModuleDict({str(i): self.make_block(i) for i in parts.layers})
         if parts.head:
             self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
             self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.rotary = Rotary(c.head_dim, c.rope_theta, c.rope_scaling)
+
+    def make_block(self, layer: int) -> Block:
+        """Layer ``layer``'s module (families with another feed-forward override this)."""
+        return Block(self.config)
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(tokens)

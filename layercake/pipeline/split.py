@@ -40,7 +40,7 @@ def model_id(path: str | os.PathLike) -> str:
 
     ckpt = SafetensorsCheckpoint(p)
     h.update(json.dumps(ckpt.config_dict(), sort_keys=True).encode())
-    for name in sorted(ckpt.tensor_names()):
+    for name in sorted(ckpt.weight_map):  # as stored (experts may be stacked)
         f = ckpt._file(name)
         e = f.entries[name]
         lo, hi = e["data_offsets"]

@@ -1,0 +1,111 @@
+"""Mixture-of-experts feed-forward: a softmax top-k router and experts, each expert the Llama
+SwiGLU MLP with its own linear weights (``layers.N.mlp.experts.E.*``: one placement unit, each
+weight in the form ``ops.linear.choose`` picks, so quantized experts run on the block kernels).
+
+Rows are grouped by expert: per call, each selected expert runs once on all the rows that chose
+it (whatever the batch and sequence length), and experts nobody chose are not touched.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from layercake.models.llama import MLP, Config
+
+
+class Gate(nn.Linear):
+    """A router's linear, kept dense in the compute dtype (never quantized or packed: a small
+    error in its logits changes which experts run). ``models.build`` quantizes only plain
+    ``nn.Linear`` modules."""
+
+
+def route(logits: torch.Tensor, top_k: int, renorm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits (N, E) -> (weights (N, k) fp32, expert ids (N, k)): softmax over every
+    expert, the top k kept, renormalised to sum to one where the family does (Mixtral,
+    Qwen3-MoE) and not where it does not (Qwen1.5-MoE, OLMoE)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renorm:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def grouped(
+    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: nn.ModuleList
+) -> torch.Tensor:
+    """sum_k weights[n, k] * experts[ids[n, k]](x[n]) for rows x (N, hidden), with the N x k
+    choices sorted by expert so that each chosen expert runs once on a contiguous block of its
+    rows; returns (N, hidden)."""
+    N, k = ids.shape
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # choices grouped by expert, rows in order
+    counts = torch.bincount(flat, minlength=len(experts)).tolist()
+    rows = order // k  # (N k,) the row of each choice
+    xs = x.index_select(0, rows)  # (N k, hidden)
+    ys = torch.empty_like(xs)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            ys[start : start + n] = experts[e].forward(xs[start : start + n])
+            start += n
+    ys.mul_(weights.reshape(-1)[order].to(ys.dtype)[:, None])
+    return torch.zeros_like(x).index_add_(0, rows, ys)
+
+
+class SparseMoE(nn.Module):
+    """Router (``gate``) + ``experts``, and where the family has one a shared expert whose
+    output is scaled by a sigmoid gate (Qwen2-MoE)."""
+
+    def __init__(self, c: Config, num_experts: int, top_k: int, size: int, renorm: bool,
+                 shared_size: int = 0) -> None:  # fmt: skip
+        super().__init__()
+        self.top_k, self.renorm = top_k, renorm
+        self.gate = Gate(c.hidden_size, num_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(c, size) for _ in range(num_experts))
+        self.shared_expert: MLP | None = None
+        if shared_size:
+            self.shared_expert = MLP(c, shared_size)
+            self.shared_expert_gate = Gate(c.hidden_size, 1, bias=False)
+        _LIVE[id(self)] = self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, hidden): every row of the batch together
+        weights, ids = route(self.gate.forward(x), self.top_k, self.renorm)
+        if torch.compiler.is_compiling():  # data-dependent grouping: one opaque op in a graph
+            out = torch.ops.layercake.moe_experts(x, ids, weights, id(self))
+        else:
+            out = self.run_experts(x, ids, weights)
+        if self.shared_expert is not None:
+            gate = torch.sigmoid(self.shared_expert_gate.forward(x))  # (N, 1)
+            out = out + gate * self.shared_expert.forward(x)
+        return out.view(shape)
+
+    def run_experts(
+        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """The routed experts' weighted sum for rows x (N, hidden) (the offload executor
+        wraps this to bring in the chosen experts first)."""
+        return grouped(x, ids, weights, self.experts)
+
+
+# Live blocks by id: a compiled graph calls its block's experts through the custom op below,
+# which takes the block's id (an int) since an op cannot take a module.
+_LIVE: weakref.WeakValueDictionary[int, SparseMoE] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("layercake::moe_experts", mutates_args=())
+def _moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, block: int
+                 ) -> torch.Tensor:  # fmt: skip
+    return _LIVE[block].run_experts(x, ids, weights)
+
+
+@_moe_experts.register_fake
+def _(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, block: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+__all__ = ["Gate", "SparseMoE", "grouped", "route"]
