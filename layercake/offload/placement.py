@@ -44,7 +44,8 @@ class Placement:
         """Place every unit's rows, size the scratch buffers they are materialized into and
         open the disk loader."""
         self.placed = [self._place(ckpt, u) for u in self.units]
-        need = max((sum(p.scratch[1] for p in ps if p.scratch) for ps in self.placed), default=0)
+        _experts_after_their_layer(self.units, self.placed)
+        need = max((sum(p.scratch) for ps in self.placed for p in ps if p.scratch), default=0)
         self.scratch = torch.empty(need, dtype=self.dtype, device=self.device)
         need = max(
             (sum(p.byte_scratch) for ps in self.placed for p in ps if p.byte_scratch), default=0
@@ -63,6 +64,8 @@ class Placement:
 
     def _place(self, ckpt: Any, u: Unit) -> list[Placed]:
         dev_b, cpu_b, _ = split_bytes(u.nbytes, self.policy.w_device, self.policy.w_cpu)
+        if u.kind == "expert":  # whole experts: the policy's share of each layer's, in RAM
+            dev_b, cpu_b = resident_split(u, self.units, dev_b, cpu_b)
         out, done, offset, boffset = [], 0, 0, 0
         for e in u.entries:
             n, rb = e.shape[0], e.row_bytes
@@ -93,7 +96,7 @@ class Placement:
                 if self.cuda:
                     cpu = cpu.pin_memory()
             owner, attr = None, e.param.rpartition(".")[2]
-            if u.kind == "layer":
+            if u.kind in ("layer", "expert"):
                 owner = self.model.get_submodule(e.param.rpartition(".")[0])
             scratch = byte_scratch = None
             tiers = (a > 0) + (b > a) + (n > b)
@@ -114,6 +117,7 @@ class Placement:
         ranges = {j: disk_range(u, first_rows[j]) for j, u in enumerate(self.units)}
         ranges = {j: r for j, r in ranges.items() if r[1] > 0}
         self.disk_bytes = sum(r[1] for r in ranges.values())
+        self.expert_loader = None
         if not ranges:
             return None
         if self.offload_dir is None:
@@ -123,6 +127,50 @@ class Placement:
         directory = prepare(ckpt, self.units, source, self.offload_dir)
         self.disk_ranges = ranges
         readers = {j: DirectReader(directory / f"{self.units[j].name}.bin") for j in ranges}
-        size = max(r[1] for r in ranges.values()) + ALIGN
-        slots = [host_buffer(size, pin=self.cuda) for _ in range(STAGING_SLOTS)]
-        return Loader(readers, ranges, slots)
+        for j, u in enumerate(self.units):  # every expert: rebalancing may move it to disk
+            if u.kind == "expert" and j not in readers:
+                readers[j] = DirectReader(directory / f"{u.name}.bin")
+        experts = {j: r for j, r in ranges.items() if self.units[j].kind == "expert"}
+        # routed experts are read after their router ran, inside their layer's compute: a ring
+        # of their own, so that they never wait for the layers' read-ahead
+        self.expert_loader = _loader(readers, experts, self.cuda) if experts else None
+        return _loader(readers, {j: r for j, r in ranges.items() if j not in experts}, self.cuda)
+
+
+def _loader(readers: dict, ranges: dict[int, tuple[int, int]], pin: bool) -> Loader | None:
+    if not ranges:
+        return None
+    size = max(r[1] for r in ranges.values()) + ALIGN
+    slots = [host_buffer(size, pin=pin) for _ in range(STAGING_SLOTS)]
+    return Loader(readers, ranges, slots)
+
+
+def resident_split(u: Unit, units: list[Unit], dev_b: int, cpu_b: int) -> tuple[int, int]:
+    """An expert unit's (device, cpu) bytes: all of it in the tier whose share of its layer's
+    experts reaches it (experts in index order until the run's routing counts say which are
+    hot: ``offload.experts``), else none (read whole from disk when routed to)."""
+    peers = [v for v in units if v.kind == "expert" and v.index == u.index]
+    rank = peers.index(u)
+    n = len(peers)
+    dev_n = round(n * dev_b / u.nbytes) if u.nbytes else 0
+    cpu_n = round(n * (dev_b + cpu_b) / u.nbytes) if u.nbytes else 0
+    if rank < dev_n:
+        return u.nbytes, 0
+    return (0, u.nbytes) if rank < cpu_n else (0, 0)
+
+
+def _experts_after_their_layer(units: list[Unit], placed: list[list[Placed]]) -> None:
+    """Routed experts are materialized while their layer's other weights are still in use
+    (a shared expert runs after them): their scratch lies after the largest layer's."""
+    others = [ps for u, ps in zip(units, placed) if u.kind != "expert"]
+    base = max((p.scratch[0] + p.scratch[1] for ps in others for p in ps if p.scratch), default=0)
+    bbase = max((p.byte_scratch[0] + align_up(p.byte_scratch[1]) for ps in others for p in ps
+                 if p.byte_scratch), default=0)  # fmt: skip
+    for u, ps in zip(units, placed):
+        if u.kind != "expert":
+            continue
+        for p in ps:
+            if p.scratch:
+                p.scratch = (p.scratch[0] + base, p.scratch[1])
+            if p.byte_scratch:
+                p.byte_scratch = (p.byte_scratch[0] + bbase, p.byte_scratch[1])
