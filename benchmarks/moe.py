@@ -55,10 +55,18 @@ def worker_cmd(a: argparse.Namespace, engine: str, batch: int, *extra: str) -> l
 
 
 def probe(a: argparse.Namespace) -> dict:
+    """The bound's rates (kept in ``--reference-dir`` when given: one probe for the holds a
+    long benchmark is split into)."""
+    cached = a.reference_dir / f"probe-{a.layers}l.json" if a.reference_dir else None
+    if cached and cached.is_file():
+        return json.loads(cached.read_text())
     cmd = [sys.executable, str(WORKER), "--probe", "--passes", str(a.probe_passes)]
     r = spawn(cmd + ["--layers", str(a.layers), "--skew", str(a.skew)], None, None)
     if "error" in r:
         raise SystemExit(f"the probe failed: {r}")
+    if cached:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(r))
     return r
 
 

@@ -30,10 +30,48 @@ from typing import Any
 import torch
 
 from layercake.models.moe import grouped
-from layercake.offload.store import disk_range
+from layercake.offload.policy import split_bytes
+from layercake.offload.store import Unit, disk_range
 from layercake.offload.tiers import _libc, host_buffer
 
 REBALANCE_EVERY = 4  # passes between moves of hot experts into RAM
+
+
+def resident_bytes(
+    units: list[Unit], w_device: float, w_cpu: float
+) -> dict[int, tuple[int, int]] | None:
+    """(device, cpu) bytes of each unit when routed experts are units (None otherwise): the
+    policy's share of all weights, spent first on the units that always run (attention,
+    router, shared expert, head), then on whole experts, the same number in every layer (in
+    index order until routing counts say which are hot). Where even the always-run units do not
+    fit, each unit keeps the policy's share (experts whole or not at all, by the same count)."""
+    experts = [j for j, u in enumerate(units) if u.kind == "expert"]
+    if not experts:
+        return None
+    W = sum(u.nbytes for u in units)
+    dev, cpu, _ = split_bytes(W, w_device, w_cpu)
+    ram = dev + cpu
+    always = W - sum(units[j].nbytes for j in experts)
+    dev_frac = dev / ram if ram else 0.0
+    per_layer: dict[int, list[int]] = {}
+    for j in experts:
+        per_layer.setdefault(units[j].index, []).append(j)
+    E = max(len(v) for v in per_layer.values())
+    if always <= ram:
+        left = ram - always
+        n = min(E, int(left // max(1, sum(units[j].nbytes for j in experts) // E)))
+    else:
+        n = int(E * ram / W) if W else 0
+    out = {}
+    for j, u in enumerate(units):
+        if u.kind == "expert":
+            held = per_layer[u.index].index(j) < n
+            share = 1.0 if held else 0.0
+        else:
+            share = 1.0 if always <= ram else ram / W
+        b = int(u.nbytes * share)
+        out[j] = (int(b * dev_frac), b - int(b * dev_frac))
+    return out
 
 
 class ExpertUnits:

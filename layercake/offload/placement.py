@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from layercake.errors import LayercakeError
+from layercake.offload.experts import resident_bytes
 from layercake.offload.loader import Loader
 from layercake.offload.policy import STAGING_SLOTS, split_bytes
 from layercake.offload.store import Entry, Unit, disk_range, entry_rows, int4pack_piece, prepare
@@ -43,6 +44,7 @@ class Placement:
     def _place_weights(self, ckpt: Any, source: Path) -> None:
         """Place every unit's rows, size the scratch buffers they are materialized into and
         open the disk loader."""
+        self.moe_split = resident_bytes(self.units, self.policy.w_device, self.policy.w_cpu)
         self.placed = [self._place(ckpt, u) for u in self.units]
         _experts_after_their_layer(self.units, self.placed)
         need = max((sum(p.scratch) for ps in self.placed for p in ps if p.scratch), default=0)
@@ -64,8 +66,8 @@ class Placement:
 
     def _place(self, ckpt: Any, u: Unit) -> list[Placed]:
         dev_b, cpu_b, _ = split_bytes(u.nbytes, self.policy.w_device, self.policy.w_cpu)
-        if u.kind == "expert":  # whole experts: the policy's share of each layer's, in RAM
-            dev_b, cpu_b = resident_split(u, self.units, dev_b, cpu_b)
+        if self.moe_split is not None:  # routed experts: ``experts.resident_bytes``
+            dev_b, cpu_b = self.moe_split[self.units.index(u)]
         out, done, offset, boffset = [], 0, 0, 0
         for e in u.entries:
             n, rb = e.shape[0], e.row_bytes
@@ -143,20 +145,6 @@ def _loader(readers: dict, ranges: dict[int, tuple[int, int]], pin: bool) -> Loa
     size = max(r[1] for r in ranges.values()) + ALIGN
     slots = [host_buffer(size, pin=pin) for _ in range(STAGING_SLOTS)]
     return Loader(readers, ranges, slots)
-
-
-def resident_split(u: Unit, units: list[Unit], dev_b: int, cpu_b: int) -> tuple[int, int]:
-    """An expert unit's (device, cpu) bytes: all of it in the tier whose share of its layer's
-    experts reaches it (experts in index order until the run's routing counts say which are
-    hot: ``offload.experts``), else none (read whole from disk when routed to)."""
-    peers = [v for v in units if v.kind == "expert" and v.index == u.index]
-    rank = peers.index(u)
-    n = len(peers)
-    dev_n = round(n * dev_b / u.nbytes) if u.nbytes else 0
-    cpu_n = round(n * (dev_b + cpu_b) / u.nbytes) if u.nbytes else 0
-    if rank < dev_n:
-        return u.nbytes, 0
-    return (0, u.nbytes) if rank < cpu_n else (0, 0)
 
 
 def _experts_after_their_layer(units: list[Unit], placed: list[list[Placed]]) -> None:
