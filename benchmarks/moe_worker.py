@@ -106,7 +106,10 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
     """The offload runner under the cap (its budget: the whole cap), or in memory without one;
     with the runner's expert statistics where it keeps them."""
     a.in_memory, a.percent, a.compress_weight, a.policy = a.cap is None, None, False, None
+    cap, a.cap = a.cap, a.budget or a.cap  # its --cpu-memory: the cap unless told less
     r = run_layercake_offload(path, ids, gen, a)
+    a.cap = cap
+    r["budget"] = a.budget or cap
     return r
 
 
@@ -162,6 +165,7 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=0)
     ap.add_argument("--cap")
     ap.add_argument("--accelerate-fraction", type=float, default=0.5)
+    ap.add_argument("--budget", help="layercake's --cpu-memory under the cap (default: the cap)")
     ap.add_argument("--hf-dtype", default="bfloat16", help="transformers' dtype (as stored)")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--gen-len", type=int, default=16)

@@ -83,7 +83,7 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
         decode_s=s.decode_s,
         steps=1 + s.decode_steps,
         params=sum(e.numel for u in r.units for e in u.entries),
-        head_params=sum(e.numel for u in r.units if u.kind != "layer" for e in u.entries),
+        head_params=sum(e.numel for u in r.units if u.kind == "head" for e in u.entries),
         disk_bytes_per_step=r.disk_bytes,
         bytes_read=r.bytes_read - read0,
         read_s=r.read_s - rs0,

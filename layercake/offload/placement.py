@@ -74,7 +74,9 @@ class Placement:
             a = min(n, max(0, (dev_b - done) // rb))
             b = min(n, a + max(0, (dev_b + cpu_b - done - a * rb) // rb))
             done += e.nbytes
-            if e.piece:  # a piece of the int4pack form, made from the row layout once
+            if b == 0:  # all on disk: nothing to read here (a fused expert would be read whole)
+                rows, mapped = None, False
+            elif e.piece:  # a piece of the int4pack form, made from the row layout once
                 rows, mapped = int4pack_piece(ckpt, e), False
             else:
                 rows = entry_rows(ckpt, e)
@@ -94,7 +96,8 @@ class Placement:
                 if mapped:
                     cpu = keep_in_ram(rows[a:b])
                 else:  # owned (dequantized or quantized here): only the rows kept are held
-                    cpu = rows[a:b] if e.quant and a == 0 and b == n else rows[a:b].clone()
+                    whole = a == 0 and b == n and (e.quant or e.members)  # made here: owned
+                    cpu = rows if whole else rows[a:b].clone()
                 if self.cuda:
                     cpu = cpu.pin_memory()
             owner, attr = None, e.param.rpartition(".")[2]
