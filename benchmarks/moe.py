@@ -218,7 +218,8 @@ def main() -> None:
             ref = None
         cases = []
         if "layercake" in a.engines:
-            cases.append(("layercake", ["--budget", a.layercake_budget] if a.layercake_budget else []))
+            budget = ["--budget", a.layercake_budget] if a.layercake_budget else []
+            cases.append(("layercake", budget))
         if "accelerate" in a.engines and B in a.accelerate_batches:
             cases += [("accelerate", ["--accelerate-fraction", str(f)])
                       for f in a.accelerate_fractions]  # fmt: skip
