@@ -60,7 +60,8 @@ def probe(a: argparse.Namespace) -> dict:
     cached = a.reference_dir / f"probe-{a.layers}l.json" if a.reference_dir else None
     if cached and cached.is_file():
         return json.loads(cached.read_text())
-    cmd = [sys.executable, str(WORKER), "--probe", "--passes", str(a.probe_passes)]
+    cmd = [sys.executable, str(WORKER), "--probe", "--passes", str(a.probe_passes),
+           "--offload-dir", str(a.offload_dir)]  # fmt: skip
     r = spawn(cmd + ["--layers", str(a.layers), "--skew", str(a.skew)], None, None)
     if "error" in r:
         raise SystemExit(f"the probe failed: {r}")

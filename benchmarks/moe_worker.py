@@ -132,16 +132,19 @@ def worker(a: argparse.Namespace) -> None:
 
 
 def probe(a: argparse.Namespace) -> None:
-    """The bound's rates on their own: direct reads of the checkpoint's shards (whole, large
-    concurrent reads, as the loader reads experts; cold cache each pass, best of ``passes``)
-    and the matmul peak per row count."""
+    """The bound's rates on their own: direct reads of every expert file of the offload layout
+    (one large concurrent direct read each, as the loader reads a routed expert; cold cache
+    each pass, best of ``passes``) and the matmul peak per row count."""
     from moe_checkpoint import olmoe
 
     from layercake.bench.limits import matmul_gflops_per_rows
     from layercake.offload.measure import direct_read_gbps
 
     torch.set_num_threads(a.threads)
-    files = sorted(olmoe(a.layers, a.skew).glob("*.safetensors"))
+    src = olmoe(a.layers, a.skew).name
+    files = sorted(Path(a.offload_dir).glob(f"{src}-*/layer.*.expert.*.bin"))  # as the loader
+    if not files:
+        raise SystemExit("no expert layout in the offload dir: run a layercake case first")
     passes = []
     for _ in range(a.passes):
         t0 = time.perf_counter()
