@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,6 +60,17 @@ LLAMA_1B = dict(
 )
 
 
+def random_matrix(
+    rows: int, cols: int, gen: torch.Generator, std: float | None = None
+) -> torch.Tensor:
+    """A bf16 matrix drawn normal with ``std``, by default 1/sqrt(fan_in): a layer's output
+    keeps the scale of its input, so the layers decide the tokens."""
+    import torch
+
+    std = cols**-0.5 if std is None else std
+    return (torch.randn(rows, cols, generator=gen) * std).to(torch.bfloat16)
+
+
 def _tensors(
     cfg: dict, layers: range, embed: bool, gen: torch.Generator
 ) -> dict[str, torch.Tensor]:
@@ -68,8 +80,7 @@ def _tensors(
     nq, nkv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
 
     def rnd(rows: int, cols: int, std: float | None = None) -> torch.Tensor:
-        std = cols**-0.5 if std is None else std  # a matrix: 1/sqrt(fan_in)
-        return (torch.randn(rows, cols, generator=gen) * std).to(torch.bfloat16)
+        return random_matrix(rows, cols, gen, std)
 
     out: dict[str, torch.Tensor] = {}
     if embed:
@@ -98,9 +109,12 @@ def llama_1b(cache: Path = DEFAULT_CACHE) -> Path:
     return d
 
 
-def write_random_llama(d: Path, cfg: dict, shards: int = 1, seed: int = 0) -> Path:
+def write_random_llama(
+    d: Path, cfg: dict, shards: int = 1, seed: int = 0, tensors: Callable = _tensors
+) -> Path:
     """A random bf16 Llama checkpoint of config ``cfg`` in ``shards`` safetensors files with an
-    index (the last file written, so a present index means a complete checkpoint)."""
+    index (the last file written, so a present index means a complete checkpoint). ``tensors``
+    (cfg, layers, embed, generator) -> named tensors draws another family's weights."""
     import torch
     from safetensors.torch import save_file
 
@@ -111,9 +125,10 @@ def write_random_llama(d: Path, cfg: dict, shards: int = 1, seed: int = 0) -> Pa
     weight_map = {}
     for k in range(shards):
         name = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
-        tensors = _tensors(cfg, range(bounds[k], bounds[k + 1]), k == 0, gen)
-        save_file(tensors, d / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, name))
+        part = tensors(cfg, range(bounds[k], bounds[k + 1]), k == 0, gen)
+        save_file(part, d / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+        del part
     (d / "config.json").write_text(json.dumps(cfg, indent=1))
     (d / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {}, "weight_map": weight_map})

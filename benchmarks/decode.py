@@ -94,7 +94,8 @@ def run_llama_cpp(path: Path, ids: torch.Tensor, gen: int, threads: int, warmup:
         return toks, times
 
     t0 = time.perf_counter()
-    generate(warmup)
+    if warmup:  # generate(0) would never stop
+        generate(warmup)
     warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     toks, times = generate(gen)

@@ -98,9 +98,9 @@ def run_transformers(
 
     t0 = time.perf_counter()
     kw = dict(gguf_file=path.name) if path.suffix == ".gguf" else {}
-    kw.update(load_kw)
+    kw = {"dtype": torch.float32, **kw, **load_kw}  # fp32 unless the caller asks otherwise
     src = path.parent if path.suffix == ".gguf" else path
-    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, **kw).eval()
     load_s = time.perf_counter() - t0
 
     class Clock(BaseStreamer):  # put() is called with the prompt, then with each new token
@@ -141,7 +141,7 @@ def run_transformers(
         decode_s=end - first,
         params=linear_params(model),
         head_params=linear_params(model.lm_head),  # prefill: each row's last position only
-        weight_bytes=4 * linear_params(model),  # fp32, as loaded
+        weight_bytes=model.dtype.itemsize * linear_params(model),  # as loaded
         gen_read_bytes=process_read_bytes() - read0,  # from storage while generating
         tokens=out[:, ids.shape[1] :].tolist(),
         model=model,  # for callers that compare logits; not a JSON field

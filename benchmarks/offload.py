@@ -52,6 +52,14 @@ def measure_machine(offload_dir: Path, threads: int, passes: int = 3) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def cap_bytes(cap: str) -> int:
+    """The cap as memlimit reads it (``numfmt --from=iec``: 1600M is 1600 MiB), so that the
+    budget an engine is given is the memory it really has."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    s = cap.upper().removesuffix("B")
+    return int(float(s.rstrip("KMGT")) * units[s[len(s.rstrip("KMGT")) :]])
+
+
 def run_case(a: argparse.Namespace, engine: str, batch: int, cap: str | None) -> dict:
     """One case in a child process (under memlimit when capped); its record, or an error."""
     cmd = [sys.executable, str(WORKER), "--engine", engine, "--batch", str(batch)]
@@ -71,10 +79,17 @@ def run_case(a: argparse.Namespace, engine: str, batch: int, cap: str | None) ->
     logits = getattr(a, "logits_file", None)
     if logits:  # the reference writes its logits slice, every other case compares with it
         cmd += ["--logits-out" if a.in_memory else "--ref-logits", str(logits)]
+    timeout = a.accelerate_timeout if engine == "accelerate" and a.accelerate_timeout else None
+    return spawn(cmd, cap, timeout)
+
+
+def spawn(cmd: list[str], cap: str | None, timeout: float | None) -> dict:
+    """Run a worker (under ``memlimit --drop-caches CAP`` when capped, its cap passed on as
+    ``--cap``); its last stdout line as a record with ``wall_s`` and the cgroup's
+    ``peak_bytes``, or an error record (OOM-killed, exit code, stopped after ``timeout``)."""
     if cap:
         cmd = [str(MEMLIMIT), "--drop-caches", cap, *cmd, "--cap", cap]
     t0 = time.perf_counter()
-    timeout = a.accelerate_timeout if engine == "accelerate" and a.accelerate_timeout else None
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)  # fmt: skip
     try:

@@ -19,6 +19,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from agreement import logits_agreement  # noqa: E402
 from generation import model_path, process_read_bytes, prompts, run_transformers  # noqa: E402
+from offload import cap_bytes  # noqa: E402
 
 LOGIT_ROWS, LOGIT_TOKENS = 2, 16  # logits compared with the in-memory run's: a small slice
 
@@ -82,7 +83,7 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
         decode_s=s.decode_s,
         steps=1 + s.decode_steps,
         params=sum(e.numel for u in r.units for e in u.entries),
-        head_params=sum(e.numel for u in r.units if u.kind != "layer" for e in u.entries),
+        head_params=sum(e.numel for u in r.units if u.kind == "head" for e in u.entries),
         disk_bytes_per_step=r.disk_bytes,
         bytes_read=r.bytes_read - read0,
         read_s=r.read_s - rs0,
@@ -94,6 +95,7 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
         kv_gb_read=r.kv_stream.bytes_read / 1e9 if hasattr(r, "kv_stream") else 0.0,
         kv_gb_written=r.kv_stream.bytes_written / 1e9 if hasattr(r, "kv_stream") else 0.0,
         times={k: round(v, 2) for k, v in getattr(r, "times", {}).items()},
+        expert_stats=r.experts.stats() if getattr(r, "experts", None) else None,
         tokens=[x.token_ids for x in out],
     )
 
@@ -166,14 +168,6 @@ def run_accelerate(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespac
     r["steps"] = gen
     r["policy"] = f"device_map=auto max_memory cpu {budget / 1e9:.2f} GB, offload_folder"
     return r
-
-
-def cap_bytes(cap: str) -> int:
-    """The cap as memlimit reads it (``numfmt --from=iec``: 1600M is 1600 MiB), so that the
-    budget an engine is given is the memory it really has."""
-    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    s = cap.upper().removesuffix("B")
-    return int(float(s.rstrip("KMGT")) * units[s[len(s.rstrip("KMGT")) :]])
 
 
 def compare_logits(fn, ids: torch.Tensor, a: argparse.Namespace) -> dict:

@@ -59,7 +59,7 @@ def head_params(runner: Any) -> int:
     """The output head's share of ``linear_params``: a prefill computes it for each row's last
     position only."""
     if hasattr(runner, "units"):
-        return sum(e.numel for u in runner.units if u.kind != "layer" for e in u.entries
+        return sum(e.numel for u in runner.units if u.kind == "head" for e in u.entries
                    if len(e.shape) == 2)  # fmt: skip
     shapes: dict[int, int] = {}
     if hasattr(runner, "head"):

@@ -23,6 +23,7 @@ from layercake.kv_cache import AttentionStep, KVCache
 from layercake.models import family
 from layercake.models.parts import Parts
 from layercake.offload.cuda import WeightStream
+from layercake.offload.experts import ExpertUnits
 from layercake.offload.kvdisk import DiskKV
 from layercake.offload.kvtiers import KVTiers
 from layercake.offload.materialize import Materializer
@@ -76,6 +77,8 @@ class OffloadRunner(Placement, Materializer):
         self.bind_forms()
         self.bind_static(ckpt)
         self._place_weights(ckpt, source)
+        self.scheduled = [j for j, u in enumerate(self.units) if u.kind != "expert"]
+        self.experts = ExpertUnits(self) if len(self.scheduled) < len(self.units) else None
         self.block_size = policy.block_size
         self.activations = Activations(offload_dir, dtype)
         self.kv = KVTiers(
@@ -167,21 +170,23 @@ class OffloadRunner(Placement, Materializer):
         """Interpret the zig-zag schedule for one forward pass."""
         m, rows = self.model, s.rows
         weights: dict[str, object] = {}
-        for op in zigzag(len(self.units), len(rows), lookahead=STAGING_SLOTS - 1):
-            u = self.units[op.unit]
+        seq = self.scheduled  # routed experts run inside their layer (``offload.experts``)
+        for op in zigzag(len(seq), len(rows), lookahead=STAGING_SLOTS - 1):
+            j = seq[op.unit]
+            u = self.units[j]
             key = (u.index, op.batch)
             if op.kind == "load":
                 if self.loader is not None:
-                    self.loader.submit(op.unit)
+                    self.loader.submit(j)
             elif op.kind == "wait":
-                weights = self._weights(s, op.unit)
+                weights = self._weights(s, j)
             elif op.kind == "free":
-                if op.unit in s.copied:  # the loader may refill the slot only once they are
-                    s.copied.pop(op.unit).synchronize()
+                if j in s.copied:  # the loader may refill the slot only once they are
+                    s.copied.pop(j).synchronize()
                 if self.wstream is not None:
-                    self.wstream.release(op.unit)
+                    self.wstream.release(j)
                 if self.loader is not None:
-                    self.loader.free(op.unit)
+                    self.loader.free(j)
             elif u.kind != "layer":
                 if op.kind == "compute":
                     self._head_slab(s, op.batch, u.index, weights["lm_head.weight"])
@@ -237,9 +242,9 @@ class OffloadRunner(Placement, Materializer):
 
     @property
     def bytes_read(self) -> int:
-        return self.loader.bytes_read if self.loader is not None else 0
+        return sum(x.bytes_read for x in (self.loader, self.expert_loader) if x is not None)
 
     @property
     def read_s(self) -> float:
-        """Seconds the loader spent reading weights (its rate: ``bytes_read / read_s``)."""
-        return self.loader.read_s if self.loader is not None else 0.0
+        """Seconds the loaders spent reading weights (their rate: ``bytes_read / read_s``)."""
+        return sum(x.read_s for x in (self.loader, self.expert_loader) if x is not None)

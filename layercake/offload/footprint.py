@@ -43,11 +43,14 @@ class Footprint:
     # bf16 weights multiply as stored on the CPU when not all resident (``kernels.bf16_mm``):
     # only a unit's vectors (norms, biases) convert, into ``scratch``
     as_stored: bool = False
+    # routed experts (``offload.experts``): the staging ring of their own loader
+    expert_staging: int = 0
 
     @property
     def work(self) -> int:
-        """The scratch a streamed (not all resident) placement converts weights into."""
-        return self.scratch or int(self.max_unit * self.compute_ratio)
+        """The scratch a streamed (not all resident) placement converts weights into, and the
+        routed experts' staging ring."""
+        return (self.scratch or int(self.max_unit * self.compute_ratio)) + self.expert_staging
 
     @property
     def align(self) -> int:
@@ -86,6 +89,7 @@ def footprint(
     block = batch_size * num_batches
     units = streamed_units(ckpt, config, parts, dtype, compress, int4pack)[1]
     weights = sum(u.nbytes for u in units)
+    experts = [u.nbytes for u in units if u.kind == "expert"]
     itemsize = units[0].entries[0].torch_dtype.itemsize
     scratch = max(
         sum(e.nbytes if e.piece else e.numel * dtype.itemsize for e in u.entries) for u in units
@@ -120,6 +124,7 @@ def footprint(
         scratch=scratch if compressed else vector_scratch if as_stored else 0,
         as_stored=as_stored,
         max_unit=max(u.nbytes for u in units),
+        expert_staging=STAGING_SLOTS * (max(experts) + 2 * ALIGN) if experts else 0,
         activations=act,
         kv=kv,
     )

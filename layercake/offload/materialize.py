@@ -64,7 +64,7 @@ class Materializer:
         ``ops.linear.Linear``s, their weight bound per unit (the head's slabs are multiplied
         by the executor)."""
         for u in self.units:
-            if u.kind != "layer":
+            if u.kind == "head":
                 continue
             for e in u.entries:
                 if e.piece == "sz" or self.form_of(e, u) in ("dense", "dequant"):

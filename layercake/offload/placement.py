@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from layercake.errors import LayercakeError
+from layercake.offload.experts import resident_bytes
 from layercake.offload.loader import Loader
 from layercake.offload.policy import STAGING_SLOTS, split_bytes
 from layercake.offload.store import Entry, Unit, disk_range, entry_rows, int4pack_piece, prepare
@@ -43,8 +44,10 @@ class Placement:
     def _place_weights(self, ckpt: Any, source: Path) -> None:
         """Place every unit's rows, size the scratch buffers they are materialized into and
         open the disk loader."""
+        self.moe_split = resident_bytes(self.units, self.policy.w_device, self.policy.w_cpu)
         self.placed = [self._place(ckpt, u) for u in self.units]
-        need = max((sum(p.scratch[1] for p in ps if p.scratch) for ps in self.placed), default=0)
+        _experts_after_their_layer(self.units, self.placed)
+        need = max((sum(p.scratch) for ps in self.placed for p in ps if p.scratch), default=0)
         self.scratch = torch.empty(need, dtype=self.dtype, device=self.device)
         need = max(
             (sum(p.byte_scratch) for ps in self.placed for p in ps if p.byte_scratch), default=0
@@ -63,13 +66,17 @@ class Placement:
 
     def _place(self, ckpt: Any, u: Unit) -> list[Placed]:
         dev_b, cpu_b, _ = split_bytes(u.nbytes, self.policy.w_device, self.policy.w_cpu)
+        if self.moe_split is not None:  # routed experts: ``experts.resident_bytes``
+            dev_b, cpu_b = self.moe_split[self.units.index(u)]
         out, done, offset, boffset = [], 0, 0, 0
         for e in u.entries:
             n, rb = e.shape[0], e.row_bytes
             a = min(n, max(0, (dev_b - done) // rb))
             b = min(n, a + max(0, (dev_b + cpu_b - done - a * rb) // rb))
             done += e.nbytes
-            if e.piece:  # a piece of the int4pack form, made from the row layout once
+            if b == 0:  # all on disk: nothing to read here (a fused expert would be read whole)
+                rows, mapped = None, False
+            elif e.piece:  # a piece of the int4pack form, made from the row layout once
                 rows, mapped = int4pack_piece(ckpt, e), False
             else:  # only the rows kept here are read
                 rows = entry_rows(ckpt, e, b)
@@ -97,7 +104,7 @@ class Placement:
                 for src in e.sources:
                     ckpt.release(src)
             owner, attr = None, e.param.rpartition(".")[2]
-            if u.kind == "layer":
+            if u.kind in ("layer", "expert"):
                 owner = self.model.get_submodule(e.param.rpartition(".")[0])
             scratch = byte_scratch = None
             tiers = (a > 0) + (b > a) + (n > b)
@@ -118,6 +125,7 @@ class Placement:
         ranges = {j: disk_range(u, first_rows[j]) for j, u in enumerate(self.units)}
         ranges = {j: r for j, r in ranges.items() if r[1] > 0}
         self.disk_bytes = sum(r[1] for r in ranges.values())
+        self.expert_loader = None
         if not ranges:
             return None
         if self.offload_dir is None:
@@ -127,6 +135,36 @@ class Placement:
         directory = prepare(ckpt, self.units, source, self.offload_dir)
         self.disk_ranges = ranges
         readers = {j: DirectReader(directory / f"{self.units[j].name}.bin") for j in ranges}
-        size = max(r[1] for r in ranges.values()) + ALIGN
-        slots = [host_buffer(size, pin=self.cuda) for _ in range(STAGING_SLOTS)]
-        return Loader(readers, ranges, slots)
+        for j, u in enumerate(self.units):  # every expert: rebalancing may move it to disk
+            if u.kind == "expert" and j not in readers:
+                readers[j] = DirectReader(directory / f"{u.name}.bin")
+        experts = {j: r for j, r in ranges.items() if self.units[j].kind == "expert"}
+        # routed experts are read after their router ran, inside their layer's compute: a ring
+        # of their own, so that they never wait for the layers' read-ahead
+        self.expert_loader = _loader(readers, experts, self.cuda) if experts else None
+        return _loader(readers, {j: r for j, r in ranges.items() if j not in experts}, self.cuda)
+
+
+def _loader(readers: dict, ranges: dict[int, tuple[int, int]], pin: bool) -> Loader | None:
+    if not ranges:
+        return None
+    size = max(r[1] for r in ranges.values()) + ALIGN
+    slots = [host_buffer(size, pin=pin) for _ in range(STAGING_SLOTS)]
+    return Loader(readers, ranges, slots)
+
+
+def _experts_after_their_layer(units: list[Unit], placed: list[list[Placed]]) -> None:
+    """Routed experts are materialized while their layer's other weights are still in use
+    (a shared expert runs after them): their scratch lies after the largest layer's."""
+    others = [ps for u, ps in zip(units, placed) if u.kind != "expert"]
+    base = max((p.scratch[0] + p.scratch[1] for ps in others for p in ps if p.scratch), default=0)
+    bbase = max((p.byte_scratch[0] + align_up(p.byte_scratch[1]) for ps in others for p in ps
+                 if p.byte_scratch), default=0)  # fmt: skip
+    for u, ps in zip(units, placed):
+        if u.kind != "expert":
+            continue
+        for p in ps:
+            if p.scratch:
+                p.scratch = (p.scratch[0] + base, p.scratch[1])
+            if p.byte_scratch:
+                p.byte_scratch = (p.byte_scratch[0] + bbase, p.byte_scratch[1])

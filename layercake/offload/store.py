@@ -93,8 +93,8 @@ class Entry:
 
 @dataclass(frozen=True)
 class Unit:
-    name: str  # "layer.3" or "head.0"
-    kind: str  # "layer" | "head"
+    name: str  # "layer.3", "layer.3.expert.7" or "head.0"
+    kind: str  # "layer" | "expert" (a routed expert of layer ``index``) | "head"
     index: int  # layer index, or first vocabulary row of a head slab
     entries: tuple[Entry, ...]
 
@@ -173,7 +173,10 @@ def plan_units(
             (f"{module_name(model, layer)}.{n}", tuple(p.shape), 0)
             for n, p in layer.named_parameters()
         ]
-        units.append(Unit(f"layer.{i}", "layer", i, entries(params)))
+        groups = expert_groups(params)  # routed experts: a unit each (``offload.experts``)
+        rest = [x for x in params if expert_of(x[0]) is None]
+        units.append(Unit(f"layer.{i}", "layer", i, entries(rest)))
+        units += [Unit(f"layer.{i}.expert.{e}", "expert", i, entries(g)) for e, g in groups]
     if head:
         w = model.get_submodule("lm_head").weight
         vocab, width = w.shape
@@ -188,6 +191,23 @@ def plan_units(
                 Unit(f"head.{r0}", "head", r0, entries([("lm_head.weight", (n, width), r0)]))
             )
     return units
+
+
+def expert_of(param: str) -> int | None:
+    """The routed expert a parameter belongs to (``...mlp.experts.E.*``), else None."""
+    head, sep, tail = param.partition(".experts.")
+    e = tail.partition(".")[0]
+    return int(e) if sep and e.isdigit() else None
+
+
+def expert_groups(params: list) -> list[tuple[int, list]]:
+    """A layer's (name, ...) params grouped by routed expert, in expert order."""
+    groups: dict[int, list] = {}
+    for x in params:
+        e = expert_of(x[0])
+        if e is not None:
+            groups.setdefault(e, []).append(x)
+    return sorted(groups.items())
 
 
 def prepare(ckpt: Any, units: list[Unit], source: Path, offload_dir: Path) -> Path:

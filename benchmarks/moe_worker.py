@@ -1,0 +1,184 @@
+"""The MoE benchmark's child processes (``moe.py`` runs them, under ``memlimit`` when capped):
+one case of one engine, or the probe. Everything that imports torch lives here.
+
+Engines: ``layercake`` (under the cap: its offload runner; without: in memory), ``transformers``
+(in memory, no cap: the oracle of tokens, logits and routing), ``accelerate`` (transformers with
+Accelerate's disk offload, ``max_memory`` a fraction of the cap) and ``llama.cpp`` (the same
+weights as a bf16 GGUF, batch 1, mmap as it loads by default). Every transformers run records the
+router's choices (a forward hook on each layer's top-k router): distinct experts per layer and
+step, and selections per expert over the decode steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from decode import run_llama_cpp  # noqa: E402
+from generation import process_read_bytes, prompts, run_transformers  # noqa: E402
+from offload_worker import cap_bytes, compare_logits  # noqa: E402
+from offload_worker import run_layercake as run_layercake_offload  # noqa: E402
+
+
+class RouterLog:
+    """Records each top-k router call (a global forward hook, filtered by the router's class):
+    calls in layer order, prefill first, then one per decode step."""
+
+    def __init__(self) -> None:
+        self.layer_of: dict[int, int] = {}
+        self.masks: list[list[int]] = []  # [layer][call]: bit e set when expert e ran
+        self.counts: list[torch.Tensor] = []  # [layer] selections per expert, decode steps
+        self.handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, args, out) -> None:
+        if type(module).__name__ != "OlmoeTopKRouter":
+            return
+        idx = out[2]  # (tokens, k) selected experts
+        j = self.layer_of.setdefault(id(module), len(self.layer_of))
+        if j == len(self.masks):
+            self.masks.append([])
+            self.counts.append(torch.zeros(module.num_experts, dtype=torch.long))
+        self.masks[j].append(sum(1 << e for e in idx.unique().tolist()))
+        if len(self.masks[j]) > 1:  # decode steps only: what the hottest experts are
+            self.counts[j] += torch.bincount(idx.flatten(), minlength=module.num_experts)
+
+    def summary(self) -> dict:
+        self.handle.remove()
+        if not self.masks:
+            return {}
+        distinct = [[m.bit_count() for m in calls[1:]] for calls in self.masks]
+        steps = [sum(d[s] for d in distinct) / len(distinct) for s in range(len(distinct[0]))]
+        return dict(
+            routing_masks=self.masks,  # [layer][call], call 0 the prefill
+            routing_decode_counts=[c.tolist() for c in self.counts],
+            routing_decode_distinct_per_layer_mean=round(sum(steps) / max(1, len(steps)), 2),
+        )
+
+
+def run_hf(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace) -> dict:
+    """transformers in memory (no cap), or with Accelerate's disk offload under the cap."""
+    kw = dict(dtype=getattr(torch, a.hf_dtype))
+    if a.engine == "accelerate":
+        folder = Path(a.offload_dir) / "accelerate"
+        folder.mkdir(parents=True, exist_ok=True)
+        budget = int(a.accelerate_fraction * cap_bytes(a.cap))
+        kw.update(device_map="auto", max_memory={"cpu": budget}, offload_folder=str(folder))
+    log = RouterLog()
+    r = run_transformers(path, ids, gen, False, **kw)
+    r.update(log.summary())
+    model = r.pop("model")
+
+    def logits(rows: list[list[int]]) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(torch.tensor(rows)).logits
+
+    r["logits_fn"] = logits
+    r["steps"] = gen
+    if a.engine == "accelerate":
+        r["accelerate_fraction"] = a.accelerate_fraction
+        r["policy"] = f"device_map=auto max_memory cpu {budget / 1e9:.2f} GB, offload_folder"
+    else:
+        r["policy"] = f"whole model in memory ({a.hf_dtype})"
+    return r
+
+
+def run_llama(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace) -> dict:
+    if ids.shape[0] != 1:
+        raise SystemExit("llama.cpp runs one sequence (batch 1)")
+    sys.path.insert(0, "/tmp/llcpp/site")  # llama-cpp-python's build without AMX (see README)
+    from moe_checkpoint import olmoe_gguf
+
+    r = run_llama_cpp(olmoe_gguf(a.layers, a.skew), ids, gen, a.threads, warmup=0)
+    r["policy"] = "llama.cpp, bf16 GGUF, mmap"
+    r["steps"] = gen
+    return r
+
+
+def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace) -> dict:
+    """The offload runner under the cap (its budget: the whole cap), or in memory without one;
+    with the runner's expert statistics where it keeps them."""
+    a.in_memory, a.percent, a.compress_weight, a.policy = a.cap is None, None, False, None
+    cap, a.cap = a.cap, a.budget or a.cap  # its --cpu-memory: the cap unless told less
+    r = run_layercake_offload(path, ids, gen, a)
+    a.cap = cap
+    r["budget"] = a.budget or cap
+    return r
+
+
+def worker(a: argparse.Namespace) -> None:
+    from moe_checkpoint import olmoe
+
+    torch.set_num_threads(a.threads)
+    path = olmoe(a.layers, a.skew)
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    ids = prompts(max(a.batch, 1), a.prompt_len, vocab)[: a.batch]
+    fn = {"layercake": run_layercake, "llama.cpp": run_llama}.get(a.engine, run_hf)
+    read0 = process_read_bytes()
+    r = fn(path, ids, a.gen_len, a)
+    r["process_disk_read_bytes"] = process_read_bytes() - read0  # load and generation
+    r["major_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+    r["rss_hwm_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if "logits_fn" in r:
+        r.update(compare_logits(r.pop("logits_fn"), ids, a))
+    print(json.dumps(r))
+
+
+def probe(a: argparse.Namespace) -> None:
+    """The bound's rates on their own: direct reads of every expert file of the offload layout
+    (one large concurrent direct read each, as the loader reads a routed expert; cold cache
+    each pass, best of ``passes``) and the matmul peak per row count."""
+    from moe_checkpoint import olmoe
+
+    from layercake.bench.limits import matmul_gflops_per_rows
+    from layercake.offload.measure import direct_read_gbps
+
+    torch.set_num_threads(a.threads)
+    src = olmoe(a.layers, a.skew).name
+    files = sorted(Path(a.offload_dir).glob(f"{src}-*/layer.*.expert.*.bin"))  # as the loader
+    if not files:
+        raise SystemExit("no expert layout in the offload dir: run a layercake case first")
+    passes = []
+    for _ in range(a.passes):
+        t0 = time.perf_counter()
+        passes.append(round(direct_read_gbps(files, passes=1, drop_caches=True), 3))
+        if time.perf_counter() - t0 > 60:
+            break
+    rec = {"disk_gbps": max(passes), "disk_gbps_passes": passes,
+           "disk_gb_per_pass": round(sum(f.stat().st_size for f in files) / 1e9, 2),
+           "matmul_gflops": matmul_gflops_per_rows()}  # fmt: skip
+    print(json.dumps(rec))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--probe", action="store_true")
+    ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--engine", default="layercake")
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--skew", type=float, default=1.0)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--micro-batch", type=int, default=0)
+    ap.add_argument("--cap")
+    ap.add_argument("--accelerate-fraction", type=float, default=0.5)
+    ap.add_argument("--budget", help="layercake's --cpu-memory under the cap (default: the cap)")
+    ap.add_argument("--hf-dtype", default="bfloat16", help="transformers' dtype (as stored)")
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--gen-len", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--offload-dir", type=Path)
+    ap.add_argument("--logits-out", help="write the logits slice here (the reference run)")
+    ap.add_argument("--ref-logits", help="compare the logits slice with this file")
+    a = ap.parse_args()
+    probe(a) if a.probe else worker(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Routed experts as offload units: read after the router chose them, only the chosen ones.
+
+``store.plan_units`` makes each routed expert of a layer (``layers.N.mlp.experts.E.*``) a unit of
+its own (kind ``expert``), placed whole: the policy's RAM share of each layer's experts is held
+in RAM, the rest lives in the offload layout, one file per expert. The zig-zag schedule runs
+the other units (attention, router, norms, shared expert: they always run); a MoE layer's
+``run_experts`` is replaced here, so that when the layer's router has chosen experts for the rows
+of the pass (at decode, the whole block is one pass: ``OffloadRunner.micro_rows``):
+
+1. the chosen experts not held in RAM are handed to a loader of their own (each read once, as
+   one large direct read; in expert order, which is their order in the layout), and the reads
+   run while the experts before them compute;
+2. ``models.moe.grouped`` runs each chosen expert once on all its rows, in expert order; the
+   index it looks up binds the expert's weights first (from RAM, or from its staging buffer once
+   read, handed back after its compute);
+3. experts nobody chose are neither read nor run.
+
+Routing counts are kept per layer, and between passes the hottest experts are moved into RAM in
+place of colder ones (``rebalance``): the RAM share serves the most selections.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import time
+from functools import partial
+from typing import Any
+
+import torch
+
+from layercake.models.moe import grouped
+from layercake.offload.policy import split_bytes
+from layercake.offload.store import Unit, disk_range
+from layercake.offload.tiers import _libc, host_buffer
+
+REBALANCE_EVERY = 4  # passes between moves of hot experts into RAM
+
+
+def resident_bytes(
+    units: list[Unit], w_device: float, w_cpu: float
+) -> dict[int, tuple[int, int]] | None:
+    """(device, cpu) bytes of each unit when routed experts are units (None otherwise): the
+    policy's share of all weights, spent first on the units that always run (attention,
+    router, shared expert, head), then on whole experts, the same number in every layer (in
+    index order until routing counts say which are hot). Where even the always-run units do not
+    fit, each unit keeps the policy's share (experts whole or not at all, by the same count)."""
+    experts = [j for j, u in enumerate(units) if u.kind == "expert"]
+    if not experts:
+        return None
+    W = sum(u.nbytes for u in units)
+    dev, cpu, _ = split_bytes(W, w_device, w_cpu)
+    ram = dev + cpu
+    always = W - sum(units[j].nbytes for j in experts)
+    dev_frac = dev / ram if ram else 0.0
+    per_layer: dict[int, list[int]] = {}
+    for j in experts:
+        per_layer.setdefault(units[j].index, []).append(j)
+    E = max(len(v) for v in per_layer.values())
+    if always <= ram:
+        left = ram - always
+        n = min(E, int(left // max(1, sum(units[j].nbytes for j in experts) // E)))
+    else:
+        n = int(E * ram / W) if W else 0
+    out = {}
+    for j, u in enumerate(units):
+        if u.kind == "expert":
+            held = per_layer[u.index].index(j) < n
+            share = 1.0 if held else 0.0
+        else:
+            share = 1.0 if always <= ram else ram / W
+        b = int(u.nbytes * share)
+        out[j] = (int(b * dev_frac), b - int(b * dev_frac))
+    return out
+
+
+class ExpertUnits:
+    """The routed experts of an ``OffloadRunner``'s MoE layers."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.loader = runner.expert_loader
+        self.unit: dict[tuple[int, int], int] = {}
+        for j, u in enumerate(runner.units):
+            if u.kind == "expert":
+                self.unit[u.index, int(u.name.rpartition(".")[2])] = j
+        self.layers = sorted({i for i, _ in self.unit})
+        self.counts: dict[int, torch.Tensor] = {}
+        self.reads = 0  # experts read from disk, all passes
+        self.routed = 0  # distinct experts chosen per layer and pass, summed
+        self.passes = 0
+        self.read_bytes = 0
+        for i in self.layers:
+            moe = runner.model.blocks()[str(i)].mlp
+            self.counts[i] = torch.zeros(len(moe.experts), dtype=torch.long)
+            moe.run_experts = partial(self.run, i, moe)
+
+    def on_disk(self, j: int) -> bool:
+        return self.loader is not None and j in self.loader.ranges
+
+    def run(self, layer: int, moe: Any, x: torch.Tensor, ids: torch.Tensor,
+            weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """``SparseMoE.run_experts`` for an offloaded layer (see the module doc)."""
+        chosen = torch.unique(ids).tolist()
+        self.counts[layer] += torch.bincount(ids.flatten(), minlength=len(moe.experts))
+        cold = {e for e in chosen if self.on_disk(self.unit[layer, e])}
+        for e in sorted(cold):
+            self.loader.submit(self.unit[layer, e])
+        self.routed += len(chosen)
+        self.reads += len(cold)
+        self.read_bytes += sum(self.loader.ranges[self.unit[layer, e]][1] for e in cold)
+        view = _Bound(self, layer, moe, cold)
+        try:
+            return grouped(x, ids, weights, view)
+        finally:
+            view.drain()
+            if layer == self.layers[-1]:
+                self.passes += 1
+                if self.passes % REBALANCE_EVERY == 0:
+                    self.rebalance()
+
+    def rebalance(self) -> None:
+        """Per layer, move the most selected experts on disk into RAM in place of the least
+        selected ones held there (same bytes: the budget does not change)."""
+        r = self.runner
+        for i in self.layers:
+            c = self.counts[i].tolist()
+            held = [e for e in range(len(c)) if not self.on_disk(self.unit[i, e])]
+            cold = [e for e in range(len(c)) if self.on_disk(self.unit[i, e])]
+            held.sort(key=lambda e: c[e])
+            cold.sort(key=lambda e: -c[e])
+            for out, into in zip(held, cold):
+                if c[into] <= c[out]:
+                    break
+                self._swap(r, self.unit[i, out], self.unit[i, into])
+
+    def _swap(self, r: Any, out: int, into: int) -> None:
+        """Unit ``into`` (on disk) read into RAM; unit ``out`` (in RAM) dropped to disk."""
+        rng = self.loader.ranges[into]
+        staging = self.loader.wait(into)  # read it once through the loader
+        mem = host_buffer(rng[1])
+        mem.copy_(staging[: rng[1]])
+        self.loader.free(into)
+        start = rng[0]
+        for p in r.placed[into]:
+            e = p.entry
+            lo = e.offset - start
+            p.cpu = mem[lo : lo + e.nbytes].view(e.shape[0], -1).view(e.torch_dtype)
+            p.b = e.shape[0]
+        del self.loader.ranges[into]
+        first = {p.entry.param: 0 for p in r.placed[out]}
+        self.loader.ranges[out] = r.disk_ranges[out] = disk_range(r.units[out], first)
+        for p in r.placed[out]:
+            unlock(p.cpu)
+            p.cpu, p.b = None, 0
+
+    def stats(self) -> dict[str, float]:
+        """Per pass and MoE layer: experts chosen, experts read from disk; bytes read."""
+        n = max(1, self.passes) * max(1, len(self.layers))
+        return dict(experts_routed_per_layer=self.routed / n, experts_read_per_layer=self.reads / n,
+                    expert_gb_read=self.read_bytes / 1e9, passes=self.passes)  # fmt: skip
+
+
+class _Bound:
+    """What ``grouped`` indexes: expert e with its weights bound (and a read one's staging
+    buffer handed back once the next expert is looked up, i.e. after its compute)."""
+
+    def __init__(self, xu: ExpertUnits, layer: int, moe: Any, cold: set[int]) -> None:
+        self.xu, self.layer, self.moe, self.cold = xu, layer, moe, cold
+        self.held: int | None = None  # unit whose staging buffer the last expert used
+        self.used: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.moe.experts)
+
+    def __getitem__(self, e: int) -> torch.nn.Module:
+        self.close()
+        xu, r = self.xu, self.xu.runner
+        j = xu.unit[self.layer, e]
+        staging = None
+        if e in self.cold:
+            self.used.add(e)
+            t0 = time.perf_counter()
+            staging = xu.loader.wait(j)
+            r.times["weights_wait_s"] += time.perf_counter() - t0
+            self.held = j
+        r.materialize(j, staging)
+        return self.moe.experts[e]
+
+    def drain(self) -> None:
+        """Hand back every buffer of this pass, also of reads not consumed (an error midway)."""
+        self.close()
+        for e in self.cold - self.used:
+            j = self.xu.unit[self.layer, e]
+            try:
+                self.xu.loader.wait(j)
+            finally:
+                self.xu.loader.free(j)
+
+    def close(self) -> None:
+        if self.held is not None:
+            self.xu.loader.free(self.held)
+            self.held = None
+
+
+def unlock(t: torch.Tensor | None) -> None:
+    """Undo ``tiers.keep_in_ram``'s lock of a file-mapped view (a no-op on owned memory), so
+    that an expert moved to disk gives its RAM back."""
+    if t is None or _libc is None or not t.numel():
+        return
+    start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    end = t.data_ptr() + t.numel() * t.element_size()
+    _libc.munlock(ctypes.c_void_p(start), ctypes.c_size_t(end - start))
