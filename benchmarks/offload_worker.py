@@ -128,7 +128,7 @@ def dequant_layer_ms(r, repeats: int = 5) -> float:
         if len(mats) < sum(1 for p in r.placed[j] if p.entry.quant):  # rows on disk: read them
             return float("nan")
     else:
-        block = next(iter(r.slices[0].blocks().values()))
+        block = next(iter(r.slices[0].layers().values()))
         mats = [
             (m.weight.rows, m.weight.shape, m.weight.spec)
             for m in block.modules()

@@ -50,7 +50,7 @@ def test_streamed_layers_are_fused_in_order(tmp_path, kw, form):
             continue
         fused = [e for e in u.entries if e.members and not e.piece == "sz"]
         assert len(fused) == 2 and {p.form for p in r.placed[j] if p.entry.members} == {form}
-        layer = r.model.blocks()[str(u.index)]
+        layer = r.model.layers()[str(u.index)]
         lins = [m for m in layer.modules() if isinstance(m, (nn.Linear, Linear))]
         assert len(lins) == 4
         staging = r.loader.wait(j)

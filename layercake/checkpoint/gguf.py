@@ -38,7 +38,7 @@ from layercake.errors import LayercakeError
 
 # Stored as plain values: their bytes are reinterpreted, never dequantized.
 _PLAIN = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
-# Block types that `gguf.quants.dequantize` implements in numpy and that real checkpoints use.
+# Quant types that `gguf.quants.dequantize` implements in numpy and that real checkpoints use.
 _BLOCKS = (
     QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
     QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K,

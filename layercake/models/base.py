@@ -18,7 +18,7 @@ class DecoderSlice(nn.Module):
 
     ``forward(x, positions, cache, step)``: ``x`` is token ids (B, T) when the slice holds the
     embeddings, else hidden states (B, T, hidden); returns logits (B, T, vocab) when it holds the
-    head, else hidden states. Subclasses define ``embed``, ``blocks``, ``final_norm`` and
+    head, else hidden states. Subclasses define ``embed``, ``layers``, ``final_norm`` and
     ``context``.
     """
 
@@ -43,7 +43,7 @@ class DecoderSlice(nn.Module):
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def blocks(self) -> nn.ModuleDict:
+    def layers(self) -> nn.ModuleDict:
         """Layer modules keyed by str(global layer index)."""
         raise NotImplementedError
 
@@ -67,7 +67,7 @@ class DecoderSlice(nn.Module):
 
     def flat(self, ctx: Any, cache_k: object, step: AttentionStep) -> bool:
         """Whether this one-token step runs the layers on 2-D hidden states (B, hidden): the
-        family's blocks take that lean form (fewer reshapes and checks per layer) for ``ctx``,
+        family's layers take that lean form (fewer reshapes and checks per layer) for ``ctx``,
         the first held layer's cache ``cache_k`` and ``step``."""
         return False
 
@@ -88,16 +88,16 @@ class DecoderSlice(nn.Module):
         last = span is None or not ranges or span[1] >= ranges[-1][1]
         h = self.embed(x, positions) if self.parts.embed and first else x  # (B, T, hidden)
         ctx = self.context(positions, h.dtype)
-        blocks = self.blocks()
+        layers = self.layers()
         B, T = h.shape[:2]
-        first = next(iter(blocks), None)
+        first = next(iter(layers), None)
         flat = T == 1 and first is not None and self.flat(ctx, cache.keys[int(first)], step)
         if flat:
             h = h.view(B, -1)  # (B, hidden) through the layers
-        for name, block in blocks.items():
+        for name, layer in layers.items():
             i = int(name)
             if span is None or span[0] <= i < span[1]:
-                h = block.forward(h, ctx, cache.keys[i], cache.values[i], step)  # no hooks
+                h = layer.forward(h, ctx, cache.keys[i], cache.values[i], step)  # no hooks
         if flat:
             h = h.view(B, 1, -1)
         if not (self.parts.head and last):

@@ -139,7 +139,7 @@ class MLP(nn.Module):
         return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
 
 
-class Block(nn.Module):
+class Layer(nn.Module):
     def __init__(self, c: Config) -> None:
         super().__init__()
         eps = c.layer_norm_epsilon
@@ -177,7 +177,7 @@ class Model(DecoderSlice):
         self.transformer = nn.Module()
         if parts.embed:
             self.transformer.word_embeddings = Embedding(c.vocab_size, c.hidden_size)
-        self.transformer.h = nn.ModuleDict({str(i): Block(c) for i in parts.layers})
+        self.transformer.h = nn.ModuleDict({str(i): Layer(c) for i in parts.layers})
         if parts.head:
             self.transformer.ln_f = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_epsilon)
             self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
@@ -186,7 +186,7 @@ class Model(DecoderSlice):
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.transformer.word_embeddings(tokens)  # (B, T, hidden)
 
-    def blocks(self) -> nn.ModuleDict:
+    def layers(self) -> nn.ModuleDict:
         return self.transformer.h
 
     def context(self, positions: torch.Tensor, dtype: torch.dtype) -> Any:

@@ -153,7 +153,7 @@ class MLP(nn.Module):
         return self.down_proj.forward(act)
 
 
-class Block(nn.Module):
+class Layer(nn.Module):
     def __init__(self, c: Config, mlp: nn.Module | None = None) -> None:
         """``mlp``: another feed-forward module (a mixture of experts), else the SwiGLU MLP."""
         super().__init__()
@@ -182,20 +182,20 @@ class Model(DecoderSlice):
         self.model = nn.Module()
         if parts.embed:
             self.model.embed_tokens = Embedding(c.vocab_size, c.hidden_size)
-        self.model.layers = nn.ModuleDict({str(i): self.make_block(i) for i in parts.layers})
+        self.model.layers = nn.ModuleDict({str(i): self.make_layer(i) for i in parts.layers})
         if parts.head:
             self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
             self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.rotary = Rotary(c.head_dim, c.rope_theta, c.rope_scaling)
 
-    def make_block(self, layer: int) -> Block:
+    def make_layer(self, layer: int) -> Layer:
         """Layer ``layer``'s module (families with another feed-forward override this)."""
-        return Block(self.config)
+        return Layer(self.config)
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(tokens)
 
-    def blocks(self) -> nn.ModuleDict:
+    def layers(self) -> nn.ModuleDict:
         return self.model.layers
 
     def context(self, positions: torch.Tensor, dtype: torch.dtype) -> Any:

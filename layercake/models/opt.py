@@ -86,7 +86,7 @@ class Attention(nn.Module):
         return self.out_proj(cached_attention(q, k, v, cache_k, cache_v, step, scale=1.0))
 
 
-class Block(nn.Module):
+class Layer(nn.Module):
     def __init__(self, c: Config) -> None:
         super().__init__()
         self.pre_ln = c.do_layer_norm_before
@@ -125,7 +125,7 @@ class Model(DecoderSlice):
             )
             if projected:
                 d.project_in = nn.Linear(c.word_embed_proj_dim, c.hidden_size, bias=False)
-        d.layers = nn.ModuleDict({str(i): Block(c) for i in parts.layers})
+        d.layers = nn.ModuleDict({str(i): Layer(c) for i in parts.layers})
         if parts.head:
             if c.final_layer_norm:
                 d.final_layer_norm = _layer_norm(c)
@@ -144,7 +144,7 @@ class Model(DecoderSlice):
         rows = (positions + POSITION_OFFSET).clamp_min(0)  # (B, T)
         return h + d.embed_positions(rows)  # (B, T, hidden)
 
-    def blocks(self) -> nn.ModuleDict:
+    def layers(self) -> nn.ModuleDict:
         return self.model.decoder.layers
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Any
 
 from layercake.errors import LayercakeError
 from layercake.models import llama
-from layercake.models.llama import Block
+from layercake.models.llama import Layer
 from layercake.models.moe import SparseMoE
 from layercake.models.qwen3 import without_window
 
@@ -74,10 +74,10 @@ class Config(llama.Config):
 class Model(llama.Model):
     config: Config
 
-    def make_block(self, layer: int) -> Block:
+    def make_layer(self, layer: int) -> Layer:
         c = self.config
         if layer in c.dense_layers:
-            return Block(c)
+            return Layer(c)
         moe = SparseMoE(c, c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size,
                         c.norm_topk_prob, c.shared_expert_intermediate_size)  # fmt: skip
-        return Block(c, moe)
+        return Layer(c, moe)

@@ -201,7 +201,7 @@ class OffloadRunner(Placement, Materializer):
                 if self.cuda and isinstance(kc, torch.Tensor) and kc.device.type == "cpu":
                     step = s.cpu_steps[k]  # attention where the cache is (host RAM)
                 h = s.hs[k].to(self.device)  # activations placed in host RAM or on disk come in
-                s.hs[k] = m.blocks()[str(u.index)](h, s.ctxs[k], kc, vc, step)
+                s.hs[k] = m.layers()[str(u.index)](h, s.ctxs[k], kc, vc, step)
                 if host is not None:
                     self.kv_mover.put_back(kc, vc, host)
                 if s.act is not None and k in s.on_disk:

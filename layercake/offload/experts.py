@@ -91,7 +91,7 @@ class ExpertUnits:
         self.passes = 0
         self.read_bytes = 0
         for i in self.layers:
-            moe = runner.model.blocks()[str(i)].mlp
+            moe = runner.model.layers()[str(i)].mlp
             self.counts[i] = torch.zeros(len(moe.experts), dtype=torch.long)
             moe.run_experts = partial(self.run, i, moe)
 

@@ -37,7 +37,7 @@ def fuse_linears(
     names = set(ckpt.tensor_names())
     groups = getattr(type(model), "fused", {})
     for i in layers:
-        module = model.blocks()[str(i)]  # layer i
+        module = model.layers()[str(i)]  # layer i
         layer = module_name(model, module)
         for name, parent in list(module.named_modules()):
             for fused, members in groups.items():

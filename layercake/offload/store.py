@@ -168,7 +168,7 @@ def plan_units(
 
     units = []
     for i in layers:
-        layer = model.blocks()[str(i)]
+        layer = model.layers()[str(i)]
         params = [
             (f"{module_name(model, layer)}.{n}", tuple(p.shape), 0)
             for n, p in layer.named_parameters()
