@@ -102,41 +102,7 @@ def create_app(
     app.add_middleware(_Gate, api_key=api_key, metrics=metrics)
     install_error_handlers(app)
 
-    card = {"id": name, "object": "model", "created": 0, "owned_by": "layercake"}
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [card]}
-
-    @app.get("/v1/models/{model:path}")
-    async def model(model: str) -> dict[str, Any]:
-        check_model(model, names)
-        return card
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        up = loop_holder.alive
-        body = {
-            "status": "ok" if up else "engine stopped",
-            "model": name,
-            "slots": slots,
-            "slots_in_use": loop_holder.slots_in_use,
-            "queue_depth": loop_holder.waiting,
-            "max_queue": max_queue,
-        }
-        return JSONResponse(body, status_code=200 if up else 503)
-
-    @app.get("/metrics")
-    async def prometheus() -> PlainTextResponse:
-        gauges = {
-            "layercake_up": ("1 while the engine thread runs.", int(loop_holder.alive)),
-            "layercake_slots": ("KV cache slots (sequences decoded together).", slots),
-            "layercake_slots_in_use": ("Slots decoding a sequence.", loop_holder.slots_in_use),
-            "layercake_queue_depth": ("Sequences waiting for a slot.", loop_holder.waiting),
-            "layercake_accepted_sequences": ("Sequences admitted, not finished.", admission.used),
-            "layercake_tokens_per_second": ("Tokens/s, last 10 s.", metrics.tokens_per_s()),
-        }
-        return PlainTextResponse(metrics.render(gauges), media_type="text/plain; version=0.0.4")
+    _info_routes(app, name, names, slots, max_queue)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -188,6 +154,46 @@ def create_app(
                 close()
 
     return app
+
+
+def _info_routes(app: FastAPI, name: str, names: set[str], slots: int, max_queue: int) -> None:
+    """The model list, health and Prometheus metrics routes."""
+    engine, metrics, admission = app.state.engine, app.state.metrics, app.state.admission
+    card = {"id": name, "object": "model", "created": 0, "owned_by": "layercake"}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        check_model(model, names)
+        return card
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        up = engine.alive
+        body = {
+            "status": "ok" if up else "engine stopped",
+            "model": name,
+            "slots": slots,
+            "slots_in_use": engine.slots_in_use,
+            "queue_depth": engine.waiting,
+            "max_queue": max_queue,
+        }
+        return JSONResponse(body, status_code=200 if up else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        gauges = {
+            "layercake_up": ("1 while the engine thread runs.", int(engine.alive)),
+            "layercake_slots": ("KV cache slots (sequences decoded together).", slots),
+            "layercake_slots_in_use": ("Slots decoding a sequence.", engine.slots_in_use),
+            "layercake_queue_depth": ("Sequences waiting for a slot.", engine.waiting),
+            "layercake_accepted_sequences": ("Sequences admitted, not finished.", admission.used),
+            "layercake_tokens_per_second": ("Tokens/s, last 10 s.", metrics.tokens_per_s()),
+        }
+        return PlainTextResponse(metrics.render(gauges), media_type="text/plain; version=0.0.4")
 
 
 async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, Any]) -> Any:
