@@ -409,3 +409,23 @@ def test_silu_mul_equals_pytorch(shape):
     torch.testing.assert_close(kernels.silu_mul(x), F.silu(gate) * up, rtol=2e-6, atol=1e-6)
     with pytest.raises(RuntimeError, match="silu_mul: float32"):
         kernels.silu_mul(torch.zeros(2, 3))
+
+
+def test_bf16_widened_for_many_rows_equals_bf16_mm(monkeypatch):
+    """A prompt's many rows multiply a bf16 weight widened to fp32 slab by slab (MKL); the result
+    equals ``bf16_mm``'s, with a bias, over several slabs, and few rows still take ``bf16_mm``."""
+    from layercake.ops import linear
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(100, 64, generator=g).to(BF)
+    b = torch.randn(100, generator=g)
+    monkeypatch.setattr(linear, "WIDEN_SLAB", 64 * 30)  # 30 rows a slab: 4 slabs
+    monkeypatch.setattr(linear, "_slabs", linear.threading.local())
+    x = torch.randn(2, 150, 64, generator=g)  # 300 rows >= WIDEN_ROWS
+    want = kernels.bf16_linear(x, w, b)
+    got = linear.BF16(w, widen=True).linear(x, b)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    calls = []
+    monkeypatch.setattr(linear, "_widened", lambda *a: calls.append(a))
+    linear.BF16(w, widen=True).linear(x[:, :10], b)  # 20 rows: bf16_mm
+    assert not calls

@@ -16,6 +16,7 @@ The forms (each an object with ``shape``, ``form`` and ``linear(x, bias)``; fp32
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -77,6 +78,10 @@ class BF16:
     or row blocks in order (rows held in different tiers: each multiplies where it lies)."""
 
     data: torch.Tensor | list[torch.Tensor]
+    # many rows (a prompt): widen the weight to fp32 a slab of rows at a time into a reused
+    # buffer and multiply on MKL, which outruns ``bf16_mm`` there (README); in memory only
+    # (the offload path accounts for every buffer it holds)
+    widen: bool = False
     form = "bf16"
 
     @property
@@ -85,7 +90,34 @@ class BF16:
         return sum(p.shape[0] for p in parts), parts[0].shape[1]
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.widen and x.is_cpu and x.numel() >= WIDEN_ROWS * x.shape[-1]:
+            return _widened(x, self.data, bias)
         return kernels.bf16_linear(x, self.data, bias)
+
+
+WIDEN_ROWS = 256  # rows of activations from which a bf16 weight is widened for MKL
+WIDEN_SLAB = 1 << 23  # fp32 values widened at a time (32 MB, one buffer per thread)
+_slabs = threading.local()
+
+
+def _widened(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ w.T + b`` for bf16 ``w`` (N, K) with many rows of fp32 ``x``: ``w`` widened to fp32
+    a slab of rows at a time (``copy_`` into a reused buffer, no allocation per slab), each
+    slab multiplied by MKL into its columns of the output."""
+    N, K = w.shape
+    x2 = x.reshape(-1, K).float()
+    buf = getattr(_slabs, "buf", None)
+    if buf is None:
+        buf = _slabs.buf = torch.empty(WIDEN_SLAB)
+    step = max(1, WIDEN_SLAB // K)
+    y = x2.new_empty(x2.shape[0], N)
+    for r in range(0, N, step):
+        n = min(step, N - r)
+        slab = buf[: n * K].view(n, K)
+        slab.copy_(w[r : r + n])
+        b = None if bias is None else bias[r : r + n]
+        y[:, r : r + n] = F.linear(x2, slab, b)
+    return y.view(*x.shape[:-1], N)
 
 
 class Dequant:
@@ -163,7 +195,8 @@ def from_float(form: str, source: torch.Tensor, scratch: torch.Tensor | None = N
     if form == "mkl":
         return MKLPacked(source, scratch)
     if form == "bf16":
-        return BF16(source if source.dtype == torch.bfloat16 else source.to(torch.bfloat16))
+        w = source if source.dtype == torch.bfloat16 else source.to(torch.bfloat16)
+        return BF16(w, widen=True)
     raise ValueError(f"no float form {form!r}")
 
 
