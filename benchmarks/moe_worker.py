@@ -15,7 +15,6 @@ import argparse
 import json
 import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from decode import run_llama_cpp  # noqa: E402
 from generation import process_read_bytes, prompts, run_transformers  # noqa: E402
-from offload_worker import cap_bytes, compare_logits  # noqa: E402
+from offload_worker import cap_bytes, compare_logits, disk_probe  # noqa: E402
 from offload_worker import run_layercake as run_layercake_offload  # noqa: E402
 
 
@@ -138,22 +137,14 @@ def probe(a: argparse.Namespace) -> None:
     from moe_checkpoint import olmoe
 
     from layercake.bench.limits import matmul_gflops_per_rows
-    from layercake.offload.measure import direct_read_gbps
 
     torch.set_num_threads(a.threads)
     src = olmoe(a.layers, a.skew).name
     files = sorted(Path(a.offload_dir).glob(f"{src}-*/layer.*.expert.*.bin"))  # as the loader
     if not files:
         raise SystemExit("no expert layout in the offload dir: run a layercake case first")
-    passes = []
-    for _ in range(a.passes):
-        t0 = time.perf_counter()
-        passes.append(round(direct_read_gbps(files, passes=1, drop_caches=True), 3))
-        if time.perf_counter() - t0 > 60:
-            break
-    rec = {"disk_gbps": max(passes), "disk_gbps_passes": passes,
-           "disk_gb_per_pass": round(sum(f.stat().st_size for f in files) / 1e9, 2),
-           "matmul_gflops": matmul_gflops_per_rows()}  # fmt: skip
+    rec = disk_probe(files, a.passes, budget_s=60)
+    rec["matmul_gflops"] = matmul_gflops_per_rows()
     print(json.dumps(rec))
 
 

@@ -198,21 +198,32 @@ def worker(a: argparse.Namespace) -> None:
     print(json.dumps(r))
 
 
+def disk_probe(files: list[Path], passes: int, budget_s: float | None = None) -> dict:
+    """Direct reads of ``files`` as the loader reads them, the page cache dropped before each
+    pass: the best pass's GB/s and every pass (stopping early once a pass has run ``budget_s``
+    seconds)."""
+    from layercake.offload.measure import direct_read_gbps
+
+    rates = []
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        rates.append(round(direct_read_gbps(files, passes=1, drop_caches=True), 3))
+        if budget_s is not None and time.perf_counter() - t0 > budget_s:
+            break
+    return {"disk_gbps": max(rates), "disk_gbps_passes": rates,
+            "disk_gb_per_pass": round(sum(f.stat().st_size for f in files) / 1e9, 2)}  # fmt: skip
+
+
 def probe(a: argparse.Namespace) -> None:
     """The bound's rates, measured on their own (never the loader's rate in a run): disk by
     the loader's access pattern (large concurrent direct reads of every prepared unit file, the
     page cache dropped before each pass), the best of ``passes``; matmul per row count."""
     from layercake.bench.limits import matmul_gflops_per_rows
-    from layercake.offload.measure import direct_read_gbps
 
     torch.set_num_threads(a.threads)
     d = a.offload_dir
     files = sorted(d.glob("*/layer.*.bin")) + sorted(d.glob("*/head.*.bin"))
-    passes = []
-    for _ in range(a.passes):
-        passes.append(round(direct_read_gbps(files, passes=1, drop_caches=True), 3))
-    rec = {"disk_gbps": max(passes), "disk_gbps_passes": passes,
-           "disk_gb_per_pass": round(sum(f.stat().st_size for f in files) / 1e9, 2)}  # fmt: skip
+    rec = disk_probe(files, a.passes)
     if not a.disk_only:
         rec["matmul_gflops"] = matmul_gflops_per_rows()
     print(json.dumps(rec))
