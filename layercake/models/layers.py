@@ -42,8 +42,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self._parameters["weight"]  # no __getattr__: called twice a layer per step
         if x.dtype == torch.float32 and w.dtype == torch.float32:
-            if x.is_cpu and kernels.available() and not torch.compiler.is_compiling():
-                return kernels.rms_norm(x, w, self.eps)  # one op (compiled graphs fuse their own)
+            if kernels.eager_cpu_fp32(x):
+                return kernels.rms_norm(x, w, self.eps)  # one op
             return torch.rms_norm(x, w.shape, w, self.eps)
         dtype = x.dtype
         x = x.float()

@@ -143,9 +143,8 @@ class MLP(nn.Module):
         fused = self.gate_up_proj
         if fused is not None:
             gu = fused.forward(x)  # (B, T, 2 I)
-            if gu.dtype == torch.float32 and gu.is_cpu and kernels.available():
-                if not torch.compiler.is_compiling():  # compiled graphs fuse their own
-                    return self.down_proj.forward(kernels.silu_mul(gu))
+            if kernels.eager_cpu_fp32(gu):
+                return self.down_proj.forward(kernels.silu_mul(gu))
             n = gu.shape[-1] // 2
             act = F.silu(gu[..., :n]).mul_(gu[..., n:])
         else:  # in place on the fresh intermediate: no second (tokens x I) allocation

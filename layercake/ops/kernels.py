@@ -176,6 +176,14 @@ def available() -> bool:
     return _load() is None
 
 
+def eager_cpu_fp32(x: torch.Tensor) -> bool:
+    """Whether an elementwise op on ``x`` runs on our kernels: fp32 on the CPU, kernels built,
+    not inside a compiled graph (Inductor fuses such ops itself)."""
+    return (
+        x.dtype == torch.float32 and x.is_cpu and available() and not torch.compiler.is_compiling()
+    )
+
+
 def require() -> None:
     why = _load()
     if why is not None:
