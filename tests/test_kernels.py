@@ -421,11 +421,14 @@ def test_bf16_widened_for_many_rows_equals_bf16_mm(monkeypatch):
     b = torch.randn(100, generator=g)
     monkeypatch.setattr(linear, "WIDEN_SLAB", 64 * 30)  # 30 rows a slab: 4 slabs
     monkeypatch.setattr(linear, "_slabs", linear.threading.local())
+    calls = []
+    widened = linear._widened
+    monkeypatch.setattr(linear, "_widened", lambda *a: calls.append(a) or widened(*a))
     x = torch.randn(2, 150, 64, generator=g)  # 300 rows >= WIDEN_ROWS
     want = kernels.bf16_linear(x, w, b)
     got = linear.BF16(w, widen=True).linear(x, b)
+    assert len(calls) == 1  # the widened path ran
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    calls = []
-    monkeypatch.setattr(linear, "_widened", lambda *a: calls.append(a))
     linear.BF16(w, widen=True).linear(x[:, :10], b)  # 20 rows: bf16_mm
-    assert not calls
+    linear.BF16(w).linear(x, b)  # not widened where the holder did not ask (offload)
+    assert len(calls) == 1
