@@ -25,7 +25,7 @@ from layercake.errors import LayercakeError
 
 BITS = (4, 8)
 SCALE_DTYPE = torch.float16
-BLOCK_ELEMENTS = 16 * 2**20  # values dequantized (or quantized) per block: 64 MB of fp32
+SLAB_ELEMENTS = 16 * 2**20  # values dequantized (or quantized) per slab: 64 MB of fp32
 
 
 @dataclass(frozen=True)
@@ -161,11 +161,11 @@ def quantize_rows(
     src: torch.Tensor, spec: QuantSpec, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """A 2-D tensor (any float dtype, e.g. a bf16 view of a checkpoint) quantized along its rows
-    into the row layout, in blocks: the fp32 transient stays at most ``BLOCK_ELEMENTS``."""
+    into the row layout, in slabs: the fp32 transient stays at most ``SLAB_ELEMENTS``."""
     rows, width = src.shape
     spec.check(width, f"a tensor of shape {tuple(src.shape)}")
     out = torch.empty(rows, spec.row_bytes(width), dtype=torch.uint8) if out is None else out
-    step = max(1, BLOCK_ELEMENTS // max(1, width))
+    step = max(1, SLAB_ELEMENTS // max(1, width))
     for r in range(0, rows, step):
         quantize(src[r : r + step], spec.bits, spec.group_size).to_rows(out[r : r + step])
     return out

@@ -139,18 +139,18 @@ def test_packed_linears_match(tiny_llama):
         torch.testing.assert_close(_run(packed, tokens), _run(plain, tokens), rtol=0, atol=1e-4)
 
 
-def test_packed_linear_blocks_and_bias(monkeypatch):
-    """Weights packed in several row blocks (a bf16 source through the scratch buffer, with a
+def test_packed_linear_slabs_and_bias(monkeypatch):
+    """Weights packed in several row slabs (a bf16 source through the scratch buffer, with a
     bias) equal the plain linear."""
     from layercake.ops import mkl as cpu_linear
 
     if not cpu_linear.packing_available():
         pytest.skip("MKL packed GEMM not available in this PyTorch")
-    monkeypatch.setattr(cpu_linear, "BLOCK_BYTES", 4 * 24 * 10)  # 10 rows of 24 per block
+    monkeypatch.setattr(cpu_linear, "SLAB_BYTES", 4 * 24 * 10)  # 10 rows of 24 per slab
     w = torch.randn(37, 24).to(torch.bfloat16)
     b = torch.randn(37)
     m = cpu_linear.MKLPacked(w, torch.empty(240))
-    assert len(m.blocks) == 4
+    assert len(m.slabs) == 4
     for shape in [(1, 24), (5, 24), (2, 3, 24)]:
         x = torch.randn(shape)
         ref = torch.nn.functional.linear(x, w.float(), b)

@@ -13,7 +13,10 @@ BEFORE_TREE=${BEFORE_TREE:-/work/wt/before}; AFTER_TREE=${AFTER_TREE:-/work/main
 OFF_PREFIX=${OFF_PREFIX:-/var/tmp/lc-ab-}; EXTRA=${EXTRA:-}
 for rep in ${REPS:-1 2}; do
   for B in ${BATCHES:-8 32 128}; do
-    for tree in before main; do
+    # ABBA=1 reverses the order on even reps, so neither tree always runs second (the disk's
+    # rate can depend on what ran just before it)
+    order="before main"; [ "${ABBA:-0}" = 1 ] && [ $((rep % 2)) = 0 ] && order="main before"
+    for tree in $order; do
       d=$BEFORE_TREE; [ $tree = main ] && d=$AFTER_TREE
       off=$OFF_PREFIX$tree
       worker=offload_worker.py; [ "${WORKER:-}" = tree ] && worker=$d/benchmarks/offload_worker.py

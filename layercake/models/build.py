@@ -19,8 +19,8 @@ from layercake.models.base import DecoderSlice
 from layercake.models.layers import Embedding
 from layercake.models.parts import Parts, parse_parts
 from layercake.ops import linear as ops
-from layercake.ops.mkl import BLOCK_BYTES
-from layercake.quant import BLOCK_ELEMENTS, GGUF_BLOCKS, Compression, QuantSpec, Workspace
+from layercake.ops.mkl import SLAB_BYTES
+from layercake.quant import GGUF_BLOCKS, SLAB_ELEMENTS, Compression, QuantSpec, Workspace
 
 
 @dataclass
@@ -176,14 +176,14 @@ class _Maker:
             rows = [self._rows(lin, spec) for lin in lins]
             rows = rows[0] if len(rows) == 1 else torch.cat(rows)
             if first.form == "dequant" and self.workspace is None:
-                need = min(BLOCK_ELEMENTS, max(lin.shape[0] * lin.shape[1] for lin in
+                need = min(SLAB_ELEMENTS, max(lin.shape[0] * lin.shape[1] for lin in
                                                self.linears.values()))  # fmt: skip
                 self.workspace = Workspace(need, self.dtype, self.device)
             return ops.from_rows(first.form, rows, shape, spec, self.device, self.workspace)
         sources = [self._float(lin) for lin in lins]
         source = sources[0] if len(sources) == 1 else torch.cat(sources)
         if first.form == "mkl" and self.scratch is None:
-            self.scratch = torch.empty(BLOCK_BYTES // 4)
+            self.scratch = torch.empty(SLAB_BYTES // 4)
         return ops.from_float(first.form, source, self.scratch)
 
     def _rows(self, lin: _Linear, spec: QuantSpec) -> torch.Tensor:

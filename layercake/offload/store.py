@@ -28,7 +28,7 @@ from layercake.checkpoint.quantized import load_rows, quant_spec, weight_quant
 from layercake.errors import LayercakeError
 from layercake.offload.fusion import fuse_linears, module_name
 from layercake.offload.tiers import ALIGN, align_up, check_writable
-from layercake.ops.int4pack import BLOCK_N as INT4PACK_ROWS
+from layercake.ops.int4pack import TILE_N as INT4PACK_ROWS
 from layercake.ops.int4pack import data_shape, pack, sz_shape
 from layercake.ops.linear import choose
 from layercake.progress import track

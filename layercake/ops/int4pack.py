@@ -7,8 +7,8 @@ runs at the speed of an fp32 GEMM on dequantized weights, with none of the dequa
 README's "Compression" section has the figures). Activations and results pass through bf16; fp32
 or fp16 activations take a much slower path, so they are converted.
 
-The packed form: output rows go in blocks of ``BLOCK_N`` = 64; a block's bytes are contiguous
-and depend on that block's values only, so any range of whole blocks is one byte range and can
+The packed form: output rows go in tiles of ``TILE_N`` = 64; a tile's bytes are contiguous
+and depend on that tile's values only, so any range of whole tiles is one byte range and can
 be packed, placed and read alone. Scales and zeros are one (scale, zero) bf16 pair per group per
 row, with ``w = (q - 8) * scale + zero``: our asymmetric form ``zero_min + scale * q`` with
 ``zero = zero_min + 8 * scale``. The kernel wants them as one contiguous ``(K / G, N, 2)``
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-from layercake.quant import BLOCK_ELEMENTS, QTensor, QuantSpec, dequantize
+from layercake.quant import SLAB_ELEMENTS, QTensor, QuantSpec, dequantize
 
-BLOCK_N = 64
+TILE_N = 64
 GROUPS = (32, 64, 128, 256)  # the group sizes the kernel takes
 SZ_DTYPE = torch.bfloat16
 
@@ -48,7 +48,7 @@ def kernel_ok(shape: tuple[int, ...], spec: QuantSpec, device: torch.device | st
         and spec.bits == 4
         and spec.group_size in GROUPS
         and len(shape) == 2
-        and shape[0] % BLOCK_N == 0
+        and shape[0] % TILE_N == 0
         and shape[1] % spec.group_size == 0
     )
 
@@ -66,8 +66,8 @@ def kernel8_ok(shape: tuple[int, ...], spec: QuantSpec, device: torch.device | s
 
 
 def data_shape(shape: tuple[int, int]) -> tuple[int, int]:
-    """The packed values of a weight (out, in) as rows of whole blocks: (out / 64, 32 * in)."""
-    return shape[0] // BLOCK_N, BLOCK_N * shape[1] // 2
+    """The packed values of a weight (out, in) as rows of whole tiles: (out / 64, 32 * in)."""
+    return shape[0] // TILE_N, TILE_N * shape[1] // 2
 
 
 def sz_shape(shape: tuple[int, int], spec: QuantSpec) -> tuple[int, int]:
@@ -78,12 +78,12 @@ def sz_shape(shape: tuple[int, int], spec: QuantSpec) -> tuple[int, int]:
 def pack(q: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A quantized 2-D weight (int4, any group in ``GROUPS``) -> (data, sz) in the packed form,
     shaped ``data_shape`` (uint8) and ``sz_shape`` (bf16). The values are moved, not recomputed;
-    the int32 transient of the kernel's packing stays at most ``BLOCK_ELEMENTS``."""
+    the int32 transient of the kernel's packing stays at most ``SLAB_ELEMENTS``."""
     N, K = q.shape
     G = q.spec.group_size
     data = torch.empty(data_shape((N, K)), dtype=torch.uint8)
     flat = data.view(N, K // 2)  # the kernel's own (out, in / 2) view of the same bytes
-    step = max(BLOCK_N, BLOCK_ELEMENTS // max(1, K) // BLOCK_N * BLOCK_N)
+    step = max(TILE_N, SLAB_ELEMENTS // max(1, K) // TILE_N * TILE_N)
     for r in range(0, N, step):
         packed = q.data[r : r + step].reshape(-1, K // G, G // 2)  # (n, groups, G/2)
         vals = torch.empty(packed.shape[0], K // G, G, dtype=torch.int32)
@@ -200,10 +200,10 @@ class PackedInt8:
     @classmethod
     def from_float(cls, w: torch.Tensor) -> PackedInt8:
         """Symmetric per-row int8 of a float weight (out, in), ``scale = max |w| / 127``, in
-        row blocks."""
+        row slabs."""
         N, K = w.shape
         p = cls(torch.empty(N, K, dtype=torch.int8), torch.empty(N))
-        step = max(1, BLOCK_ELEMENTS // K)
+        step = max(1, SLAB_ELEMENTS // K)
         for r in range(0, N, step):
             p._symmetric(r, w[r : r + step].float())
         return p
@@ -211,11 +211,11 @@ class PackedInt8:
     @classmethod
     def from_quantized(cls, q: QTensor) -> PackedInt8:
         """Symmetric per-row int8 of a group-quantized 2-D weight (e.g. GGUF Q8_0 rows: an
-        extra rounding of at most half a step of the row's scale), dequantized block by block
+        extra rounding of at most half a step of the row's scale), dequantized slab by slab
         through one small fp32 buffer."""
         N, K = q.shape
         p = cls(torch.empty(N, K, dtype=torch.int8), torch.empty(N))
-        step = max(1, BLOCK_ELEMENTS // 16 // K)
+        step = max(1, SLAB_ELEMENTS // 16 // K)
         buf = torch.empty(min(N, step), K)
         for r in range(0, N, step):
             n = min(step, N - r)
