@@ -142,7 +142,7 @@ def windowed(tmp_path_factory):
 def test_static_step_equals_the_general_path(windowed, cache, monkeypatch):
     """The compiled step's static form (every slot, written at a slot tensor, masked by the
     window) run eagerly equals the general one-token step, with a sliding window and with a
-    quantized cache (which falls back to the general step); and both equal transformers."""
+    quantized cache (which runs the eager step); and both equal transformers."""
     from conftest import hf_model
 
     kw = dict(compress_cache=True, compress_bits=8) if cache == "int8" else {}
@@ -160,17 +160,29 @@ def test_static_step_equals_the_general_path(windowed, cache, monkeypatch):
         torch.testing.assert_close(general[:1, -7:], ref, rtol=1e-4, atol=1e-4)
 
 
-def test_one_token_rope_matrix_equals_elementwise(packable, monkeypatch):
+@pytest.mark.parametrize("cache", ["plain", "int8", "int4"])
+def test_one_token_rope_matrix_equals_elementwise(packable, windowed, cache, monkeypatch):
     """A CPU one-token step runs the layers on 2-D hidden states with RoPE, the cache write and
-    attention in one kernel call; it equals the general (elementwise, 3-D) step."""
-    from layercake.models import layers
+    attention in one kernel call (a quantized cache: written and read back as stored); it
+    equals the general (elementwise, 3-D) step, with a sliding window too."""
+    from layercake.models import layers, llama
 
-    llm = layercake.load(packable)
-    prompts = [[5, 17, 99, 3], [8], [40, 41, 42]]
-    fast = _one_token_steps(llm.runner, prompts)
-    monkeypatch.setattr(layers.torch.compiler, "is_compiling", lambda: True)  # elementwise
-    ref = _one_token_steps(llm.runner, prompts)
-    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    calls = []
+    flat = llama.one_token_attention
+    monkeypatch.setattr(llama, "one_token_attention", lambda *a: calls.append(a) or flat(*a))
+    kw = dict(compress_cache=True, compress_bits=int(cache[3:])) if cache != "plain" else {}
+    prompts = [[5, 17, 9, 3, 42, 7, 11], [8], [40, 41, 42]]
+    for model in (packable, windowed):
+        llm = layercake.load(model, **kw)
+        calls.clear()
+        fast = _one_token_steps(llm.runner, prompts)
+        assert calls, "the flat one-token step did not run"
+        with monkeypatch.context() as m:
+            m.setattr(layers.torch.compiler, "is_compiling", lambda: True)  # 3-D
+            calls.clear()
+            ref = _one_token_steps(llm.runner, prompts)
+            assert not calls
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_packed_is_for_in_memory_models(packable):
