@@ -104,3 +104,6 @@ def test_non_finite_logits():
     assert greedy.token_ids == [1, 1]
     finite = torch.randn(2, 9)
     assert make_finite(finite) is finite
+    huge = torch.full((2, 9), 3e38)  # finite, though their sum is not: left as they are
+    huge[1, 4] = -3e38
+    assert torch.equal(make_finite(huge.clone()), huge)
