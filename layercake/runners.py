@@ -20,7 +20,7 @@ from layercake.models.parts import Parts, parse_parts
 from layercake.offload.executor import OffloadRunner
 from layercake.offload.footprint import footprint, held_bytes, memory_bytes
 from layercake.offload.kvdisk import RING
-from layercake.offload.policy import Policy, parse_bytes, plan_policy
+from layercake.offload.policy import STAGING_SLOTS, Policy, parse_bytes, plan_policy
 from layercake.options import Options
 from layercake.quant import Compression
 from layercake.runner import LocalRunner, Runner
@@ -98,8 +98,8 @@ def _offloaded(
         pass_tokens=o.pass_tokens,
     )
     held = held_bytes()
-    if cpu_b is not None:  # a budget for the whole process: what it holds already counts
-        cpu_b -= held
+    if cpu_b is not None:  # a budget for the whole process: what it holds already counts, and
+        cpu_b -= held + STAGING_SLOTS * fp.align  # the staging slots' alignment (as the planner)
     policy = plan_policy(fp, cpu_b, dev_b, device.type == "cuda", **kw)
     if policy.cache_disk > 0:  # the ring that holds disk layers' cache rows in RAM
         ring = RING * fp.kv // max(1, len(parts.layers))
