@@ -95,3 +95,16 @@ def test_offloaded_prompt_widens_bf16_weights_and_equals_memory(tmp_path, monkey
     got = llm.logits(prompts)
     assert calls and llm.runner.bytes_read > 0
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_on_the_meta_device_imports_no_compiler():
+    """Building a slice on the meta device (every offloaded runner and plan does) must not pull
+    in torch._dynamo and sympy (~70 MB a process that a node's plan would lose to its weights)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\nfrom layercake.models.layers import Embedding\n"
+            "with torch.device('meta'):\n    Embedding(100, 8)\n"
+            "print('torch._dynamo' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
