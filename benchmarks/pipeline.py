@@ -77,7 +77,10 @@ def role_main(a: argparse.Namespace) -> None:
     if a.topology:  # the job's own traffic and times, before the logits check below
         r.update(llm.runner.stats, host0=llm.runner.stage.report())
     else:
-        r.update(forwards=len(marks), host0=dict(single_report(llm.runner), marks=list(marks)))
+        mem = {k: round(v / 1e6, 1) for k, v in (getattr(llm.runner, "memory", None) or {}).items()}
+        mem["streamed"] = round(getattr(llm.runner, "disk_bytes", 0) / 1e6, 1)
+        r.update(forwards=len(marks), host0=dict(single_report(llm.runner), memory={"0": mem},
+                                                 marks=list(marks)))  # fmt: skip
     r["logits_file"] = str(save_logits(llm.runner, ids[:4], a))
     if a.topology:
         llm.close()

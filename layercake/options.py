@@ -33,7 +33,9 @@ class Options:
     percentages ``(W_DEV, W_CPU, KV_DEV, KV_CPU, ACT_DEV, ACT_CPU)`` (disk gets the rest) or by
     byte budgets ("1.6GB", "800MiB"); each loaded layer serves ``num_batches`` micro-batches of
     ``batch_size`` sequences (a block) before the next; ``max_context`` is the prompt +
-    generation length budgets plan the KV cache for. ``cpu_cache_compute`` (CUDA): attention of
+    generation length budgets plan the KV cache for; ``pass_tokens`` the most tokens per sequence
+    one forward pass brings (default ``max_context``; a pipeline stage's prompt chunks are
+    shorter), which budgets plan the activations for. ``cpu_cache_compute`` (CUDA): attention of
     the layers whose KV cache is in host RAM or on disk runs on the CPU (FlexGen's option).
 
     Pipeline (``topology``, a topology file): this process is the topology's first node and
@@ -75,6 +77,7 @@ class Options:
     batch_size: int | None = None
     num_batches: int | None = None
     max_context: int | None = None
+    pass_tokens: int | None = None
     cpu_cache_compute: bool = False
     topology: str | os.PathLike | None = None
     micro_batches: int | None = None

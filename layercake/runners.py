@@ -18,9 +18,9 @@ from layercake.errors import LayercakeError
 from layercake.models.build import build_slice
 from layercake.models.parts import Parts, parse_parts
 from layercake.offload.executor import OffloadRunner
-from layercake.offload.footprint import footprint, held_bytes
+from layercake.offload.footprint import footprint, held_bytes, memory_bytes
 from layercake.offload.kvdisk import RING
-from layercake.offload.policy import Policy, parse_bytes, plan_policy
+from layercake.offload.policy import STAGING_SLOTS, Policy, parse_bytes, plan_policy
 from layercake.options import Options
 from layercake.quant import Compression
 from layercake.runner import LocalRunner, Runner
@@ -95,9 +95,11 @@ def _offloaded(
         context=o.max_context or 256,
         compress=compress,
         int4pack=device.type == "cpu",
+        pass_tokens=o.pass_tokens,
     )
-    if cpu_b is not None:  # a budget for the whole process: what it holds already counts
-        cpu_b -= held_bytes()
+    held = held_bytes()
+    if cpu_b is not None:  # a budget for the whole process: what it holds already counts, and
+        cpu_b -= held + STAGING_SLOTS * fp.align  # the staging slots' alignment (as the planner)
     policy = plan_policy(fp, cpu_b, dev_b, device.type == "cuda", **kw)
     if policy.cache_disk > 0:  # the ring that holds disk layers' cache rows in RAM
         ring = RING * fp.kv // max(1, len(parts.layers))
@@ -108,7 +110,9 @@ def _offloaded(
     # bytes of cache on the compute device (host RAM on CPU); on CUDA the policy's host share
     # goes to pinned RAM, the rest to disk
     kv_budget = int(fp.kv * policy.cache_device / 100)
-    return OffloadRunner(o, ckpt, config, source, parts, policy, kv_budget)
+    runner = OffloadRunner(o, ckpt, config, source, parts, policy, kv_budget)
+    runner.memory = memory_bytes(fp, policy, device.type == "cuda", 0, held)  # the plan's bytes
+    return runner
 
 
 def _planned(

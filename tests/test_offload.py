@@ -74,7 +74,8 @@ def test_offload_bf16_checkpoint_and_budget(tmp_path, monkeypatch):
     fp = off.footprint(ckpt, config, Parts.full(3), torch.float32, 4, 1, context=16)
     monkeypatch.setattr(off, "process_rss", lambda: 0)
     monkeypatch.setattr(off, "SAFETY", 0)
-    budget = fp.activations + fp.work + fp.kv + STAGING_SLOTS * fp.max_unit + fp.weights // 20
+    budget = fp.activations + fp.work + fp.kv + STAGING_SLOTS * (fp.max_unit + fp.align)
+    budget += fp.weights // 20
     llm = layercake.load(path, cpu_memory=budget, offload_dir=tmp_path / "off", batch_size=4,
                          max_context=16)  # fmt: skip
     pol = llm.runner.policy

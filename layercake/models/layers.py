@@ -26,6 +26,13 @@ class Embedding(nn.Embedding):
 
     compute_dtype: torch.dtype | None = None  # set by the loader when storage differs
 
+    def reset_parameters(self) -> None:
+        """No random init on the meta device (the loader assigns the checkpoint's table): there
+        ``normal_`` runs through ``torch._refs``, which imports ``torch._dynamo`` and sympy, ~70 MB
+        a process holds for nothing."""
+        if self.weight.device.type != "meta":
+            super().reset_parameters()
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = F.embedding(ids, self.weight)
         return out if self.compute_dtype is None else out.to(self.compute_dtype)

@@ -65,6 +65,7 @@ class OffloadRunner(Placement, Materializer):
         self.layers = list(parts.layers)
         self.offload_dir = offload_dir
         self.kv_budget = kv_budget
+        self.pass_tokens = options.pass_tokens  # the plan's activations: passes this long
         self.cuda = device.type == "cuda"
         fam = family(config.model_type)
         with torch.device("meta"):
@@ -121,7 +122,7 @@ class OffloadRunner(Placement, Materializer):
         if token_mask is None:
             token_mask = torch.ones(B, T, dtype=torch.bool)
         step = cache.begin(token_mask.to(self.device))
-        bs = self.micro_rows(T, cache.capacity)
+        bs = self.micro_rows(T, min(cache.capacity, self.pass_tokens or cache.capacity))
         rows = [slice(a, min(a + bs, B)) for a in range(0, B, bs)]
         m = self.model
         hs = [m.embed(tokens[r], positions[r]) if self.parts.embed else tokens[r] for r in rows]
@@ -159,7 +160,8 @@ class OffloadRunner(Placement, Materializer):
     def micro_rows(self, T: int, capacity: int) -> int:
         """Rows per micro-batch for a pass of T tokens: the policy's batch size, or a multiple
         of it when T is short. The plan holds two widest-layer intermediates per token of one
-        micro-batch at the full context (batch_size x capacity tokens) and a pass needs about
+        micro-batch at the full context (batch_size x capacity tokens, or the planned
+        ``pass_tokens`` when shorter) and a pass needs about
         three per token, so a decode step (T = 1) runs the whole block as one micro-batch (one
         wide matmul runs at a higher FLOP rate than several narrow ones) while a prompt keeps
         the policy's micro-batches."""

@@ -18,6 +18,7 @@ from layercake.kv_cache import QuantKV
 from layercake.models.parts import Parts
 from layercake.offload.policy import RESIDENT_SCRATCH, STAGING_SLOTS, Policy, split_bytes
 from layercake.offload.tiers import ALIGN
+from layercake.ops.linear import WIDEN_SLAB
 from layercake.quant import Compression, QuantSpec
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from layercake.offload.store import Unit
 
 SAFETY = 96 * 2**20  # allocator slack, thread stacks, the tokenizer's growth: kept free
+WIDEN_BYTES = 4 * WIDEN_SLAB  # the fp32 slab a prompt's bf16 weights widen into (``ops.linear``)
 MAX_ENTRIES = 16  # tensors of a unit that a staging slot's alignment slack allows for
 
 
@@ -41,7 +43,8 @@ class Footprint:
     # max_unit * compute_ratio)
     scratch: int = 0
     # bf16 weights multiply as stored on the CPU when not all resident (``kernels.bf16_mm``):
-    # only a unit's vectors (norms, biases) convert, into ``scratch``
+    # only a unit's vectors (norms, biases) convert, into ``scratch`` (with the slab a prompt
+    # widens them into)
     as_stored: bool = False
     # routed experts (``offload.experts``): the staging ring of their own loader
     expert_staging: int = 0
@@ -81,11 +84,14 @@ def footprint(
     context: int,
     compress: Compression | None = None,
     int4pack: bool = False,
+    pass_tokens: int | None = None,
 ) -> Footprint:
     """Sizes of the streamed units and of one block's cache and activations. Compressed
     weights are held compressed in every tier, the device's included (ratio 1); each unit is
     dequantized into a compute-dtype scratch, or (``int4pack``, the int4 CPU kernel's form) has
-    its scales transposed and its values gathered from two tiers into a byte scratch."""
+    its scales transposed and its values gathered from two tiers into a byte scratch.
+    Activations: a pass of ``pass_tokens`` tokens per sequence (default ``context``: a whole
+    prompt; a pipeline stage's prompt chunks are shorter); logits only where the head is."""
     block = batch_size * num_batches
     units = streamed_units(ckpt, config, parts, dtype, compress, int4pack)[1]
     weights = sum(u.nbytes for u in units)
@@ -109,9 +115,11 @@ def footprint(
         if any(u.kind == "layer" for u in units)
         else config.hidden_size
     )
-    micro = batch_size * context  # intermediates: one micro-batch at a time
-    act = 4 * (micro * 2 * widest + block * context * 2 * config.hidden_size)
-    act += 4 * block * config.vocab_size  # the logits of a step
+    tokens = min(context, pass_tokens) if pass_tokens else context
+    micro = batch_size * tokens  # intermediates: one micro-batch at a time
+    act = 4 * (micro * 2 * widest + block * tokens * 2 * config.hidden_size)
+    if parts.head:
+        act += 4 * block * config.vocab_size  # the logits of a step
     spec = compress.cache_spec(config.head_dim) if compress is not None else None
     if spec is not None:  # the two dequantized work buffers of one layer (shared by every layer)
         act += kv_bytes(config, block, context, 1, dtype.itemsize)
@@ -121,7 +129,7 @@ def footprint(
     return Footprint(
         weights=weights,
         compute_ratio=1.0 if compressed else dtype.itemsize / itemsize,
-        scratch=scratch if compressed else vector_scratch if as_stored else 0,
+        scratch=scratch if compressed else vector_scratch + WIDEN_BYTES if as_stored else 0,
         as_stored=as_stored,
         max_unit=max(u.nbytes for u in units),
         expert_staging=STAGING_SLOTS * (max(experts) + 2 * ALIGN) if experts else 0,

@@ -109,9 +109,10 @@ class Materializer:
                 n, k = e.weight_shape
                 sz = self._int4pack_piece(p, staging, start)
                 w = PackedInt4(values.view(n, k // 2), sz, e.spec.group_size)
-            elif p.form == "bf16":  # one tensor per tier, never copied
+            elif p.form == "bf16":  # one tensor per tier, never copied; a prompt's many rows
+                # widen it a slab at a time for MKL (the slab is ``footprint``'s scratch)
                 parts = [raw.view(e.torch_dtype) for _, _, raw in self._segments(p, staging, start)]
-                w = ops.BF16(parts[0] if len(parts) == 1 else parts)
+                w = ops.BF16(parts[0] if len(parts) == 1 else parts, widen=not self.cuda)
             elif p.form == "int8row":
                 w = self._int8row(p, staging, start)
             elif p.form == "dequant":

@@ -100,23 +100,29 @@ WIDEN_SLAB = 1 << 23  # fp32 values widened at a time (32 MB, one buffer per thr
 _slabs = threading.local()
 
 
-def _widened(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _widened(x: torch.Tensor, w: torch.Tensor | list[torch.Tensor],
+             bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
     """``x @ w.T + b`` for bf16 ``w`` (N, K) with many rows of fp32 ``x``: ``w`` widened to fp32
     a slab of rows at a time (``copy_`` into a reused buffer, no allocation per slab), each
-    slab multiplied by MKL into its columns of the output."""
-    N, K = w.shape
+    slab multiplied by MKL into its columns of the output. ``w`` may be row blocks in order
+    (an offloaded weight's rows in their tiers)."""
+    parts = w if isinstance(w, list) else [w]
+    N, K = sum(p.shape[0] for p in parts), parts[0].shape[1]
     x2 = x.reshape(-1, K).float()
     buf = getattr(_slabs, "buf", None)
     if buf is None:
         buf = _slabs.buf = torch.empty(WIDEN_SLAB)
     step = max(1, WIDEN_SLAB // K)
     y = x2.new_empty(x2.shape[0], N)
-    for r in range(0, N, step):
-        n = min(step, N - r)
-        slab = buf[: n * K].view(n, K)
-        slab.copy_(w[r : r + n])
-        b = None if bias is None else bias[r : r + n]
-        y[:, r : r + n] = F.linear(x2, slab, b)
+    r0 = 0
+    for part in parts:
+        for r in range(0, part.shape[0], step):
+            n = min(step, part.shape[0] - r)
+            slab = buf[: n * K].view(n, K)
+            slab.copy_(part[r : r + n])
+            b = None if bias is None else bias[r0 + r : r0 + r + n]
+            y[:, r0 + r : r0 + r + n] = F.linear(x2, slab, b)
+        r0 += part.shape[0]
     return y.view(*x.shape[:-1], N)
 
 

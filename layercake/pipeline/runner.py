@@ -24,6 +24,7 @@ import torch
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.kv_cache import KVCache
+from layercake.pipeline.node import memory_plan
 from layercake.pipeline.rendezvous import host_job, join_job, leave_job
 from layercake.pipeline.stage import Stage, pieces, receive, run_segments, serve
 from layercake.pipeline.topology import Topology, load_topology
@@ -58,7 +59,7 @@ class PipelineRunner:
         default = 1 if any(n.offloaded for n in topology.nodes) else len(topology.nodes)
         self.micro_batches = micro_batches or topology.micro_batches or default
         # a prompt's tokens in chunks: node k runs chunk c while node k+1 runs chunk c-1
-        self.prefill_chunks = topology.prefill_chunks or 2 * len(topology.nodes)
+        self.prefill_chunks = topology.chunks
         self.workers = list(range(1, len(topology.nodes)))
         self._next_id = 0
         self.failed: LayercakeError | None = None
@@ -337,6 +338,7 @@ def run_worker(topology: str | os.PathLike | Topology, name: str | None, model: 
     ident = model_id(source)
     took = time.perf_counter() - t0
     log = f"layercake worker {name}: layers '{node.layers}' loaded in {took:.1f} s"
+    log += f"; memory (MB) {json.dumps(memory_plan(stage.runners))}"
     print(log, file=sys.stderr, flush=True)
     while True:
         transport, store = join_job(topo, rank, ident, str(source), connect_timeout)

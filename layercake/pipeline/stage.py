@@ -112,7 +112,10 @@ class Stage:
         segments' forwards, weight waits included), weights_wait (an offloaded segment waiting
         for the disk), peer_wait (for a neighbour's frame: network and its compute = idle here),
         send_wait (for frames to leave); ``marks``: those running totals after each pass."""
-        return dict(self._totals(), steps=self.steps, marks=self.marks)
+        from layercake.pipeline.node import memory_plan
+
+        return dict(self._totals(), steps=self.steps, memory=memory_plan(self.runners),
+                    marks=self.marks)  # fmt: skip
 
     def _totals(self) -> dict[str, float]:
         out = {k: round(v, 3) for k, v in self.times.items()}
@@ -155,17 +158,11 @@ class Stage:
 
     def _runner(self, ckpt: Any, config: BaseConfig, source: Path, parts: Parts,
                 cpu_memory: int | str | None) -> Any:  # fmt: skip
-        """The Runner of one segment (the one factory): offloaded with the node's budgets
-        (``cpu_memory``: this segment's share), else resident."""
-        from layercake.options import Options
-        from layercake.runners import build_runner
+        """The Runner of one segment (``node.segment_runner``; ``cpu_memory``: its share)."""
+        from layercake.pipeline.node import segment_runner
 
-        o = self.node.options
-        keys = ("percent", "device_memory", "offload_dir", "batch_size", "num_batches",
-                "max_context")  # fmt: skip
-        kw = {k: o.get(k) for k in keys}
-        options = Options(device=self.device, dtype=self.dtype, cpu_memory=cpu_memory, **kw)
-        return build_runner(options, ckpt, config, source, parts)
+        return segment_runner(self.topology, self.node, self.device, self.dtype, ckpt, config,
+                              source, parts, cpu_memory, self.limits.max_context)  # fmt: skip
 
     def new_cache(self, cache_id: int, sizes: list[int], capacity: int) -> None:
         """One cache per micro-batch per segment; replaces the previous job's caches."""

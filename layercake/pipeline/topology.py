@@ -97,6 +97,11 @@ class Topology:
     path: list[Segment] = field(default_factory=list)  # set by ``check``
     num_layers: int = 0
 
+    @property
+    def chunks(self) -> int:
+        """The pieces a prompt's tokens are split into (``prefill_chunks``, default 2 x nodes)."""
+        return self.prefill_chunks or 2 * len(self.nodes)
+
     def rank(self, name: str) -> int:
         for r, n in enumerate(self.nodes):
             if n.name == name:
