@@ -16,7 +16,13 @@ from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.kv_cache import QuantKV
 from layercake.models.parts import Parts
-from layercake.offload.policy import RESIDENT_SCRATCH, STAGING_SLOTS, Policy, split_bytes
+from layercake.offload.policy import (
+    EXPERT_SLOTS,
+    RESIDENT_SCRATCH,
+    STAGING_SLOTS,
+    Policy,
+    split_bytes,
+)
 from layercake.offload.tiers import ALIGN
 from layercake.quant import Compression, QuantSpec
 
@@ -124,7 +130,7 @@ def footprint(
         scratch=scratch if compressed else vector_scratch if as_stored else 0,
         as_stored=as_stored,
         max_unit=max(u.nbytes for u in units),
-        expert_staging=STAGING_SLOTS * (max(experts) + 2 * ALIGN) if experts else 0,
+        expert_staging=EXPERT_SLOTS * (max(experts) + 2 * ALIGN) if experts else 0,
         activations=act,
         kv=kv,
     )

@@ -116,6 +116,10 @@ def split_bytes(total: int, policy_dev: float, policy_cpu: float) -> tuple[int, 
 # still waited for weights; with three it waits none (the README's "Offloading" has the figures).
 # The third costs a unit's disk share of RAM, taken from the resident weights.
 STAGING_SLOTS = 3
+# routed experts (``offload.experts``) have a ring of their own: their reads are queued as soon as
+# a router has chosen them (or before, at large blocks), and a ring deeper than three keeps the
+# disk busy while a layer's attention and the experts held in RAM compute
+EXPERT_SLOTS = 8
 # compressed weights held resident dequantize this much at a time (``quant.Workspace``)
 RESIDENT_SCRATCH = 64 * 2**20
 
