@@ -17,10 +17,12 @@ import argparse
 import json
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
 
+T0 = time.perf_counter()
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from decode import run_llama_cpp  # noqa: E402
@@ -44,6 +46,10 @@ class RouterLog:
             return
         idx = out[2]  # (tokens, k) selected experts
         j = self.layer_of.setdefault(id(module), len(self.layer_of))
+        if j == 0:  # progress on stderr: a run stopped by its timeout still says how far it got
+            n = len(self.masks[0]) if self.masks else 0
+            print(f"moe_worker: pass {n} starts at {time.perf_counter() - T0:.1f} s",
+                  file=sys.stderr, flush=True)  # fmt: skip
         if j == len(self.masks):
             self.masks.append([])
             self.counts.append(torch.zeros(module.num_experts, dtype=torch.long))

@@ -205,3 +205,22 @@ def test_reads_ahead_not_chosen_are_handed_back(tmp_path, monkeypatch):
     xu = llm.runner.experts
     assert xu.wasted > 0 and xu.reads - xu.wasted == xu.routed
     assert xu.loader.free_slots.qsize() == 2 and not xu.loader.inflight
+
+
+def test_footprint_counts_the_rows_per_chosen_expert(tmp_path):
+    """A MoE block's activations include its tokens' rows once per chosen expert (``grouped``
+    gathers them, computes them and gathers them back): three such buffers at the planned
+    context, or a budget-sized run is killed at a memory cap."""
+    from layercake.checkpoint import open_checkpoint
+    from layercake.config import load_config
+    from layercake.models.parts import parse_parts
+    from layercake.offload.footprint import footprint
+
+    model_type, cfg, stacked = CASES["olmoe"]
+    path = save_tiny(tmp_path / "m", model_type, cfg, stacked)
+    ckpt = open_checkpoint(path)
+    config = load_config(ckpt.config_dict())
+    parts = parse_parts("f", config.num_hidden_layers)
+    small, big = (footprint(ckpt, config, parts, torch.float32, bs, 1, 24) for bs in (1, 8))
+    rows = 4 * 3 * 24 * cfg["num_experts_per_tok"] * cfg["hidden_size"]
+    assert big.activations - small.activations >= 7 * rows

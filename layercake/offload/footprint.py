@@ -118,6 +118,8 @@ def footprint(
     micro = batch_size * context  # intermediates: one micro-batch at a time
     act = 4 * (micro * 2 * widest + block * context * 2 * config.hidden_size)
     act += 4 * block * config.vocab_size  # the logits of a step
+    if experts:  # ``models.moe.grouped``: each token's row once per chosen expert, three times
+        act += 4 * 3 * micro * getattr(config, "num_experts_per_tok", 1) * config.hidden_size
     spec = compress.cache_spec(config.head_dim) if compress is not None else None
     if spec is not None:  # the two dequantized work buffers of one layer (shared by every layer)
         act += kv_bytes(config, block, context, 1, dtype.itemsize)
