@@ -100,16 +100,8 @@ def test_always_run_weights_before_experts():
     """The RAM share goes to attention, router and head first, then to whole experts, the
     same count per layer; never more bytes than the policy's share."""
     from layercake.offload.experts import resident_bytes
-    from layercake.offload.store import Entry, Unit
 
-    def unit(name, kind, index, nbytes):
-        return Unit(name, kind, index, (Entry("w", "w", (nbytes,), "uint8", 0, 0),))
-
-    units = []
-    for i in range(2):
-        units.append(unit(f"layer.{i}", "layer", i, 100))
-        units += [unit(f"layer.{i}.expert.{e}", "expert", i, 50) for e in range(4)]
-    units.append(unit("head.0", "head", 0, 100))
+    units = moe_units(4)
     W = sum(u.nbytes for u in units)  # 700
     split = resident_bytes(units, 0, 100 * 500 / W)  # 500 bytes of RAM
     held = {units[j].name for j, (d, c) in split.items() if d + c == units[j].nbytes}
@@ -123,7 +115,7 @@ def test_always_run_weights_before_experts():
     ]
     small = resident_bytes(units, 0, 100 * 200 / W)  # less than the always-run units
     assert sum(d + c for d, c in small.values()) <= 200
-    assert resident_bytes([unit("layer.0", "layer", 0, 10)], 0, 50) is None
+    assert resident_bytes(moe_units(0)[:1], 0, 50) is None
 
 
 def test_run_order_changes_nothing_but_the_order():
@@ -143,6 +135,20 @@ def test_run_order_changes_nothing_but_the_order():
     got = grouped(x, ids, w, experts, run_order=chosen[::-1])
     assert calls == chosen[::-1]
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def moe_units(experts: int) -> list:
+    """Two layers of 100 bytes, each with ``experts`` experts of 50 bytes, and a head of 100."""
+    from layercake.offload.store import Entry, Unit
+
+    def unit(name, kind, index, nbytes):
+        return Unit(name, kind, index, (Entry("w", "w", (nbytes,), "uint8", 0, 0),))
+
+    units = []
+    for i in range(2):
+        units.append(unit(f"layer.{i}", "layer", i, 100))
+        units += [unit(f"layer.{i}.expert.{e}", "expert", i, 50) for e in range(experts)]
+    return units + [unit("head.0", "head", 0, 100)]
 
 
 def _log_calls(m: torch.nn.Module, note) -> None:

@@ -109,20 +109,14 @@ def test_planner_reads_only_the_routed_cold_experts():
     layer, the expected chosen experts not held (``routing``), not every expert."""
     from types import SimpleNamespace
 
+    from test_moe_offload import moe_units
+
     from layercake.offload.calibrate import UnitTimes
     from layercake.offload.measure import Machine
     from layercake.offload.planner import step_seconds
     from layercake.offload.policy import Policy
-    from layercake.offload.store import Entry, Unit
 
-    def unit(name, kind, index, nbytes):
-        return Unit(name, kind, index, (Entry("w", "w", (nbytes,), "uint8", 0, 0),))
-
-    units = []
-    for i in range(2):
-        units.append(unit(f"layer.{i}", "layer", i, 100))
-        units += [unit(f"layer.{i}.expert.{e}", "expert", i, 50) for e in range(8)]
-    units.append(unit("head.0", "head", 0, 100))
+    units = moe_units(8)
     t = {1: 0.0, 64: 0.0}
     m = SimpleNamespace(units=units, config=SimpleNamespace(num_experts_per_tok=2),
                         times=UnitTimes(0.0, 0.0, t, t, t), kv_itemsize=2)  # fmt: skip
