@@ -8,15 +8,20 @@ the other units (attention, router, norms, shared expert: they always run); a Mo
 of the pass (at decode, the whole block is one pass: ``OffloadRunner.micro_rows``):
 
 1. the chosen experts not held in RAM are handed to a loader of their own (each read once, as
-   one large direct read; in expert order, which is their order in the layout), and the reads
-   run while the experts before them compute;
-2. ``models.moe.grouped`` runs each chosen expert once on all its rows, in expert order; the
-   index it looks up binds the expert's weights first (from RAM, or from its staging buffer once
-   read, handed back after its compute);
+   one large direct read, in file order) unless they were queued already: as a layer starts,
+   the next MoE layer's cold experts that the pass's rows choose with a chance of at least
+   ``READ_AHEAD_P`` are queued before its router runs (at large blocks every cold expert, so
+   the disk never waits for a router);
+2. ``models.moe.grouped`` runs each chosen expert once on all its rows: those held in RAM first
+   (while the reads go on), then the read ones in the loader's order; the index it looks up
+   binds the expert's weights first (from RAM, or from its staging buffer once read, handed
+   back after its compute); one read ahead but not chosen is handed back in queue order;
 3. experts nobody chose are neither read nor run.
 
-Routing counts are kept per layer, and between passes the hottest experts are moved into RAM in
-place of colder ones (``rebalance``): the RAM share serves the most selections.
+Routing counts are kept per layer; every ``REBALANCE_EVERY`` passes the hottest experts on disk
+are marked to replace colder ones held in RAM (``rebalance``), and each move happens when the
+marked expert is next read anyway (``promote``): the RAM share serves the most selections and
+no byte is read to move it.
 """
 
 from __future__ import annotations
