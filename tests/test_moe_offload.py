@@ -203,7 +203,7 @@ def test_reads_ahead_not_chosen_are_handed_back(tmp_path, monkeypatch):
     from layercake.offload import experts, placement
 
     monkeypatch.setattr(experts, "READ_AHEAD_P", 0.0)
-    monkeypatch.setattr(placement, "EXPERT_SLOTS", 2)
+    monkeypatch.setattr(placement, "expert_slots", lambda nbytes: 2)
     path, llm = _tiny_offloaded(tmp_path, 0, batch_size=1)
     out = llm.generate(PROMPTS[:1], max_new_tokens=STEPS, ignore_eos=True)
     ref = layercake.load(path).generate(PROMPTS[:1], max_new_tokens=STEPS, ignore_eos=True)
@@ -230,3 +230,13 @@ def test_footprint_counts_the_rows_per_chosen_expert(tmp_path):
     small, big = (footprint(ckpt, config, parts, torch.float32, bs, 1, 24) for bs in (1, 8))
     rows = 4 * 3 * 24 * cfg["num_experts_per_tok"] * cfg["hidden_size"]
     assert big.activations - small.activations >= 7 * rows
+
+
+def test_expert_ring_depth_follows_expert_size():
+    """Eight buffers for small experts (OLMoE's 12.6 MB), as many as 128 MiB holds for bigger
+    ones, never fewer than the three of the layers' ring (Mixtral's 352 MB experts)."""
+    from layercake.offload.policy import STAGING_SLOTS, expert_slots
+
+    assert expert_slots(12_582_912) == 8
+    assert expert_slots(32 * 2**20) == 4
+    assert expert_slots(352 * 2**20) == STAGING_SLOTS == 3

@@ -17,10 +17,10 @@ from layercake.errors import LayercakeError
 from layercake.kv_cache import QuantKV
 from layercake.models.parts import Parts
 from layercake.offload.policy import (
-    EXPERT_SLOTS,
     RESIDENT_SCRATCH,
     STAGING_SLOTS,
     Policy,
+    expert_slots,
     split_bytes,
 )
 from layercake.offload.tiers import ALIGN
@@ -132,7 +132,7 @@ def footprint(
         scratch=scratch if compressed else vector_scratch if as_stored else 0,
         as_stored=as_stored,
         max_unit=max(u.nbytes for u in units),
-        expert_staging=EXPERT_SLOTS * (max(experts) + 2 * ALIGN) if experts else 0,
+        expert_staging=expert_slots(max(experts)) * (max(experts) + 2 * ALIGN) if experts else 0,
         activations=act,
         kv=kv,
     )
