@@ -104,6 +104,7 @@ class ExpertUnits:
         self.swaps: dict[int, dict[int, int]] = {}  # layer -> {unit to RAM: unit to disk}
         self.moved = 0  # experts moved into RAM
         self.ahead: dict[int, list[int]] = {}  # layer -> experts read before its router ran
+        self.last_rows = [0, 0]  # rows of the latest two passes
         self.top_k = 1
         for i in self.layers:
             moe = runner.model.layers()[str(i)].mlp
@@ -144,10 +145,17 @@ class ExpertUnits:
     def _read_ahead(self, layer: int, rows: int) -> None:
         """Queue the reads of the next MoE layer's cold experts that this pass's ``rows`` rows
         will almost surely choose (at large blocks: every cold expert, in file order), so that
-        the disk keeps reading while this layer and the next one's attention compute."""
+        the disk keeps reading while this layer and the next one's attention compute; after the
+        last layer, the first layer's for the next pass when this pass had the rows of the two
+        before (decode steps: the reads go on through the head and the next embedding; at the
+        end of a generation they wait in the ring for the next pass)."""
         at = self.layers.index(layer) + 1
-        if at == len(self.layers):
-            return
+        if at == len(self.layers):  # the next pass's first layer, once passes repeat (decode)
+            again = self.last_rows == [rows, rows]
+            self.last_rows = [self.last_rows[-1], rows]
+            if not again:
+                return
+            at = 0
         nxt = self.layers[at]
         p = probs_from_counts(self.counts[nxt].tolist(), self.top_k)
         likely = [e for e, pe in enumerate(p) if 1.0 - (1.0 - pe) ** rows >= READ_AHEAD_P]
