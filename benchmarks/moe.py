@@ -141,6 +141,8 @@ def report(a, engine, B, cap, r, machine, ref) -> dict:
         wall_s=round(r["wall_s"], 1),
         process_gb_read=round(r.get("process_disk_read_bytes", 0) / 1e9, 2),
     )
+    if r.get("read_s"):  # the rate the loader got in this run (the bound uses the probe's)
+        rec["loader_gbps"] = round(r["bytes_read"] / r["read_s"] / 1e9, 3)
     if r.get("gen_read_bytes") is not None:
         rec["gen_gb_read_per_token"] = round(r["gen_read_bytes"] / (B * a.gen_len) / 1e9, 4)
     for k in ("accelerate_fraction", "routing_decode_distinct_per_layer_mean", "expert_stats",
