@@ -141,6 +141,8 @@ def report(a, engine, B, cap, r, machine, ref) -> dict:
         wall_s=round(r["wall_s"], 1),
         process_gb_read=round(r.get("process_disk_read_bytes", 0) / 1e9, 2),
     )
+    if r.get("read_s"):  # the rate the loader got in this run (the bound uses the probe's)
+        rec["loader_gbps"] = round(r["bytes_read"] / r["read_s"] / 1e9, 3)
     if r.get("gen_read_bytes") is not None:
         rec["gen_gb_read_per_token"] = round(r["gen_read_bytes"] / (B * a.gen_len) / 1e9, 4)
     for k in ("accelerate_fraction", "routing_decode_distinct_per_layer_mean", "expert_stats",
@@ -150,8 +152,8 @@ def report(a, engine, B, cap, r, machine, ref) -> dict:
             rec[k] = r[k]
     if ref and "tokens" in ref and engine != "transformers":
         same = tokens_agreement(ref["tokens"][:B], r["tokens"])
-        rec["same_greedy_tokens_as_in_memory"] = same["tokens_agree"]
-        rec["same_tokens_share"] = same["same_tokens"]
+        rec["same_greedy_tokens_as_transformers"] = same["tokens_agree"]
+        rec["same_tokens_share_vs_transformers"] = same["same_tokens"]
     if ref and machine and "routing_masks" in ref:
         rec.update(bound(a, B, ref, machine, cap))
         rec["fraction_of_bound"] = round(rec["bound_s"] / total, 3)
@@ -169,9 +171,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--accelerate-fractions", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     ap.add_argument("--accelerate-timeout", type=float, default=600)
     ap.add_argument("--cap", default="2500M", help="memory cap (memlimit's units, page cache in)")
-    ap.add_argument("--layercake-budget", default="1900M",
-                    help="layercake's --cpu-memory under the cap: its plan counts weights held in "
-                    "RAM, not the page cache that the cap also counts")  # fmt: skip
+    ap.add_argument(
+        "--layercake-budget",
+        default="",
+        help="layercake's --cpu-memory under the cap (default: the cap itself)",
+    )
     ap.add_argument("--layers", type=int, default=6, help="6: 5.45 GB, over 2x the cap")
     ap.add_argument("--skew", type=float, default=1.0, help="router skew (0: uniform)")
     ap.add_argument("--prompt-len", type=int, default=16)
@@ -184,20 +188,35 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def reference(a: argparse.Namespace, B: int, logits: Path) -> dict:
-    """The in-memory transformers run at batch B (cached in ``--reference-dir``: routing and
-    tokens do not change between runs of the same checkpoint and prompts)."""
-    key = f"ref-{a.layers}l-{a.skew:g}-b{B}-p{a.prompt_len}-g{a.gen_len}"
+def reference(a: argparse.Namespace, B: int, logits: Path, engine: str = "transformers") -> dict:
+    """An uncapped run at batch B whose tokens and logits the others are compared with (cached
+    in ``--reference-dir``: they do not change between runs of the same checkpoint and prompts):
+    ``transformers`` in memory (also the routing the bound uses), or ``layercake-ram`` (every
+    weight in RAM, no disk: the capped layercake run's oracle, the same bf16-as-stored fp32
+    math; transformers computes in bf16)."""
+    prefix = "ref" if engine == "transformers" else "lcref"
+    key = f"{prefix}-{a.layers}l-{a.skew:g}-b{B}-p{a.prompt_len}-g{a.gen_len}"
     cached = a.reference_dir / f"{key}.json" if a.reference_dir else None
-    if cached and cached.is_file() and "transformers" not in a.engines:
+    if cached and cached.is_file() and engine not in a.engines:
         logits.write_bytes((a.reference_dir / f"{key}.npy").read_bytes())
         return json.loads(cached.read_text())
-    r = spawn(worker_cmd(a, "transformers", B, "--logits-out", str(logits)), None, None)
+    r = spawn(worker_cmd(a, engine, B, "--logits-out", str(logits)), None, None)
     if cached and "error" not in r:
         cached.parent.mkdir(parents=True, exist_ok=True)
         cached.write_text(json.dumps(r))
         (a.reference_dir / f"{key}.npy").write_bytes(logits.read_bytes())
     return r
+
+
+def versus_layercake_ram(rec: dict, lcref: dict) -> dict:
+    """The capped run's greedy tokens and logits against layercake's all-in-RAM run."""
+    if "tokens" not in lcref or "error" in rec:
+        return rec
+    same = tokens_agreement(lcref["tokens"], rec.pop("_tokens", []))
+    rec["same_greedy_tokens_as_layercake_in_ram"] = same["tokens_agree"]
+    rec["same_tokens_share_vs_layercake_in_ram"] = same["same_tokens"]
+    rec["logits_vs"] = "layercake, every weight in RAM (same math, no cap)"
+    return rec
 
 
 def main() -> None:
@@ -226,10 +245,17 @@ def main() -> None:
                       for f in a.accelerate_fractions]  # fmt: skip
         if "llama.cpp" in a.engines and B == 1:
             cases.append(("llama.cpp", []))
+        lcref, lclogits = {}, tmp / f"lcref-{B}.npy"
+        if "layercake" in a.engines:
+            lcref = reference(a, B, lclogits, "layercake-ram")
         for engine, extra in cases:
-            cmd = worker_cmd(a, engine, B, *extra, "--ref-logits", str(logits))
+            vs = lclogits if engine == "layercake" and "tokens" in lcref else logits
+            cmd = worker_cmd(a, engine, B, *extra, "--ref-logits", str(vs))
             timeout = a.accelerate_timeout if engine == "accelerate" else None
-            rec = report(a, engine, B, a.cap, spawn(cmd, a.cap, timeout), machine, ref)
+            r = spawn(cmd, a.cap, timeout)
+            rec = report(a, engine, B, a.cap, r, machine, ref)
+            if engine == "layercake":
+                rec = versus_layercake_ram({**rec, "_tokens": r.get("tokens", [])}, lcref)
             if "throughput_tok_s" in rec:  # an engine's best run at this batch (Accelerate's sweep)
                 best[engine, B] = max(best.get((engine, B), 0.0), rec["throughput_tok_s"])
             print(json.dumps(rec), flush=True)

@@ -1,7 +1,9 @@
 """The MoE benchmark's child processes (``moe.py`` runs them, under ``memlimit`` when capped):
 one case of one engine, or the probe. Everything that imports torch lives here.
 
-Engines: ``layercake`` (under the cap: its offload runner; without: in memory), ``transformers``
+Engines: ``layercake`` (under the cap: its offload runner; without: in memory), ``layercake-ram``
+(no cap, every weight in RAM as stored, computed as the capped run computes: its oracle of
+greedy tokens and logits), ``transformers``
 (in memory, no cap: the oracle of tokens, logits and routing), ``accelerate`` (transformers with
 Accelerate's disk offload, ``max_memory`` a fraction of the cap) and ``llama.cpp`` (the same
 weights as a bf16 GGUF, batch 1, mmap as it loads by default). Every transformers run records the
@@ -15,10 +17,12 @@ import argparse
 import json
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
 
+T0 = time.perf_counter()
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from decode import run_llama_cpp  # noqa: E402
@@ -42,6 +46,10 @@ class RouterLog:
             return
         idx = out[2]  # (tokens, k) selected experts
         j = self.layer_of.setdefault(id(module), len(self.layer_of))
+        if j == 0:  # progress on stderr: a run stopped by its timeout still says how far it got
+            n = len(self.masks[0]) if self.masks else 0
+            print(f"moe_worker: pass {n} starts at {time.perf_counter() - T0:.1f} s",
+                  file=sys.stderr, flush=True)  # fmt: skip
         if j == len(self.masks):
             self.masks.append([])
             self.counts.append(torch.zeros(module.num_experts, dtype=torch.long))
@@ -105,6 +113,8 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
     """The offload runner under the cap (its budget: the whole cap), or in memory without one;
     with the runner's expert statistics where it keeps them."""
     a.in_memory, a.percent, a.compress_weight, a.policy = a.cap is None, None, False, None
+    if a.engine == "layercake-ram":  # every weight in RAM as stored: the capped run's math
+        a.in_memory, a.percent = False, [0, 100, 100, 0, 100, 0]
     cap, a.cap = a.cap, a.budget or a.cap  # its --cpu-memory: the cap unless told less
     r = run_layercake_offload(path, ids, gen, a)
     a.cap = cap
@@ -119,7 +129,8 @@ def worker(a: argparse.Namespace) -> None:
     path = olmoe(a.layers, a.skew)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     ids = prompts(max(a.batch, 1), a.prompt_len, vocab)[: a.batch]
-    fn = {"layercake": run_layercake, "llama.cpp": run_llama}.get(a.engine, run_hf)
+    fn = {"layercake": run_layercake, "layercake-ram": run_layercake,
+          "llama.cpp": run_llama}.get(a.engine, run_hf)  # fmt: skip
     read0 = process_read_bytes()
     r = fn(path, ids, a.gen_len, a)
     r["process_disk_read_bytes"] = process_read_bytes() - read0  # load and generation

@@ -34,12 +34,14 @@ def test_offloaded_experts_equal_in_memory(tiny, tmp_path, percent):
     torch.testing.assert_close(llm.logits(PROMPTS), logits, atol=1e-4, rtol=1e-4)
     r = llm.runner
     assert any(u.kind == "expert" for u in r.units)  # experts are units of their own
-    st = r.experts.stats()
-    assert 0 < st["experts_read_per_layer"] <= st["experts_routed_per_layer"]
+    xu = r.experts
+    chosen_read = xu.reads - xu.wasted  # reads ahead the router then did not choose: wasted
+    assert 0 < chosen_read <= xu.routed
     if percent == 0:  # every chosen expert read once per pass, nothing else
-        assert st["experts_read_per_layer"] == st["experts_routed_per_layer"]
+        assert chosen_read == xu.routed
+        assert xu.read_ahead > 0  # the prompt's rows choose nearly every expert
     else:
-        assert st["experts_read_per_layer"] < st["experts_routed_per_layer"]
+        assert chosen_read < xu.routed
 
 
 def test_unchosen_experts_are_not_read(tmp_path):
@@ -78,12 +80,18 @@ def test_hottest_experts_move_into_ram(tmp_path):
         assert 0 < len(held) < len(c)  # the always-run weights first, then whole experts
         assert min(c[e] for e in held) >= max(c[e] for e in cold) or xu.passes % 4
     xu.rebalance()  # now, whatever the passes since the last one
-    for i in xu.layers:
+    moved, read = xu.moved, xu.loader.bytes_read
+    for i in xu.layers:  # moves decided; each done when its expert is next read anyway
         c = xu.counts[i].tolist()
-        held = [c[e] for e in range(len(c)) if not xu.on_disk(xu.unit[i, e])]
-        cold = [c[e] for e in range(len(c)) if xu.on_disk(xu.unit[i, e])]
+        into, out = set(xu.swaps[i]), set(xu.swaps[i].values())
+        now = {j for j in (xu.unit[i, e] for e in range(len(c))) if not xu.on_disk(j)}
+        held = [c[e] for e in range(len(c)) if xu.unit[i, e] in (now - out) | into]
+        cold = [c[e] for e in range(len(c)) if xu.unit[i, e] not in (now - out) | into]
         assert min(held) >= max(cold)
+    assert xu.loader.bytes_read == read  # nothing read to decide
+    pending = sum(len(v) for v in xu.swaps.values())
     out = llm.generate(PROMPTS, max_new_tokens=STEPS, ignore_eos=True)  # still the same tokens
+    assert xu.moved > moved or not pending
     ref = layercake.load(path).generate(PROMPTS, max_new_tokens=STEPS, ignore_eos=True)
     assert [r.token_ids for r in out] == [r.token_ids for r in ref]
 
@@ -92,16 +100,8 @@ def test_always_run_weights_before_experts():
     """The RAM share goes to attention, router and head first, then to whole experts, the
     same count per layer; never more bytes than the policy's share."""
     from layercake.offload.experts import resident_bytes
-    from layercake.offload.store import Entry, Unit
 
-    def unit(name, kind, index, nbytes):
-        return Unit(name, kind, index, (Entry("w", "w", (nbytes,), "uint8", 0, 0),))
-
-    units = []
-    for i in range(2):
-        units.append(unit(f"layer.{i}", "layer", i, 100))
-        units += [unit(f"layer.{i}.expert.{e}", "expert", i, 50) for e in range(4)]
-    units.append(unit("head.0", "head", 0, 100))
+    units = moe_units(4)
     W = sum(u.nbytes for u in units)  # 700
     split = resident_bytes(units, 0, 100 * 500 / W)  # 500 bytes of RAM
     held = {units[j].name for j, (d, c) in split.items() if d + c == units[j].nbytes}
@@ -115,4 +115,132 @@ def test_always_run_weights_before_experts():
     ]
     small = resident_bytes(units, 0, 100 * 200 / W)  # less than the always-run units
     assert sum(d + c for d, c in small.values()) <= 200
-    assert resident_bytes([unit("layer.0", "layer", 0, 10)], 0, 50) is None
+    assert resident_bytes(moe_units(0)[:1], 0, 50) is None
+
+
+def test_run_order_changes_nothing_but_the_order():
+    from layercake.models.moe import grouped
+
+    torch.manual_seed(0)
+    experts = torch.nn.ModuleList(torch.nn.Linear(6, 6) for _ in range(5))
+    x, ids = torch.randn(7, 6), torch.randint(0, 5, (7, 2))
+    w = torch.rand(7, 2)
+    calls = []
+    for e, m in enumerate(experts):
+        _log_calls(m, lambda e=e: calls.append(e))
+    want = grouped(x, ids, w, experts)
+    chosen = sorted(set(ids.flatten().tolist()))
+    assert calls == chosen
+    calls.clear()
+    got = grouped(x, ids, w, experts, run_order=chosen[::-1])
+    assert calls == chosen[::-1]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def moe_units(experts: int) -> list:
+    """Two layers of 100 bytes, each with ``experts`` experts of 50 bytes, and a head of 100."""
+    from layercake.offload.store import Entry, Unit
+
+    def unit(name, kind, index, nbytes):
+        return Unit(name, kind, index, (Entry("w", "w", (nbytes,), "uint8", 0, 0),))
+
+    units = []
+    for i in range(2):
+        units.append(unit(f"layer.{i}", "layer", i, 100))
+        units += [unit(f"layer.{i}.expert.{e}", "expert", i, 50) for e in range(experts)]
+    return units + [unit("head.0", "head", 0, 100)]
+
+
+def _log_calls(m: torch.nn.Module, note) -> None:
+    """``grouped`` calls an expert's ``forward`` directly (no hooks): wrap it."""
+    f = m.forward
+
+    def forward(*a):
+        note()
+        return f(*a)
+
+    m.forward = forward
+
+
+def _tiny_offloaded(tmp_path, percent, batch_size=3):
+    model_type, cfg, stacked = CASES["olmoe"]
+    path = save_tiny(tmp_path / "m", model_type, cfg, stacked)
+    llm = layercake.load(path, percent=[0, percent, 100, 0, 100, 0], offload_dir=tmp_path / "o",
+                         batch_size=batch_size)  # fmt: skip
+    return path, llm
+
+
+def test_experts_in_ram_run_before_those_read(tmp_path):
+    """Per layer call, the chosen experts held in RAM compute first (while the cold ones are
+    read), then the read ones in the loader's order."""
+    _, llm = _tiny_offloaded(tmp_path, 50)
+    xu = llm.runner.experts
+    for i in xu.layers:  # the last experts held, not the first (expert order is not the answer)
+        xu.counts[i] = torch.arange(len(xu.counts[i])) * 100
+    xu.rebalance()
+    llm.generate(PROMPTS, max_new_tokens=1, ignore_eos=True)  # the moves happen as they are read
+    assert xu.moved > 0
+    log: list[tuple[int, int, bool]] = []
+    for i in xu.layers:
+        for e, m in enumerate(llm.runner.model.layers()[str(i)].mlp.experts):
+            _log_calls(m, lambda i=i, e=e: log.append((i, e, xu.on_disk(xu.unit[i, e]))))
+    llm.generate(PROMPTS, max_new_tokens=3, ignore_eos=True)
+    runs: list[list[tuple[int, bool]]] = []
+    for i, _e, cold in log:  # consecutive calls of one layer: one run_experts call
+        if not runs or runs[-1][-1][0] != i:
+            runs.append([])
+        runs[-1].append((i, cold))
+    assert any(c for r in runs for _, c in r) and any(not c for r in runs for _, c in r)
+    for r in runs:
+        flags = [c for _, c in r]
+        assert flags == sorted(flags)  # False (in RAM) before True (read)
+
+
+def test_reads_ahead_not_chosen_are_handed_back(tmp_path, monkeypatch):
+    """Every cold expert of the next layer read ahead (more than the ring holds): the ones the
+    router then does not choose are handed back in order, nothing waits forever, the tokens
+    are the in-memory run's and every slot is free after the pass."""
+    from layercake.offload import experts, placement
+
+    monkeypatch.setattr(experts, "READ_AHEAD_P", 0.0)
+    monkeypatch.setattr(placement, "expert_slots", lambda nbytes: 2)
+    path, llm = _tiny_offloaded(tmp_path, 0, batch_size=1)
+    out = llm.generate(PROMPTS[:1], max_new_tokens=STEPS, ignore_eos=True)
+    ref = layercake.load(path).generate(PROMPTS[:1], max_new_tokens=STEPS, ignore_eos=True)
+    assert out[0].token_ids == ref[0].token_ids
+    xu = llm.runner.experts
+    assert xu.wasted > 0 and xu.reads - xu.wasted == xu.routed
+    # what is still in the ring: the next pass's first layer, read ahead across passes
+    ahead = xu.ahead.get(xu.layers[0], [])
+    assert ahead and set(xu.loader.inflight) == {xu.unit[xu.layers[0], e] for e in ahead}
+    again = llm.generate(PROMPTS[:1], max_new_tokens=STEPS, ignore_eos=True)  # they are used
+    assert again[0].token_ids == ref[0].token_ids
+
+
+def test_footprint_counts_the_rows_per_chosen_expert(tmp_path):
+    """A MoE block's activations include its tokens' rows once per chosen expert (``grouped``
+    gathers them, computes them and gathers them back): three such buffers at the planned
+    context, or a budget-sized run is killed at a memory cap."""
+    from layercake.checkpoint import open_checkpoint
+    from layercake.config import load_config
+    from layercake.models.parts import parse_parts
+    from layercake.offload.footprint import footprint
+
+    model_type, cfg, stacked = CASES["olmoe"]
+    path = save_tiny(tmp_path / "m", model_type, cfg, stacked)
+    ckpt = open_checkpoint(path)
+    config = load_config(ckpt.config_dict())
+    parts = parse_parts("f", config.num_hidden_layers)
+    small, big = (footprint(ckpt, config, parts, torch.float32, bs, 1, 24) for bs in (1, 8))
+    rows = 4 * 3 * 24 * cfg["num_experts_per_tok"] * cfg["hidden_size"]
+    assert big.activations - small.activations >= 7 * rows
+
+
+def test_expert_ring_depth_follows_expert_size():
+    """Eight buffers for small experts (OLMoE's 12.6 MB), as many as 128 MiB holds for bigger
+    ones, never fewer than the three of the layers' ring (Mixtral's 352 MB experts)."""
+    from layercake.offload.policy import STAGING_SLOTS, expert_slots
+
+    assert expert_slots(12_582_912) == 8
+    assert expert_slots(32 * 2**20) == 4
+    assert expert_slots(352 * 2**20) == STAGING_SLOTS == 3

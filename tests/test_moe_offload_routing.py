@@ -102,3 +102,35 @@ def test_predict_bytes_time_and_memory():
         R.predict(shape, 0, u, 0, 1.0, 1.0)
     with pytest.raises(ValueError):
         R.uniform_probs(4, 5)
+
+
+def test_planner_reads_only_the_routed_cold_experts():
+    """The cost model's bytes per step for a MoE: the always-run units' disk share plus, per
+    layer, the expected chosen experts not held (``routing``), not every expert."""
+    from types import SimpleNamespace
+
+    from test_moe_offload import moe_units
+
+    from layercake.offload.calibrate import UnitTimes
+    from layercake.offload.measure import Machine
+    from layercake.offload.planner import step_seconds
+    from layercake.offload.policy import Policy
+
+    units = moe_units(8)
+    t = {1: 0.0, 64: 0.0}
+    m = SimpleNamespace(units=units, config=SimpleNamespace(num_experts_per_tok=2),
+                        times=UnitTimes(0.0, 0.0, t, t, t), kv_itemsize=2)  # fmt: skip
+    machine = Machine("x", disk_gbps=1.0, matmul_gflops=1.0)
+
+    def read(bs, w_cpu=0.0):
+        p = Policy(0, w_cpu, 100, 0, 100, 0, batch_size=bs, num_batches=1)
+        return step_seconds(m, p, machine, 1, False, 0, 8)[1]
+
+    # one row: 2 of 8 experts per layer, besides the layers and head (all on disk)
+    assert read(1) == 2 * (100 + 2 * 50) + 100
+    many = R.expected_cold_reads(R.uniform_probs(8, 2), 64, 0)
+    assert read(64) == pytest.approx(2 * (100 + many * 50) + 100, abs=2)
+    # with the always-run units and 4 experts per layer in RAM: only cold experts are read
+    held = 100 * (2 * 100 + 100 + 2 * 4 * 50) / 1100
+    assert read(64, held) == pytest.approx(2 * R.expected_cold_reads(R.uniform_probs(8, 2), 64, 4)
+                                           * 50, abs=2)  # fmt: skip

@@ -34,22 +34,29 @@ def route(logits: torch.Tensor, top_k: int, renorm: bool) -> tuple[torch.Tensor,
 
 
 def grouped(
-    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: nn.ModuleList
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    experts: nn.ModuleList,
+    run_order: list[int] | None = None,
 ) -> torch.Tensor:
     """sum_k weights[n, k] * experts[ids[n, k]](x[n]) for rows x (N, hidden), with the N x k
     choices sorted by expert so that each chosen expert runs once on a contiguous block of its
-    rows; returns (N, hidden)."""
+    rows; returns (N, hidden). ``run_order``: the order the chosen experts run in (every chosen
+    one; default expert order), e.g. those in RAM first while others are still being read."""
     N, k = ids.shape
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # choices grouped by expert, rows in order
     counts = torch.bincount(flat, minlength=len(experts)).tolist()
     xs = x.index_select(0, order // k)  # (N k, hidden): each choice's row
     ys = torch.empty_like(xs)
-    start = 0
-    for e, n in enumerate(counts):
+    starts = [0] * len(counts)
+    for e in range(1, len(counts)):
+        starts[e] = starts[e - 1] + counts[e - 1]
+    for e in run_order if run_order is not None else range(len(counts)):
+        a, n = starts[e], counts[e]
         if n:
-            ys[start : start + n] = experts[e].forward(xs[start : start + n])
-            start += n
+            ys[a : a + n] = experts[e].forward(xs[a : a + n])
     # back in (row, choice) order (a gather: no scatter-add, whose CPU kernel is slow), then
     # each row's weighted sum of its k outputs as one batched matmul
     ys = ys.index_select(0, torch.argsort(order)).view(N, k, -1)  # (N, k, hidden)

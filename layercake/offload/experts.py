@@ -8,15 +8,20 @@ the other units (attention, router, norms, shared expert: they always run); a Mo
 of the pass (at decode, the whole block is one pass: ``OffloadRunner.micro_rows``):
 
 1. the chosen experts not held in RAM are handed to a loader of their own (each read once, as
-   one large direct read; in expert order, which is their order in the layout), and the reads
-   run while the experts before them compute;
-2. ``models.moe.grouped`` runs each chosen expert once on all its rows, in expert order; the
-   index it looks up binds the expert's weights first (from RAM, or from its staging buffer once
-   read, handed back after its compute);
+   one large direct read, in file order) unless they were queued already: as a layer starts,
+   the next MoE layer's cold experts that the pass's rows choose with a chance of at least
+   ``READ_AHEAD_P`` are queued before its router runs (at large blocks every cold expert, so
+   the disk never waits for a router);
+2. ``models.moe.grouped`` runs each chosen expert once on all its rows: those held in RAM first
+   (while the reads go on), then the read ones in the loader's order; the index it looks up
+   binds the expert's weights first (from RAM, or from its staging buffer once read, handed
+   back after its compute); one read ahead but not chosen is handed back in queue order;
 3. experts nobody chose are neither read nor run.
 
-Routing counts are kept per layer, and between passes the hottest experts are moved into RAM in
-place of colder ones (``rebalance``): the RAM share serves the most selections.
+Routing counts are kept per layer; every ``REBALANCE_EVERY`` passes the hottest experts on disk
+are marked to replace colder ones held in RAM (``rebalance``), and each move happens when the
+marked expert is next read anyway (``promote``): the RAM share serves the most selections and
+no byte is read to move it.
 """
 
 from __future__ import annotations
@@ -31,10 +36,14 @@ import torch
 
 from layercake.models.moe import grouped
 from layercake.offload.policy import split_bytes
+from layercake.offload.routing import probs_from_counts
 from layercake.offload.store import Unit, disk_range
 from layercake.offload.tiers import _libc, host_buffer
 
 REBALANCE_EVERY = 4  # passes between moves of hot experts into RAM
+# a cold expert of the next layer is read before its router ran when the pass's rows choose it
+# with at least this chance (at large blocks every expert: the reads never wait for a router)
+READ_AHEAD_P = 0.9
 
 
 def resident_bytes(
@@ -90,9 +99,17 @@ class ExpertUnits:
         self.routed = 0  # distinct experts chosen per layer and pass, summed
         self.passes = 0
         self.read_bytes = 0
+        self.read_ahead = 0  # experts read before their router ran
+        self.wasted = 0  # of those, not chosen by the router
+        self.swaps: dict[int, dict[int, int]] = {}  # layer -> {unit to RAM: unit to disk}
+        self.moved = 0  # experts moved into RAM
+        self.ahead: dict[int, list[int]] = {}  # layer -> experts read before its router ran
+        self.last_rows = [0, 0]  # rows of the latest two passes
+        self.top_k = 1
         for i in self.layers:
             moe = runner.model.layers()[str(i)].mlp
             self.counts[i] = torch.zeros(len(moe.experts), dtype=torch.long)
+            self.top_k = moe.top_k
             moe.run_experts = partial(self.run, i, moe)
 
     def on_disk(self, j: int) -> bool:
@@ -104,14 +121,20 @@ class ExpertUnits:
         chosen = torch.unique(ids).tolist()
         self.counts[layer] += torch.bincount(ids.flatten(), minlength=len(moe.experts))
         cold = {e for e in chosen if self.on_disk(self.unit[layer, e])}
-        for e in sorted(cold):
+        ahead = self.ahead.pop(layer, [])  # read before the router ran, in this order
+        fifo = ahead + sorted(cold - set(ahead))  # the loader's order of this layer's reads
+        for e in fifo[len(ahead) :]:
             self.loader.submit(self.unit[layer, e])
+        self._read_ahead(layer, x.shape[0])
         self.routed += len(chosen)
-        self.reads += len(cold)
-        self.read_bytes += sum(self.loader.ranges[self.unit[layer, e]][1] for e in cold)
-        view = _Bound(self, layer, moe, cold)
+        self.reads += len(fifo)
+        self.read_bytes += sum(self.loader.ranges[self.unit[layer, e]][1] for e in fifo)
+        self.wasted += len(set(ahead) - cold)
+        self.read_ahead += len(ahead)
+        view = _Bound(self, layer, moe, cold, fifo)
+        held = [e for e in chosen if e not in cold]  # computed while the reads go on
         try:
-            return grouped(x, ids, weights, view)
+            return grouped(x, ids, weights, view, held + [e for e in fifo if e in cold])
         finally:
             view.drain()
             if layer == self.layers[-1]:
@@ -119,32 +142,56 @@ class ExpertUnits:
                 if self.passes % REBALANCE_EVERY == 0:
                     self.rebalance()
 
+    def _read_ahead(self, layer: int, rows: int) -> None:
+        """Queue the reads of the next MoE layer's cold experts that this pass's ``rows`` rows
+        will almost surely choose (at large blocks: every cold expert, in file order), so that
+        the disk keeps reading while this layer and the next one's attention compute; after the
+        last layer, the first layer's for the next pass when this pass had the rows of the two
+        before (decode steps: the reads go on through the head and the next embedding; at the
+        end of a generation they wait in the ring for the next pass)."""
+        at = self.layers.index(layer) + 1
+        if at == len(self.layers):  # the next pass's first layer, once passes repeat (decode)
+            again = self.last_rows == [rows, rows]
+            self.last_rows = [self.last_rows[-1], rows]
+            if not again:
+                return
+            at = 0
+        nxt = self.layers[at]
+        p = probs_from_counts(self.counts[nxt].tolist(), self.top_k)
+        likely = [e for e, pe in enumerate(p) if 1.0 - (1.0 - pe) ** rows >= READ_AHEAD_P]
+        self.ahead[nxt] = [e for e in likely if self.on_disk(self.unit[nxt, e])]
+        for e in self.ahead[nxt]:
+            self.loader.submit(self.unit[nxt, e])
+
     def rebalance(self) -> None:
-        """Per layer, move the most selected experts on disk into RAM in place of the least
-        selected ones held there (same bytes: the budget does not change)."""
-        r = self.runner
+        """Per layer, the most selected experts on disk are to replace the least selected ones
+        held in RAM (same bytes: the budget does not change). Nothing is read for it: an expert
+        to move in is kept from the next read that brings it in anyway (``promote``)."""
         for i in self.layers:
             c = self.counts[i].tolist()
             held = [e for e in range(len(c)) if not self.on_disk(self.unit[i, e])]
             cold = [e for e in range(len(c)) if self.on_disk(self.unit[i, e])]
             held.sort(key=lambda e: c[e])
             cold.sort(key=lambda e: -c[e])
+            self.swaps[i] = {}
             for out, into in zip(held, cold):
                 if c[into] <= c[out]:
                     break
-                self._swap(r, self.unit[i, out], self.unit[i, into])
+                self.swaps[i][self.unit[i, into]] = self.unit[i, out]
 
-    def _swap(self, r: Any, out: int, into: int) -> None:
-        """Unit ``into`` (on disk) read into RAM; unit ``out`` (in RAM) dropped to disk."""
+    def promote(self, layer: int, into: int, staging: torch.Tensor) -> bool:
+        """If unit ``into`` (just read into ``staging``) is to move into RAM, copy it there and
+        drop the expert it replaces to disk; whether it moved."""
+        out = self.swaps.get(layer, {}).pop(into, None)
+        if out is None:
+            return False
+        r = self.runner
         rng = self.loader.ranges[into]
-        staging = self.loader.wait(into)  # read it once through the loader
         mem = host_buffer(rng[1])
         mem.copy_(staging[: rng[1]])
-        self.loader.free(into)
-        start = rng[0]
         for p in r.placed[into]:
             e = p.entry
-            lo = e.offset - start
+            lo = e.offset - rng[0]
             p.cpu = mem[lo : lo + e.nbytes].view(e.shape[0], -1).view(e.torch_dtype)
             p.b = e.shape[0]
         del self.loader.ranges[into]
@@ -153,22 +200,29 @@ class ExpertUnits:
         for p in r.placed[out]:
             unlock(p.cpu)
             p.cpu, p.b = None, 0
+        self.moved += 1
+        return True
 
     def stats(self) -> dict[str, float]:
         """Per pass and MoE layer: experts chosen, experts read from disk; bytes read."""
         n = max(1, self.passes) * max(1, len(self.layers))
         return dict(experts_routed_per_layer=self.routed / n, experts_read_per_layer=self.reads / n,
-                    expert_gb_read=self.read_bytes / 1e9, passes=self.passes)  # fmt: skip
+                    expert_gb_read=self.read_bytes / 1e9, passes=self.passes,
+                    experts_read_ahead=self.read_ahead, experts_moved_to_ram=self.moved,
+                    experts_read_ahead_unused=self.wasted)  # fmt: skip
 
 
 class _Bound:
     """What ``grouped`` indexes: expert e with its weights bound (and a read one's staging
-    buffer handed back once the next expert is looked up, i.e. after its compute)."""
+    buffer handed back once the next expert is looked up, i.e. after its compute). ``fifo``:
+    the layer's reads in the loader's order; those read ahead but not chosen are handed back
+    in that order before a later read is waited for (their slots let the later reads go on)."""
 
-    def __init__(self, xu: ExpertUnits, layer: int, moe: Any, cold: set[int]) -> None:
+    def __init__(self, xu: ExpertUnits, layer: int, moe: Any, cold: set[int],
+                 fifo: list[int]) -> None:  # fmt: skip
         self.xu, self.layer, self.moe, self.cold = xu, layer, moe, cold
+        self.fifo = list(reversed(fifo))  # popped from the end: the loader's order
         self.held: int | None = None  # unit whose staging buffer the last expert used
-        self.used: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.moe.experts)
@@ -179,23 +233,31 @@ class _Bound:
         j = xu.unit[self.layer, e]
         staging = None
         if e in self.cold:
-            self.used.add(e)
             t0 = time.perf_counter()
+            while (first := self.fifo.pop()) != e:  # read ahead, not chosen: hand it back
+                self._hand_back(first)
             staging = xu.loader.wait(j)
             r.times["weights_wait_s"] += time.perf_counter() - t0
             self.held = j
+            if xu.promote(self.layer, j, staging):  # now in RAM: bound from there
+                self.close()
+                staging = None
         r.materialize(j, staging)
         return self.moe.experts[e]
 
+    def _hand_back(self, e: int) -> None:
+        j = self.xu.unit[self.layer, e]
+        try:
+            self.xu.promote(self.layer, j, self.xu.loader.wait(j))  # read anyway: kept if due
+        finally:
+            self.xu.loader.free(j)
+
     def drain(self) -> None:
-        """Hand back every buffer of this pass, also of reads not consumed (an error midway)."""
+        """Hand back every buffer of this pass, also of reads not consumed (an error midway, or
+        read ahead and not chosen)."""
         self.close()
-        for e in self.cold - self.used:
-            j = self.xu.unit[self.layer, e]
-            try:
-                self.xu.loader.wait(j)
-            finally:
-                self.xu.loader.free(j)
+        while self.fifo:
+            self._hand_back(self.fifo.pop())
 
     def close(self) -> None:
         if self.held is not None:

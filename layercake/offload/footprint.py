@@ -16,7 +16,13 @@ from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.kv_cache import QuantKV
 from layercake.models.parts import Parts
-from layercake.offload.policy import RESIDENT_SCRATCH, STAGING_SLOTS, Policy, split_bytes
+from layercake.offload.policy import (
+    RESIDENT_SCRATCH,
+    STAGING_SLOTS,
+    Policy,
+    expert_slots,
+    split_bytes,
+)
 from layercake.offload.tiers import ALIGN
 from layercake.ops.linear import WIDEN_SLAB
 from layercake.quant import Compression, QuantSpec
@@ -120,6 +126,8 @@ def footprint(
     act = 4 * (micro * 2 * widest + block * tokens * 2 * config.hidden_size)
     if parts.head:
         act += 4 * block * config.vocab_size  # the logits of a step
+    if experts:  # ``models.moe.grouped``: each token's row once per chosen expert, three times
+        act += 4 * 3 * micro * getattr(config, "num_experts_per_tok", 1) * config.hidden_size
     spec = compress.cache_spec(config.head_dim) if compress is not None else None
     if spec is not None:  # the two dequantized work buffers of one layer (shared by every layer)
         act += kv_bytes(config, block, context, 1, dtype.itemsize)
@@ -132,7 +140,7 @@ def footprint(
         scratch=scratch if compressed else vector_scratch + WIDEN_BYTES if as_stored else 0,
         as_stored=as_stored,
         max_unit=max(u.nbytes for u in units),
-        expert_staging=STAGING_SLOTS * (max(experts) + 2 * ALIGN) if experts else 0,
+        expert_staging=expert_slots(max(experts)) * (max(experts) + 2 * ALIGN) if experts else 0,
         activations=act,
         kv=kv,
     )

@@ -14,7 +14,7 @@ from torch import nn
 from layercake.errors import LayercakeError
 from layercake.offload.experts import resident_bytes
 from layercake.offload.loader import Loader
-from layercake.offload.policy import STAGING_SLOTS, split_bytes
+from layercake.offload.policy import STAGING_SLOTS, expert_slots, split_bytes
 from layercake.offload.store import Entry, Unit, disk_range, entry_rows, int4pack_piece, prepare
 from layercake.offload.tiers import ALIGN, DirectReader, align_up, host_buffer, keep_in_ram
 from layercake.ops.int4pack import nbytes8
@@ -141,15 +141,18 @@ class Placement:
         experts = {j: r for j, r in ranges.items() if self.units[j].kind == "expert"}
         # routed experts are read after their router ran, inside their layer's compute: a ring
         # of their own, so that they never wait for the layers' read-ahead
-        self.expert_loader = _loader(readers, experts, self.cuda) if experts else None
+        if experts:
+            slots = expert_slots(max(self.units[j].nbytes for j in experts))
+            self.expert_loader = _loader(readers, experts, self.cuda, slots)
         return _loader(readers, {j: r for j, r in ranges.items() if j not in experts}, self.cuda)
 
 
-def _loader(readers: dict, ranges: dict[int, tuple[int, int]], pin: bool) -> Loader | None:
+def _loader(readers: dict, ranges: dict[int, tuple[int, int]], pin: bool,
+            slots: int = STAGING_SLOTS) -> Loader | None:  # fmt: skip
     if not ranges:
         return None
     size = max(r[1] for r in ranges.values()) + ALIGN
-    slots = [host_buffer(size, pin=pin) for _ in range(STAGING_SLOTS)]
+    slots = [host_buffer(size, pin=pin) for _ in range(slots)]
     return Loader(readers, ranges, slots)
 
 

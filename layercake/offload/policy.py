@@ -116,6 +116,19 @@ def split_bytes(total: int, policy_dev: float, policy_cpu: float) -> tuple[int, 
 # still waited for weights; with three it waits none (the README's "Offloading" has the figures).
 # The third costs a unit's disk share of RAM, taken from the resident weights.
 STAGING_SLOTS = 3
+# routed experts (``offload.experts``) have a ring of their own: their reads are queued as soon as
+# a router has chosen them (or before, at large blocks), and a ring deeper than three keeps the
+# disk busy while a layer's attention and the experts held in RAM compute; up to EXPERT_SLOTS
+# small experts, as many as EXPERT_RING_BYTES holds, never fewer than STAGING_SLOTS
+EXPERT_SLOTS = 8
+EXPERT_RING_BYTES = 128 * 2**20
+
+
+def expert_slots(expert_bytes: int) -> int:
+    """Buffers in the routed experts' staging ring for experts of ``expert_bytes``."""
+    return max(STAGING_SLOTS, min(EXPERT_SLOTS, EXPERT_RING_BYTES // max(1, expert_bytes)))
+
+
 # compressed weights held resident dequantize this much at a time (``quant.Workspace``)
 RESIDENT_SCRATCH = 64 * 2**20
 
