@@ -154,9 +154,10 @@ def new_engine(llm: LLM, slots: int, context: int) -> Engine:
 
 
 def warm_up(llm: LLM, slots: int, context: int) -> None:
-    """Run one decode step at each cache size the server's engine uses (the starting one, and
-    the whole capacity where steps are compiled), so a compiled step is built before the first
-    request instead of stalling it (progress lines say so while it compiles)."""
+    """Run one decode step at each row count (``Engine.buckets``) and cache size (the starting
+    one, and the whole capacity where steps are compiled) the server's engine uses, so every
+    compiled graph is built before the first request instead of stalling one (progress lines
+    say so while it compiles)."""
     eng = new_engine(llm, slots, context)
     spans = [2]  # generated tokens of a request that fits the starting size
     if eng.two_sizes and eng.capacity > eng.initial:
@@ -164,10 +165,13 @@ def warm_up(llm: LLM, slots: int, context: int) -> None:
         spans += [n] if default_capacity(2 + n) > eng.initial else []
     token = llm.eos_token_ids[0] if llm.eos_token_ids else 0
     for n in spans:
-        # two prompt tokens: a one-token prompt's prefill would be a (compiled) one-row step
-        params = SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True)
-        req = Request([token, token], params)
-        eng.add(req)
-        eng.step()  # admits it (prefill) and runs one decode step
-        req.cancelled = True
-        eng.step()  # frees its slot
+        for rows in eng.buckets or [slots]:
+            # two prompt tokens: a one-token prompt's prefill would be a (compiled) one-row step
+            params = SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True)
+            reqs = [Request([token, token], params) for _ in range(rows)]
+            for req in reqs:
+                eng.add(req)
+            eng.step()  # admits them (prefill) and runs one decode step of ``rows`` rows
+            for req in reqs:
+                req.cancelled = True
+            eng.step()  # frees their slots
