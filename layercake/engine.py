@@ -113,8 +113,6 @@ class Engine:
         # live rows as a prefix, steps over them only (else every slot, dead rows masked)
         self.compacts = self.resizable and isinstance(runner, LocalRunner)
         self.buckets = batch_buckets(slots) if self.two_sizes else None
-        if self.buckets is not None:
-            allow_graphs(2 * len(self.buckets) + 8)  # two cache sizes, and room besides
 
     # ---- queue -----------------------------------------------------------------------------
     def check(self, prompt: list[int], params: SamplingParams) -> None:
@@ -323,14 +321,6 @@ def batch_buckets(slots: int) -> list[int]:
     """Row counts a compiled step runs (one graph each): powers of two below ``slots``, and
     ``slots``."""
     return [b for b in (1 << i for i in range(slots.bit_length())) if b < slots] + [slots]
-
-
-def allow_graphs(n: int) -> None:
-    """Let one compiled function hold ``n`` graphs (torch.compile's per-function limit, 8 by
-    default, would run the shapes past it eagerly, silently)."""
-    import torch._dynamo.config as dynamo
-
-    dynamo.recompile_limit = max(dynamo.recompile_limit, n)
 
 
 def move_row(cache: KVCache, src: int, dst: int) -> None:

@@ -159,7 +159,7 @@ def warm_up(llm: LLM, slots: int, context: int) -> None:
     compiled graph is built before the first request instead of stalling one (progress lines
     say so while it compiles)."""
     eng = new_engine(llm, slots, context)
-    spans = [2]  # generated tokens of a request that fits the starting size
+    spans = [3]  # generated tokens of a request that fits the starting size
     if eng.two_sizes and eng.capacity > eng.initial:
         n = eng.max_span - 2  # the longest request: the engine grows to the whole capacity
         spans += [n] if default_capacity(2 + n) > eng.initial else []
@@ -172,6 +172,8 @@ def warm_up(llm: LLM, slots: int, context: int) -> None:
             for req in reqs:
                 eng.add(req)
             eng.step()  # admits them (prefill) and runs one decode step of ``rows`` rows
+            eng.step()  # and a second: a graph whose guards changed on its first call (an op
+            # registered while it compiled) compiles again now, not on a request
             for req in reqs:
                 req.cancelled = True
             eng.step()  # frees their slots
