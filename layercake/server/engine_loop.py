@@ -109,6 +109,8 @@ class EngineLoop:
         for f in dataclasses.fields(GenerationStats):
             if f.name != "batch_size":
                 setattr(delta, f.name, getattr(now, f.name) - getattr(was, f.name))
+        if delta.decode_steps:  # a step runs the live rows only: its mean row count, not slots
+            delta.batch_size = max(1, round(delta.decode_tokens / delta.decode_steps))
         print(f"layercake: served {delta.generated_tokens} tokens, prefill "
               f"{delta.prefill_tok_s:.1f} tok/s, decode {delta.decode_tok_s:.1f} tok/s; "
               f"{roofline_line(self.llm, delta)}", file=sys.stderr, flush=True)  # fmt: skip
