@@ -7,9 +7,12 @@ effective rate (its FLOPs a token over the time a token's products take at those
 head only at decode's row count: a prefill runs it on each prompt's last position).
 
   flock /tmp/layercake-bench.lock python benchmarks/matmul_peak.py
+  python benchmarks/matmul_peak.py --judge benchmarks/results/roofline-b32-2026-12-03.jsonl
 
 Run it in the same hold as ``generation.py --models llama1b --batches 32`` to judge that run:
-time >= FLOPs / this rate; a run at 0.95 of it has no lossless headroom left.
+time >= FLOPs / this rate; a run at 0.95 of it has no lossless headroom left. ``--judge FILE``
+reads both kinds of lines from one file and prints, for each generation run, the GFLOP/s its
+prefill and decode reached and their fractions of the fp32 rates measured in that file.
 """
 
 from __future__ import annotations
@@ -43,6 +46,30 @@ def rate(rows: int, k: int, n: int, dtype, passes: int) -> float:  # noqa: ANN00
     return best
 
 
+def judge(path: str) -> None:
+    """Each 1B generation run in ``path`` against the fp32 rates measured beside it (the best
+    of the file's passes), from the same FLOP count for both engines."""
+    lines = [json.loads(x) for x in open(path) if x.startswith("{")]
+    rates: dict[int, float] = {}
+    for r in lines:
+        if r.get("bench") == "matmul_peak" and r["dtype"] == "float32":
+            rates[r["rows"]] = max(rates.get(r["rows"], 0.0), r["model_gflops"])
+    layers = sum(2 * k * n * c for name, k, n, c in SHAPES if name != "head")
+    head = 2 * HIDDEN * VOCAB
+    for r in lines:
+        if r.get("bench") != "generation" or r.get("line") != "run" or r.get("model") != "llama1b":
+            continue
+        B, P, gen = r["batch"], r["prompt_len"], r["gen_len"]
+        pre_s, dec_s = B * P / r["prefill_tok_s"], B * (gen - 1) / r["decode_tok_s"]
+        pre = (layers * B * P + head * B) / pre_s / 1e9  # the head on each last position
+        dec = (layers + head) * B * (gen - 1) / dec_s / 1e9
+        print(json.dumps(dict(engine=r["engine"], throughput_tok_s=r["throughput_tok_s"],
+                              prefill_gflops=round(pre, 1), decode_gflops=round(dec, 1),
+                              prefill_of_fp32_rate=round(pre / rates[B * P], 3),
+                              decode_of_fp32_rate=round(dec / rates[B], 3),
+                              fp32_rates=rates)))  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", nargs="+", type=int, default=[32, 1024])
@@ -50,7 +77,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--no-head", action="store_true", help="leave the 128256-row head out")
+    ap.add_argument("--judge", help="a results file: its generation runs against its rates")
     a = ap.parse_args()
+    if a.judge:
+        return judge(a.judge)
     import torch
 
     torch.set_num_threads(a.threads)
