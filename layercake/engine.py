@@ -16,6 +16,13 @@ sequence is admitted, and is allocated afresh at its starting size when a reques
 empty engine after a long one. A runner with a memory plan for its cache (offloading) gets the
 whole capacity at once instead; one whose steps are compiled (a graph per cache size) gets two
 sizes only, the starting one and the whole capacity.
+
+A step runs only the live rows (on a ``LocalRunner`` whose cache is in this process): they are
+kept as a prefix of the slots (when a sequence finishes, the last live row moves into its slot:
+its cache row, token, position and sampler place), and the step forwards a view of the first
+rows. Eagerly that is exactly the live rows; a compiled step (a graph per row count) runs the
+smallest of a few bucket sizes (1, 2, 4, ... and ``slots``) that holds them, the rest masked.
+A lone stream so costs one row, not every slot; each row computes what it computes alone.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from layercake.errors import LayercakeError
 from layercake.generate import GenerationStats, Row, StepEvent, check_prompt
 from layercake.kv_cache import KVCache, QuantKV
 from layercake.prefill import prefill
+from layercake.runner import LocalRunner
 from layercake.sampling import Sampler, SamplingParams
 
 if TYPE_CHECKING:
@@ -102,6 +110,9 @@ class Engine:
         self.pos = torch.zeros(slots, 1, dtype=torch.long, device=dev)  # its position
         self.start = [0] * slots  # first cache slot each live row uses
         self.stats = GenerationStats(batch_size=slots)
+        # live rows as a prefix, steps over them only (else every slot, dead rows masked)
+        self.compacts = self.resizable and isinstance(runner, LocalRunner)
+        self.buckets = batch_buckets(slots) if self.two_sizes else None
 
     # ---- queue -----------------------------------------------------------------------------
     def check(self, prompt: list[int], params: SamplingParams) -> None:
@@ -132,16 +143,28 @@ class Engine:
         with torch.inference_mode():
             if self.cache.length >= self.cache.capacity:
                 self._compact()
-            live = [s is not None for s in self.seqs]
+            B = self.step_rows()
+            live = [s is not None for s in self.seqs[:B]]
             mask = None if all(live) else torch.tensor(live, device=self.tokens.device)[:, None]
-            logits = self.runner.forward(self.tokens, self.pos, self.cache, mask, last_only=True)
+            cache = self.cache if B == self.slots else self.cache.rows(0, B, self.cache.length)
+            tokens, pos = self.tokens[:B], self.pos[:B]
+            logits = self.runner.forward(tokens, pos, cache, mask, last_only=True)
+            self.cache.length = cache.length  # a view of the first rows moved its own
+            pos += 1 if mask is None else mask
             out = self._sample(logits[:, -1], lambda b: True)
-            self.pos += 1 if mask is None else mask
         self.stats.decode_s += time.perf_counter() - t0
         self.stats.decode_steps += 1
         self.stats.decode_tokens += len(out)
         self.stats.generated_tokens += len(out)
         return events + out
+
+    def step_rows(self) -> int:
+        """Rows the next step forwards: every slot, or (compacting) the live prefix, rounded up
+        to a bucket where steps are compiled."""
+        if not self.compacts:
+            return self.slots
+        n = sum(s is not None for s in self.seqs)
+        return n if self.buckets is None else next(b for b in self.buckets if b >= n)
 
     def _drop_cancelled(self) -> None:
         if any(r.cancelled for r in self.waiting):
@@ -224,6 +247,26 @@ class Engine:
             self._index(g)
         for b in slots:
             self.seqs[b] = None
+        if self.compacts:
+            self._pack()
+
+    def _pack(self) -> None:
+        """Move the last live rows into the free slots below them: live rows become a prefix."""
+        free = [b for b, s in enumerate(self.seqs) if s is None]
+        while free and any(s is not None for s in self.seqs[free[0] + 1 :]):
+            dst = free.pop(0)
+            src = max(b for b, s in enumerate(self.seqs) if s is not None)
+            move_row(self.cache, src, dst)
+            for t in (self.tokens, self.pos):
+                t[dst] = t[src]
+            self.start[dst] = self.start[src]
+            seq = self.seqs[dst] = self.seqs[src]
+            self.seqs[src] = None
+            g = seq.group
+            g.slots[g.slots.index(src)] = dst  # its sampler row stays where it was
+            self._index(g)
+            free.append(src)
+            free.sort()
 
     def _index(self, g: _Group) -> None:
         every = g.slots == list(range(self.slots))
@@ -272,6 +315,21 @@ class Engine:
 
 
 INITIAL_CAPACITY = 256  # cache slots per row an engine starts with, unless told
+
+
+def batch_buckets(slots: int) -> list[int]:
+    """Row counts a compiled step runs (one graph each): powers of two below ``slots``, and
+    ``slots``."""
+    return [b for b in (1 << i for i in range(slots.bit_length())) if b < slots] + [slots]
+
+
+def move_row(cache: KVCache, src: int, dst: int) -> None:
+    """Copy row ``src`` of ``cache`` (its written slots and their padding marks) into ``dst``."""
+    n = cache.length
+    for t in cache.tensors():
+        for x in t.parts() if isinstance(t, QuantKV) else (t,):
+            x[dst, :, :n].copy_(x[src, :, :n])
+    cache.valid[dst].copy_(cache.valid[src])
 
 
 def compiles_steps(runner: object) -> bool:

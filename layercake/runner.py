@@ -67,7 +67,8 @@ class LocalRunner:
         self._step = None
         if compile_step:
             opts = {"cpp_wrapper": True} if self.device.type == "cpu" else {}
-            self._step = torch.compile(self._run, fullgraph=True, dynamic=False, options=opts)
+            self._step = torch.compile(self._run, fullgraph=True, dynamic=False, options=opts,
+                                       recompile_limit=MAX_GRAPHS)  # fmt: skip
             what = "compiling the one-token step for {key[0]} rows (torch.compile, once per shape)"
             self._step = on_new_shape(self._step, lambda a: (len(a[0]), a[2].capacity), what)
 
@@ -153,6 +154,9 @@ WHY = {
 }
 MAX_STATIC_BATCH = 8  # compiled one-token steps: each batch size up to this is one graph
 CAPACITY_STEP = 256  # compiled steps: cache capacities are rounded up to this (fewer graphs)
+# graphs one compiled step may hold (one per rows x capacity: an engine's row buckets at its two
+# cache sizes, generate's batches); past torch.compile's default of 8 it would run eagerly
+MAX_GRAPHS = 64
 
 
 def static_step(cache: KVCache, token_mask: torch.Tensor) -> AttentionStep:

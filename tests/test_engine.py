@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from layercake.engine import Engine, Request
+from layercake.engine import Engine, Request, batch_buckets, move_row
 from layercake.errors import LayercakeError
 from layercake.kv_cache import KVCache
 from layercake.sampling import SamplingParams
@@ -87,6 +87,16 @@ def _solo(llm, prompt, params):
     return llm.generate([prompt], **kw)[0]
 
 
+def assert_solo(llm, reqs, out):
+    """Each request's events (``out[id(r)]``) carry its solo run's tokens and logprobs."""
+    for r in reqs:
+        solo = _solo(llm, r.prompt, r.params)
+        assert [e.token_id for e in out[id(r)]] == solo.token_ids, r.tag
+        if r.params.logprobs is not None:
+            got = [e.logprob.logprob for e in out[id(r)]]
+            assert got == pytest.approx([lp.logprob for lp in solo.logprobs], abs=1e-4)
+
+
 def _run(llm, reqs, slots, capacity):
     eng = Engine(llm.runner, llm.eos_token_ids, lambda ids: "", slots, capacity)
     for r in reqs:
@@ -129,12 +139,7 @@ def test_continuous_batching_equals_solo_greedy(llm, slots, capacity, monkeypatc
     if slots < 10:  # every path taken: scattered admissions, shifts both ways
         kinds = {n if n != "shift" else f"shift{'+' if a > 0 else '-'}" for n, a in calls}
         assert kinds == {"rows", "load_rows", "shift+", "shift-"}, kinds
-    for r in reqs:
-        solo = _solo(llm, r.prompt, r.params)
-        assert [e.token_id for e in out[id(r)]] == solo.token_ids, r.tag
-        if r.params.logprobs is not None:
-            got = [e.logprob.logprob for e in out[id(r)]]
-            assert got == pytest.approx([lp.logprob for lp in solo.logprobs], abs=1e-4)
+    assert_solo(llm, reqs, out)
 
 
 def test_seeded_sampling_equals_solo(llm):
@@ -212,3 +217,74 @@ def test_cache_follows_the_requests_in_flight(llm):
         assert [e.token_id for e in out[id(r)]] == solo.token_ids
         got = [e.logprob.logprob for e in out[id(r)]]
         assert got == pytest.approx([lp.logprob for lp in solo.logprobs], abs=1e-4)
+
+
+def run_checking_rows(llm, reqs, slots, capacity, rows_for, monkeypatch, **kw):
+    """``_run``, asserting at every decode step that the live rows are a prefix of the slots
+    and the forward ran ``rows_for(live)`` rows; the decode steps' row counts."""
+    forward, eng, seen = llm.runner.forward, None, []
+
+    def spy(tokens, positions, cache, *a, **k):  # noqa: ANN001, ANN002, ANN003
+        if eng is not None and positions.data_ptr() == eng.pos.data_ptr():  # a decode step
+            n = sum(s is not None for s in eng.seqs)
+            assert all(s is not None for s in eng.seqs[:n]), "live rows not a prefix"
+            assert tokens.shape[0] == cache.batch == rows_for(n), (tokens.shape, n)
+            seen.append(n)
+        return forward(tokens, positions, cache, *a, **k)
+
+    monkeypatch.setattr(llm.runner, "forward", spy)
+    eng = Engine(llm.runner, llm.eos_token_ids, lambda ids: "", slots, capacity, **kw)
+    for r in reqs:
+        eng.add(r)
+    out = {id(r): [] for r in reqs}
+    for req, ev in eng.run():
+        out[id(req)].append(ev)
+    monkeypatch.undo()
+    assert_solo(llm, reqs, out)
+    return seen
+
+
+def mixed_requests(seed: int, count: int = 12) -> list[Request]:
+    """Greedy and seeded requests of mixed lengths: they finish out of order, so rows leave
+    from the middle of the batch and new ones join into the freed slots."""
+    rng = random.Random(seed)
+    reqs = []
+    for i in range(count):
+        prompt = [rng.randrange(3, 97) for _ in range(rng.randrange(1, 10))]
+        temp = 0.0 if i % 2 else 0.8
+        p = SamplingParams(temperature=temp, seed=i, max_new_tokens=rng.randrange(1, 14),
+                           ignore_eos=True, logprobs=1 if i % 3 == 0 else None)  # fmt: skip
+        reqs.append(Request(prompt, p, tag=i))
+    return reqs
+
+
+def test_steps_run_only_the_live_rows(llm, monkeypatch):
+    """Rows finishing anywhere are filled by moving the last live row down (its cache row,
+    position, next token and sampler place), so each step forwards exactly the live rows and
+    every sequence still equals its solo run."""
+    seen = run_checking_rows(llm, mixed_requests(1), 4, 40, lambda n: n, monkeypatch)
+    assert {1, 4} <= set(seen) and len(set(seen)) >= 3, seen  # the batch shrank, refilled
+
+
+def test_batch_buckets():
+    assert batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(6) == [1, 2, 4, 6]
+    assert batch_buckets(3) == [1, 2, 3]
+    assert batch_buckets(1) == [1]
+
+
+def test_move_row_copies_plain_and_quantized_rows():
+    from layercake.quant import QuantSpec
+
+    for quant in (None, QuantSpec(bits=4, group_size=4)):
+        c = KVCache.allocate([0, 3], batch=3, capacity=6, num_kv_heads=1, head_dim=4, quant=quant)
+        parts = [p for t in c.tensors() for p in (t.parts() if quant else (t,))]
+        for p in parts:
+            p.copy_(torch.randint(0, 100, p.shape).to(p.dtype))
+        c.valid[2, :4] = torch.tensor([False, True, True, True])
+        c.length = 4
+        before = [p.clone() for p in parts]
+        move_row(c, 2, 0)
+        for p, b in zip(parts, before):
+            assert torch.equal(p[0, :, :4], b[2, :, :4]) and torch.equal(p[1:], b[1:])
+        assert c.valid[0].tolist() == c.valid[2].tolist()

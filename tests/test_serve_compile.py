@@ -74,6 +74,17 @@ def test_engine_of_a_compiled_runner_uses_two_cache_sizes(stepped_llm, monkeypat
     assert eng.cache.capacity == 512  # default_capacity(178) = 267, rounded up
 
 
+def test_compiled_steps_run_the_smallest_bucket_of_rows(stepped_llm, monkeypatch) -> None:
+    """A compiled engine forwards the live rows padded to a bucket (1, 2, 4, 8 of 8 slots: one
+    graph each), the padding rows masked; every sequence equals its solo run."""
+    from tests.test_engine import mixed_requests, run_checking_rows
+
+    bucket = {1: 1, 2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
+    reqs = mixed_requests(2, 16)
+    seen = run_checking_rows(stepped_llm, reqs, 8, 40, bucket.get, monkeypatch)
+    assert {bucket[n] for n in seen} == {1, 2, 4, 8} and len(set(seen)) > 4, seen
+
+
 def test_warm_up_runs_a_step_at_each_size(stepped_llm, monkeypatch) -> None:
     llm, seen = stepped_llm, []
     forward = llm.runner.forward
@@ -84,14 +95,15 @@ def test_warm_up_runs_a_step_at_each_size(stepped_llm, monkeypatch) -> None:
 
     monkeypatch.setattr(llm.runner, "forward", spy)
     warm_up(llm, 4, 100)  # starts at min(150, 256) -> 128 (the context); one size
-    steps = {cap for shape, cap in seen if tuple(shape) == (4, 1)}
-    assert steps == {128}, seen
+    steps = {(tuple(shape)[0], cap) for shape, cap in seen if tuple(shape)[1] == 1}
+    assert steps == {(1, 128), (2, 128), (4, 128)}, seen  # every bucket of rows
     seen.clear()
     monkeypatch.setattr(llm.runner, "max_context", 4096)  # now the capacity is past the start
     warm_up(llm, 4, 1000)
-    steps = {cap for shape, cap in seen if tuple(shape) == (4, 1)}
-    assert len(steps) == 2, seen  # the starting size and the whole capacity
-    assert all(tuple(s)[0] in (1, 4) and tuple(s)[1] <= 2 for s, _ in seen)  # 2-token prompts
+    steps = {(tuple(shape)[0], cap) for shape, cap in seen if tuple(shape)[1] == 1}
+    caps = {cap for _, cap in steps}
+    assert len(caps) == 2 and steps == {(b, c) for b in (1, 2, 4) for c in caps}, seen
+    assert all(tuple(s)[1] <= 2 for s, _ in seen)  # 2-token prompts, one-token steps
 
 
 def test_a_failed_compile_falls_back_or_is_an_error(tiny_llama, monkeypatch, capsys) -> None:

@@ -109,6 +109,8 @@ class EngineLoop:
         for f in dataclasses.fields(GenerationStats):
             if f.name != "batch_size":
                 setattr(delta, f.name, getattr(now, f.name) - getattr(was, f.name))
+        if delta.decode_steps:  # a step runs the live rows only: its mean row count, not slots
+            delta.batch_size = max(1, round(delta.decode_tokens / delta.decode_steps))
         print(f"layercake: served {delta.generated_tokens} tokens, prefill "
               f"{delta.prefill_tok_s:.1f} tok/s, decode {delta.decode_tok_s:.1f} tok/s; "
               f"{roofline_line(self.llm, delta)}", file=sys.stderr, flush=True)  # fmt: skip
@@ -154,20 +156,26 @@ def new_engine(llm: LLM, slots: int, context: int) -> Engine:
 
 
 def warm_up(llm: LLM, slots: int, context: int) -> None:
-    """Run one decode step at each cache size the server's engine uses (the starting one, and
-    the whole capacity where steps are compiled), so a compiled step is built before the first
-    request instead of stalling it (progress lines say so while it compiles)."""
+    """Run one decode step at each row count (``Engine.buckets``) and cache size (the starting
+    one, and the whole capacity where steps are compiled) the server's engine uses, so every
+    compiled graph is built before the first request instead of stalling one (progress lines
+    say so while it compiles)."""
     eng = new_engine(llm, slots, context)
-    spans = [2]  # generated tokens of a request that fits the starting size
+    spans = [3]  # generated tokens of a request that fits the starting size
     if eng.two_sizes and eng.capacity > eng.initial:
         n = eng.max_span - 2  # the longest request: the engine grows to the whole capacity
         spans += [n] if default_capacity(2 + n) > eng.initial else []
     token = llm.eos_token_ids[0] if llm.eos_token_ids else 0
     for n in spans:
-        # two prompt tokens: a one-token prompt's prefill would be a (compiled) one-row step
-        params = SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True)
-        req = Request([token, token], params)
-        eng.add(req)
-        eng.step()  # admits it (prefill) and runs one decode step
-        req.cancelled = True
-        eng.step()  # frees its slot
+        for rows in eng.buckets or [slots]:
+            # two prompt tokens: a one-token prompt's prefill would be a (compiled) one-row step
+            params = SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True)
+            reqs = [Request([token, token], params) for _ in range(rows)]
+            for req in reqs:
+                eng.add(req)
+            eng.step()  # admits them (prefill) and runs one decode step of ``rows`` rows
+            eng.step()  # and a second: a graph whose guards changed on its first call (an op
+            # registered while it compiled) compiles again now, not on a request
+            for req in reqs:
+                req.cancelled = True
+            eng.step()  # frees their slots
