@@ -242,54 +242,68 @@ def parse_topology(doc: dict[str, Any], source: str = "<topology>",
     raw = doc.get("nodes")
     if not isinstance(raw, list) or not raw:
         raise _invalid(source, errors + ["'nodes' must be a non-empty list of nodes"])
-    nodes: list[Node] = []
     names: dict[str, int] = {}
     addresses: dict[tuple[str, int], str] = {}
-    for i, item in enumerate(raw):
-        where = f"node {i + 1}"
-        if not isinstance(item, dict):
-            errors.append(f"{where}: must be a mapping with name, address and layers")
-            continue
-        name = item.get("name")
-        if not isinstance(name, str) or not name.strip():
-            errors.append(f"{where}: needs a 'name'")
-            name = f"#{i + 1}"
+    nodes = [n for i, item in enumerate(raw) if (n := _node(i, item, names, addresses, errors))]
+    top = _top_options(doc, errors)
+    if num_layers is not None:  # every mistake at once: the file's and the ranges'
+        errors += _range_errors(nodes, num_layers)[0]
+    if errors:
+        raise _invalid(source, errors)
+    topo = Topology(nodes, source, doc.get("model"), **top)
+    return topo if num_layers is None else topo.check(num_layers)
+
+
+def _node(i: int, item: object, names: dict[str, int], addresses: dict[tuple[str, int], str],
+          errors: list[str]) -> Node | None:  # fmt: skip
+    """Node ``i`` of the file, its mistakes appended to ``errors`` (names and addresses seen so
+    far, to find those used twice)."""
+    where = f"node {i + 1}"
+    if not isinstance(item, dict):
+        errors.append(f"{where}: must be a mapping with name, address and layers")
+        return None
+    name = item.get("name")
+    if not isinstance(name, str) or not name.strip():
+        errors.append(f"{where}: needs a 'name'")
+        name = f"#{i + 1}"
+    else:
+        where = f"node {name!r}"
+        if name in names:
+            errors.append(f"{where}: the name is used twice (nodes {names[name]} and {i + 1})")
+        names[name] = i + 1
+    for k in sorted(set(item) - NODE_KEYS):
+        errors.append(f"{where}: unknown key {k!r} (known: {', '.join(sorted(NODE_KEYS))})")
+    host, port = "", 0
+    if "address" not in item:
+        errors.append(f"{where}: needs an 'address' (host:port)")
+    else:
+        try:
+            host, port = parse_address(item["address"])
+        except ValueError as e:
+            errors.append(f"{where}: {e}")
         else:
-            where = f"node {name!r}"
-            if name in names:
-                errors.append(f"{where}: the name is used twice (nodes {names[name]} and {i + 1})")
-            names[name] = i + 1
-        for k in sorted(set(item) - NODE_KEYS):
-            errors.append(f"{where}: unknown key {k!r} (known: {', '.join(sorted(NODE_KEYS))})")
-        host, port = "", 0
-        if "address" not in item:
-            errors.append(f"{where}: needs an 'address' (host:port)")
-        else:
-            try:
-                host, port = parse_address(item["address"])
-            except ValueError as e:
-                errors.append(f"{where}: {e}")
-            else:
-                if (host, port) in addresses:
-                    errors.append(
-                        f"{where}: address {item['address']} is also node "
-                        f"{addresses[host, port]!r}'s: each node needs its own host:port"
-                    )
-                addresses[host, port] = name
-        layers = item.get("layers")
-        if isinstance(layers, list):
-            layers = " ".join(map(str, layers))
-        if not isinstance(layers, str) or not layers.strip():
-            errors.append(f"{where}: needs 'layers', a part spec like 'b 0-8' or '8-16 e'")
-            layers = ""
-        device = item.get("device", "cpu")
-        if not isinstance(device, str) or device.split(":")[0] not in ("cpu", "cuda", "mps"):
-            errors.append(f"{where}: device {device!r} is not cpu, cuda, cuda:N or mps")
-        options = {
-            k: v for k, v in item.items() if k not in ("name", "address", "layers", "device")
-        }
-        errors += [f"{where}: {e}" for e in _check_options(options)]
-        nodes.append(Node(name, host, port, layers, str(device), options))
+            if (host, port) in addresses:
+                errors.append(
+                    f"{where}: address {item['address']} is also node "
+                    f"{addresses[host, port]!r}'s: each node needs its own host:port"
+                )
+            addresses[host, port] = name
+    layers = item.get("layers")
+    if isinstance(layers, list):
+        layers = " ".join(map(str, layers))
+    if not isinstance(layers, str) or not layers.strip():
+        errors.append(f"{where}: needs 'layers', a part spec like 'b 0-8' or '8-16 e'")
+        layers = ""
+    device = item.get("device", "cpu")
+    if not isinstance(device, str) or device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        errors.append(f"{where}: device {device!r} is not cpu, cuda, cuda:N or mps")
+    options = {k: v for k, v in item.items() if k not in ("name", "address", "layers", "device")}
+    errors += [f"{where}: {e}" for e in _check_options(options)]
+    return Node(name, host, port, layers, str(device), options)
+
+
+def _top_options(doc: dict[str, Any], errors: list[str]) -> dict[str, Any]:
+    """The file's job-wide settings, checked (mistakes appended to ``errors``)."""
     top: dict[str, Any] = {}
     numbers = [("timeout", float), ("connect_timeout", float), ("micro_batches", int),
                ("max_batch", int), ("max_context", int), ("resume_timeout", float),
@@ -317,12 +331,7 @@ def parse_topology(doc: dict[str, Any], source: str = "<topology>",
             top["token"] = tok
     if "model" in doc and not isinstance(doc["model"], str):
         errors.append(f"model must be a path, not {doc['model']!r}")
-    if num_layers is not None:  # every mistake at once: the file's and the ranges'
-        errors += _range_errors(nodes, num_layers)[0]
-    if errors:
-        raise _invalid(source, errors)
-    topo = Topology(nodes, source, doc.get("model"), **top)
-    return topo if num_layers is None else topo.check(num_layers)
+    return top
 
 
 def _check_options(o: dict[str, Any]) -> list[str]:
