@@ -220,16 +220,8 @@ def one_token_attention(
     """A one-token step of fused q/k/v on the CPU in one call (at one token a step is bound by
     calls, not arithmetic): ``kernels.decode_step`` rotates q and k, writes k and v into the
     cache in place and attends. Returns (B, H * hd). Only for a step ``flat_step`` accepted
-    (fp32 CPU cache, kernels built, no static slot); its results equal the general path's. A
-    cache held quantized is written and read back as the general path does (the new slot is
-    attended to as stored, quantized), from the same fused q/k/v."""
-    if isinstance(cache_k, QuantKV):
-        B, hd = qkv.shape[0], cache_k.work.shape[-1]
-        KV = (qkv.shape[1] // hd - H) // 2
-        qk = rope.apply(qkv[:, : (H + KV) * hd].view(B, 1, H + KV, hd))
-        v = qkv[:, (H + KV) * hd :].view(B, 1, KV, hd)
-        q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)
-        return cached_attention(q, k, v, cache_k, cache_v, step).view(B, H * hd)
+    (plain fp32 CPU cache, kernels built, no static slot); its results equal the general
+    path's."""
     hd = cache_k.shape[-1]
     return kernels.decode_step(
         qkv, rope.cos, rope.sin, cache_k, cache_v, step.start, step.mask, hd**-0.5, H
@@ -238,7 +230,8 @@ def one_token_attention(
 
 def flat_step(rope: Rope, cache_k: object, step: AttentionStep) -> bool:
     """Whether a one-token step runs on 2-D hidden states (B, hidden) through the layers, with
-    attention on ``one_token_attention``: the rotation matrix is built (a CPU fp32 step, not
+    attention on ``one_token_attention`` (a cache held quantized: the attention's general path,
+    which writes and reads it back): the rotation matrix is built (a CPU fp32 step, not
     compiled), the cache fp32 on the CPU (plain, or held quantized with an fp32 work buffer),
     no static slot, our kernels built. Checked once per step, not once per layer."""
     held = cache_k.work if isinstance(cache_k, QuantKV) else cache_k

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layercake.config import BaseConfig, rope_parameters
-from layercake.kv_cache import AttentionStep
+from layercake.kv_cache import AttentionStep, QuantKV
 from layercake.models.base import DecoderSlice
 from layercake.models.layers import (
     Embedding,
@@ -85,6 +85,8 @@ class Attention(nn.Module):
         H, KV, hd = self.n_heads, self.n_kv, self.hd
         fused = self.qkv_proj
         if x.dim() == 2:  # (B, hidden): a flat one-token step (``flat_step`` accepted it)
+            if isinstance(cache_k, QuantKV):  # held quantized: the general path writes, reads
+                return self.forward(x[:, None], rope, cache_k, cache_v, step)[:, 0]
             qkv = fused.forward(x) if fused is not None else self.qkv(x)
             if self.qk_norm:
                 qkv = self.normed(qkv)
