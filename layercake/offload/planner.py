@@ -133,13 +133,13 @@ def step_seconds(
     total, read = 0.0, 0
     # routed experts (``offload.experts``): read when chosen, a layer's reads while it computes
     k = getattr(m.config, "num_experts_per_tok", 0) or 1
-    cold = expert_reads(m.units, policy, k, bs * T if T > 1 else bs * nb, nb if T > 1 else 1)
+    held, cold = expert_reads(m.units, policy, k, bs * T if T > 1 else bs * nb, nb if T > 1 else 1)
     for j, u in enumerate(m.units):
         if u.kind == "expert":
             continue
         dev, _, disk = split_bytes(u.nbytes, policy.w_device, policy.w_cpu)
-        if cold:  # MoE: the always-run units held first (``experts.resident_bytes``)
-            dev, disk = sum(cold["split"][j]), u.nbytes - sum(cold["split"][j])
+        if held is not None:  # MoE: the always-run units held first (``experts.resident_bytes``)
+            dev, disk = sum(held[j]), u.nbytes - sum(held[j])
             disk += cold.get(u.index, 0) if u.kind == "layer" else 0
         # the load term: on CUDA the copies of the rows off the device, on CPU a pass over the
         # whole unit (its rows are converted into one scratch) unless all are resident
@@ -159,27 +159,27 @@ def step_seconds(
 
 
 def expert_reads(units: list[Unit], policy: Policy, top_k: int, rows: int, passes: int
-                 ) -> dict:  # fmt: skip
-    """Expected bytes of routed experts read per MoE layer in one step: ``passes`` passes of
+                 ) -> tuple[dict[int, tuple[int, int]] | None, dict[int, int]]:  # fmt: skip
+    """Each unit's (device, RAM) bytes (``experts.resident_bytes``; None for a dense model) and
+    the expected bytes of routed experts read per MoE layer in one step: ``passes`` passes of
     ``rows`` rows each, each pass reading the chosen experts not held in RAM once (the routing
-    model, uniform routing: ``routing.expected_cold_reads``), and under ``"split"`` each unit's
-    (device, RAM) bytes; empty for a dense model."""
+    model, uniform routing: ``routing.expected_cold_reads``)."""
     from layercake.offload.experts import resident_bytes
     from layercake.offload.routing import expected_cold_reads, uniform_probs
 
     split = resident_bytes(units, policy.w_device, policy.w_cpu)
     if split is None:
-        return {}
+        return None, {}
     layers: dict[int, list[int]] = {}
     for j, u in enumerate(units):
         if u.kind == "expert":
             layers.setdefault(u.index, []).append(j)
-    out: dict = {"split": split}
+    out: dict[int, int] = {}
     for i, js in layers.items():
         held = sum(1 for j in js if sum(split[j]) == units[j].nbytes)
         reads = expected_cold_reads(uniform_probs(len(js), min(top_k, len(js))), rows, held)
         out[i] = int(passes * reads * max(units[j].nbytes for j in js))
-    return out
+    return split, out
 
 
 def _at(table: dict[int, float], bs: int) -> float:
