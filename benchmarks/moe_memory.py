@@ -5,8 +5,9 @@ Per sample: the worker's mappings from ``/proc/PID/smaps`` grouped (anonymous: t
 tensors; the libraries' file pages: ``.so`` and Python's own files; the checkpoint's mapped
 pages: the experts and weights held in RAM as file views; other files), and the cgroup's
 ``memory.stat`` (page cache, anonymous, unevictable). Prints one JSON line: the sample at the
-largest anonymous + locked bytes of the cgroup, the largest value of each group over the run, the worker's own record
-(with ``memory_plan``: the runner's planned bytes per kind) and the cgroup's peak.
+cgroup's largest anonymous + locked bytes, the largest value of each group over the run (with
+``--trace``: every sample), the worker's own record (with ``memory_plan``: the runner's planned
+bytes per kind) and the cgroup's peak.
 
     python benchmarks/moe_memory.py --batch 64 --cap 2500M --budget 2150M
 """
@@ -78,7 +79,8 @@ def sample(proc: subprocess.Popen, every: float, found: dict) -> None:
             found["max"][k] = max(found["max"].get(k, 0), v)
         found["max"]["total"] = max(found["max"].get("total", 0), sum(s["smaps"].values()))
         found.setdefault("trace", []).append(
-            [s["t"], *(round(s["smaps"].get(g, 0) / 2**20) for g, _ in GROUPS)])
+            [s["t"], *(round(s["smaps"].get(g, 0) / 2**20) for g, _ in GROUPS)]
+        )
         held = s["rss"] + s["unevictable"]  # what reclaim cannot take: anonymous and locked
         if held >= found.get("top", {}).get("held", -1):
             found["top"] = {**s, "held": held}
@@ -98,7 +100,8 @@ def main() -> None:
     a = ap.parse_args()
     cmd = [str(MEMLIMIT), "--drop-caches", a.cap, sys.executable, str(HERE / "moe_worker.py"),
            "--engine", "layercake", "--batch", str(a.batch), "--gen-len", str(a.gen_len),
-           "--prompt-len", str(a.prompt_len), "--offload-dir", a.offload_dir, "--cap", a.cap]  # fmt: skip
+           "--prompt-len", str(a.prompt_len), "--offload-dir", a.offload_dir,
+           "--cap", a.cap]  # fmt: skip
     if a.budget:
         cmd += ["--budget", a.budget]
     found: dict = {"t0": time.perf_counter(), "max": {}}
