@@ -201,7 +201,7 @@ class ExpertUnits:
             unlock(p.cpu)
             p.cpu, p.b = None, 0
             if p.owner is not None:  # its module's binding would keep the rows until it is
-                # next read (a pass's moves at once: hundreds of MB over the budget, OOM-killed)
+                # next read: a pass's moves at once would sit on top of the budget
                 if p.attr in p.owner._parameters:
                     p.owner._parameters[p.attr] = None
                 else:
