@@ -156,7 +156,17 @@ def probe(a: argparse.Namespace) -> None:
         raise SystemExit("no expert layout in the offload dir: run a layercake case first")
     rec = disk_probe(files, a.passes, budget_s=60)
     rec["matmul_gflops"] = matmul_gflops_per_rows()
+    # the process's own pages, as any engine's (torch imported, its matmul libraries paged in
+    # by the peak's runs): what the bound's cap has to leave to the process
+    rec["process_bytes"] = process_rss_bytes()
     print(json.dumps(rec))
+
+
+def process_rss_bytes() -> int:
+    """Resident bytes of this process now (``/proc/self/statm``)."""
+    import mmap
+
+    return int(Path("/proc/self/statm").read_text().split()[1]) * mmap.PAGESIZE
 
 
 def main() -> None:

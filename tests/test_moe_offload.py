@@ -96,6 +96,33 @@ def test_hottest_experts_move_into_ram(tmp_path):
     assert [r.token_ids for r in out] == [r.token_ids for r in ref]
 
 
+def test_expert_moved_to_disk_lets_its_rows_go(tmp_path):
+    """When an expert read anyway moves into RAM, the one it replaces lets its RAM go at once:
+    its module no longer holds its rows (else every move of a pass sits on top of the budget
+    until the replaced expert is next read), and the next run binds it from its read."""
+    path, llm = _tiny_offloaded(tmp_path, 50)
+    llm.generate(PROMPTS, max_new_tokens=1, ignore_eos=True)
+    xu, r = llm.runner.experts, llm.runner
+    for i in xu.layers:  # the last experts are the hot ones: moves are due
+        xu.counts[i] = torch.arange(len(xu.counts[i])) * 100
+    xu.rebalance()
+    layer = next(i for i in xu.layers if xu.swaps[i])
+    into, out = next(iter(xu.swaps[layer].items()))
+    r.materialize(out, None)  # bound from RAM, as when it last ran
+    e_out = next(e for (i, e), j in xu.unit.items() if (i, j) == (layer, out))
+    module = r.model.layers()[str(layer)].mlp.experts[e_out]
+    linears = [m for m in module.modules() if hasattr(m, "weight")]
+    assert all(m.weight is not None for m in linears)
+    try:
+        assert xu.promote(layer, into, xu.loader.wait(into))
+    finally:
+        xu.loader.free(into)
+    assert all(m.weight is None for m in linears)
+    ref = layercake.load(path).generate(PROMPTS, max_new_tokens=STEPS, ignore_eos=True)
+    out_ = llm.generate(PROMPTS, max_new_tokens=STEPS, ignore_eos=True)
+    assert [x.token_ids for x in out_] == [x.token_ids for x in ref]
+
+
 def test_always_run_weights_before_experts():
     """The RAM share goes to attention, router and head first, then to whole experts, the
     same count per layer; never more bytes than the policy's share."""
@@ -135,6 +162,25 @@ def test_run_order_changes_nothing_but_the_order():
     got = grouped(x, ids, w, experts, run_order=chosen[::-1])
     assert calls == chosen[::-1]
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chunk", [2048, 5, 1])
+def test_grouped_is_each_rows_weighted_sum(monkeypatch, chunk):
+    """The choices' buffer is overwritten by the experts' outputs and gathered back a chunk of
+    rows at a time (``GATHER_CHOICES``, here also smaller than the rows): each row still gets
+    the weighted sum of its own k experts."""
+    from layercake.models import moe
+
+    monkeypatch.setattr(moe, "GATHER_CHOICES", chunk)
+    torch.manual_seed(1)
+    experts = torch.nn.ModuleList(torch.nn.Linear(6, 6) for _ in range(5))
+    x, ids = torch.randn(9, 6), torch.randint(0, 5, (9, 2))
+    w = torch.rand(9, 2)
+    want = torch.stack(
+        [sum(w[n, j] * experts[int(ids[n, j])](x[n]) for j in range(2)) for n in range(9)]
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(moe.grouped(x, ids, w, experts), want)
 
 
 def moe_units(experts: int) -> list:
@@ -219,12 +265,12 @@ def test_reads_ahead_not_chosen_are_handed_back(tmp_path, monkeypatch):
 
 def test_footprint_counts_the_rows_per_chosen_expert(tmp_path):
     """A MoE block's activations include its tokens' rows once per chosen expert (``grouped``
-    gathers them, computes them and gathers them back): three such buffers at the planned
-    context, or a budget-sized run is killed at a memory cap."""
+    gathers them and computes over them in place): one such buffer at the planned context, or a
+    budget-sized run is killed at a memory cap."""
     from layercake.checkpoint import open_checkpoint
     from layercake.config import load_config
     from layercake.models.parts import parse_parts
-    from layercake.offload.footprint import footprint
+    from layercake.offload.footprint import EXPERT_CACHE_HEADROOM, footprint
 
     model_type, cfg, stacked = CASES["olmoe"]
     path = save_tiny(tmp_path / "m", model_type, cfg, stacked)
@@ -232,8 +278,9 @@ def test_footprint_counts_the_rows_per_chosen_expert(tmp_path):
     config = load_config(ckpt.config_dict())
     parts = parse_parts("f", config.num_hidden_layers)
     small, big = (footprint(ckpt, config, parts, torch.float32, bs, 1, 24) for bs in (1, 8))
-    rows = 4 * 3 * 24 * cfg["num_experts_per_tok"] * cfg["hidden_size"]
+    rows = 4 * 24 * cfg["num_experts_per_tok"] * cfg["hidden_size"]
     assert big.activations - small.activations >= 7 * rows
+    assert big.headroom == EXPERT_CACHE_HEADROOM > 0  # kept free of the plan: see footprint
 
 
 def test_expert_ring_depth_follows_expert_size():

@@ -134,3 +134,28 @@ def test_planner_reads_only_the_routed_cold_experts():
     held = 100 * (2 * 100 + 100 + 2 * 4 * 50) / 1100
     assert read(64, held) == pytest.approx(2 * R.expected_cold_reads(R.uniform_probs(8, 2), 64, 4)
                                            * 50, abs=2)  # fmt: skip
+
+
+def test_expert_budget_keeps_no_staging_for_layers_that_fit():
+    """When the units that always run fit the budget, only routed experts stream (through their
+    own ring, in ``work``): the layers' staging ring is neither reserved nor counted, and the
+    planned bytes fill the budget; where they do not fit (or without routed experts) it is."""
+    from layercake.offload.footprint import Footprint, memory_bytes
+    from layercake.offload.policy import plan_policy
+
+    fp = Footprint(weights=5_000_000_000, compute_ratio=2.0, max_unit=40_000_000,
+                   activations=200_000_000, kv=100_000_000, expert_staging=100_000_000,
+                   always=400_000_000, headroom=50_000_000)  # fmt: skip
+    budget = 2_000_000_000
+    p = plan_policy(fp, budget, None, False, 64, 1)
+    mem = memory_bytes(fp, p, False, 0, 0)
+    assert mem["staging"] == 0 and mem["page_cache_headroom"] == fp.headroom
+    assert budget - 1000 <= sum(mem.values()) <= budget
+    for other in ({"always": fp.weights}, {"expert_staging": 0, "always": 0}):
+        staged = Footprint(**{**fp.__dict__, **other})
+        q = plan_policy(staged, budget, None, False, 64, 1)
+        assert memory_bytes(staged, q, False, 0, 0)["staging"] > 0
+    assert plan_policy(Footprint(**{**fp.__dict__, "always": fp.weights}), budget, None, False,
+                       64, 1).w_cpu < p.w_cpu  # fmt: skip
+    tight = plan_policy(fp, 600_000_000, None, False, 64, 1)  # the layers do not fit: staged
+    assert memory_bytes(fp, tight, False, 0, 0)["staging"] > 0

@@ -33,6 +33,11 @@ def route(logits: torch.Tensor, top_k: int, renorm: bool) -> tuple[torch.Tensor,
     return weights, ids
 
 
+# choices whose rows are gathered back at a time (``grouped``'s last step): the gather's buffer
+# stays small whatever the block, so the only block-sized buffer is the choices' rows
+GATHER_CHOICES = 2048
+
+
 def grouped(
     x: torch.Tensor,
     ids: torch.Tensor,
@@ -43,24 +48,34 @@ def grouped(
     """sum_k weights[n, k] * experts[ids[n, k]](x[n]) for rows x (N, hidden), with the N x k
     choices sorted by expert so that each chosen expert runs once on a contiguous block of its
     rows; returns (N, hidden). ``run_order``: the order the chosen experts run in (every chosen
-    one; default expert order), e.g. those in RAM first while others are still being read."""
+    one; default expert order), e.g. those in RAM first while others are still being read.
+
+    One (N k, hidden) buffer: each choice's row, overwritten by its expert's output (the input
+    block is consumed before the output is written), then gathered back a few rows at a time:
+    at a prompt's pass of a large block that buffer is most of the activations."""
     N, k = ids.shape
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # choices grouped by expert, rows in order
     counts = torch.bincount(flat, minlength=len(experts)).tolist()
-    xs = x.index_select(0, order // k)  # (N k, hidden): each choice's row
-    ys = torch.empty_like(xs)
+    ys = x.index_select(0, order // k)  # (N k, hidden): each choice's row, then its output
     starts = [0] * len(counts)
     for e in range(1, len(counts)):
         starts[e] = starts[e - 1] + counts[e - 1]
     for e in run_order if run_order is not None else range(len(counts)):
         a, n = starts[e], counts[e]
         if n:
-            ys[a : a + n] = experts[e].forward(xs[a : a + n])
+            ys[a : a + n] = experts[e].forward(ys[a : a + n])
     # back in (row, choice) order (a gather: no scatter-add, whose CPU kernel is slow), then
-    # each row's weighted sum of its k outputs as one batched matmul
-    ys = ys.index_select(0, torch.argsort(order)).view(N, k, -1)  # (N, k, hidden)
-    return torch.bmm(weights.to(ys.dtype).unsqueeze(1), ys).view(N, -1)
+    # each row's weighted sum of its k outputs as one batched matmul, a chunk of rows at a time
+    back = torch.argsort(order)
+    w = weights.to(ys.dtype).unsqueeze(1)  # (N, 1, k)
+    out = ys.new_empty(N, ys.shape[1])
+    step = max(1, GATHER_CHOICES // k)
+    for r in range(0, N, step):
+        n = min(step, N - r)
+        mine = ys.index_select(0, back[r * k : (r + n) * k]).view(n, k, -1)
+        out[r : r + n] = torch.bmm(w[r : r + n], mine).view(n, -1)
+    return out
 
 
 class SparseMoE(nn.Module):

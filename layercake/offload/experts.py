@@ -200,6 +200,13 @@ class ExpertUnits:
         for p in r.placed[out]:
             unlock(p.cpu)
             p.cpu, p.b = None, 0
+            if p.owner is not None:  # its module's binding would keep the rows until it is
+                # next read: a pass's moves at once would sit on top of the budget
+                if p.attr in p.owner._parameters:
+                    p.owner._parameters[p.attr] = None
+                else:
+                    setattr(p.owner, p.attr, None)
+        give_back_heap()
         self.moved += 1
         return True
 
@@ -263,6 +270,15 @@ class _Bound:
         if self.held is not None:
             self.xu.loader.free(self.held)
             self.held = None
+
+
+def give_back_heap() -> None:
+    """Return the C heap's free pages to the OS (glibc's ``malloc_trim``): the rows of an
+    expert moved to disk were allocated at load, often from the heap (glibc's mmap threshold
+    rises with the sizes freed), and a freed block amid the heap is otherwise kept: each move
+    would add its expert's bytes to the process for good."""
+    if _libc is not None and hasattr(_libc, "malloc_trim"):
+        _libc.malloc_trim(0)
 
 
 def unlock(t: torch.Tensor | None) -> None:

@@ -15,6 +15,7 @@ import torch
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.kv_cache import QuantKV
+from layercake.models.moe import GATHER_CHOICES
 from layercake.models.parts import Parts
 from layercake.offload.policy import (
     RESIDENT_SCRATCH,
@@ -32,6 +33,10 @@ if TYPE_CHECKING:
     from layercake.offload.store import Unit
 
 SAFETY = 96 * 2**20  # allocator slack, thread stacks, the tokenizer's growth: kept free
+# routed experts: besides SAFETY, page cache a memory cap counts and the run needs (code and
+# files read outside the resident set); a MoE plan filling a cap to SAFETY was OOM-killed, one
+# leaving this much more ran at full speed (README, MoE offload)
+EXPERT_CACHE_HEADROOM = 100 * 2**20
 WIDEN_BYTES = 4 * WIDEN_SLAB  # the fp32 slab a prompt's bf16 weights widen into (``ops.linear``)
 MAX_ENTRIES = 16  # tensors of a unit that a staging slot's alignment slack allows for
 
@@ -52,8 +57,17 @@ class Footprint:
     # only a unit's vectors (norms, biases) convert, into ``scratch`` (with the slab a prompt
     # widens them into)
     as_stored: bool = False
-    # routed experts (``offload.experts``): the staging ring of their own loader
+    # routed experts (``offload.experts``): the staging ring of their own loader, and the bytes
+    # of the units that always run (attention, router, shared expert, head): placed in RAM
+    # before any expert, so that once they fit only experts stream (no layers' staging ring)
     expert_staging: int = 0
+    always: int = 0
+    headroom: int = 0  # kept free for the page cache (``EXPERT_CACHE_HEADROOM``)
+
+    def layers_stream(self, ram: float) -> bool:
+        """Whether units other than routed experts have rows on disk when ``ram`` bytes of
+        the weights are held (every unit streams that does not fit, without routed experts)."""
+        return not self.expert_staging or ram < self.always
 
     @property
     def work(self) -> int:
@@ -126,8 +140,10 @@ def footprint(
     act = 4 * (micro * 2 * widest + block * tokens * 2 * config.hidden_size)
     if parts.head:
         act += 4 * block * config.vocab_size  # the logits of a step
-    if experts:  # ``models.moe.grouped``: each token's row once per chosen expert, three times
-        act += 4 * 3 * micro * getattr(config, "num_experts_per_tok", 1) * config.hidden_size
+    if experts:  # ``models.moe.grouped``: each token's row once per chosen expert (one buffer,
+        # the experts' outputs written over their inputs), gathered back a chunk at a time
+        choices = micro * getattr(config, "num_experts_per_tok", 1)
+        act += 4 * (choices + GATHER_CHOICES) * config.hidden_size
     spec = compress.cache_spec(config.head_dim) if compress is not None else None
     if spec is not None:  # the two dequantized work buffers of one layer (shared by every layer)
         act += kv_bytes(config, block, context, 1, dtype.itemsize)
@@ -141,6 +157,8 @@ def footprint(
         as_stored=as_stored,
         max_unit=max(u.nbytes for u in units),
         expert_staging=expert_slots(max(experts)) * (max(experts) + 2 * ALIGN) if experts else 0,
+        always=weights - sum(experts),
+        headroom=EXPERT_CACHE_HEADROOM if experts else 0,
         activations=act,
         kv=kv,
     )
@@ -187,6 +205,8 @@ def memory_bytes(fp: Footprint, policy: Policy, cuda: bool, static: int, base: i
     dev, cpu, disk = split_bytes(W, policy.w_device, policy.w_cpu)
     kv = int(fp.kv * (policy.cache_device + policy.cache_cpu) / 100)
     out = {"process_and_safety": base, "static": static}
+    if fp.headroom:
+        out["page_cache_headroom"] = fp.headroom
     if policy.w_device == 100 and policy.cache_device == 100 and not cuda:
         out["weights"] = int(W * fp.compute_ratio)
         if fp.scratch:
@@ -195,7 +215,8 @@ def memory_bytes(fp: Footprint, policy: Policy, cuda: bool, static: int, base: i
         return out
     out["weights"] = cpu + (0 if cuda else int(dev * fp.compute_ratio))
     # the slots of a unit's disk rows, each with its tensors' 4 KiB alignment
-    out["staging"] = STAGING_SLOTS * (math.ceil(U * disk / W) + fp.align) if disk else 0
+    streams = disk and fp.layers_stream(W - disk)
+    out["staging"] = STAGING_SLOTS * (math.ceil(U * disk / W) + fp.align) if streams else 0
     if not cuda:
         out["scratch"] = fp.work
         out.update(kv_cache=kv, activations=fp.activations)

@@ -149,8 +149,8 @@ def plan_policy(
     kw = {"batch_size": batch_size, "num_batches": num_batches}
     if not cuda:
         budget = (cpu_memory or 0) + (device_memory or 0)
-        fixed = fp.activations + fp.work
-        resident = fp.weights * fp.compute_ratio + fp.activations + fp.kv
+        fixed = fp.activations + fp.work + fp.headroom
+        resident = fp.weights * fp.compute_ratio + fp.activations + fp.kv + fp.headroom
         if fp.scratch:  # compressed, resident: dequantized a chunk at a time
             resident += min(fp.scratch, RESIDENT_SCRATCH)
         if resident <= budget:
@@ -188,6 +188,8 @@ def _split(fp: Footprint, budget: int, fixed: int, **kw: int) -> Policy:
     # resident r of W, disk d = W - r, staging S * max_unit * d / W: r + S U d / W <= room
     W, U = fp.weights, fp.max_unit
     minimum = fixed + S * U
+    if not fp.layers_stream(min(W, room)):  # only routed experts stream, through their ring
+        return Policy(0, 100.0 * min(W, room) / W, kv_pct, 0, 100, 0, **kw)
     if room < S * U:
         raise LayercakeError(
             f"memory budget {budget / 1e9:.2f} GB is too small: streaming even one layer at a "
