@@ -80,6 +80,24 @@ def test_pool_prefetch_of_the_next_range_evicts_only_the_one_done():
     assert sorted(pool.bytes_read) == [0, 1]
 
 
+def test_pool_keeps_a_range_over_the_pieces_of_a_pass():
+    """A prompt in pieces runs a range once per piece: told so (``focus``), the pool keeps the
+    range's units through the pass (no read after the first piece) and gives up the other
+    range's instead; in plain cyclic order it would push out the range's own later units."""
+    for told, want in ((True, 0), (False, 1)):
+        reader = Reader()
+        keys = [(0, u) for u in range(3)] + [(1, u) for u in range(4)]
+        pool = RangePool([torch.zeros(8, dtype=torch.uint8) for _ in range(5)],
+                         {k: (reader, k[0] * 10 + k[1], 8) for k in keys})  # fmt: skip
+        cycle(pool, keys[:3])
+        for piece in range(3):
+            if told:
+                pool.focus(1, 2 - piece)
+            before = len(reader.reads)
+            cycle(pool, keys[3:])
+        assert (len(reader.reads) - before > 0) == bool(want)
+
+
 def stage_of(tmp_path, llama5, budget, layers):  # noqa: F811
     from layercake.pipeline.stage import Stage
     from layercake.pipeline.topology import load_topology

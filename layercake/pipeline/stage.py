@@ -172,16 +172,25 @@ class Stage:
         self.sizes = sizes
 
     def prefetch_after(self, seg: Segment) -> None:
-        """Once ``seg`` is done, start reading the next held range's first streamed weights (an
-        offloaded segment's disk units, as many as its staging slots hold) while the other
-        nodes compute. The ring wraps: after the last range, the first one's for the next step
+        """Once ``seg`` is done, start reading the next held range's first streamed weights
+        while the other nodes compute: through the pool of a node's ranges as far as it holds
+        (``pool.read_ahead``), else an offloaded segment's disk units, as many as its staging
+        slots hold. The ring wraps: after the last range, the first one's for the next step
         (a node with one range reads its own first units while the others run theirs)."""
         i = self.segments.index(seg)
-        nxt = self.segments[(i + 1) % len(self.segments)]
-        loader = getattr(self.runners[nxt.index], "loader", None)
+        nxt = (i + 1) % len(self.segments)
+        if self.pool is not None:
+            self.pool.read_ahead(nxt)
+            return
+        loader = getattr(self.runners[self.segments[nxt].index], "loader", None)
         if loader is not None:
             for unit in sorted(loader.ranges)[: len(loader.slots)]:
                 loader.submit(unit)
+
+    def focus(self, seg: Segment, more: int) -> None:
+        """``seg`` runs now, ``more`` times again in this pass: the pool keeps its units."""
+        if self.pool is not None:
+            self.pool.focus(self.segments.index(seg), more)
 
     @torch.inference_mode()
     def run(self, seg: Segment, m: int, x: torch.Tensor, positions: torch.Tensor,
@@ -266,6 +275,7 @@ def run_segments(stage: Stage, transport: Transport, cache_id: int, positions: t
             if msg is None:
                 try:
                     msk = None if mask_m[m] is None else mask_m[m][:, t0:t1]
+                    stage.focus(seg, len(plan) - p - 1)
                     out = stage.run(seg, m, x, pos, msk, last_only, t1 == pos_m[m].shape[1])
                 except Exception as e:  # the job fails; the peers are told so, then rank 0 raises
                     msg = f"node {name}: {type(e).__name__}: {e}" if not isinstance(
