@@ -77,6 +77,12 @@ def test_pool_prefetch_of_the_next_range_evicts_only_the_one_done():
     for k in keys[2:]:
         assert int(pool.wait(k)[0]) == k[0] * 10 + k[1]
     assert sorted(pool.kept) == [(0, 0)]  # range 0's first unit kept: needed next of them
+    for k in keys[2:]:
+        pool.release(k)
+    view = pool.view(1, {0: (10, 8), 1: (11, 8)})
+    view.wait(1)
+    view.submit(0)  # the executor's load wrapping to the range's next pass: the pool's to do
+    assert (1, 0) not in pool.items and (1, 1) in pool.items
     assert sorted(pool.bytes_read) == [0, 1]
 
 

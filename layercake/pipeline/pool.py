@@ -136,8 +136,11 @@ class RangePool:
         key = min(queued, key=self.distance)
         if self.free:
             return key, self.items[key], self.free.pop()
+        # units read ahead and not used yet give their slot only to the unit the compute
+        # waits for (a read taken back is a read lost)
         ahead = [k for k, it in self.items.items()
-                 if it.event.is_set() and not it.used and it.error is None]  # fmt: skip
+                 if it.event.is_set() and not it.used and it.error is None
+                 and self.items[key].used]  # fmt: skip
         victim = max([*self.kept, *ahead], key=self.distance, default=None)
         if victim is None or self.distance(victim) <= self.distance(key):
             return None
@@ -179,11 +182,16 @@ class PoolView:
         self.pool, self.index, self.ranges = pool, index, ranges
         self.slots = pool.slots
 
+    last = -1  # the unit waited for last
+
     def submit(self, unit: int) -> None:
-        if unit in self.ranges:
+        """The executor's read-ahead; its loads that wrap to this range's next pass are left to
+        the pool, which reads ahead in the node's order (``RangePool.read_ahead``)."""
+        if unit in self.ranges and unit > self.last:
             self.pool.submit((self.index, unit))
 
     def wait(self, unit: int) -> torch.Tensor | None:
+        self.last = unit
         return self.pool.wait((self.index, unit)) if unit in self.ranges else None
 
     def free(self, unit: int) -> None:
