@@ -134,6 +134,8 @@ def test_ranges_share_one_pool_and_equal_the_single_process(tmp_path, llama5, re
     assert {r.loader.pool for r in stage.runners.values()} == {stage.pool}
     with pytest.raises(LayercakeError, match="streaming them needs 3 slots"):
         stage_of(tmp_path, llama5, fixed + 2 * slot, layers)
+    alone, _ = stage_of(tmp_path, llama5, "1GB", ["b 3-5 e", "0-3"])  # 'b' alone streams nothing
+    assert {k[0] for k in alone.pool.sources} == {1} and len(alone.runners) == 2
     topo = topology(tmp_path, layers, name="job.json", options={"main": node}, prefill_chunks=2)
     with workers(topo, llama5, ["pc2"], "--once"), job(llama5, topo) as llm:
         out = llm.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)

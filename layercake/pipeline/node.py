@@ -79,6 +79,8 @@ def range_pool(stage: Any, ckpt: Any, config: BaseConfig, runners: dict[int, Any
     sources, fixed = {}, {"kv_cache": 0, "activations": 0, "scratch": 0}
     for pos, s in enumerate(stage.segments):
         r = runners[s.index]
+        if not s.parts.layers and not s.parts.head:  # the embeddings alone: nothing streams
+            continue
         fp = footprint(ckpt, config, s.parts, stage.dtype, o.get("batch_size") or 32,
                        o.get("num_batches") or 1, context, int4pack=stage.device.type == "cpu",
                        pass_tokens=pass_tokens(stage.topology, context))  # fmt: skip
@@ -86,6 +88,8 @@ def range_pool(stage: Any, ckpt: Any, config: BaseConfig, runners: dict[int, Any
         fixed["kv_cache"] += fp.kv  # every range keeps its cache; one pass runs at a time
         fixed["activations"] = max(fixed["activations"], fp.activations)
         fixed["scratch"] = max(fixed["scratch"], fp.work)
+        if fp.expert_staging:  # routed experts read through each range's own ring
+            fixed["expert_staging"] = fixed.get("expert_staging", 0) + fp.expert_staging
         if r.loader is not None:
             sources.update({(pos, j): (r.loader.readers[j], *rng)
                             for j, rng in r.loader.ranges.items()})  # fmt: skip
