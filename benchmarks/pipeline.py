@@ -375,7 +375,7 @@ def main() -> None:
             for case in cases:
                 r = run_case(a, case)
                 toks, lf = r.pop("tokens", None), r.pop("logits_file", None)
-                if case == "one" and ref is None:
+                if case == "one" and ref is None and toks is not None:
                     ref = toks
                     ref_tokens.write_text(json.dumps(toks))
                     Path(lf).replace(ref_logits)
