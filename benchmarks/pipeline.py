@@ -22,6 +22,7 @@ import argparse
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -224,6 +225,12 @@ def _main_cmd(a: argparse.Namespace, *extra: str) -> list[str]:
     return cmd + ["--budget", a.budget, "--offload-dir", str(a.offload_dir / "h0"), *extra]
 
 
+def binary(size: str) -> str:
+    """hostsim's sizes are binary (``1414M`` = 1414 MiB) and layercake's decimal unless ``i``:
+    the budgets a process plans with are the cap it runs under."""
+    return size + "iB" if re.fullmatch(r"[0-9.]+[KMGkmg]", size) else size
+
+
 def layout(case: str) -> list[str]:
     if case.startswith("two-s"):  # two hosts, h0 up to layer SPLIT
         k = int(case[5:])
@@ -319,7 +326,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--mem", default="1414M", help="memory cap of every host (page cache too)")
     ap.add_argument("--disk-rate", default="500M", help="disk read rate of every host")
-    ap.add_argument("--budget", default="1414M", help="cpu_memory of the single process")
+    ap.add_argument("--budget", default="1414M", help="cpu_memory of the single process (sizes "
+                    "as hostsim reads them: 1414M is 1414 MiB, the cap)")  # fmt: skip
     ap.add_argument("--node-budget", help="cpu_memory of every pipeline node (default: --mem; "
                     "'none': the node's layers resident in fp32)")  # fmt: skip
     ap.add_argument("--micro-batches", type=int)
@@ -336,7 +344,8 @@ def main() -> None:
     ap.add_argument("--offload-dir", type=Path, default=Path("/var/tmp/layercake-pipeline"))
     ap.add_argument("--case-timeout", type=float, default=1800)
     a = ap.parse_args()
-    a.node_budget = None if a.node_budget == "none" else a.node_budget or a.mem
+    a.node_budget = None if a.node_budget == "none" else binary(a.node_budget or a.mem)
+    a.budget = binary(a.budget)
     if a.role == "main":
         return role_main(a)
     if a.role == "wire":
@@ -366,7 +375,7 @@ def main() -> None:
             for case in cases:
                 r = run_case(a, case)
                 toks, lf = r.pop("tokens", None), r.pop("logits_file", None)
-                if case == "one" and ref is None:
+                if case == "one" and ref is None and toks is not None:
                     ref = toks
                     ref_tokens.write_text(json.dumps(toks))
                     Path(lf).replace(ref_logits)

@@ -380,21 +380,3 @@ def test_torchrun_runs_the_job_on_rank_0(tmp_path, tiny_chat_llama):
     want = subprocess.run(one, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert want.stdout.strip() and want.stdout.strip() in r.stdout
-
-
-def test_ranges_on_one_node_share_its_memory_budget(tmp_path, llama5):
-    """Two offloaded ranges on one node: each plans with its share of the node's cpu_memory
-    (in proportion to its weights), not with all of it."""
-    from layercake.checkpoint import open_checkpoint
-    from layercake.config import load_config
-    from layercake.offload.footprint import SAFETY, process_rss
-    from layercake.pipeline.stage import Stage
-    from layercake.pipeline.topology import load_topology
-
-    off = {"cpu_memory": "3GB", "offload_dir": str(tmp_path / "off")}
-    topo = load_topology(topology(tmp_path, ["b 0-1 4-5 e", "1-4"], options={"main": off}), 5)
-    ckpt = open_checkpoint(llama5)
-    stage = Stage(topo, 0, ckpt, load_config(ckpt.config_dict()), llama5)
-    shares = [stage._budget(s) - process_rss() - SAFETY for s in stage.segments]
-    assert len(stage.runners) == 2 and 0 < shares[0] < shares[1]  # the head's range is larger
-    assert abs(sum(shares) - stage._free) <= 2 and stage._free < 3e9

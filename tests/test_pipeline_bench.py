@@ -18,3 +18,12 @@ def test_breakdown_cuts_the_running_totals_at_the_timed_passes():
     assert abs(sum(dec[k] for k in ("compute", "weights_wait", "network", "send", "idle"))
                - 500.0) < 1e-6  # fmt: skip
     assert breakdown(dict(r, forwards=5), dict(marks=marks[:3])) == {}
+
+
+def test_budgets_are_the_hosts_caps():
+    """hostsim reads 1414M as MiB; the budgets the processes plan with are the same bytes."""
+    from benchmarks.pipeline import binary
+    from layercake.offload.policy import parse_bytes
+
+    assert parse_bytes(binary("1414M")) == 1414 * 2**20 and binary("2GiB") == "2GiB"
+    assert binary("1.5G") == "1.5GiB" and binary("3000000") == "3000000"

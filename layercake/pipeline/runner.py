@@ -338,7 +338,7 @@ def run_worker(topology: str | os.PathLike | Topology, name: str | None, model: 
     ident = model_id(source)
     took = time.perf_counter() - t0
     log = f"layercake worker {name}: layers '{node.layers}' loaded in {took:.1f} s"
-    log += f"; memory (MB) {json.dumps(memory_plan(stage.runners))}"
+    log += f"; memory (MB) {json.dumps(memory_plan(stage.runners, stage.pool))}"
     print(log, file=sys.stderr, flush=True)
     while True:
         transport, store = join_job(topo, rank, ident, str(source), connect_timeout)

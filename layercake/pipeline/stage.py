@@ -18,7 +18,6 @@ import torch
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.kv_cache import KVCache
-from layercake.models.parts import Parts
 from layercake.pipeline.topology import Segment, Topology
 from layercake.pipeline.transport import (
     FOREVER,
@@ -84,13 +83,12 @@ class Stage:
         wire = topology.wire_dtype
         self.wire_dtype = getattr(torch, wire) if wire else self.dtype
         self.segments = topology.segments(rank)
-        self.topology_config, self._free = config, None
         self.limits = Limits(topology.max_batch,
                              topology.max_context or config.max_position_embeddings,
                              config.hidden_size, config.vocab_size)  # fmt: skip
-        self.runners = {}
-        for s in self.segments:
-            self.runners[s.index] = self._runner(ckpt, config, source, s.parts, self._budget(s))
+        from layercake.pipeline.node import build_runners
+
+        self.runners, self.pool = build_runners(self, ckpt, config, source)
         self.cache_id = -1
         self.sizes: list[int] = []
         self.caches: dict[int, list[KVCache]] = {}  # segment index -> one cache per micro-batch
@@ -114,7 +112,7 @@ class Stage:
         send_wait (for frames to leave); ``marks``: those running totals after each pass."""
         from layercake.pipeline.node import memory_plan
 
-        return dict(self._totals(), steps=self.steps, memory=memory_plan(self.runners),
+        return dict(self._totals(), steps=self.steps, memory=memory_plan(self.runners, self.pool),
                     marks=self.marks)  # fmt: skip
 
     def _totals(self) -> dict[str, float]:
@@ -136,33 +134,6 @@ class Stage:
         t = self._totals()
         io = [transport.bytes_received, transport.bytes_sent, t["disk_bytes"], t["disk_read_s"]]
         self.marks.append([t.get(k, 0.0) for k in MARKS[:4]] + io)
-
-    def _budget(self, seg: Segment) -> int | str | None:
-        """The node's ``cpu_memory`` for one of its segments: each an offloaded runner, which
-        counts what the process holds already, so a range gets its share of what was left when
-        the first was built (in proportion to its weights), not all of it."""
-        total = self.node.options.get("cpu_memory")
-        if total is None or len(self.segments) == 1:
-            return total
-        from layercake.offload.footprint import SAFETY, process_rss
-        from layercake.offload.policy import parse_bytes
-
-        c = self.topology_config
-        layer = c.hidden_size * (2 * c.num_attention_heads + 2 * c.num_key_value_heads) * \
-            c.head_dim + 3 * c.hidden_size * c.intermediate_size  # fmt: skip
-        size = {x.index: len(x.parts.layers) * layer + x.parts.head * c.vocab_size * c.hidden_size
-                for x in self.segments}  # fmt: skip
-        if self._free is None:
-            self._free = parse_bytes(total) - process_rss() - SAFETY
-        return process_rss() + SAFETY + int(self._free * size[seg.index] / sum(size.values()))
-
-    def _runner(self, ckpt: Any, config: BaseConfig, source: Path, parts: Parts,
-                cpu_memory: int | str | None) -> Any:  # fmt: skip
-        """The Runner of one segment (``node.segment_runner``; ``cpu_memory``: its share)."""
-        from layercake.pipeline.node import segment_runner
-
-        return segment_runner(self.topology, self.node, self.device, self.dtype, ckpt, config,
-                              source, parts, cpu_memory, self.limits.max_context)  # fmt: skip
 
     def new_cache(self, cache_id: int, sizes: list[int], capacity: int) -> None:
         """One cache per micro-batch per segment; replaces the previous job's caches."""
@@ -201,16 +172,25 @@ class Stage:
         self.sizes = sizes
 
     def prefetch_after(self, seg: Segment) -> None:
-        """Once ``seg`` is done, start reading the next held range's first streamed weights (an
-        offloaded segment's disk units, as many as its staging slots hold) while the other
-        nodes compute. The ring wraps: after the last range, the first one's for the next step
+        """Once ``seg`` is done, start reading the next held range's first streamed weights
+        while the other nodes compute: through the pool of a node's ranges as far as it holds
+        (``pool.read_ahead``), else an offloaded segment's disk units, as many as its staging
+        slots hold. The ring wraps: after the last range, the first one's for the next step
         (a node with one range reads its own first units while the others run theirs)."""
         i = self.segments.index(seg)
-        nxt = self.segments[(i + 1) % len(self.segments)]
-        loader = getattr(self.runners[nxt.index], "loader", None)
+        nxt = (i + 1) % len(self.segments)
+        if self.pool is not None:
+            self.pool.read_ahead(nxt)
+            return
+        loader = getattr(self.runners[self.segments[nxt].index], "loader", None)
         if loader is not None:
             for unit in sorted(loader.ranges)[: len(loader.slots)]:
                 loader.submit(unit)
+
+    def focus(self, seg: Segment, more: int) -> None:
+        """``seg`` runs now, ``more`` times again in this pass: the pool keeps its units."""
+        if self.pool is not None:
+            self.pool.focus(self.segments.index(seg), more)
 
     @torch.inference_mode()
     def run(self, seg: Segment, m: int, x: torch.Tensor, positions: torch.Tensor,
@@ -295,6 +275,7 @@ def run_segments(stage: Stage, transport: Transport, cache_id: int, positions: t
             if msg is None:
                 try:
                     msk = None if mask_m[m] is None else mask_m[m][:, t0:t1]
+                    stage.focus(seg, len(plan) - p - 1)
                     out = stage.run(seg, m, x, pos, msk, last_only, t1 == pos_m[m].shape[1])
                 except Exception as e:  # the job fails; the peers are told so, then rank 0 raises
                     msg = f"node {name}: {type(e).__name__}: {e}" if not isinstance(
