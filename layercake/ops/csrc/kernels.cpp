@@ -129,6 +129,42 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, 
   }
 }
 
+// A row's fp16 offsets m[0..G) dotted with sx[0..G), and its fp16 scales d[0..G) times dx,
+// as the block loop reads them: 4 bits, one 8-lane vector per pair of blocks (4 lanes each);
+// 8 bits, one float per block. ``row`` may start at any byte (the fields are read unaligned).
+template <int BITS>
+inline float prepare(const uint8_t* row, int64_t G, const float* dx, const float* sx, float* scale) {
+  const uint8_t* d16 = row;          // G fp16 scales
+  const uint8_t* m16 = row + 2 * G;  // G fp16 offsets
+  __m256 o8 = _mm256_setzero_ps();
+  float o = 0.f;
+  int64_t g = 0;
+  const __m256i lo = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  const __m256i two = _mm256_set1_epi32(2);
+  for (; g + 8 <= G; g += 8) {
+    const __m256 m = _mm256_cvtph_ps(u16x8_at(m16 + 2 * g));
+    o8 = _mm256_fmadd_ps(m, _mm256_loadu_ps(sx + g), o8);
+    const __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(u16x8_at(d16 + 2 * g)), _mm256_loadu_ps(dx + g));
+    if constexpr (BITS == 4) {
+      __m256i idx = lo;
+      for (int k = 0; k < 4; ++k, idx = _mm256_add_epi32(idx, two))
+        _mm256_storeu_ps(scale + 4 * g + 8 * k, _mm256_permutevar8x32_ps(s, idx));
+    } else {
+      _mm256_storeu_ps(scale + g, s);
+    }
+  }
+  for (; g < G; ++g) {
+    o += half_at(m16 + 2 * g) * sx[g];
+    const float s = half_at(d16 + 2 * g) * dx[g];
+    if constexpr (BITS == 4) {
+      for (int k = 0; k < 4; ++k) scale[4 * g + k] = s;  // block g's half of its pair's vector
+    } else {
+      scale[g] = s;
+    }
+  }
+  return o + hsum(o8);
+}
+
 // A weight row's fields as floats, once for all the rows of activations that pass over it: its
 // G fp16 offsets into m, its G fp16 scales into d, for 4 bits each repeated 4 times (the 4 lanes
 // of its block in a pair's vector, see row_dot). ``row`` may start at any byte (read unaligned).
@@ -227,27 +263,15 @@ inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
 // at most 2 * 128 * 127 = 32512, within int16.
 template <int BITS, int R, int V>
 inline void row_dot(const uint8_t* w, int64_t G, const int8_t* xq, const float* dx,
-                    const float* sx, int64_t K, float* y, int64_t ldy, float* fields) {
+                    const float* sx, int64_t K, float* y, int64_t ldy, float* scale) {
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i zero = _mm256_setzero_si256();
-  float* d = fields;                                 // the weight row's scales (widen_fields)
-  float* m = d + (BITS == 4 ? 4 * G : G);            // its offsets
-  float* scale = m + G;                              // 8 bits: d * dx, G a row of activations
-  const int64_t SX = BITS == 4 ? 4 * G : G;          // dx floats per row of activations
-  widen_fields<BITS>(w, G, d, m);
+  const int64_t SS = BITS == 4 ? 4 * G : G;  // scale floats per activation row
   __m256 acc[R];
   float off[R];
   for (int r = 0; r < R; ++r) {
-    off[r] = offset_dot(m, sx + r * G, G);
+    off[r] = prepare<BITS>(w, G, dx + r * G, sx + r * G, scale + r * SS);
     acc[r] = _mm256_setzero_ps();
-    if constexpr (BITS == 8) {
-      const float* dr = dx + r * G;
-      float* sr = scale + r * G;
-      int64_t g = 0;
-      for (; g + 8 <= G; g += 8)
-        _mm256_storeu_ps(sr + g, _mm256_mul_ps(_mm256_loadu_ps(d + g), _mm256_loadu_ps(dr + g)));
-      for (; g < G; ++g) sr[g] = d[g] * dr[g];
-    }
   }
   const uint8_t* qs = w + 4 * G;
   if constexpr (BITS == 4) {
@@ -257,7 +281,6 @@ inline void row_dot(const uint8_t* w, int64_t G, const int8_t* xq, const float* 
       const __m256i raw = _mm256_loadu_si256((const __m256i*)(qs + 16 * g));
       const __m256i lo = _mm256_and_si256(raw, m4);
       const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
-      const __m256 dv = _mm256_loadu_ps(d + 4 * g);
       for (int r = 0; r < R; ++r) {
         const __m256i xlo = _mm256_loadu_si256((const __m256i*)(xq + r * K + g * QK));
         const __m256i xhi = _mm256_loadu_si256((const __m256i*)(xq + r * K + g * QK + 32));
@@ -268,8 +291,7 @@ inline void row_dot(const uint8_t* w, int64_t G, const int8_t* xq, const float* 
         else
           p32 = dpbusd<V>(dpbusd<V>(zero, lo, xlo), hi, xhi);
         const __m256 p = _mm256_cvtepi32_ps(p32);
-        const __m256 sv = _mm256_mul_ps(dv, _mm256_loadu_ps(dx + r * SX + 4 * g));
-        acc[r] = _mm256_fmadd_ps(p, sv, acc[r]);
+        acc[r] = _mm256_fmadd_ps(p, _mm256_loadu_ps(scale + r * SS + 4 * g), acc[r]);
       }
     }
     if (g < G) {  // one block: [0..15 | 16..31]
@@ -280,7 +302,7 @@ inline void row_dot(const uint8_t* w, int64_t G, const int8_t* xq, const float* 
       for (int r = 0; r < R; ++r) {
         const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + r * K + g * QK));
         const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones));
-        acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(d[4 * g] * dx[r * SX + 4 * g]), acc[r]);
+        acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(scale[r * SS + 4 * g]), acc[r]);
       }
     }
   } else {
@@ -296,7 +318,7 @@ inline void row_dot(const uint8_t* w, int64_t G, const int8_t* xq, const float* 
         else
           p32 = dpbusd<V>(zero, aq, sxv);
         const __m256 p = _mm256_cvtepi32_ps(p32);
-        acc[r] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(scale + r * G + g), acc[r]);
+        acc[r] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(scale + r * SS + g), acc[r]);
       }
     }
   }
@@ -359,9 +381,9 @@ __attribute__((noinline)) void pairs_dot(const uint8_t* w, int64_t G, const int8
                                                      _mm_and_si128(raw, m)));
       for (int p = 0; p < P; ++p) {
         const __m512i xv = _mm512_loadu_si512(xi + p * 2 * K + 64 * g);
-        const float* d0 = dx + 2 * p * 4 * G + 4 * g;
+        const float* d0 = dx + 2 * p * G + g;
         const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(d[4 * g] * d0[0]),
-                                             _mm256_set1_ps(d[4 * g] * d0[4 * G]), 1);
+                                             _mm256_set1_ps(d[4 * g] * d0[G]), 1);
         const __m512 pv = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, q, xv));
         acc[p] = _mm512_fmadd_ps(pv, sv, acc[p]);
       }
@@ -419,7 +441,6 @@ template <int BITS, int V>
 void rows_dot512(const uint8_t* w, int64_t G, const int8_t* xi, const float* dxi,
                  const int8_t* xq, const float* dx, const float* sx, int64_t K, float* y,
                  int64_t ldy, int64_t rows, float* fields) {
-  const int64_t SX = BITS == 4 ? 4 * G : G;
   switch (rows / 2) {
     case 0: break;
     case 1: pairs_dot<BITS, 1>(w, G, xi, dxi, xq, dx, sx, K, y, ldy, fields); break;
@@ -429,7 +450,7 @@ void rows_dot512(const uint8_t* w, int64_t G, const int8_t* xi, const float* dxi
   }
   if (rows % 2) {
     const int64_t r = rows - 1;
-    row_dot<BITS, 1, V>(w, G, xq + r * K, dx + r * SX, sx + r * G, K, y + r * ldy, ldy, fields);
+    row_dot<BITS, 1, V>(w, G, xq + r * K, dx + r * G, sx + r * G, K, y + r * ldy, ldy, fields);
   }
 }
 
@@ -440,29 +461,19 @@ void block_mm(const float* x, const uint8_t* w, float* y, int64_t M, int64_t N, 
   std::vector<int8_t> xq(M * K);
   std::vector<float> dx(M * G), sx(M * G);
   quantize_rows(x, M, K, xq.data(), dx.data(), sx.data(), BITS == 4);
-  if constexpr (BITS == 4) {  // each block's dx 4 times: the lanes of its block in a pair's vector
-    std::vector<float> dx4(4 * M * G);
-    for (int64_t i = 0; i < M * G; ++i)
-      for (int k = 0; k < 4; ++k) dx4[4 * i + k] = dx[i];
-    dx.swap(dx4);
-  }
-  const int64_t SX = BITS == 4 ? 4 * G : G;  // dx floats per row of activations
   std::vector<int8_t> xi;
   std::vector<float> dxi;
   const int64_t DX = BITS == 4 ? 8 * (G / 2) : 8 * G;  // dxi floats a row
   if (WIDE && M > 1) {  // the 512-bit path's pairs of rows
     xi = interleave(xq.data(), M, G, QK);
-    if constexpr (BITS == 4) {
-      std::vector<float> full(M * 8 * (G / 2));  // each row's whole pairs' dx4
-      for (int64_t r = 0; r < M; ++r)
-        std::memcpy(full.data() + r * 8 * (G / 2), dx.data() + r * SX, 8 * (G / 2) * 4);
-      dxi = interleave(full.data(), M, G / 2, 8);
-    } else {
-      std::vector<float> dx8(8 * M * G);
-      for (int64_t i = 0; i < M * G; ++i)
-        for (int k = 0; k < 8; ++k) dx8[8 * i + k] = dx[i];
-      dxi = interleave(dx8.data(), M, G, 8);
-    }
+    // each block's dx as many times as it has lanes in a vector: 4 bits, 4 (a pair's vector
+    // holds two blocks: whole pairs only, an odd last block reads dx); 8 bits, 8
+    const int64_t lanes = BITS == 4 ? 4 : 8, blocks = BITS == 4 ? G / 2 * 2 : G;
+    std::vector<float> wide(M * blocks * lanes);
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t g = 0; g < blocks; ++g)
+        for (int64_t k = 0; k < lanes; ++k) wide[(r * blocks + g) * lanes + k] = dx[r * G + g];
+    dxi = interleave(wide.data(), M, blocks * lanes / 8, 8);
   }
   const int64_t mt = WIDE ? 2 * MT : MT;  // rows of activations a pass
   const int64_t row_bytes = G * BS;
@@ -474,13 +485,13 @@ void block_mm(const float* x, const uint8_t* w, float* y, int64_t M, int64_t N, 
   const int64_t chunk = M > mt ? CHUNK
                                : std::max<int64_t>(CHUNK, (N + 2 * threads - 1) / (2 * threads));
   parallel_tasks((N + chunk - 1) / chunk, [&](int64_t c, int64_t) {
-    thread_local std::vector<float> fields;  // row_dot's: a weight row's, and 8 bits' d * dx
-    fields.resize((5 + MT) * G);
+    thread_local std::vector<float> fields;  // row_dot's scales d * dx, or pairs_dot's fields
+    fields.resize(4 * MT * G);
     const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
     for (int64_t m0 = 0; m0 < M; m0 += mt) {
       const int64_t rows = std::min(mt, M - m0);
       const int8_t* xr = xq.data() + m0 * K;
-      const float *dr = dx.data() + m0 * SX, *sr = sx.data() + m0 * G;
+      const float *dr = dx.data() + m0 * G, *sr = sx.data() + m0 * G;
       float* yr = y + m0 * N;
       for (int64_t n = n0; n < n1; ++n) {
         if (m0 == 0 && n + PF < N) {  // the row PF ahead, while this one computes
