@@ -25,7 +25,8 @@ def test_the_kernels_build_where_supported():
 def test_every_op_is_looked_up_when_the_kernels_load():
     """``kernels._OPS`` is filled when the kernels load, not while a graph compiles: a compiled
     step guards on it, and a dict that changed under the first compile made it compile twice
-    (serve's warm-up then needed a second step per graph). Every op the C++ defines is in ``OPS``."""
+    (serve's warm-up then needed a second step per graph). Every op the C++ defines is in
+    ``OPS``."""
     if not kernels.available():
         pytest.skip(f"no CPU kernels here: {kernels.unavailable_reason()}")
     import re
