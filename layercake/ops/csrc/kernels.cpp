@@ -425,11 +425,13 @@ std::vector<T> interleave(const T* a, int64_t rows, int64_t n, int64_t u) {
   return out;
 }
 
+// One row alone keeps the AVX2 dots: it streams its weights from RAM, and VNNI's dependent pair
+// of instructions measured a few % slower there (README); both give the same bits.
 template <int BITS, int V>
 void rows_dot(const uint8_t* w, int64_t G, const int8_t* xq, const float* dx, const float* sx,
               int64_t K, float* y, int64_t ldy, int64_t rows, float* fields) {
   switch (rows) {
-    case 1: return row_dot<BITS, 1, V>(w, G, xq, dx, sx, K, y, ldy, fields);
+    case 1: return row_dot<BITS, 1, 0>(w, G, xq, dx, sx, K, y, ldy, fields);
     case 2: return row_dot<BITS, 2, V>(w, G, xq, dx, sx, K, y, ldy, fields);
     case 3: return row_dot<BITS, 3, V>(w, G, xq, dx, sx, K, y, ldy, fields);
     default: return row_dot<BITS, 4, V>(w, G, xq, dx, sx, K, y, ldy, fields);
@@ -437,7 +439,7 @@ void rows_dot(const uint8_t* w, int64_t G, const int8_t* xq, const float* dx, co
 }
 
 // The 512-bit path: pairs of rows through pairs_dot, an odd row alone through row_dot.
-template <int BITS, int V>
+template <int BITS>
 void rows_dot512(const uint8_t* w, int64_t G, const int8_t* xi, const float* dxi,
                  const int8_t* xq, const float* dx, const float* sx, int64_t K, float* y,
                  int64_t ldy, int64_t rows, float* fields) {
@@ -450,7 +452,7 @@ void rows_dot512(const uint8_t* w, int64_t G, const int8_t* xi, const float* dxi
   }
   if (rows % 2) {
     const int64_t r = rows - 1;
-    row_dot<BITS, 1, V>(w, G, xq + r * K, dx + r * G, sx + r * G, K, y + r * ldy, ldy, fields);
+    row_dot<BITS, 1, 0>(w, G, xq + r * K, dx + r * G, sx + r * G, K, y + r * ldy, ldy, fields);
   }
 }
 
@@ -500,7 +502,7 @@ void block_mm(const float* x, const uint8_t* w, float* y, int64_t M, int64_t N, 
         }
         const uint8_t* wn = w + n * row_bytes;
         if (WIDE && M > 1)
-          rows_dot512<BITS, V>(wn, G, xi.data() + m0 * K, dxi.data() + m0 * DX, xr,
+          rows_dot512<BITS>(wn, G, xi.data() + m0 * K, dxi.data() + m0 * DX, xr,
                             dr, sr, K, yr + n, N, rows, fields.data());
         else
           rows_dot<BITS, V>(wn, G, xr, dr, sr, K, yr + n, N, rows, fields.data());
