@@ -20,7 +20,8 @@
 // for sx looks more precise but is not: the offsets then no longer cancel the error of the
 // all-positive 4-bit values, and the result's error doubles.)
 // dot(q, xq) runs on integer multiply-adds (maddubs: 32 products per instruction); the weights'
-// bytes are read once per call for up to 4 rows of activations and once per 4 rows beyond.
+// bytes are read once per call for up to 4 rows of activations and once per 4 rows beyond (8 on
+// the AVX-512 path, which takes rows two to a vector: see pairs_dot).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -340,13 +341,12 @@ inline __m512i both_halves(__m256i a) { return _mm512_broadcast_i64x4(a); }
 
 // ``P`` pairs of rows (2 P rows) of activations against one weight row: y[r * ldy]. ``xi``: the
 // pairs' int8 values interleaved (2 K bytes a pair); ``dxi``: their dx interleaved by 8 floats
-// (4 bits: dx4 as row_dot reads it; 8 bits: each block's dx 8 times); ``xq``, ``dx``: the rows
-// as row_dot reads them (an odd last 4-bit block goes through them).
+// (4 bits: each block's dx 4 times; 8 bits: 8 times); ``dx``: the rows' dx as row_dot reads
+// them (an odd last 4-bit block's scale).
 template <int BITS, int P>
 __attribute__((noinline)) void pairs_dot(const uint8_t* w, int64_t G, const int8_t* xi,
-                                         const float* dxi, const int8_t* xq, const float* dx,
-                                         const float* sx, int64_t K, float* y, int64_t ldy,
-                                         float* fields) {
+                                         const float* dxi, const float* dx, const float* sx,
+                                         int64_t K, float* y, int64_t ldy, float* fields) {
   constexpr int R = 2 * P;
   float* d = fields;
   float* m = d + (BITS == 4 ? 4 * G : G);
@@ -403,7 +403,6 @@ __attribute__((noinline)) void pairs_dot(const uint8_t* w, int64_t G, const int8
       }
     }
   }
-  (void)xq;
   for (int p = 0; p < P; ++p) {
     y[2 * p * ldy] = hsum(_mm512_castps512_ps256(acc[p])) + off[2 * p];
     y[(2 * p + 1) * ldy] = hsum(_mm512_extractf32x8_ps(acc[p], 1)) + off[2 * p + 1];
@@ -445,10 +444,10 @@ void rows_dot512(const uint8_t* w, int64_t G, const int8_t* xi, const float* dxi
                  int64_t ldy, int64_t rows, float* fields) {
   switch (rows / 2) {
     case 0: break;
-    case 1: pairs_dot<BITS, 1>(w, G, xi, dxi, xq, dx, sx, K, y, ldy, fields); break;
-    case 2: pairs_dot<BITS, 2>(w, G, xi, dxi, xq, dx, sx, K, y, ldy, fields); break;
-    case 3: pairs_dot<BITS, 3>(w, G, xi, dxi, xq, dx, sx, K, y, ldy, fields); break;
-    default: pairs_dot<BITS, 4>(w, G, xi, dxi, xq, dx, sx, K, y, ldy, fields); break;
+    case 1: pairs_dot<BITS, 1>(w, G, xi, dxi, dx, sx, K, y, ldy, fields); break;
+    case 2: pairs_dot<BITS, 2>(w, G, xi, dxi, dx, sx, K, y, ldy, fields); break;
+    case 3: pairs_dot<BITS, 3>(w, G, xi, dxi, dx, sx, K, y, ldy, fields); break;
+    default: pairs_dot<BITS, 4>(w, G, xi, dxi, dx, sx, K, y, ldy, fields); break;
   }
   if (rows % 2) {
     const int64_t r = rows - 1;
