@@ -22,6 +22,20 @@ def test_the_kernels_build_where_supported():
     )
 
 
+def test_every_op_is_looked_up_when_the_kernels_load():
+    """``kernels._OPS`` is filled when the kernels load, not while a graph compiles: a compiled
+    step guards on it, and a dict that changed under the first compile made it compile twice
+    (serve's warm-up then needed a second step per graph). Every op the C++ defines is in
+    ``OPS``."""
+    if not kernels.available():
+        pytest.skip(f"no CPU kernels here: {kernels.unavailable_reason()}")
+    import re
+
+    registered = set(re.findall(r'm\.def\("(\w+)\(', kernels.SOURCE.read_text()))
+    assert registered == set(kernels.OPS)
+    assert set(kernels._OPS) == registered
+
+
 def test_unsupported_says_why(monkeypatch):
     monkeypatch.setenv("LAYERCAKE_NO_KERNELS", "1")
     assert kernels.unsupported() == "LAYERCAKE_NO_KERNELS is set"

@@ -165,6 +165,8 @@ def _build_and_register() -> str | None:
     torch.library.register_fake("layercake::rms_norm")(_fake_rms_norm)
     torch.library.register_fake("layercake::silu_mul")(_fake_silu_mul)
     torch.library.register_fake("layercake::decode_step")(_fake_decode_step)
+    for name in OPS:  # every op looked up now: a compiled graph never sees _OPS change
+        _OPS[name] = getattr(torch.ops.layercake, name).default
     return None
 
 
@@ -190,17 +192,20 @@ def require() -> None:
         raise RuntimeError(f"layercake's CPU kernels are not available: {why}")
 
 
-_OPS: dict = {}
+OPS = ("block_mm", "decode_attention", "bf16_mm", "bf16_mm_out", "rms_norm", "silu_mul",
+       "decode_step")  # fmt: skip
+_OPS: dict = {}  # name -> torch.ops.layercake.<name>.default, filled when the kernels load
 
 
 def _op(name: str):
     """The registered op ``torch.ops.layercake.<name>.default`` (built and loaded first if need
-    be); looked up once: a one-token step calls these hundreds of times."""
+    be); looked up once: a one-token step calls these hundreds of times. All are looked up when
+    the kernels load, so a graph compiled after that reads a dict that never changes (filling it
+    while the first graph compiled changed its guards: it compiled again on its second call)."""
     op = _OPS.get(name)
     if op is None:
-        if not hasattr(torch.ops.layercake, name):
-            require()
-        op = _OPS[name] = getattr(torch.ops.layercake, name).default
+        require()
+        op = _OPS[name]
     return op
 
 

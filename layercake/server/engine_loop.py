@@ -174,8 +174,6 @@ def warm_up(llm: LLM, slots: int, context: int) -> None:
             for req in reqs:
                 eng.add(req)
             eng.step()  # admits them (prefill) and runs one decode step of ``rows`` rows
-            eng.step()  # and a second: a graph whose guards changed on its first call (an op
-            # registered while it compiled) compiles again now, not on a request
             for req in reqs:
                 req.cancelled = True
             eng.step()  # frees their slots

@@ -20,7 +20,8 @@
 // for sx looks more precise but is not: the offsets then no longer cancel the error of the
 // all-positive 4-bit values, and the result's error doubles.)
 // dot(q, xq) runs on integer multiply-adds (maddubs: 32 products per instruction); the weights'
-// bytes are read once per call for up to 4 rows of activations and once per 4 rows beyond.
+// bytes are read once per call for up to 4 rows of activations and once per 4 rows beyond (8 on
+// the AVX-512 path, which takes rows two to a vector: see pairs_dot).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -29,6 +30,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -164,6 +166,90 @@ inline float prepare(const uint8_t* row, int64_t G, const float* dx, const float
   return o + hsum(o8);
 }
 
+// A weight row's fields as floats, once for all the rows of activations that pass over it: its
+// G fp16 offsets into m, its G fp16 scales into d, for 4 bits each repeated 4 times (the 4 lanes
+// of its block in a pair's vector, see row_dot). ``row`` may start at any byte (read unaligned).
+template <int BITS>
+inline void widen_fields(const uint8_t* row, int64_t G, float* d, float* m) {
+  const uint8_t* d16 = row;          // G fp16 scales
+  const uint8_t* m16 = row + 2 * G;  // G fp16 offsets
+  const __m256i lo = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  const __m256i two = _mm256_set1_epi32(2);
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) {
+    _mm256_storeu_ps(m + g, _mm256_cvtph_ps(u16x8_at(m16 + 2 * g)));
+    const __m256 s = _mm256_cvtph_ps(u16x8_at(d16 + 2 * g));
+    if constexpr (BITS == 4) {
+      __m256i idx = lo;
+      for (int k = 0; k < 4; ++k, idx = _mm256_add_epi32(idx, two))
+        _mm256_storeu_ps(d + 4 * g + 8 * k, _mm256_permutevar8x32_ps(s, idx));
+    } else {
+      _mm256_storeu_ps(d + g, s);
+    }
+  }
+  for (; g < G; ++g) {
+    m[g] = half_at(m16 + 2 * g);
+    const float s = half_at(d16 + 2 * g);
+    if constexpr (BITS == 4) {
+      for (int k = 0; k < 4; ++k) d[4 * g + k] = s;
+    } else {
+      d[g] = s;
+    }
+  }
+}
+
+// sum_g m[g] * sx[g]: a row's offsets against one row of activations, 8 blocks a vector.
+inline float offset_dot(const float* m, const float* sx, int64_t G) {
+  __m256 o8 = _mm256_setzero_ps();
+  float o = 0.f;
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8)
+    o8 = _mm256_fmadd_ps(_mm256_loadu_ps(m + g), _mm256_loadu_ps(sx + g), o8);
+  for (; g < G; ++g) o += m[g] * sx[g];
+  return o + hsum(o8);
+}
+
+// The integer dot products' instruction: 0 AVX2 (two maddubs into int16, madd into int32),
+// 1 AVX-VNNI, 2 AVX512-VNNI on 256-bit registers (vpdpbusd: the same int32 sums in one
+// instruction). The sums are exact on every path (no int16 saturates: see row_dot), so the
+// results are bit for bit the same; VNNI only takes fewer instructions, which is what the
+// many-row steps are bound by. Chosen once, by what the CPU has (``LAYERCAKE_NO_VNNI`` forces
+// AVX2: for tests and comparisons). The instruction is written as inline assembly: the kernels
+// are built for AVX2, and a VNNI intrinsic would need the whole call tree compiled for it.
+int dot_isa() {
+  static const int isa = [] {
+    if (std::getenv("LAYERCAKE_NO_VNNI")) return 0;
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avxvnni")) return 1;
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) return 2;
+    return 0;
+  }();
+  return isa;
+}
+
+// Whether pairs of rows run on 512-bit vectors (pairs_dot): AVX-512 with VNNI, BW and DQ.
+// ``LAYERCAKE_NO_AVX512`` (or ``LAYERCAKE_NO_VNNI``) turns it off.
+bool wide_pairs() {
+  static const bool wide = [] {
+    if (std::getenv("LAYERCAKE_NO_VNNI") || std::getenv("LAYERCAKE_NO_AVX512")) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+  }();
+  return wide;
+}
+
+// acc + the sums of each 4 products u[i] * s[i] (u unsigned, s signed bytes) in int32 lanes.
+template <int V>
+inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
+  static_assert(V == 1 || V == 2);
+  if constexpr (V == 1)
+    asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));
+  else
+    asm("vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));
+  return acc;
+}
+
 // R rows of activations against one weight row: y[r * ldy]. ``scale`` has room for R rows of
 // 4 * G floats. (Two weight rows at a time, for more independent chains, measured slower
 // streaming from RAM, see the README: the hardware prefetcher follows one stream per thread
@@ -174,10 +260,13 @@ inline float prepare(const uint8_t* row, int64_t G, const float* dx, const float
 // quantized into that order (see quantize_rows), so each step is one load, two masks, two
 // integer dots, one int16 add (at most 2 * 2 * 15 * 127 = 7620: no overflow), one widening add
 // and one FMA with the pair's scales. An odd last block goes alone.
-template <int BITS, int R>
+// 8 bits: |q| times x with q's sign (maddubs takes one unsigned operand); a pair of products is
+// at most 2 * 128 * 127 = 32512, within int16.
+template <int BITS, int R, int V>
 inline void row_dot(const uint8_t* w, int64_t G, const int8_t* xq, const float* dx,
                     const float* sx, int64_t K, float* y, int64_t ldy, float* scale) {
   const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i zero = _mm256_setzero_si256();
   const int64_t SS = BITS == 4 ? 4 * G : G;  // scale floats per activation row
   __m256 acc[R];
   float off[R];
@@ -196,9 +285,13 @@ inline void row_dot(const uint8_t* w, int64_t G, const int8_t* xq, const float* 
       for (int r = 0; r < R; ++r) {
         const __m256i xlo = _mm256_loadu_si256((const __m256i*)(xq + r * K + g * QK));
         const __m256i xhi = _mm256_loadu_si256((const __m256i*)(xq + r * K + g * QK + 32));
-        const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo),
-                                             _mm256_maddubs_epi16(hi, xhi));
-        const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+        __m256i p32;
+        if constexpr (V == 0)
+          p32 = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo),
+                                                   _mm256_maddubs_epi16(hi, xhi)), ones);
+        else
+          p32 = dpbusd<V>(dpbusd<V>(zero, lo, xlo), hi, xhi);
+        const __m256 p = _mm256_cvtepi32_ps(p32);
         acc[r] = _mm256_fmadd_ps(p, _mm256_loadu_ps(scale + r * SS + 4 * g), acc[r]);
       }
     }
@@ -219,8 +312,13 @@ inline void row_dot(const uint8_t* w, int64_t G, const int8_t* xq, const float* 
       const __m256i aq = _mm256_sign_epi8(q, q);
       for (int r = 0; r < R; ++r) {
         const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + r * K + g * QK));
-        const __m256i p16 = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(xv, q));
-        const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+        const __m256i sxv = _mm256_sign_epi8(xv, q);
+        __m256i p32;
+        if constexpr (V == 0)
+          p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, sxv), ones);
+        else
+          p32 = dpbusd<V>(zero, aq, sxv);
+        const __m256 p = _mm256_cvtepi32_ps(p32);
         acc[r] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(scale + r * SS + g), acc[r]);
       }
     }
@@ -228,38 +326,171 @@ inline void row_dot(const uint8_t* w, int64_t G, const int8_t* xq, const float* 
   for (int r = 0; r < R; ++r) y[r * ldy] = hsum(acc[r]) + off[r];
 }
 
-template <int BITS>
+// Two rows of activations per 512-bit vector (AVX-512 with VNNI: ``dot_isa() == 3``): lanes
+// 0..7 hold one row's 8 lanes of row_dot, lanes 8..15 the next row's, each computed with the
+// very operations and order row_dot uses (the same integer sums, the same products d * dx, the
+// same FMA chain and the same final sum), so every output is bit for bit row_dot's, and a row
+// computes the same whether it shares a vector or not. A 512-bit instruction does two rows'
+// work: the many-row steps are bound by these instructions, not by memory. The activations come
+// interleaved by ``interleave``: per 32 bytes of a row, the pair's first row then its second.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+
+// [a | b]: a 256-bit vector in both halves of a 512-bit one
+inline __m512i both_halves(__m256i a) { return _mm512_broadcast_i64x4(a); }
+
+// ``P`` pairs of rows (2 P rows) of activations against one weight row: y[r * ldy]. ``xi``: the
+// pairs' int8 values interleaved (2 K bytes a pair); ``dxi``: their dx interleaved by 8 floats
+// (4 bits: each block's dx 4 times; 8 bits: 8 times); ``dx``: the rows' dx as row_dot reads
+// them (an odd last 4-bit block's scale).
+template <int BITS, int P>
+__attribute__((noinline)) void pairs_dot(const uint8_t* w, int64_t G, const int8_t* xi,
+                                         const float* dxi, const float* dx, const float* sx,
+                                         int64_t K, float* y, int64_t ldy, float* fields) {
+  constexpr int R = 2 * P;
+  float* d = fields;
+  float* m = d + (BITS == 4 ? 4 * G : G);
+  widen_fields<BITS>(w, G, d, m);
+  float off[R];
+  for (int r = 0; r < R; ++r) off[r] = offset_dot(m, sx + r * G, G);
+  __m512 acc[P];
+  for (int p = 0; p < P; ++p) acc[p] = _mm512_setzero_ps();
+  const __m512i zero = _mm512_setzero_si512();
+  const uint8_t* qs = w + 4 * G;
+  const int64_t DI = BITS == 4 ? 16 * (G / 2) : 16 * G;  // dxi floats per pair of rows
+  if constexpr (BITS == 4) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    int64_t g = 0;
+    for (; g + 2 <= G; g += 2) {
+      const __m512i raw = both_halves(_mm256_loadu_si256((const __m256i*)(qs + 16 * g)));
+      const __m512i lo = _mm512_and_si512(raw, m4);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+      const __m512 dv = _mm512_broadcast_f32x8(_mm256_loadu_ps(d + 4 * g));
+      for (int p = 0; p < P; ++p) {
+        const int8_t* xp = xi + p * 2 * K + 64 * g;
+        const __m512i xlo = _mm512_loadu_si512(xp), xhi = _mm512_loadu_si512(xp + 64);
+        const __m512i p32 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xlo), hi, xhi);
+        const __m512 sv = _mm512_mul_ps(dv, _mm512_loadu_ps(dxi + p * DI + 8 * g));
+        acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p32), sv, acc[p]);
+      }
+    }
+    if (g < G) {  // one block: [0..15 | 16..31], as row_dot
+      const __m128i raw = _mm_loadu_si128((const __m128i*)(qs + 16 * g));
+      const __m128i m = _mm_set1_epi8(0x0F);
+      const __m512i q = both_halves(_mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m),
+                                                     _mm_and_si128(raw, m)));
+      for (int p = 0; p < P; ++p) {
+        const __m512i xv = _mm512_loadu_si512(xi + p * 2 * K + 64 * g);
+        const float* d0 = dx + 2 * p * G + g;
+        const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(d[4 * g] * d0[0]),
+                                             _mm256_set1_ps(d[4 * g] * d0[G]), 1);
+        const __m512 pv = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, q, xv));
+        acc[p] = _mm512_fmadd_ps(pv, sv, acc[p]);
+      }
+    }
+  } else {
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512i q = both_halves(_mm256_loadu_si256((const __m256i*)(qs + 32 * g)));
+      const __m512i aq = _mm512_abs_epi8(q);
+      const __mmask64 neg = _mm512_movepi8_mask(q);
+      const __m512 dv = _mm512_set1_ps(d[g]);
+      for (int p = 0; p < P; ++p) {
+        const __m512i xv = _mm512_loadu_si512(xi + p * 2 * K + 64 * g);
+        const __m512i sxv = _mm512_mask_sub_epi8(xv, neg, zero, xv);  // x with q's sign
+        const __m512 sv = _mm512_mul_ps(dv, _mm512_loadu_ps(dxi + p * DI + 16 * g));
+        acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, aq, sxv)), sv,
+                                 acc[p]);
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    y[2 * p * ldy] = hsum(_mm512_castps512_ps256(acc[p])) + off[2 * p];
+    y[(2 * p + 1) * ldy] = hsum(_mm512_extractf32x8_ps(acc[p], 1)) + off[2 * p + 1];
+  }
+}
+#pragma GCC pop_options
+
+// Pairs of rows of ``a`` (rows of ``n`` units of ``u`` elements) interleaved unit by unit:
+// [row 0 unit 0, row 1 unit 0, row 0 unit 1, ...], then rows 2 and 3, ...; an odd last row
+// is left out.
+template <class T>
+std::vector<T> interleave(const T* a, int64_t rows, int64_t n, int64_t u) {
+  std::vector<T> out((rows / 2) * 2 * n * u);
+  for (int64_t p = 0; p < rows / 2; ++p)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t h = 0; h < 2; ++h)
+        std::memcpy(out.data() + ((p * n + i) * 2 + h) * u, a + ((2 * p + h) * n + i) * u,
+                    u * sizeof(T));
+  return out;
+}
+
+// One row alone keeps the AVX2 dots: it streams its weights from RAM, and VNNI's dependent pair
+// of instructions measured a few % slower there (README); both give the same bits.
+template <int BITS, int V>
 void rows_dot(const uint8_t* w, int64_t G, const int8_t* xq, const float* dx, const float* sx,
-              int64_t K, float* y, int64_t ldy, int64_t rows, float* scale) {
+              int64_t K, float* y, int64_t ldy, int64_t rows, float* fields) {
   switch (rows) {
-    case 1: return row_dot<BITS, 1>(w, G, xq, dx, sx, K, y, ldy, scale);
-    case 2: return row_dot<BITS, 2>(w, G, xq, dx, sx, K, y, ldy, scale);
-    case 3: return row_dot<BITS, 3>(w, G, xq, dx, sx, K, y, ldy, scale);
-    default: return row_dot<BITS, 4>(w, G, xq, dx, sx, K, y, ldy, scale);
+    case 1: return row_dot<BITS, 1, 0>(w, G, xq, dx, sx, K, y, ldy, fields);
+    case 2: return row_dot<BITS, 2, V>(w, G, xq, dx, sx, K, y, ldy, fields);
+    case 3: return row_dot<BITS, 3, V>(w, G, xq, dx, sx, K, y, ldy, fields);
+    default: return row_dot<BITS, 4, V>(w, G, xq, dx, sx, K, y, ldy, fields);
   }
 }
 
+// The 512-bit path: pairs of rows through pairs_dot, an odd row alone through row_dot.
 template <int BITS>
+void rows_dot512(const uint8_t* w, int64_t G, const int8_t* xi, const float* dxi,
+                 const int8_t* xq, const float* dx, const float* sx, int64_t K, float* y,
+                 int64_t ldy, int64_t rows, float* fields) {
+  switch (rows / 2) {
+    case 0: break;
+    case 1: pairs_dot<BITS, 1>(w, G, xi, dxi, dx, sx, K, y, ldy, fields); break;
+    case 2: pairs_dot<BITS, 2>(w, G, xi, dxi, dx, sx, K, y, ldy, fields); break;
+    case 3: pairs_dot<BITS, 3>(w, G, xi, dxi, dx, sx, K, y, ldy, fields); break;
+    default: pairs_dot<BITS, 4>(w, G, xi, dxi, dx, sx, K, y, ldy, fields); break;
+  }
+  if (rows % 2) {
+    const int64_t r = rows - 1;
+    row_dot<BITS, 1, 0>(w, G, xq + r * K, dx + r * G, sx + r * G, K, y + r * ldy, ldy, fields);
+  }
+}
+
+template <int BITS, int V, bool WIDE>
 void block_mm(const float* x, const uint8_t* w, float* y, int64_t M, int64_t N, int64_t K) {
   constexpr int64_t BS = BITS == 4 ? 20 : 36;
   const int64_t G = K / QK;
   std::vector<int8_t> xq(M * K);
   std::vector<float> dx(M * G), sx(M * G);
   quantize_rows(x, M, K, xq.data(), dx.data(), sx.data(), BITS == 4);
+  std::vector<int8_t> xi;
+  std::vector<float> dxi;
+  const int64_t DX = BITS == 4 ? 8 * (G / 2) : 8 * G;  // dxi floats a row
+  if (WIDE && M > 1) {  // the 512-bit path's pairs of rows
+    xi = interleave(xq.data(), M, G, QK);
+    // each block's dx as many times as it has lanes in a vector: 4 bits, 4 (a pair's vector
+    // holds two blocks: whole pairs only, an odd last block reads dx); 8 bits, 8
+    const int64_t lanes = BITS == 4 ? 4 : 8, blocks = BITS == 4 ? G / 2 * 2 : G;
+    std::vector<float> wide(M * blocks * lanes);
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t g = 0; g < blocks; ++g)
+        for (int64_t k = 0; k < lanes; ++k) wide[(r * blocks + g) * lanes + k] = dx[r * G + g];
+    dxi = interleave(wide.data(), M, blocks * lanes / 8, 8);
+  }
+  const int64_t mt = WIDE ? 2 * MT : MT;  // rows of activations a pass
   const int64_t row_bytes = G * BS;
-  // Up to MT rows of activations pass over the weights once: each thread then streams long runs
+  // Up to mt rows of activations pass over the weights once: each thread then streams long runs
   // of rows (two tasks a thread), which the hardware prefetcher follows far better than 16-row
   // pieces taken in turns. More rows pass over each piece several times, so it must stay small
   // enough to remain in cache between passes.
   const int64_t threads = at::get_num_threads();
-  const int64_t chunk = M > MT ? CHUNK
+  const int64_t chunk = M > mt ? CHUNK
                                : std::max<int64_t>(CHUNK, (N + 2 * threads - 1) / (2 * threads));
   parallel_tasks((N + chunk - 1) / chunk, [&](int64_t c, int64_t) {
-    thread_local std::vector<float> scale;
-    scale.resize(MT * 4 * G);
+    thread_local std::vector<float> fields;  // row_dot's scales d * dx, or pairs_dot's fields
+    fields.resize(4 * MT * G);
     const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
-    for (int64_t m0 = 0; m0 < M; m0 += MT) {
-      const int64_t rows = std::min(MT, M - m0);
+    for (int64_t m0 = 0; m0 < M; m0 += mt) {
+      const int64_t rows = std::min(mt, M - m0);
       const int8_t* xr = xq.data() + m0 * K;
       const float *dr = dx.data() + m0 * G, *sr = sx.data() + m0 * G;
       float* yr = y + m0 * N;
@@ -268,7 +499,12 @@ void block_mm(const float* x, const uint8_t* w, float* y, int64_t M, int64_t N, 
           const char* next = (const char*)(w + (n + PF) * row_bytes);
           for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
         }
-        rows_dot<BITS>(w + n * row_bytes, G, xr, dr, sr, K, yr + n, N, rows, scale.data());
+        const uint8_t* wn = w + n * row_bytes;
+        if (WIDE && M > 1)
+          rows_dot512<BITS>(wn, G, xi.data() + m0 * K, dxi.data() + m0 * DX, xr,
+                            dr, sr, K, yr + n, N, rows, fields.data());
+        else
+          rows_dot<BITS, V>(wn, G, xr, dr, sr, K, yr + n, N, rows, fields.data());
       }
     }
   });
@@ -298,10 +534,24 @@ at::Tensor block_mm_op(const at::Tensor& x, const at::Tensor& w, int64_t bits) {
   at::Tensor xc = x.contiguous(), wc = w.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  if (bits == 4)
-    block_mm<4>(xc.data_ptr<float>(), wc.data_ptr<uint8_t>(), y.data_ptr<float>(), M, N, K);
-  else
-    block_mm<8>(xc.data_ptr<float>(), wc.data_ptr<uint8_t>(), y.data_ptr<float>(), M, N, K);
+  const float* xp = xc.data_ptr<float>();
+  const uint8_t* wp = wc.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const int isa = dot_isa();
+  const bool wide = wide_pairs();
+  if (bits == 4) {
+    if (wide) isa == 1 ? block_mm<4, 1, true>(xp, wp, yp, M, N, K)
+                       : block_mm<4, 2, true>(xp, wp, yp, M, N, K);
+    else if (isa == 1) block_mm<4, 1, false>(xp, wp, yp, M, N, K);
+    else if (isa == 2) block_mm<4, 2, false>(xp, wp, yp, M, N, K);
+    else block_mm<4, 0, false>(xp, wp, yp, M, N, K);
+  } else {
+    if (wide) isa == 1 ? block_mm<8, 1, true>(xp, wp, yp, M, N, K)
+                       : block_mm<8, 2, true>(xp, wp, yp, M, N, K);
+    else if (isa == 1) block_mm<8, 1, false>(xp, wp, yp, M, N, K);
+    else if (isa == 2) block_mm<8, 2, false>(xp, wp, yp, M, N, K);
+    else block_mm<8, 0, false>(xp, wp, yp, M, N, K);
+  }
   return y;
 }
 
