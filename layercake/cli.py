@@ -152,6 +152,20 @@ def cmd_batch(a: argparse.Namespace) -> int:
     return 0
 
 
+def serve_threads(a: argparse.Namespace) -> None:
+    """``serve`` on the CPU without ``--threads``: one thread fewer than torch's choice (at least
+    one), leaving a core to the event loop that takes requests and streams tokens. With every
+    core computing, the event loop preempts one kernel thread and the others wait for it at the
+    end of every op (the README's Server section has the measurement)."""
+    import torch
+
+    if a.threads is None and a.device == "cpu" and torch.get_num_threads() > 1:
+        a.threads = torch.get_num_threads() - 1
+        if a.verbose:
+            print(f"[threads: {a.threads} for the model, a core left to the server; "
+                  "--threads N to choose]", file=sys.stderr, flush=True)  # fmt: skip
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     try:
         from layercake.server.app import serve
@@ -173,6 +187,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     explicit = a.compile is True  # --compile; None: serve's default, decided here
     if a.compile is None:
         a.compile = serve_compiles(a)
+    serve_threads(a)
     llm = load_from_args(a)
     slots = engine_slots(llm, a, default=8)
     if a.compile:

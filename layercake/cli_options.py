@@ -17,7 +17,11 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
     g.add_argument("--dtype", help="compute dtype: float32 (CPU default), bfloat16, float16")
-    g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: torch's choice; serve: one fewer)",
+    )
     g.add_argument("--compile", action="store_true", help="wrap the layers with torch.compile")
     o = p.add_argument_group(
         "offloading",
