@@ -130,6 +130,30 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, 
   }
 }
 
+// Eight blocks' scales s (blocks g..g+7) stored as the block loop reads them: 4 bits, each
+// block's 4 lanes of its pair's vector (see row_dot), so 32 floats from out + 4 g; 8 bits, one
+// float per block. store_scale: one block's.
+template <int BITS>
+inline void store_scales(float* out, int64_t g, __m256 s) {
+  if constexpr (BITS == 4) {
+    const __m256i two = _mm256_set1_epi32(2);
+    __m256i idx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    for (int k = 0; k < 4; ++k, idx = _mm256_add_epi32(idx, two))
+      _mm256_storeu_ps(out + 4 * g + 8 * k, _mm256_permutevar8x32_ps(s, idx));
+  } else {
+    _mm256_storeu_ps(out + g, s);
+  }
+}
+
+template <int BITS>
+inline void store_scale(float* out, int64_t g, float s) {
+  if constexpr (BITS == 4) {
+    for (int k = 0; k < 4; ++k) out[4 * g + k] = s;  // block g's half of its pair's vector
+  } else {
+    out[g] = s;
+  }
+}
+
 // A row's fp16 offsets m[0..G) dotted with sx[0..G), and its fp16 scales d[0..G) times dx,
 // as the block loop reads them: 4 bits, one 8-lane vector per pair of blocks (4 lanes each);
 // 8 bits, one float per block. ``row`` may start at any byte (the fields are read unaligned).
@@ -140,28 +164,15 @@ inline float prepare(const uint8_t* row, int64_t G, const float* dx, const float
   __m256 o8 = _mm256_setzero_ps();
   float o = 0.f;
   int64_t g = 0;
-  const __m256i lo = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-  const __m256i two = _mm256_set1_epi32(2);
   for (; g + 8 <= G; g += 8) {
     const __m256 m = _mm256_cvtph_ps(u16x8_at(m16 + 2 * g));
     o8 = _mm256_fmadd_ps(m, _mm256_loadu_ps(sx + g), o8);
-    const __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(u16x8_at(d16 + 2 * g)), _mm256_loadu_ps(dx + g));
-    if constexpr (BITS == 4) {
-      __m256i idx = lo;
-      for (int k = 0; k < 4; ++k, idx = _mm256_add_epi32(idx, two))
-        _mm256_storeu_ps(scale + 4 * g + 8 * k, _mm256_permutevar8x32_ps(s, idx));
-    } else {
-      _mm256_storeu_ps(scale + g, s);
-    }
+    store_scales<BITS>(
+        scale, g, _mm256_mul_ps(_mm256_cvtph_ps(u16x8_at(d16 + 2 * g)), _mm256_loadu_ps(dx + g)));
   }
   for (; g < G; ++g) {
     o += half_at(m16 + 2 * g) * sx[g];
-    const float s = half_at(d16 + 2 * g) * dx[g];
-    if constexpr (BITS == 4) {
-      for (int k = 0; k < 4; ++k) scale[4 * g + k] = s;  // block g's half of its pair's vector
-    } else {
-      scale[g] = s;
-    }
+    store_scale<BITS>(scale, g, half_at(d16 + 2 * g) * dx[g]);
   }
   return o + hsum(o8);
 }
@@ -173,28 +184,14 @@ template <int BITS>
 inline void widen_fields(const uint8_t* row, int64_t G, float* d, float* m) {
   const uint8_t* d16 = row;          // G fp16 scales
   const uint8_t* m16 = row + 2 * G;  // G fp16 offsets
-  const __m256i lo = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-  const __m256i two = _mm256_set1_epi32(2);
   int64_t g = 0;
   for (; g + 8 <= G; g += 8) {
     _mm256_storeu_ps(m + g, _mm256_cvtph_ps(u16x8_at(m16 + 2 * g)));
-    const __m256 s = _mm256_cvtph_ps(u16x8_at(d16 + 2 * g));
-    if constexpr (BITS == 4) {
-      __m256i idx = lo;
-      for (int k = 0; k < 4; ++k, idx = _mm256_add_epi32(idx, two))
-        _mm256_storeu_ps(d + 4 * g + 8 * k, _mm256_permutevar8x32_ps(s, idx));
-    } else {
-      _mm256_storeu_ps(d + g, s);
-    }
+    store_scales<BITS>(d, g, _mm256_cvtph_ps(u16x8_at(d16 + 2 * g)));
   }
   for (; g < G; ++g) {
     m[g] = half_at(m16 + 2 * g);
-    const float s = half_at(d16 + 2 * g);
-    if constexpr (BITS == 4) {
-      for (int k = 0; k < 4; ++k) d[4 * g + k] = s;
-    } else {
-      d[g] = s;
-    }
+    store_scale<BITS>(d, g, half_at(d16 + 2 * g));
   }
 }
 
@@ -326,7 +323,7 @@ inline void row_dot(const uint8_t* w, int64_t G, const int8_t* xq, const float* 
   for (int r = 0; r < R; ++r) y[r * ldy] = hsum(acc[r]) + off[r];
 }
 
-// Two rows of activations per 512-bit vector (AVX-512 with VNNI: ``dot_isa() == 3``): lanes
+// Two rows of activations per 512-bit vector (AVX-512 with VNNI: ``wide_pairs()``): lanes
 // 0..7 hold one row's 8 lanes of row_dot, lanes 8..15 the next row's, each computed with the
 // very operations and order row_dot uses (the same integer sums, the same products d * dx, the
 // same FMA chain and the same final sum), so every output is bit for bit row_dot's, and a row
@@ -510,6 +507,22 @@ void block_mm(const float* x, const uint8_t* w, float* y, int64_t M, int64_t N, 
   });
 }
 
+// block_mm with the dot-product instruction and row pairing this CPU has (dot_isa, wide_pairs).
+template <int BITS>
+void block_mm_isa(const float* x, const uint8_t* w, float* y, int64_t M, int64_t N, int64_t K) {
+  const int isa = dot_isa();
+  if (wide_pairs() && isa == 1)
+    block_mm<BITS, 1, true>(x, w, y, M, N, K);
+  else if (wide_pairs())
+    block_mm<BITS, 2, true>(x, w, y, M, N, K);
+  else if (isa == 1)
+    block_mm<BITS, 1, false>(x, w, y, M, N, K);
+  else if (isa == 2)
+    block_mm<BITS, 2, false>(x, w, y, M, N, K);
+  else
+    block_mm<BITS, 0, false>(x, w, y, M, N, K);
+}
+
 // What both matmuls take: CPU tensors, x (M, K) float32 and w 2-D of ``wtype`` (``wname``).
 void check_operands(const char* op, const at::Tensor& x, const at::Tensor& w,
                     at::ScalarType wtype, const char* wname) {
@@ -537,21 +550,10 @@ at::Tensor block_mm_op(const at::Tensor& x, const at::Tensor& w, int64_t bits) {
   const float* xp = xc.data_ptr<float>();
   const uint8_t* wp = wc.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
-  const int isa = dot_isa();
-  const bool wide = wide_pairs();
-  if (bits == 4) {
-    if (wide) isa == 1 ? block_mm<4, 1, true>(xp, wp, yp, M, N, K)
-                       : block_mm<4, 2, true>(xp, wp, yp, M, N, K);
-    else if (isa == 1) block_mm<4, 1, false>(xp, wp, yp, M, N, K);
-    else if (isa == 2) block_mm<4, 2, false>(xp, wp, yp, M, N, K);
-    else block_mm<4, 0, false>(xp, wp, yp, M, N, K);
-  } else {
-    if (wide) isa == 1 ? block_mm<8, 1, true>(xp, wp, yp, M, N, K)
-                       : block_mm<8, 2, true>(xp, wp, yp, M, N, K);
-    else if (isa == 1) block_mm<8, 1, false>(xp, wp, yp, M, N, K);
-    else if (isa == 2) block_mm<8, 2, false>(xp, wp, yp, M, N, K);
-    else block_mm<8, 0, false>(xp, wp, yp, M, N, K);
-  }
+  if (bits == 4)
+    block_mm_isa<4>(xp, wp, yp, M, N, K);
+  else
+    block_mm_isa<8>(xp, wp, yp, M, N, K);
   return y;
 }
 
