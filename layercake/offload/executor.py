@@ -11,7 +11,11 @@ figure ``footprint``'s; this module interprets the schedule.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +151,8 @@ class OffloadRunner(Placement, Materializer):
         )
         t0 = time.perf_counter()
         try:
-            self._run_ops(s)
+            with _mapped_allocations(T > 1):
+                self._run_ops(s)
         finally:
             self.kv_mover.finish()
         self.times["forward_s"] += time.perf_counter() - t0
@@ -250,3 +255,40 @@ class OffloadRunner(Placement, Materializer):
     def read_s(self) -> float:
         """Seconds the loaders spent reading weights (their rate: ``bytes_read / read_s``)."""
         return sum(x.read_s for x in (self.loader, self.expert_loader) if x is not None)
+
+
+# glibc's M_MMAP_THRESHOLD (mallopt parameter -3): allocations of at least this many bytes get
+# mappings of their own, which go back to the system when freed. ``llm.load`` leaves 32 MB.
+PASS_MMAP_THRESHOLD = 1 << 20
+HEAP_MMAP_THRESHOLD = 32 << 20
+
+
+@contextlib.contextmanager
+def _mapped_allocations(on: bool) -> Iterator[None]:
+    """A pass of many tokens (a prompt or its chunk) allocates and frees activations of several
+    MB to tens of MB, in changing sizes, layer after layer. From glibc's heap the freed ones
+    leave holes that later sizes do not fit, and the heap grew past the plan over one prompt
+    (a one-host run planned to its memory cap was OOM-killed). From mappings of
+    their own they go back when freed. One-token steps keep the heap: their tensors are small,
+    and fresh mappings would page-fault on every step."""
+    libc = _libc() if on else None
+    if libc is None:
+        yield
+        return
+    libc.mallopt(-3, PASS_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        libc.mallopt(-3, HEAP_MMAP_THRESHOLD)
+
+
+def _libc() -> Any:
+    """glibc, or None where there is none to tune."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt  # noqa: B018 - absent outside glibc
+    except (OSError, AttributeError):
+        return None
+    return libc
