@@ -7,7 +7,8 @@ The random Llama-3.2-1B-shaped bf16 checkpoint (2.5 GB, ``benchmarks/checkpoints
 ``one``: the model in one process on host 0, offloading what its cap does not hold; ``two`` /
 ``four``: a pipeline over hosts 0..N-1 with contiguous layer ranges; ``ranges``: two hosts holding
 alternating ranges (``h0: b 0-4 8-12``, ``h1: 4-8 12-16 e``), each streaming the range it runs next
-while the other computes. Each repeat of the cases holds ``flock /tmp/layercake-bench.lock``;
+while the other computes; ``ranges-10``: the same with ten layers on h0 (``b 0-5 8-13``,
+``5-8 13-16 e``). Each repeat of the cases holds ``flock /tmp/layercake-bench.lock``;
 ``--repeat`` alternates the cases. Prints one JSON line per run: throughput (generated tokens /
 (prefill + decode) s), and per host where a step's time went (compute, waiting for weights,
 waiting for the peer: network + idle), peak memory, bytes on the wire per token, and whether the
@@ -39,6 +40,8 @@ LAYOUTS = {
     "two": ["b 0-8", "8-16 e"],
     "four": ["b 0-4", "4-8", "8-12", "12-16 e"],
     "ranges": ["b 0-4 8-12", "4-8 12-16 e"],
+    # the head's node holds two layers fewer: each node's weights exceed its pool by a like amount
+    "ranges-10": ["b 0-5 8-13", "5-8 13-16 e"],
 }
 
 

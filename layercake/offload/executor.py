@@ -271,7 +271,7 @@ def _mapped_allocations(on: bool) -> Iterator[None]:
     (a one-host run planned to its memory cap was OOM-killed). From mappings of
     their own they go back when freed. One-token steps keep the heap: their tensors are small,
     and fresh mappings would page-fault on every step."""
-    libc = _libc() if on else None
+    libc = glibc() if on else None
     if libc is None:
         yield
         return
@@ -282,7 +282,15 @@ def _mapped_allocations(on: bool) -> Iterator[None]:
         libc.mallopt(-3, HEAP_MMAP_THRESHOLD)
 
 
-def _libc() -> Any:
+def trim_heap() -> None:
+    """Give the free pages of glibc's heap back to the system (``malloc_trim``), so that the
+    process's resident bytes measured next are what it holds."""
+    libc = glibc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def glibc() -> Any:
     """glibc, or None where there is none to tune."""
     if not sys.platform.startswith("linux"):
         return None

@@ -70,6 +70,7 @@ def range_pool(stage: Any, ckpt: Any, config: BaseConfig, runners: dict[int, Any
     streamed unit as ``budget`` (the whole process) leaves beside the process, the margin, the
     KV cache of every range, and the largest range's activations and scratch; never more than
     the node's units. Each range's runner reads through its view of the pool."""
+    from layercake.offload.executor import trim_heap
     from layercake.offload.footprint import SAFETY, footprint, process_rss
     from layercake.offload.policy import STAGING_SLOTS, parse_bytes
     from layercake.offload.tiers import ALIGN, host_buffer
@@ -94,6 +95,7 @@ def range_pool(stage: Any, ckpt: Any, config: BaseConfig, runners: dict[int, Any
             sources.update({(pos, j): (r.loader.readers[j], *rng)
                             for j, rng in r.loader.ranges.items()})  # fmt: skip
     slot = max(length for _, _, length in sources.values()) + ALIGN
+    trim_heap()  # what loading freed: the slots are whole units, and a few MB can make one
     base = process_rss() + SAFETY
     free = parse_bytes(budget) - base - sum(fixed.values())
     n = min(len(sources), max(0, free) // slot)
