@@ -144,3 +144,17 @@ def test_ranges_share_one_pool_and_equal_the_single_process(tmp_path, llama5, re
         report = llm.runner.stage.report()
     # (a read-ahead for the next step may still be under way when the report is taken)
     assert pool.hits > 0 and 0 < report["disk_bytes"] <= sum(pool.bytes_read.values())
+
+
+def test_pool_measures_the_process_after_giving_back_its_free_heap(tmp_path, llama5,  # noqa: F811
+                                                                    monkeypatch):  # fmt: skip
+    """The pool's slots are whole units: the process is measured for the plan once glibc's free
+    heap is back with the system (``malloc_trim``), not with what loading freed."""
+    import layercake.offload.executor as executor
+
+    calls = []
+    monkeypatch.setattr(executor, "trim_heap", lambda: calls.append("trim"))
+    monkeypatch.setattr(off, "process_rss", lambda: calls.append("rss") or 0)
+    monkeypatch.setattr(off, "SAFETY", 0)
+    stage_of(tmp_path, llama5, "1GB", ["b 0-1 3-5 e", "1-3"])
+    assert calls[-2:] == ["trim", "rss"]
