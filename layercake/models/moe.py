@@ -88,7 +88,9 @@ class RowsBuffer:
     """``grouped``'s choice rows kept between calls (one per offloaded model): a block-sized
     buffer allocated fresh at every layer of a prompt's pass costs its page faults each time
     (a fresh allocation of that size is mapped anew by the C heap), more than its gather. It
-    keeps the largest size asked for, which the memory plan counts as activations anyway."""
+    keeps the largest size asked for (the memory plan counts it as activations) until a call
+    needs less than a quarter of it (decode steps after a prompt's pass): then it is let go,
+    so that a cap's page cache gets that memory back between prompts."""
 
     def __init__(self) -> None:
         self.buf: torch.Tensor | None = None
@@ -96,8 +98,9 @@ class RowsBuffer:
     def get(self, n: int, like: torch.Tensor) -> torch.Tensor:
         """An (n, hidden) view in ``like``'s dtype and device."""
         b = self.buf
-        if b is None or b.dtype != like.dtype or b.device != like.device or b.shape[0] < n \
-                or b.shape[1] != like.shape[1]:  # fmt: skip
+        fits = (b is not None and b.dtype == like.dtype and b.device == like.device
+                and b.shape[1] == like.shape[1] and n <= b.shape[0] < 4 * max(1, n))  # fmt: skip
+        if not fits:
             self.buf = b = None  # the old one goes before the new one is allocated
             self.buf = b = like.new_empty(n, like.shape[1])
         return b[:n]
