@@ -164,6 +164,30 @@ def test_run_order_changes_nothing_but_the_order():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_grouped_rows_buffer_is_reused_and_changes_nothing():
+    """With a ``RowsBuffer`` the choices' rows are gathered into one kept buffer (grown only
+    when a call needs more): the same sums, bit for bit, and no new buffer for a smaller call;
+    a call needing less than a quarter of it lets it go for one of its own size."""
+    from layercake.models.moe import RowsBuffer, grouped
+
+    torch.manual_seed(2)
+    experts = torch.nn.ModuleList(torch.nn.Linear(6, 6) for _ in range(5))
+    rows = RowsBuffer()
+    for n in (9, 4):  # as the engine runs: no autograd (the buffer outlives the call)
+        x, ids, w = torch.randn(n, 6), torch.randint(0, 5, (n, 2)), torch.rand(n, 2)
+        with torch.inference_mode():
+            if rows.buf is not None:
+                ptr = rows.buf.fill_(float("nan")).data_ptr()
+            want = grouped(x, ids, w, experts)
+            got = grouped(x, ids, w, experts, rows=rows)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert rows.buf.shape == (18, 6) and rows.buf.data_ptr() == ptr
+    assert not rows.buf[:8].isnan().any() and rows.buf[8:].isnan().all()  # used, not grown
+    with torch.inference_mode():
+        grouped(x[:2], ids[:2], w[:2], experts, rows=rows)  # 4 rows < 18 / 4
+    assert rows.buf.shape == (4, 6)
+
+
 @pytest.mark.parametrize("chunk", [2048, 5, 1])
 def test_grouped_is_each_rows_weighted_sum(monkeypatch, chunk):
     """The choices' buffer is overwritten by the experts' outputs and gathered back a chunk of

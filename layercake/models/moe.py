@@ -44,6 +44,7 @@ def grouped(
     weights: torch.Tensor,
     experts: nn.ModuleList,
     run_order: list[int] | None = None,
+    rows: RowsBuffer | None = None,
 ) -> torch.Tensor:
     """sum_k weights[n, k] * experts[ids[n, k]](x[n]) for rows x (N, hidden), with the N x k
     choices sorted by expert so that each chosen expert runs once on a contiguous block of its
@@ -52,12 +53,17 @@ def grouped(
 
     One (N k, hidden) buffer: each choice's row, overwritten by its expert's output (the input
     block is consumed before the output is written), then gathered back a few rows at a time:
-    at a prompt's pass of a large block that buffer is most of the activations."""
+    at a prompt's pass of a large block that buffer is most of the activations. ``rows``: where
+    that buffer is kept between calls (else a fresh one each call)."""
     N, k = ids.shape
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # choices grouped by expert, rows in order
     counts = torch.bincount(flat, minlength=len(experts)).tolist()
-    ys = x.index_select(0, order // k)  # (N k, hidden): each choice's row, then its output
+    src = order // k
+    if rows is None:
+        ys = x.index_select(0, src)  # (N k, hidden): each choice's row, then its output
+    else:
+        ys = torch.index_select(x, 0, src, out=rows.get(N * k, x))
     starts = [0] * len(counts)
     for e in range(1, len(counts)):
         starts[e] = starts[e - 1] + counts[e - 1]
@@ -76,6 +82,28 @@ def grouped(
         mine = ys.index_select(0, back[r * k : (r + n) * k]).view(n, k, -1)
         out[r : r + n] = torch.bmm(w[r : r + n], mine).view(n, -1)
     return out
+
+
+class RowsBuffer:
+    """``grouped``'s choice rows kept between calls (one per offloaded model): a block-sized
+    buffer allocated fresh at every layer of a prompt's pass costs its page faults each time
+    (a fresh allocation of that size is mapped anew by the C heap), more than its gather. It
+    keeps the largest size asked for (the memory plan counts it as activations) until a call
+    needs less than a quarter of it (decode steps after a prompt's pass): then it is let go,
+    so that a cap's page cache gets that memory back between prompts."""
+
+    def __init__(self) -> None:
+        self.buf: torch.Tensor | None = None
+
+    def get(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """An (n, hidden) view in ``like``'s dtype and device."""
+        b = self.buf
+        fits = (b is not None and b.dtype == like.dtype and b.device == like.device
+                and b.shape[1] == like.shape[1] and n <= b.shape[0] < 4 * max(1, n))  # fmt: skip
+        if not fits:
+            self.buf = b = None  # the old one goes before the new one is allocated
+            self.buf = b = like.new_empty(n, like.shape[1])
+        return b[:n]
 
 
 class SparseMoE(nn.Module):
@@ -131,4 +159,4 @@ def _(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, block: int) -> 
     return torch.empty_like(x)
 
 
-__all__ = ["Gate", "SparseMoE", "grouped", "route"]
+__all__ = ["Gate", "RowsBuffer", "SparseMoE", "grouped", "route"]

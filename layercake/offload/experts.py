@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from layercake.models.moe import grouped
+from layercake.models.moe import RowsBuffer, grouped
 from layercake.offload.policy import split_bytes
 from layercake.offload.routing import probs_from_counts
 from layercake.offload.store import Unit, disk_range
@@ -106,6 +106,7 @@ class ExpertUnits:
         self.ahead: dict[int, list[int]] = {}  # layer -> experts read before its router ran
         self.last_rows = [0, 0]  # rows of the latest two passes
         self.top_k = 1
+        self.rows = RowsBuffer()  # ``grouped``'s choice rows, shared by every layer
         for i in self.layers:
             moe = runner.model.layers()[str(i)].mlp
             self.counts[i] = torch.zeros(len(moe.experts), dtype=torch.long)
@@ -134,7 +135,7 @@ class ExpertUnits:
         view = _Bound(self, layer, moe, cold, fifo)
         held = [e for e in chosen if e not in cold]  # computed while the reads go on
         try:
-            return grouped(x, ids, weights, view, held + [e for e in fifo if e in cold])
+            return grouped(x, ids, weights, view, held + [e for e in fifo if e in cold], self.rows)
         finally:
             view.drain()
             if layer == self.layers[-1]:

@@ -95,7 +95,7 @@ class BF16:
         return kernels.bf16_linear(x, self.data, bias)
 
 
-WIDEN_ROWS = 256  # rows of activations from which a bf16 weight is widened for MKL
+WIDEN_ROWS = 96  # rows of activations from which a bf16 weight is widened for MKL (README)
 WIDEN_SLAB = 1 << 23  # fp32 values widened at a time (32 MB, one buffer per thread)
 _slabs = threading.local()
 
