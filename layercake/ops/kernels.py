@@ -40,6 +40,7 @@ import torch
 from layercake.progress import waiting
 
 SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
+SOURCES = (SOURCE, SOURCE.with_name("amx.cpp"))  # amx.cpp: AMX code under its own target only
 CPU_FLAGS = ("avx2", "fma", "f16c")
 
 
@@ -86,7 +87,7 @@ def _build(target: Path, extra_flags: tuple[str, ...] = ()) -> None:
     assert cxx is not None  # unsupported() said so before
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c",
-           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *extra_flags, str(SOURCE)]  # fmt: skip
+           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *extra_flags, *map(str, SOURCES)]  # fmt: skip
     cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
     libs = cpp_extension.library_paths()
     cmd += [f"-L{p}" for p in libs] + [f"-Wl,-rpath,{p}" for p in libs]
@@ -148,7 +149,8 @@ def _build_and_register() -> str | None:
     why = unsupported()
     if why is not None:
         return why
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    code = b"".join(s.read_bytes() for s in SOURCES)
+    key = hashlib.sha256(code + torch.__version__.encode()).hexdigest()[:16]
     target = cache_dir() / f"kernels-{key}.so"
     try:
         if not target.is_file():
@@ -165,6 +167,8 @@ def _build_and_register() -> str | None:
     torch.library.register_fake("layercake::rms_norm")(_fake_rms_norm)
     torch.library.register_fake("layercake::silu_mul")(_fake_silu_mul)
     torch.library.register_fake("layercake::decode_step")(_fake_decode_step)
+    torch.library.register_fake("layercake::amx_bf16x3_mm")(_fake_bf16_mm)
+    torch.library.register_fake("layercake::amx_bf16x3_mm_out")(_fake_bf16_mm_out)
     for name in OPS:  # every op looked up now: a compiled graph never sees _OPS change
         _OPS[name] = getattr(torch.ops.layercake, name).default
     return None
@@ -193,7 +197,7 @@ def require() -> None:
 
 
 OPS = ("block_mm", "decode_attention", "bf16_mm", "bf16_mm_out", "rms_norm", "silu_mul",
-       "decode_step")  # fmt: skip
+       "decode_step", "amx_available", "amx_bf16x3_mm", "amx_bf16x3_mm_out")  # fmt: skip
 _OPS: dict = {}  # name -> torch.ops.layercake.<name>.default, filled when the kernels load
 
 
