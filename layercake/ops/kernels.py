@@ -267,6 +267,30 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return _op("rms_norm")(x, w, eps)
 
 
+def amx() -> bool:
+    """Whether ``bf16x3_mm`` runs here: the kernels built, a CPU with AMX-BF16 whose OS lets
+    this process use the tiles, and ``LAYERCAKE_NO_AMX`` unset."""
+    if not _AMX:
+        ok = available() and not os.environ.get("LAYERCAKE_NO_AMX")
+        _AMX.append(bool(ok and _op("amx_available")()))
+    return _AMX[0]
+
+
+_AMX: list[bool] = []  # amx()'s answer once asked (a plain list: see _STATE)
+# rows of activations from which ``bf16_linear`` multiplies on AMX tiles (below, one pass of
+# ``bf16_mm`` over the weights is as fast: the tiles take 16 rows at a time; README)
+AMX_ROWS = 2
+
+
+def bf16x3_mm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x (M, K) fp32 @ W.T`` for W (N, K) bf16 on AMX tiles (``amx()`` must be True): x split
+    exactly into three bf16 parts, so the products are an fp32 GEMM's (``csrc/amx.cpp``)."""
+    if out is None:
+        return _op("amx_bf16x3_mm")(x, w)
+    _op("amx_bf16x3_mm_out")(x, w, out)
+    return out
+
+
 def bf16_linear(
     x: torch.Tensor,
     weight: torch.Tensor | list[torch.Tensor],
@@ -274,17 +298,19 @@ def bf16_linear(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ W.T + b`` in fp32 for W (N, K) bf16, or W given as a list of row blocks in order
-    (each multiplied into its columns of the output); into ``out`` (.., N) when given."""
+    (each multiplied into its columns of the output); into ``out`` (.., N) when given. From
+    ``AMX_ROWS`` rows on where ``amx()``, on AMX tiles (``bf16x3_mm``), else ``bf16_mm``."""
     parts = weight if isinstance(weight, list) else [weight]
     x2 = x.reshape(-1, x.shape[-1]).float()
+    mm = bf16x3_mm if x2.shape[0] >= AMX_ROWS and amx() else bf16_mm
     if out is None and len(parts) == 1:
-        y = bf16_mm(x2, parts[0])
+        y = mm(x2, parts[0])
     else:
         n = sum(w.shape[0] for w in parts)
         y = x2.new_empty(x2.shape[0], n) if out is None else out.view(-1, n)
         col = 0
         for w in parts:
-            bf16_mm(x2, w, out=y[:, col : col + w.shape[0]])
+            mm(x2, w, out=y[:, col : col + w.shape[0]])
             col += w.shape[0]
     if bias is not None:
         y += bias

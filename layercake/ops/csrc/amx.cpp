@@ -32,8 +32,9 @@
 namespace {
 
 constexpr int64_t NB = 256;  // weight rows a task
-constexpr int64_t KC = 1024;  // k a block (a multiple of 32)
-constexpr int64_t MC = 256;  // activation rows a chunk
+constexpr int64_t KC = 512;  // k a block (a multiple of 32)
+constexpr int64_t MC = 256;  // activation rows a chunk, at most
+constexpr int64_t PACKED_BYTES = 8 << 20;  // and at most this many bytes of packed parts
 
 // Whether this CPU has AMX-BF16 and AVX512-BF16 and Linux lets this process use the tiles
 // (asked once: ARCH_REQ_XCOMP_PERM for XTILEDATA).
@@ -116,17 +117,16 @@ void pack_activations(const float* x, int64_t M, int64_t K, int64_t MT, int64_t 
 }
 
 // Result tiles for weight tiles (a0, a0 + 16 rows) x activation tiles (t, t + 1) over k blocks
-// [kb0, kb1), added to c (4 tiles of 16 x 16 fp32, [weight tile][activation tile]) unless
-// first. ``a`` is the weight panel's row 0 at k = 0, lda its row stride in bytes.
+// [kb0, kb1), stored into c (4 tiles of 16 x 16 fp32, [weight tile][activation tile]) if first,
+// else added to it in fp32 (each K block sums from zero: a sum over all of K in one tile
+// would round K * 3 times in a row, several times an fp32 GEMM's error at K = 8192). ``a`` is
+// the weight panel's row 0 at k = 0, lda its row stride in bytes.
 template <int TM>
 void tile_block(const uint8_t* a, int64_t lda, const uint32_t* packed, int64_t KB, int64_t t,
                 int64_t kb0, int64_t kb1, float* c, bool first) {
-  if (first) {
-    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-  } else {
-    _tile_loadd(0, c, 64); _tile_loadd(1, c + 256, 64);
-    _tile_loadd(2, c + 512, 64); _tile_loadd(3, c + 768, 64);
-  }
+  alignas(64) float tmp[1024];
+  float* dst = first ? c : tmp;
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
   const uint32_t* b0 = packed + t * KB * 768;
   const uint32_t* b1 = b0 + KB * 768;
   for (int64_t kb = kb0; kb < kb1; ++kb) {
@@ -143,8 +143,11 @@ void tile_block(const uint8_t* a, int64_t lda, const uint32_t* packed, int64_t K
       }
     }
   }
-  _tile_stored(0, c, 64); _tile_stored(1, c + 256, 64);
-  _tile_stored(2, c + 512, 64); _tile_stored(3, c + 768, 64);
+  _tile_stored(0, dst, 64); _tile_stored(1, dst + 256, 64);
+  _tile_stored(2, dst + 512, 64); _tile_stored(3, dst + 768, 64);
+  if (!first)
+    for (int i = 0; i < 1024; i += 16)
+      _mm512_storeu_ps(c + i, _mm512_add_ps(_mm512_loadu_ps(c + i), _mm512_load_ps(tmp + i)));
 }
 
 // One task: weight rows [n0, n1) of y. ``a``/``lda``: the panel (W's rows, or a padded copy).
@@ -208,11 +211,12 @@ void amx_chunk(const float* x, const uint8_t* w, float* y, int64_t M, int64_t K,
   });
 }
 
-// Activation rows in chunks of MC: the packed parts of a chunk (6 bytes a value) stay small.
+// Activation rows in chunks: the packed parts of a chunk (6 bytes a value) stay small.
 void amx_mm(const float* x, const uint8_t* w, float* y, int64_t M, int64_t K, int64_t N,
             int64_t ldy) {
-  for (int64_t m0 = 0; m0 < M; m0 += MC)
-    amx_chunk(x + m0 * K, w, y + m0 * ldy, std::min(MC, M - m0), K, N, ldy);
+  const int64_t mc = std::max<int64_t>(16, std::min(MC, PACKED_BYTES / (6 * K) / 16 * 16));
+  for (int64_t m0 = 0; m0 < M; m0 += mc)
+    amx_chunk(x + m0 * K, w, y + m0 * ldy, std::min(mc, M - m0), K, N, ldy);
 }
 
 #pragma GCC pop_options
