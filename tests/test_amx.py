@@ -9,7 +9,9 @@ import sys
 
 import pytest
 import torch
+from tests_helpers import bf16_llama
 
+import layercake
 from layercake.ops import kernels
 from layercake.ops.linear import BF16, bf16_kernel
 
@@ -119,3 +121,23 @@ def test_without_amx_bf16_mm_runs():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("False bf16_mm"), out.stdout
+
+
+@amx
+def test_offloaded_bf16_weights_take_the_tiles_and_equal_memory(tmp_path, monkeypatch):
+    """An offloaded bf16 model (each weight's rows in RAM and on disk: row blocks) multiplies a
+    prompt on the tiles, with the logits of fp32 weights on MKL."""
+    path = bf16_llama(tmp_path / "m", hidden=128, inter=256, vocab=512)
+    prompts = [[(7 * i + 3 * j) % 500 + 3 for j in range(20)] for i in range(4)]
+    monkeypatch.setattr(kernels, "_AMX", [False])
+    want = layercake.load(path, exact=True).logits(prompts)  # fp32 weights, MKL
+    monkeypatch.setattr(kernels, "_AMX", [True])
+    blocks = []
+    real = kernels.bf16x3_mm
+    monkeypatch.setattr(kernels, "bf16x3_mm", lambda x, w, out=None: blocks.append(out is not None)
+                        or real(x, w, out))  # fmt: skip
+    llm = layercake.load(path, percent=(0, 40, 100, 0, 100, 0), offload_dir=tmp_path / "off",
+                         batch_size=4, max_context=32)  # fmt: skip
+    got = llm.logits(prompts)
+    assert any(blocks) and llm.runner.bytes_read > 0  # row blocks, some read from disk
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
