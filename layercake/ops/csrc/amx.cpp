@@ -36,9 +36,18 @@ constexpr int64_t KC = 512;  // k a block (a multiple of 32)
 constexpr int64_t MC = 256;  // activation rows a chunk, at most
 constexpr int64_t PACKED_BYTES = 8 << 20;  // and at most this many bytes of packed parts
 
+// GCC 11 has the AMX intrinsics and the target pragma used below; other compilers build the ops
+// without them (amx_available() is then false and the op refuses to run).
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define LAYERCAKE_AMX 1
+#else
+#define LAYERCAKE_AMX 0
+#endif
+
 // Whether this CPU has AMX-BF16 and AVX512-BF16 and Linux lets this process use the tiles
 // (asked once: ARCH_REQ_XCOMP_PERM for XTILEDATA).
 bool amx_usable() {
+  if (!LAYERCAKE_AMX) return false;
   static const bool ok = [] {
     unsigned a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
@@ -50,6 +59,7 @@ bool amx_usable() {
   return ok;
 }
 
+#if LAYERCAKE_AMX
 #pragma GCC push_options
 #pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")
 
@@ -88,7 +98,8 @@ void pack_tile(const float* x, int64_t M, int64_t K, int64_t m0, int64_t k0, uin
         const __m256bh b = _mm512_cvtneps_pbh(r);
         _mm256_store_si256((__m256i*)&rows[part][m][8 * h], (__m256i)b);
         if (part < 2) {
-          r = _mm512_sub_ps(r, _mm512_cvtpbh_ps(b));
+          r = _mm512_sub_ps(r, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                   _mm512_cvtepu16_epi32((__m256i)b), 16)));  // b as fp32
           // inf - inf: a non-finite x is carried by hi alone
           r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r, r, _CMP_ORD_Q), r);
         }
@@ -220,6 +231,9 @@ void amx_mm(const float* x, const uint8_t* w, float* y, int64_t M, int64_t K, in
 }
 
 #pragma GCC pop_options
+#else
+void amx_mm(const float*, const uint8_t*, float*, int64_t, int64_t, int64_t, int64_t) {}
+#endif
 
 void amx_check(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(amx_usable(), "amx_bf16x3_mm: this CPU (or kernel) does not offer AMX-BF16");
