@@ -195,6 +195,17 @@ inline void widen_fields(const uint8_t* row, int64_t G, float* d, float* m) {
   }
 }
 
+// sum_g m[g] * sx[g]: a row's offsets against one row of activations, 8 blocks a vector.
+inline float offset_dot(const float* m, const float* sx, int64_t G) {
+  __m256 o8 = _mm256_setzero_ps();
+  float o = 0.f;
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8)
+    o8 = _mm256_fmadd_ps(_mm256_loadu_ps(m + g), _mm256_loadu_ps(sx + g), o8);
+  for (; g < G; ++g) o += m[g] * sx[g];
+  return o + hsum(o8);
+}
+
 // sum_g m[g] * sx[g] for up to 8 rows of activations at once, in the order prepare() sums one
 // row (lane j of its vector takes the blocks g = j mod 8 of the whole vectors, then hsum's
 // tree, then the last G mod 8 blocks in turn, added first): so bit for bit each row's own.
@@ -211,10 +222,12 @@ inline __m256 offset_dots(const float* m, const float* sxt, int64_t G) {
   const __m256 h = _mm256_add_ps(
       _mm256_add_ps(_mm256_add_ps(a[0], a[4]), _mm256_add_ps(a[2], a[6])),
       _mm256_add_ps(_mm256_add_ps(a[1], a[5]), _mm256_add_ps(a[3], a[7])));
-  alignas(32) float o[8] = {};
-  for (int r = 0; r < 8; ++r)
-    for (int64_t t = g; t < G; ++t) o[r] += m[t] * sxt[8 * t + r];
-  return _mm256_add_ps(_mm256_load_ps(o), h);
+  // the scalar ``o += m * sx`` of the last blocks, lane by lane: a product, then a sum (the
+  // kernels are built without contracting the two into an FMA)
+  __m256 o = _mm256_setzero_ps();
+  for (; g < G; ++g)
+    o = _mm256_add_ps(o, _mm256_mul_ps(_mm256_set1_ps(m[g]), _mm256_loadu_ps(sxt + 8 * g)));
+  return _mm256_add_ps(o, h);
 }
 
 // The integer dot products' instruction: 0 AVX2 (two maddubs into int16, madd into int32),
@@ -371,18 +384,18 @@ inline __m256 pair_sums(const __m512* acc) {
 // ``P`` pairs of rows (2 P rows) of activations against one weight row: y[r * ldy]. ``xi``: the
 // pairs' int8 values interleaved (2 K bytes a pair); ``dxi``: their dx interleaved by 8 floats
 // (4 bits: each block's dx 4 times; 8 bits: 8 times); ``dx``: the rows' dx as row_dot reads
-// them (an odd last 4-bit block's scale); ``sxt``: their sx transposed (see offset_dots);
+// them (an odd last 4-bit block's scale); ``sx`` their sx, ``sxt`` the same transposed (see
+// offset_dots: one pair of rows sums them row by row, more at once);
 // 8 bits: ``xc``, -128 times the sums of each 4 of their values (see the loop).
 template <int BITS, int P>
 __attribute__((noinline)) void pairs_dot(const uint8_t* w, int64_t G, const int8_t* xi,
-                                         const float* dxi, const float* dx, const float* sxt,
-                                         const int32_t* xc, int64_t K, float* y, int64_t ldy,
-                                         float* fields) {
+                                         const float* dxi, const float* dx, const float* sx,
+                                         const float* sxt, const int32_t* xc, int64_t K, float* y,
+                                         int64_t ldy, float* fields) {
   constexpr int R = 2 * P;
   float* d = fields;
   float* m = d + (BITS == 4 ? 4 * G : G);
   widen_fields<BITS>(w, G, d, m);
-  const __m256 off = offset_dots(m, sxt, G);
   __m512 acc[P];
   for (int p = 0; p < P; ++p) acc[p] = _mm512_setzero_ps();
   const __m512i zero = _mm512_setzero_si512();
@@ -434,9 +447,14 @@ __attribute__((noinline)) void pairs_dot(const uint8_t* w, int64_t G, const int8
       }
     }
   }
-  alignas(32) float out[8];
-  _mm256_store_ps(out, _mm256_add_ps(pair_sums<P>(acc), off));
-  for (int r = 0; r < R; ++r) y[r * ldy] = out[r];
+  if constexpr (P == 1) {
+    y[0] = hsum(_mm512_castps512_ps256(acc[0])) + offset_dot(m, sx, G);
+    y[ldy] = hsum(_mm512_extractf32x8_ps(acc[0], 1)) + offset_dot(m, sx + G, G);
+  } else {
+    alignas(32) float out[8];
+    _mm256_store_ps(out, _mm256_add_ps(pair_sums<P>(acc), offset_dots(m, sxt, G)));
+    for (int r = 0; r < R; ++r) y[r * ldy] = out[r];
+  }
 }
 #pragma GCC pop_options
 
@@ -475,10 +493,10 @@ void rows_dot512(const uint8_t* w, int64_t G, const int8_t* xi, const float* dxi
                  float* fields) {
   switch (rows / 2) {
     case 0: break;
-    case 1: pairs_dot<BITS, 1>(w, G, xi, dxi, dx, sxt, xc, K, y, ldy, fields); break;
-    case 2: pairs_dot<BITS, 2>(w, G, xi, dxi, dx, sxt, xc, K, y, ldy, fields); break;
-    case 3: pairs_dot<BITS, 3>(w, G, xi, dxi, dx, sxt, xc, K, y, ldy, fields); break;
-    default: pairs_dot<BITS, 4>(w, G, xi, dxi, dx, sxt, xc, K, y, ldy, fields); break;
+    case 1: pairs_dot<BITS, 1>(w, G, xi, dxi, dx, sx, sxt, xc, K, y, ldy, fields); break;
+    case 2: pairs_dot<BITS, 2>(w, G, xi, dxi, dx, sx, sxt, xc, K, y, ldy, fields); break;
+    case 3: pairs_dot<BITS, 3>(w, G, xi, dxi, dx, sx, sxt, xc, K, y, ldy, fields); break;
+    default: pairs_dot<BITS, 4>(w, G, xi, dxi, dx, sx, sxt, xc, K, y, ldy, fields); break;
   }
   if (rows % 2) {
     const int64_t r = rows - 1;
