@@ -215,9 +215,12 @@ class Engine:
         groups = [only] if only is not None else self.groups
         together = greedy_together(logits, groups)
         for g in groups:
-            x = logits if only is not None or g.index is None else logits[g.index]
             try:
-                step = together[g] if g in together else g.sampler.sample(x)
+                if g in together:
+                    step = together[g]
+                else:
+                    x = logits if only is not None or g.index is None else logits[g.index]
+                    step = g.sampler.sample(x)
             except Exception as e:  # this group's requests fail alone: the other rows go on
                 for b in g.slots:
                     self.seqs[b].request.error, self.seqs[b].request.finished = e, True
