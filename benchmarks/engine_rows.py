@@ -6,6 +6,10 @@ alternating; one JSON line per run, then the medians.
 
   flock /tmp/layercake-bench.lock python benchmarks/engine_rows.py --repeats 3
   flock /tmp/layercake-bench.lock python benchmarks/engine_rows.py --compile --repeats 3
+  flock /tmp/layercake-bench.lock python benchmarks/engine_rows.py --threads 1 --profile
+
+``--profile``: instead, where an 8-row decode step's time goes (``torch.profiler`` over 10
+steps of 8 streams that joined apart): one line per op with its self time per step.
 
 ``tok_s`` is generated tokens over the wall time of ``Engine.run`` (prefill included);
 ``step_ms`` the median decode step; ``forward_ms`` the median time of its forward alone (the
@@ -66,6 +70,35 @@ def run_case(llm, slots: int, live: int, compact: bool, a: argparse.Namespace) -
                 forward_ms=round(1e3 * statistics.median(fwd), 2))  # fmt: skip
 
 
+def profile(llm, a: argparse.Namespace, steps: int = 10) -> None:  # noqa: ANN001
+    """8 streams joined apart into 8 slots, then ``steps`` decode steps of all 8 rows under
+    ``torch.profiler``: each op's self time per step, the busiest first."""
+    import torch
+    from torch.profiler import profile as torch_profile
+
+    from layercake.engine import Engine, Request, default_capacity
+    from layercake.sampling import SamplingParams
+
+    eng = Engine(llm.runner, llm.eos_token_ids, llm._decode, 8, default_capacity(a.context))
+    params = SamplingParams(temperature=0.0, max_new_tokens=steps + 16, ignore_eos=True)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        eng.add(Request(torch.randint(100, 20000, (a.prompt,), generator=g).tolist(), params))
+        eng.step()
+    for _ in range(3):
+        eng.step()
+    with torch_profile() as p:
+        for _ in range(steps):
+            eng.step()
+    total = sum(e.self_cpu_time_total for e in p.key_averages()) / 1e3 / steps
+    print(json.dumps(dict(bench="engine_rows", line="profiled", rows=8, steps=steps,
+                          ops_ms_per_step=round(total, 2))), flush=True)  # fmt: skip
+    for e in sorted(p.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]:
+        print(json.dumps(dict(bench="engine_rows", line="op", op=e.key, calls=e.count,
+                              self_ms_per_step=round(e.self_cpu_time_total / 1e3 / steps, 3))),
+              flush=True)  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="default: the embedded model")
@@ -76,6 +109,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--together", action="store_true", help="admit the streams in one group")
+    ap.add_argument("--profile", action="store_true", help="ops' time in an 8-stream run")
     a = ap.parse_args()
     import torch
 
@@ -86,6 +120,8 @@ def main() -> None:
     llm = layercake.load(a.model, compile=a.compile)
     print(json.dumps(dict(bench="engine_rows", line="load", load_s=round(time.perf_counter() - t0,
                           2), path=llm.runner.describe())), flush=True)  # fmt: skip
+    if a.profile:
+        return profile(llm, a)
     variants = [(s, n, c) for s, n in CASES for c in (True, False) if not (s == 1 and not c)]
     t0 = time.perf_counter()
     for s, n, c in variants:  # warm-up: every graph compiled, every allocation made

@@ -40,7 +40,7 @@ from layercake.generate import GenerationStats, Row, StepEvent, check_prompt
 from layercake.kv_cache import KVCache, QuantKV
 from layercake.prefill import prefill
 from layercake.runner import LocalRunner
-from layercake.sampling import Sampler, SamplingParams
+from layercake.sampling import Sampler, SampleStep, SamplingParams, greedy_tokens
 
 if TYPE_CHECKING:
     from layercake.runner import Runner
@@ -212,10 +212,15 @@ class Engine:
         """Sample every group's rows (or only ``only``, whose rows are all of ``logits``);
         record each token, free the slots of finished sequences."""
         events, finished = [], []
-        for g in [only] if only is not None else self.groups:
-            x = logits if only is not None or g.index is None else logits[g.index]
+        groups = [only] if only is not None else self.groups
+        together = greedy_together(logits, groups)
+        for g in groups:
             try:
-                step = g.sampler.sample(x)
+                if g in together:
+                    step = together[g]
+                else:
+                    x = logits if only is not None or g.index is None else logits[g.index]
+                    step = g.sampler.sample(x)
             except Exception as e:  # this group's requests fail alone: the other rows go on
                 for b in g.slots:
                     self.seqs[b].request.error, self.seqs[b].request.finished = e, True
@@ -321,6 +326,17 @@ def batch_buckets(slots: int) -> list[int]:
     """Row counts a compiled step runs (one graph each): powers of two below ``slots``, and
     ``slots``."""
     return [b for b in (1 << i for i in range(slots.bit_length())) if b < slots] + [slots]
+
+
+def greedy_together(logits: torch.Tensor, groups: list[_Group]) -> dict[_Group, SampleStep]:
+    """The steps of the groups whose samplers are plain greedy, from one argmax over every row
+    of ``logits`` (the step's rows, in slot order) instead of an index and an argmax per group:
+    streams that arrived apart are groups of their own. The same tokens as their own samplers."""
+    plain = [g for g in groups if g.sampler.plain_greedy]
+    if len(plain) < 2:
+        return {}
+    ids = greedy_tokens(logits)
+    return {g: g.sampler.record(ids if g.index is None else ids[g.index]) for g in plain}
 
 
 def move_row(cache: KVCache, src: int, dst: int) -> None:

@@ -22,6 +22,7 @@ from layercake.sampling_ops import (
     apply_frequency_presence_penalties,
     apply_repetition_penalty,
     apply_temperature,
+    argmax_rows,
     draw_uniforms,
     make_finite,
     sample_from_logits,
@@ -199,6 +200,20 @@ class Sampler:
         self.sampled_rows = [i for i, k in enumerate(kinds) if k != "greedy"]
         self.logprob_rows = [i for i, p in enumerate(ps) if p.logprobs is not None]
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Every row greedy, without penalties or logprobs: its tokens are the argmax of its
+        logits alone, so the rows of several such samplers can be picked in one call
+        (``greedy_tokens``, then ``record``)."""
+        return self.history is None and not self.logprob_rows and list(self.groups) == ["greedy"]
+
+    def record(self, tokens: torch.Tensor) -> SampleStep:
+        """The step of a ``plain_greedy`` sampler whose tokens (B,) were picked outside it by
+        ``greedy_tokens``: what ``sample`` would have returned."""
+        self.n_out += 1
+        token_ids = tokens.tolist()
+        return SampleStep(tokens, token_ids, [None] * len(token_ids))
+
     def select(self, rows: list[int]) -> None:
         """Keep only ``rows`` of the batch, in this order (after finished rows are dropped)."""
         self.params = [self.params[i] for i in rows]
@@ -226,7 +241,7 @@ class Sampler:
             pick = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: B023
             x = pick(logits)
             if kind == "greedy":
-                out = make_finite(x).argmax(-1)
+                out = argmax_rows(make_finite(x))
             else:  # penalties and temperature may overflow to inf: finite again before drawing
                 x = make_finite(apply_temperature(x, pick(self.temperature)))
                 cut = (pick(self.top_k), pick(self.top_p), pick(self.min_p))
@@ -269,3 +284,10 @@ class Sampler:
             alternatives = dict(zip(top_ids[j][:n], top_vals[j][:n]))
             entries[i] = TokenLogprob(token_ids[i], lp[j], alternatives)
         return entries
+
+
+@torch.inference_mode()
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax of each row of (B, V) ``logits`` (made finite in place when fp32), as a
+    ``plain_greedy`` sampler's ``sample`` picks it."""
+    return argmax_rows(make_finite(make_finite(logits.float())))

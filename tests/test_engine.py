@@ -11,7 +11,7 @@ import torch
 from layercake.engine import Engine, Request, batch_buckets, move_row
 from layercake.errors import LayercakeError
 from layercake.kv_cache import KVCache
-from layercake.sampling import SamplingParams
+from layercake.sampling import Sampler, SamplingParams
 
 
 def _cache(length: int, capacity: int = 12) -> KVCache:
@@ -288,3 +288,31 @@ def test_move_row_copies_plain_and_quantized_rows():
         for p, b in zip(parts, before):
             assert torch.equal(p[0, :, :4], b[2, :, :4]) and torch.equal(p[1:], b[1:])
         assert c.valid[0].tolist() == c.valid[2].tolist()
+
+
+def test_greedy_groups_share_one_argmax(llm, monkeypatch):
+    """Greedy streams admitted one per step (a sampler group each, as a server's requests
+    arrive) take their decode tokens from one argmax a step, not a sampler call per group, and
+    still equal their solo runs."""
+    import layercake.engine as engine
+
+    served, calls = [], []
+    together, sample = engine.greedy_together, Sampler.sample
+
+    def counted(logits, groups):  # noqa: ANN001, ANN202
+        steps = together(logits, groups)
+        served.append(len(steps))
+        return steps
+
+    monkeypatch.setattr(engine, "greedy_together", counted)
+    monkeypatch.setattr(Sampler, "sample", lambda s, x: calls.append(len(x)) or sample(s, x))
+    eng = Engine(llm.runner, llm.eos_token_ids, lambda ids: "", 4, 40)
+    reqs = [Request([7 + i, 3, 11][: 1 + i % 3], SamplingParams(temperature=0.0,
+            max_new_tokens=5 + 2 * i, ignore_eos=True), tag=i) for i in range(4)]  # fmt: skip
+    out = {id(r): [] for r in reqs}
+    for i, r in enumerate(reqs):
+        eng.add(r)
+        for req, ev in eng.step() if i < len(reqs) - 1 else eng.run():
+            out[id(req)].append(ev)
+    assert max(served) == 4 and calls.count(1) < sum(r.params.max_new_tokens for r in reqs) // 2
+    assert_solo(llm, reqs, out)

@@ -185,6 +185,19 @@ def test_greedy_is_argmax_and_top_k_1_is_greedy():
     assert Sampler(params, 1000).sample(logits.clone()).token_ids == greedy.token_ids
 
 
+def test_greedy_takes_the_first_of_tied_maxima():
+    """Greedy picks by ``max(-1)`` (faster than ``argmax``): ties go to the first index, as
+    ``argmax``'s, in any row of a batch, at a vocabulary the size of a real model's."""
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(8, 49152, generator=g)
+    for r, cols in enumerate([(5, 6), (40000, 3), (7, 49151, 12000), (0, 1), (9, 8, 10000)]):
+        logits[r, list(cols)] = 100.0
+    want = logits.argmax(-1).tolist()
+    assert want[:5] == [5, 3, 7, 0, 8]
+    greedy = Sampler([SamplingParams(temperature=0)] * 8, 49152).sample(logits.clone())
+    assert greedy.token_ids == want
+
+
 def test_draws_follow_the_distribution():
     probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0])
     n = 40000

@@ -206,6 +206,30 @@ inline float offset_dot(const float* m, const float* sx, int64_t G) {
   return o + hsum(o8);
 }
 
+// sum_g m[g] * sx[g] for up to 8 rows of activations at once, in the order prepare() sums one
+// row (lane j of its vector takes the blocks g = j mod 8 of the whole vectors, then hsum's
+// tree, then the last G mod 8 blocks in turn, added first): so bit for bit each row's own.
+// ``sxt``: the rows' sx transposed, 8 floats a block (lane r: row r; unused lanes any finite
+// value). Returns lane r: row r's sum.
+inline __m256 offset_dots(const float* m, const float* sxt, int64_t G) {
+  __m256 a[8];
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8)
+    for (int j = 0; j < 8; ++j)
+      a[j] = _mm256_fmadd_ps(_mm256_set1_ps(m[g + j]), _mm256_loadu_ps(sxt + 8 * (g + j)), a[j]);
+  // hsum's tree, lane by lane: (v0 + v4) + (v2 + v6), (v1 + v5) + (v3 + v7), then their sum
+  const __m256 h = _mm256_add_ps(
+      _mm256_add_ps(_mm256_add_ps(a[0], a[4]), _mm256_add_ps(a[2], a[6])),
+      _mm256_add_ps(_mm256_add_ps(a[1], a[5]), _mm256_add_ps(a[3], a[7])));
+  // the scalar ``o += m * sx`` of the last blocks, lane by lane: a product, then a sum (the
+  // kernels are built without contracting the two into an FMA)
+  __m256 o = _mm256_setzero_ps();
+  for (; g < G; ++g)
+    o = _mm256_add_ps(o, _mm256_mul_ps(_mm256_set1_ps(m[g]), _mm256_loadu_ps(sxt + 8 * g)));
+  return _mm256_add_ps(o, h);
+}
+
 // The integer dot products' instruction: 0 AVX2 (two maddubs into int16, madd into int32),
 // 1 AVX-VNNI, 2 AVX512-VNNI on 256-bit registers (vpdpbusd: the same int32 sums in one
 // instruction). The sums are exact on every path (no int16 saturates: see row_dot), so the
@@ -336,20 +360,42 @@ inline void row_dot(const uint8_t* w, int64_t G, const int8_t* xq, const float* 
 // [a | b]: a 256-bit vector in both halves of a 512-bit one
 inline __m512i both_halves(__m256i a) { return _mm512_broadcast_i64x4(a); }
 
+// Lane r (r < 2 P): hsum of row r's 8 lanes, rows 2 p and 2 p + 1 being the halves of acc[p],
+// summed in hsum's order (lanes j + j + 4, then pairs 0 + 2 and 1 + 3, then those two), all rows
+// at once: a few shuffles instead of 2 P horizontal sums.
+template <int P>
+inline __m256 pair_sums(const __m512* acc) {
+  const __m512 z = _mm512_setzero_ps();
+  const __m512 a0 = acc[0], a1 = P > 1 ? acc[1] : z, a2 = P > 2 ? acc[2] : z,
+               a3 = P > 3 ? acc[3] : z;
+  // 128-bit lane i: row i's (resp. i + 4's) v_j + v_j+4
+  const __m512 s1 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 s2 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(3, 1, 3, 1)));
+  // lane i: [row i: s0 + s2, s1 + s3, row i + 4: s0 + s2, s1 + s3]
+  const __m512 t = _mm512_add_ps(_mm512_shuffle_ps(s1, s2, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(s1, s2, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 u = _mm512_add_ps(t, _mm512_movehdup_ps(t));
+  const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castps512_ps256(_mm512_permutexvar_ps(idx, u));
+}
+
 // ``P`` pairs of rows (2 P rows) of activations against one weight row: y[r * ldy]. ``xi``: the
 // pairs' int8 values interleaved (2 K bytes a pair); ``dxi``: their dx interleaved by 8 floats
 // (4 bits: each block's dx 4 times; 8 bits: 8 times); ``dx``: the rows' dx as row_dot reads
-// them (an odd last 4-bit block's scale).
+// them (an odd last 4-bit block's scale); ``sx`` their sx, ``sxt`` the same transposed (see
+// offset_dots: one pair of rows sums them row by row, more at once);
+// 8 bits: ``xc``, -128 times the sums of each 4 of their values (see the loop).
 template <int BITS, int P>
 __attribute__((noinline)) void pairs_dot(const uint8_t* w, int64_t G, const int8_t* xi,
                                          const float* dxi, const float* dx, const float* sx,
-                                         int64_t K, float* y, int64_t ldy, float* fields) {
+                                         const float* sxt, const int32_t* xc, int64_t K, float* y,
+                                         int64_t ldy, float* fields) {
   constexpr int R = 2 * P;
   float* d = fields;
   float* m = d + (BITS == 4 ? 4 * G : G);
   widen_fields<BITS>(w, G, d, m);
-  float off[R];
-  for (int r = 0; r < R; ++r) off[r] = offset_dot(m, sx + r * G, G);
   __m512 acc[P];
   for (int p = 0; p < P; ++p) acc[p] = _mm512_setzero_ps();
   const __m512i zero = _mm512_setzero_si512();
@@ -386,23 +432,28 @@ __attribute__((noinline)) void pairs_dot(const uint8_t* w, int64_t G, const int8
       }
     }
   } else {
+    // q + 128 (unsigned) times x, plus -128 times x's sums: q times x, the same int32 sums as
+    // row_dot's |q| times x with q's sign, one instruction fewer a pair of rows
+    const __m512i bias = _mm512_set1_epi8((char)0x80);
     for (int64_t g = 0; g < G; ++g) {
-      const __m512i q = both_halves(_mm256_loadu_si256((const __m256i*)(qs + 32 * g)));
-      const __m512i aq = _mm512_abs_epi8(q);
-      const __mmask64 neg = _mm512_movepi8_mask(q);
+      const __m512i u = _mm512_xor_si512(
+          both_halves(_mm256_loadu_si256((const __m256i*)(qs + 32 * g))), bias);
       const __m512 dv = _mm512_set1_ps(d[g]);
       for (int p = 0; p < P; ++p) {
         const __m512i xv = _mm512_loadu_si512(xi + p * 2 * K + 64 * g);
-        const __m512i sxv = _mm512_mask_sub_epi8(xv, neg, zero, xv);  // x with q's sign
+        const __m512i c = _mm512_loadu_si512(xc + p * 16 * G + 16 * g);
         const __m512 sv = _mm512_mul_ps(dv, _mm512_loadu_ps(dxi + p * DI + 16 * g));
-        acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, aq, sxv)), sv,
-                                 acc[p]);
+        acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c, u, xv)), sv, acc[p]);
       }
     }
   }
-  for (int p = 0; p < P; ++p) {
-    y[2 * p * ldy] = hsum(_mm512_castps512_ps256(acc[p])) + off[2 * p];
-    y[(2 * p + 1) * ldy] = hsum(_mm512_extractf32x8_ps(acc[p], 1)) + off[2 * p + 1];
+  if constexpr (P == 1) {
+    y[0] = hsum(_mm512_castps512_ps256(acc[0])) + offset_dot(m, sx, G);
+    y[ldy] = hsum(_mm512_extractf32x8_ps(acc[0], 1)) + offset_dot(m, sx + G, G);
+  } else {
+    alignas(32) float out[8];
+    _mm256_store_ps(out, _mm256_add_ps(pair_sums<P>(acc), offset_dots(m, sxt, G)));
+    for (int r = 0; r < R; ++r) y[r * ldy] = out[r];
   }
 }
 #pragma GCC pop_options
@@ -437,14 +488,15 @@ void rows_dot(const uint8_t* w, int64_t G, const int8_t* xq, const float* dx, co
 // The 512-bit path: pairs of rows through pairs_dot, an odd row alone through row_dot.
 template <int BITS>
 void rows_dot512(const uint8_t* w, int64_t G, const int8_t* xi, const float* dxi,
-                 const int8_t* xq, const float* dx, const float* sx, int64_t K, float* y,
-                 int64_t ldy, int64_t rows, float* fields) {
+                 const float* sxt, const int32_t* xc, const int8_t* xq, const float* dx,
+                 const float* sx, int64_t K, float* y, int64_t ldy, int64_t rows,
+                 float* fields) {
   switch (rows / 2) {
     case 0: break;
-    case 1: pairs_dot<BITS, 1>(w, G, xi, dxi, dx, sx, K, y, ldy, fields); break;
-    case 2: pairs_dot<BITS, 2>(w, G, xi, dxi, dx, sx, K, y, ldy, fields); break;
-    case 3: pairs_dot<BITS, 3>(w, G, xi, dxi, dx, sx, K, y, ldy, fields); break;
-    default: pairs_dot<BITS, 4>(w, G, xi, dxi, dx, sx, K, y, ldy, fields); break;
+    case 1: pairs_dot<BITS, 1>(w, G, xi, dxi, dx, sx, sxt, xc, K, y, ldy, fields); break;
+    case 2: pairs_dot<BITS, 2>(w, G, xi, dxi, dx, sx, sxt, xc, K, y, ldy, fields); break;
+    case 3: pairs_dot<BITS, 3>(w, G, xi, dxi, dx, sx, sxt, xc, K, y, ldy, fields); break;
+    default: pairs_dot<BITS, 4>(w, G, xi, dxi, dx, sx, sxt, xc, K, y, ldy, fields); break;
   }
   if (rows % 2) {
     const int64_t r = rows - 1;
@@ -460,7 +512,8 @@ void block_mm(const float* x, const uint8_t* w, float* y, int64_t M, int64_t N, 
   std::vector<float> dx(M * G), sx(M * G);
   quantize_rows(x, M, K, xq.data(), dx.data(), sx.data(), BITS == 4);
   std::vector<int8_t> xi;
-  std::vector<float> dxi;
+  std::vector<float> dxi, sxt;
+  std::vector<int32_t> xc;
   const int64_t DX = BITS == 4 ? 8 * (G / 2) : 8 * G;  // dxi floats a row
   if (WIDE && M > 1) {  // the 512-bit path's pairs of rows
     xi = interleave(xq.data(), M, G, QK);
@@ -472,6 +525,15 @@ void block_mm(const float* x, const uint8_t* w, float* y, int64_t M, int64_t N, 
       for (int64_t g = 0; g < blocks; ++g)
         for (int64_t k = 0; k < lanes; ++k) wide[(r * blocks + g) * lanes + k] = dx[r * G + g];
     dxi = interleave(wide.data(), M, blocks * lanes / 8, 8);
+    // each pass's sx transposed (offset_dots), 8 lanes a block, lanes past its rows 0
+    sxt.assign((M + 2 * MT - 1) / (2 * MT) * 2 * MT * G, 0.f);
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t g = 0; g < G; ++g) sxt[(r / 8 * G + g) * 8 + r % 8] = sx[r * G + g];
+    if (BITS == 8) {  // -128 times the sum of each 4 interleaved values (pairs_dot's 8 bits)
+      xc.resize(xi.size() / 4);
+      for (size_t i = 0; i < xc.size(); ++i)
+        xc[i] = -128 * (xi[4 * i] + xi[4 * i + 1] + xi[4 * i + 2] + xi[4 * i + 3]);
+    }
   }
   const int64_t mt = WIDE ? 2 * MT : MT;  // rows of activations a pass
   const int64_t row_bytes = G * BS;
@@ -498,8 +560,9 @@ void block_mm(const float* x, const uint8_t* w, float* y, int64_t M, int64_t N, 
         }
         const uint8_t* wn = w + n * row_bytes;
         if (WIDE && M > 1)
-          rows_dot512<BITS>(wn, G, xi.data() + m0 * K, dxi.data() + m0 * DX, xr,
-                            dr, sr, K, yr + n, N, rows, fields.data());
+          rows_dot512<BITS>(wn, G, xi.data() + m0 * K, dxi.data() + m0 * DX, sxt.data() + m0 * G,
+                            xc.empty() ? nullptr : xc.data() + m0 * 8 * G, xr, dr, sr, K, yr + n,
+                            N, rows, fields.data());
         else
           rows_dot<BITS, V>(wn, G, xr, dr, sr, K, yr + n, N, rows, fields.data());
       }
@@ -581,6 +644,27 @@ inline void axpy(float a, const float* x, float* y, int64_t D) {
   for (; d < D; ++d) y[d] += a * x[d];
 }
 
+// o (D = 8 NV floats) = the values weighted by exp(p[s] - mx) over the unmasked slots, divided by
+// their sum: the FMAs of axpy in the same order, the sums in registers instead of stored and
+// reloaded every slot (the same bits, without a store-to-load wait per slot).
+template <int NV>
+inline void attend_values(const float* p, const bool* mb, int64_t S, float mx, const float* vb,
+                          int64_t vs, float* o) {
+  __m256 acc[NV];
+  for (int j = 0; j < NV; ++j) acc[j] = _mm256_setzero_ps();
+  float total = 0.f;
+  for (int64_t s = 0; s < S; ++s) {
+    if (!mb[s]) continue;
+    const float e = std::exp(p[s] - mx);
+    total += e;
+    const __m256 ev = _mm256_set1_ps(e);
+    const float* x = vb + s * vs;
+    for (int j = 0; j < NV; ++j) acc[j] = _mm256_fmadd_ps(ev, _mm256_loadu_ps(x + 8 * j), acc[j]);
+  }
+  const __m256 inv = _mm256_set1_ps(1.f / total);
+  for (int j = 0; j < NV; ++j) _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(acc[j], inv));
+}
+
 void decode_attention_check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& mask) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() &&
@@ -637,6 +721,14 @@ at::Tensor decode_attention_op(const at::Tensor& q, const at::Tensor& k, const a
       float* o = op + i * D;
       std::fill(o, o + D, 0.f);
       if (mx == -INFINITY) continue;  // nothing to attend to: zeros
+      const int64_t vs = v.stride(2);
+      switch (D) {  // the common head sizes keep their sums in registers
+        case 32: attend_values<4>(p.data(), mb, S, mx, vb, vs, o); continue;
+        case 64: attend_values<8>(p.data(), mb, S, mx, vb, vs, o); continue;
+        case 96: attend_values<12>(p.data(), mb, S, mx, vb, vs, o); continue;
+        case 128: attend_values<16>(p.data(), mb, S, mx, vb, vs, o); continue;
+        default: break;
+      }
       float total = 0.f;
       for (int64_t s = 0; s < S; ++s) {
         if (!mb[s]) continue;
