@@ -55,7 +55,8 @@ def ram_gbps(nbytes: int = RAM_BYTES, repeats: int = 5) -> float:
 def matmul_gflops_per_rows(rows: tuple[int, ...] = ROWS, repeats: int = 5) -> dict[int, float]:
     """GFLOP/s of ``(rows x K) @ (K x N)`` for each row count: the best of the forms the
     runners multiply with: PyTorch's fp32 GEMM, MKL's packed GEMM (in-memory fp32 weights) and
-    the bf16-weight kernel (``kernels.bf16_mm``, offloaded bf16 weights), where available."""
+    the bf16-weight kernels (``kernels.bf16_linear``: AMX tiles where present, else ``bf16_mm``;
+    bf16 weights), where available."""
     from layercake.ops import kernels, mkl
 
     w = torch.randn(N, K)
@@ -64,7 +65,7 @@ def matmul_gflops_per_rows(rows: tuple[int, ...] = ROWS, repeats: int = 5) -> di
         forms.append(mkl.MKLPacked(w).linear)
     if kernels.available():
         wb = w.bfloat16()
-        forms.append(lambda x: kernels.bf16_mm(x, wb))
+        forms.append(lambda x: kernels.bf16_linear(x, wb))
     out = {}
     for r in rows:
         x = torch.randn(r, K)

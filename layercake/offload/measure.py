@@ -85,8 +85,8 @@ def disk_gbps(directory: Path, nbytes: int | None = None) -> float:
 
 def matmul_gflops(threads: int | None = None, device: str = "cpu") -> float:
     """Peak matmul GFLOP/s of a (1024 x 2048) @ (2048 x 8192) product: fp32 (bf16 on CUDA); on
-    the CPU the better of PyTorch's fp32 GEMM and our bf16-weight kernel (``kernels.bf16_mm``,
-    what streamed bf16 weights run on, faster than the GEMM on this kind of machine)."""
+    the CPU the better of PyTorch's fp32 GEMM and our bf16-weight kernels (``kernels.bf16_linear``:
+    AMX tiles where the CPU has them, else ``bf16_mm``; what bf16 weights run on)."""
     if threads:
         torch.set_num_threads(threads)
     dt = torch.float32 if device == "cpu" else torch.bfloat16
@@ -105,7 +105,7 @@ def matmul_gflops(threads: int | None = None, device: str = "cpu") -> float:
 
         if kernels.available():
             wb = w.bfloat16()
-            best = max(best, flops / best_of(lambda: kernels.bf16_mm(x, wb), 8) / 1e9)
+            best = max(best, flops / best_of(lambda: kernels.bf16_linear(x, wb), 8) / 1e9)
     return best
 
 
