@@ -160,6 +160,8 @@ def worker(a: argparse.Namespace) -> None:
 
     vocab = open_checkpoint(path).config_dict()["vocab_size"]
     ids = prompts(a.batch, a.prompt_len, vocab)
+    if a.engine == "layercake-no-amx":  # the bf16 form without its AMX path (as before it)
+        os.environ["LAYERCAKE_NO_AMX"] = "1"
     if a.engine.startswith("layercake"):  # layercake: no flags; layercake-exact: --exact
         r = run_layercake(path, ids, a.gen_len, a.compile, exact=a.engine == "layercake-exact")
     else:
@@ -202,7 +204,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["smollm2", "llama1b"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     ap.add_argument("--engines", nargs="+", default=["layercake", "transformers"],
-                    choices=["layercake", "layercake-exact", "transformers"])  # fmt: skip
+                    choices=["layercake", "layercake-exact", "layercake-no-amx",
+                             "transformers"])  # fmt: skip
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--gen-len", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)

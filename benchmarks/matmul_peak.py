@@ -1,12 +1,15 @@
 """The matmul rate this machine reaches on the Llama-3.2-1B-shaped model's own linear layers, at
 the row counts of ``generation.py``'s B=32 case (32 rows a decode step, 1024 a prefill of 32
-prompts of 32 tokens): fp32 (MKL's GEMM: what transformers runs, and layercake's widened bf16
-from 256 rows on) and, for scale, bf16 x bf16 (lossy: activations rounded to bf16). One JSON
+prompts of 32 tokens): fp32 (MKL's GEMM: what transformers runs), bf16 x bf16 (lossy:
+activations rounded to bf16), and layercake's fp32-times-bf16 kernels (``--dtypes amx_bf16x3
+bf16_mm``: the ``bf16`` form's AMX tiles with fp32 products, and its AVX2 kernel). One JSON
 line per (dtype, rows): each layer shape's GFLOP/s (best of ``--passes``) and the model's
 effective rate (its FLOPs a token over the time a token's products take at those rates; the
 head only at decode's row count: a prefill runs it on each prompt's last position).
 
   flock /tmp/layercake-bench.lock python benchmarks/matmul_peak.py
+  flock /tmp/layercake-bench.lock python benchmarks/matmul_peak.py --rows 1 2 4 8 32 256 1024 \
+      --dtypes float32 amx_bf16x3 bf16_mm   # where the bf16 form switches kernels
   python benchmarks/matmul_peak.py --judge benchmarks/results/roofline-b32-2026-12-03.jsonl
 
 Run it in the same hold as ``generation.py --models llama1b --batches 32`` to judge that run:
@@ -28,20 +31,32 @@ SHAPES = [("q_o", HIDDEN, HIDDEN, 2 * LAYERS), ("k_v", HIDDEN, KV, 2 * LAYERS),
           ("head", HIDDEN, VOCAB, 1)]  # fmt: skip
 
 
-def rate(rows: int, k: int, n: int, dtype, passes: int) -> float:  # noqa: ANN001
-    """GFLOP/s of ``(rows x k) @ (k x n)`` as a linear layer runs it (x @ W.T), best pass."""
+# fp32 activations times bf16 weights on layercake's kernels (the ``bf16`` form's two paths)
+OURS = ("amx_bf16x3", "bf16_mm")
+
+
+def rate(rows: int, k: int, n: int, dtype: str, passes: int) -> float:
+    """GFLOP/s of ``(rows x k) @ (k x n)`` as a linear layer runs it (x @ W.T), best pass:
+    ``dtype`` float32 / bfloat16 on ``F.linear``, or one of ``OURS`` (x fp32, W bf16)."""
     import torch
 
+    from layercake.ops import kernels
+
+    ours = dtype in OURS
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, k, generator=g, dtype=dtype)
-    w = torch.randn(n, k, generator=g, dtype=dtype).mul_(0.02)
-    torch.nn.functional.linear(x, w)  # first call: allocation, MKL's dispatch
+    x = torch.randn(rows, k, generator=g, dtype=torch.float32 if ours else getattr(torch, dtype))
+    w = torch.randn(n, k, generator=g, dtype=x.dtype).mul_(0.02)
+    fn = torch.nn.functional.linear
+    if ours:
+        w = w.bfloat16()
+        fn = kernels.bf16x3_mm if dtype == "amx_bf16x3" else kernels.bf16_mm
+    fn(x, w)  # first call: allocation, MKL's dispatch
     flops, best = 2 * rows * k * n, 0.0
     reps = max(1, int(2e10 // flops))  # ~0.1-0.2 s a pass
     for _ in range(passes):
         t0 = time.perf_counter()
         for _ in range(reps):
-            torch.nn.functional.linear(x, w)
+            fn(x, w)
         best = max(best, reps * flops / (time.perf_counter() - t0) / 1e9)
     return best
 
@@ -73,7 +88,8 @@ def judge(path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", nargs="+", type=int, default=[32, 1024])
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                    choices=["float32", "bfloat16", *OURS])  # fmt: skip
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--no-head", action="store_true", help="leave the 128256-row head out")
@@ -89,7 +105,7 @@ def main() -> None:
             # a prefill computes the head on each prompt's last position only: not at its rows
             no_head = a.no_head or rows > 64
             shapes = [s for s in SHAPES if not (no_head and s[0] == "head")]
-            per = {name: round(rate(rows, k, n, getattr(torch, dt), a.passes), 1)
+            per = {name: round(rate(rows, k, n, dt, a.passes), 1)
                    for name, k, n, _ in shapes}  # fmt: skip
             flops = sum(2 * k * n * c for _, k, n, c in shapes)  # a token's
             secs = sum(2 * k * n * c / (per[name] * 1e9) for name, k, n, c in shapes)

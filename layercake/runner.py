@@ -75,11 +75,11 @@ class LocalRunner:
     def describe(self) -> str:
         """Which path runs, and why (``-v``, the chat page): device, dtype, the forms of the
         linear weights (``ops.linear``), the KV cache's form and whether steps compile."""
-        from layercake.ops.linear import forms
+        from layercake.ops.linear import bf16_kernel, forms
 
         counts = sum((forms(s) for s in self.slices), Counter())
         held = ", ".join(f"{f} x{n}" for f, n in counts.most_common())
-        why = [WHY[f] for f in counts if f in WHY]
+        why = [WHY[f].format(bf16=bf16_kernel() if f == "bf16" else "") for f in counts if f in WHY]
         words = [f"in memory, {self.device.type}, {str(self.dtype).removeprefix('torch.')}"]
         words.append(f"linears: {held}" + (f" ({'; '.join(why)})" if why else ""))
         if self.cache_quant is not None:
@@ -148,7 +148,7 @@ class LocalRunner:
 
 WHY = {
     "blocks": "GGUF/int blocks on our kernel, int8 activations as llama.cpp; --exact for fp32",
-    "bf16": "bf16 weights multiplied as stored; --exact converts them to fp32",
+    "bf16": "bf16 weights multiplied as stored ({bf16}); --exact converts them to fp32",
     "int4pack": "int4 on PyTorch's kernel",
     "dequant": "dequantized block by block before each use",
 }

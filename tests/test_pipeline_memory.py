@@ -83,7 +83,8 @@ def test_widened_row_blocks_equal_one_tensor(monkeypatch):
 @pytest.mark.skipif(not kernels.available(), reason="bf16 as stored needs the CPU kernels")
 def test_offloaded_prompt_widens_bf16_weights_and_equals_memory(tmp_path, monkeypatch):
     """A prompt of >= WIDEN_ROWS rows through an offloaded bf16 model (rows in RAM and on disk)
-    takes the widened path and gives the in-memory logits."""
+    takes the widened path (where AMX is absent) and gives the in-memory logits."""
+    monkeypatch.setattr(kernels, "_AMX", [False])
     path = bf16_llama(tmp_path / "m", hidden=128, inter=256, vocab=512)
     prompts = [[(7 * i + 3 * j) % 500 + 3 for j in range(40)] for i in range(8)]  # 320 rows
     want = layercake.load(path).logits(prompts)

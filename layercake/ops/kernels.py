@@ -40,6 +40,7 @@ import torch
 from layercake.progress import waiting
 
 SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
+SOURCES = (SOURCE, SOURCE.with_name("amx.cpp"))  # amx.cpp: AMX code under its own target only
 CPU_FLAGS = ("avx2", "fma", "f16c")
 
 
@@ -86,7 +87,7 @@ def _build(target: Path, extra_flags: tuple[str, ...] = ()) -> None:
     assert cxx is not None  # unsupported() said so before
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c",
-           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *extra_flags, str(SOURCE)]  # fmt: skip
+           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *extra_flags, *map(str, SOURCES)]  # fmt: skip
     cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
     libs = cpp_extension.library_paths()
     cmd += [f"-L{p}" for p in libs] + [f"-Wl,-rpath,{p}" for p in libs]
@@ -148,7 +149,8 @@ def _build_and_register() -> str | None:
     why = unsupported()
     if why is not None:
         return why
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    code = b"".join(s.read_bytes() for s in SOURCES)
+    key = hashlib.sha256(code + torch.__version__.encode()).hexdigest()[:16]
     target = cache_dir() / f"kernels-{key}.so"
     try:
         if not target.is_file():
@@ -165,6 +167,8 @@ def _build_and_register() -> str | None:
     torch.library.register_fake("layercake::rms_norm")(_fake_rms_norm)
     torch.library.register_fake("layercake::silu_mul")(_fake_silu_mul)
     torch.library.register_fake("layercake::decode_step")(_fake_decode_step)
+    torch.library.register_fake("layercake::amx_bf16x3_mm")(_fake_bf16_mm)
+    torch.library.register_fake("layercake::amx_bf16x3_mm_out")(_fake_bf16_mm_out)
     for name in OPS:  # every op looked up now: a compiled graph never sees _OPS change
         _OPS[name] = getattr(torch.ops.layercake, name).default
     return None
@@ -193,7 +197,7 @@ def require() -> None:
 
 
 OPS = ("block_mm", "decode_attention", "bf16_mm", "bf16_mm_out", "rms_norm", "silu_mul",
-       "decode_step")  # fmt: skip
+       "decode_step", "amx_available", "amx_bf16x3_mm", "amx_bf16x3_mm_out")  # fmt: skip
 _OPS: dict = {}  # name -> torch.ops.layercake.<name>.default, filled when the kernels load
 
 
@@ -263,6 +267,30 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return _op("rms_norm")(x, w, eps)
 
 
+def amx() -> bool:
+    """Whether ``bf16x3_mm`` runs here: the kernels built, a CPU with AMX-BF16 whose OS lets
+    this process use the tiles, and ``LAYERCAKE_NO_AMX`` unset."""
+    if not _AMX:
+        ok = available() and not os.environ.get("LAYERCAKE_NO_AMX")
+        _AMX.append(bool(ok and _op("amx_available")()))
+    return _AMX[0]
+
+
+_AMX: list[bool] = []  # amx()'s answer once asked (a plain list: see _STATE)
+# rows of activations from which ``bf16_linear`` multiplies on AMX tiles (below, one pass of
+# ``bf16_mm`` over the weights is as fast: the tiles take 16 rows at a time; README)
+AMX_ROWS = 2
+
+
+def bf16x3_mm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x (M, K) fp32 @ W.T`` for W (N, K) bf16 on AMX tiles (``amx()`` must be True): x split
+    exactly into three bf16 parts, so the products are an fp32 GEMM's (``csrc/amx.cpp``)."""
+    if out is None:
+        return _op("amx_bf16x3_mm")(x, w)
+    _op("amx_bf16x3_mm_out")(x, w, out)
+    return out
+
+
 def bf16_linear(
     x: torch.Tensor,
     weight: torch.Tensor | list[torch.Tensor],
@@ -270,17 +298,19 @@ def bf16_linear(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ W.T + b`` in fp32 for W (N, K) bf16, or W given as a list of row blocks in order
-    (each multiplied into its columns of the output); into ``out`` (.., N) when given."""
+    (each multiplied into its columns of the output); into ``out`` (.., N) when given. From
+    ``AMX_ROWS`` rows on where ``amx()``, on AMX tiles (``bf16x3_mm``), else ``bf16_mm``."""
     parts = weight if isinstance(weight, list) else [weight]
     x2 = x.reshape(-1, x.shape[-1]).float()
+    mm = bf16x3_mm if x2.shape[0] >= AMX_ROWS and amx() else bf16_mm
     if out is None and len(parts) == 1:
-        y = bf16_mm(x2, parts[0])
+        y = mm(x2, parts[0])
     else:
         n = sum(w.shape[0] for w in parts)
         y = x2.new_empty(x2.shape[0], n) if out is None else out.view(-1, n)
         col = 0
         for w in parts:
-            bf16_mm(x2, w, out=y[:, col : col + w.shape[0]])
+            mm(x2, w, out=y[:, col : col + w.shape[0]])
             col += w.shape[0]
     if bias is not None:
         y += bias

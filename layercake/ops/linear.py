@@ -7,7 +7,8 @@ The forms (each an object with ``shape``, ``form`` and ``linear(x, bias)``; fp32
 - ``dense``: a plain tensor in the compute dtype, multiplied by ``F.linear``; the model's own
   ``nn.Linear`` (GPU, compiled graphs, and the CPU fallback).
 - ``mkl``: fp32 packed once for MKL's GEMM (``ops.mkl``): eager CPU fp32, float checkpoints.
-- ``bf16``: bf16 rows multiplied as stored by our ``bf16_mm`` (no fp32 copy): CPU fp32 compute.
+- ``bf16``: bf16 rows multiplied as stored (no fp32 copy) by our ``bf16_mm``, or on AMX tiles
+  with fp32 products (``kernels.bf16x3_mm``) where the CPU has them: CPU fp32 compute.
 - ``blocks``: int4/int8 GGUF-style blocks on our ``block_mm`` (``ops.blocks``): Q4_0 / Q4_1 /
   Q8_0 weights kept bit for bit, activations rounded to int8 per block as llama.cpp does.
 - ``int4pack`` / ``int8row``: PyTorch's int4 / per-row int8 CPU kernels (``ops.int4pack``).
@@ -78,9 +79,9 @@ class BF16:
     or row blocks in order (rows held in different tiers: each multiplies where it lies)."""
 
     data: torch.Tensor | list[torch.Tensor]
-    # many rows (a prompt): widen the weight to fp32 a slab of rows at a time into a reused
-    # buffer and multiply on MKL, which outruns ``bf16_mm`` there (README); in memory only
-    # (the offload path accounts for every buffer it holds)
+    # many rows (a prompt) where AMX is absent: widen the weight to fp32 a slab of rows at a
+    # time into a reused buffer and multiply on MKL, which outruns ``bf16_mm`` there (README);
+    # in memory only (the offload path accounts for every buffer it holds)
     widen: bool = False
     form = "bf16"
 
@@ -90,9 +91,18 @@ class BF16:
         return sum(p.shape[0] for p in parts), parts[0].shape[1]
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.widen and x.is_cpu and x.numel() >= WIDEN_ROWS * x.shape[-1]:
+        # with AMX, ``bf16_linear`` multiplies many rows on the tiles, faster than MKL's fp32
+        if self.widen and x.is_cpu and x.numel() >= WIDEN_ROWS * x.shape[-1] and not kernels.amx():
             return _widened(x, self.data, bias)
         return kernels.bf16_linear(x, self.data, bias)
+
+
+def bf16_kernel() -> str:
+    """How the ``bf16`` form multiplies on this machine (``-v``)."""
+    if kernels.amx():
+        return (f"AMX tiles from {kernels.AMX_ROWS} rows, fp32 products (activations split "
+                f"exactly into 3 bf16 parts); bf16_mm below")  # fmt: skip
+    return f"bf16_mm; widened for MKL from {WIDEN_ROWS} rows in memory"
 
 
 WIDEN_ROWS = 256  # rows of activations from which a bf16 weight is widened for MKL
