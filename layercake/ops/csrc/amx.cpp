@@ -5,17 +5,19 @@
 // mid = bf16(x - hi), lo = x - hi - mid: 24 bits of significand in three pieces of 8), so
 // W x = W hi + W mid + W lo. A bf16 x bf16 product is exact in fp32 and TDPBF16PS accumulates in
 // fp32: the result is an fp32 GEMM's up to the order of the additions (tests/test_amx.py checks
-// it against a float64 reference). The weights are read as stored, never repacked: a tile of W
-// (16 rows x 32 k) is the A operand, loaded straight from W; x's parts are packed once a call
+// it against a float64 reference). The weights are read as stored, never repacked in memory: a
+// tile of W (16 rows x 32 k) is the A operand, read from W (for many rows a task copies its
+// panel into L2 in tile order, a K block at a time, as it goes); x's parts are packed once a call
 // into the B operand's layout (pairs of k interleaved, 16 activation rows a tile), so each tile
 // product is a 16 x 16 block of y transposed (weight rows x activation rows).
 //
 // Blocking: a task owns NB weight rows; it walks K in blocks of KC and, within one, every pair
 // of activation tiles (32 rows) over every pair of weight tiles (32 rows), keeping the 4 result
 // tiles in a per-task scratch between K blocks. The task's weight panel (NB x KC bf16) stays in
-// L2 while the activation tiles pass over it. Tails (M, N not multiples of 32, K of 32) are
-// zero-padded copies. Everything AMX is compiled for its target only (target pragma) and runs
-// only where the CPU and the kernel allow it (``amx_available``): elsewhere it is never called.
+// L2 while the activation tiles pass over it, copied there in tile order a K block at a time
+// (zeros past N and K) unless it is read only once; activation rows past M are zeros. Everything AMX is compiled for its
+// target only (target pragma) and runs only where the CPU and the kernel allow it
+// (``amx_available``): elsewhere it is never called.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <cpuid.h>
@@ -130,19 +132,19 @@ void pack_activations(const float* x, int64_t M, int64_t K, int64_t MT, int64_t 
 // Result tiles for weight tiles (a0, a0 + 16 rows) x activation tiles (t, t + 1) over k blocks
 // [kb0, kb1), stored into c (4 tiles of 16 x 16 fp32, [weight tile][activation tile]) if first,
 // else added to it in fp32 (each K block sums from zero: a sum over all of K in one tile
-// would round K * 3 times in a row, several times an fp32 GEMM's error at K = 8192). ``a`` is
-// the weight panel's row 0 at k = 0, lda its row stride in bytes.
+// would round K * 3 times in a row, several times an fp32 GEMM's error at K = 8192). The
+// weight tiles of k block kb0 + i: a + i * ks and a + i * ks + ws, rows lda bytes apart.
 template <int TM>
-void tile_block(const uint8_t* a, int64_t lda, const uint32_t* packed, int64_t KB, int64_t t,
-                int64_t kb0, int64_t kb1, float* c, bool first) {
+void tile_block(const uint8_t* a, int64_t lda, int64_t ks, int64_t ws, const uint32_t* packed,
+                int64_t KB, int64_t t, int64_t kb0, int64_t kb1, float* c, bool first) {
   alignas(64) float tmp[1024];
   float* dst = first ? c : tmp;
   _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
   const uint32_t* b0 = packed + t * KB * 768;
   const uint32_t* b1 = b0 + KB * 768;
   for (int64_t kb = kb0; kb < kb1; ++kb) {
-    _tile_loadd(4, a + kb * 64, lda);
-    _tile_loadd(5, a + 16 * lda + kb * 64, lda);
+    _tile_loadd(4, a + (kb - kb0) * ks, lda);
+    _tile_loadd(5, a + (kb - kb0) * ks + ws, lda);
     for (int part = 0; part < 3; ++part) {
       _tile_loadd(6, b0 + (kb * 3 + part) * 256, 64);
       _tile_dpbf16ps(0, 4, 6);
@@ -161,21 +163,45 @@ void tile_block(const uint8_t* a, int64_t lda, const uint32_t* packed, int64_t K
       _mm512_storeu_ps(c + i, _mm512_add_ps(_mm512_loadu_ps(c + i), _mm512_load_ps(tmp + i)));
 }
 
-// One task: weight rows [n0, n1) of y. ``a``/``lda``: the panel (W's rows, or a padded copy).
-void amx_task(const uint8_t* a, int64_t lda, int64_t rows, const uint32_t* packed, int64_t MT,
+// W's rows [n0, n0 + rows) and k blocks [kb0, kb1) into ``panel`` in tile order: for each pair
+// of weight tiles (32 rows), for each k block, two 1 KB tiles (16 rows x 32 k); rows past the
+// panel and k past K are zeros. The tiles then load from a few pages of L2 rather than 16 rows
+// of the checkpoint's map (4 KB pages: a tile load touched 16 of them).
+void copy_panel(const uint8_t* w, int64_t K, int64_t n0, int64_t rows, int64_t kb0, int64_t kb1,
+                uint8_t* panel) {
+  const int64_t nkb = kb1 - kb0, rp = (rows + 31) / 32 * 32;
+  for (int64_t r = 0; r < rp; ++r) {
+    uint8_t* dst = panel + (r / 32) * nkb * 2048 + ((r % 32) / 16) * 1024 + (r % 16) * 64;
+    const uint8_t* src = w + 2 * ((n0 + r) * K + kb0 * 32);
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      const int64_t kn = r < rows ? std::min<int64_t>(32, K - (kb0 + kb) * 32) : 0;
+      const __mmask32 mask = kn >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << kn) - 1);
+      _mm512_storeu_si512(dst + kb * 2048, _mm512_maskz_loadu_epi16(mask, src + kb * 64));
+    }
+  }
+}
+
+// One task: weight rows [n0, n1) of y, over k blocks of KC. With several pairs of activation
+// tiles (each reads the panel again) or a tail, the panel is copied a block at a time; with one
+// (a decode step's 32 rows) each weight is read once, straight from W.
+void amx_task(const uint8_t* w, int64_t K, uint8_t* panel, const uint32_t* packed, int64_t MT,
               int64_t KB, float* scratch, float* y, int64_t ldy, int64_t M, int64_t n0,
               int64_t n1) {
-  const int64_t NP = (rows + 31) / 32, MP = (MT + 1) / 2;
+  const int64_t rows = n1 - n0, NP = (rows + 31) / 32, MP = (MT + 1) / 2;
   for (int64_t kb0 = 0; kb0 < KB; kb0 += KC / 32) {
     const int64_t kb1 = std::min(KB, kb0 + KC / 32);
+    const bool copy = MP > 1 || rows % 32 || K % 32;
+    if (copy) copy_panel(w, K, n0, rows, kb0, kb1, panel);
+    const int64_t lda = copy ? 64 : 2 * K, ks = copy ? 2048 : 64, ws = copy ? 1024 : 16 * lda;
     for (int64_t mp = 0; mp < MP; ++mp)
       for (int64_t np = 0; np < NP; ++np) {
         float* c = scratch + (np * MP + mp) * 4 * 256;
-        const uint8_t* ap = a + np * 32 * lda;
+        const uint8_t* ap = copy ? panel + np * (kb1 - kb0) * 2048
+                                 : w + 2 * ((n0 + 32 * np) * K + kb0 * 32);
         if (2 * mp + 1 < MT)
-          tile_block<2>(ap, lda, packed, KB, 2 * mp, kb0, kb1, c, kb0 == 0);
+          tile_block<2>(ap, lda, ks, ws, packed, KB, 2 * mp, kb0, kb1, c, kb0 == 0);
         else
-          tile_block<1>(ap, lda, packed, KB, 2 * mp, kb0, kb1, c, kb0 == 0);
+          tile_block<1>(ap, lda, ks, ws, packed, KB, 2 * mp, kb0, kb1, c, kb0 == 0);
       }
   }
   // scratch tile [np][mp][wt][at] holds y[m][n] for n = n0 + 32 np + 16 wt + i (row i),
@@ -197,7 +223,7 @@ void amx_task(const uint8_t* a, int64_t lda, int64_t rows, const uint32_t* packe
 
 void amx_chunk(const float* x, const uint8_t* w, float* y, int64_t M, int64_t K, int64_t N,
                int64_t ldy) {
-  const int64_t MT = (M + 15) / 16, KB = (K + 31) / 32, Kp = KB * 32;
+  const int64_t MT = (M + 15) / 16, KB = (K + 31) / 32;
   std::unique_ptr<uint32_t[]> packed(new uint32_t[(size_t)MT * KB * 768]);  // not zeroed
   pack_activations(x, M, K, MT, KB, packed.get());
   const int64_t tasks = (N + NB - 1) / NB;
@@ -205,18 +231,11 @@ void amx_chunk(const float* x, const uint8_t* w, float* y, int64_t M, int64_t K,
     configure_tiles();
     const int64_t MP = (MT + 1) / 2;
     std::vector<float> scratch((size_t)(NB / 32) * MP * 1024);
-    std::vector<uint16_t> pad;
+    const bool copies = MT > 2 || N % 32 || K % 32;  // as amx_task decides, for any task
+    std::unique_ptr<uint8_t[]> panel(copies ? new uint8_t[(size_t)NB * KC * 2] : nullptr);
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t n0 = c * NB, n1 = std::min(N, n0 + NB), rows = n1 - n0;
-      const uint8_t* a = w + 2 * n0 * K;
-      int64_t lda = 2 * K;
-      if (rows % 32 || K % 32) {  // tails: a zero-padded copy of the panel
-        const int64_t rp = (rows + 31) / 32 * 32;
-        pad.assign((size_t)rp * Kp, 0);
-        for (int64_t r = 0; r < rows; ++r) std::memcpy(&pad[r * Kp], a + 2 * r * K, 2 * K);
-        a = (const uint8_t*)pad.data(), lda = 2 * Kp;
-      }
-      amx_task(a, lda, rows, packed.get(), MT, KB, scratch.data(), y, ldy, M, n0, n1);
+      const int64_t n0 = c * NB, n1 = std::min(N, n0 + NB);
+      amx_task(w, K, panel.get(), packed.get(), MT, KB, scratch.data(), y, ldy, M, n0, n1);
     }
     _tile_release();
   });
