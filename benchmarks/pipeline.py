@@ -78,6 +78,9 @@ def role_main(a: argparse.Namespace) -> None:
              generated=s.generated_tokens, throughput=s.throughput, decode_steps=s.decode_steps,
              ms_per_decode_step=1e3 * s.decode_s / max(1, s.decode_steps),
              tokens=[o.token_ids for o in out])  # fmt: skip
+    from layercake.ops.linear import bf16_kernel
+
+    r["bf16_kernel"] = bf16_kernel()  # AMX tiles or not (LAYERCAKE_NO_AMX), as ``-v`` says
     if a.topology:  # the job's own traffic and times, before the logits check below
         r.update(llm.runner.stats, host0=llm.runner.stage.report())
     else:

@@ -98,6 +98,33 @@ def test_offloaded_prompt_widens_bf16_weights_and_equals_memory(tmp_path, monkey
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not kernels.available(), reason="bf16 as stored needs the CPU kernels")
+def test_plan_counts_the_widening_slab_only_where_prompts_widen(tmp_path, monkeypatch):
+    """The fp32 slab a prompt's bf16 weights widen into is planned only without AMX: on the
+    tiles nothing widens (an offloaded prompt never calls ``_widened``), and the slab's bytes
+    are left to the weights."""
+    path = bf16_llama(tmp_path / "m", hidden=128, inter=256, vocab=512)
+    ckpt = open_checkpoint(path)
+    cfg = load_config(ckpt.config_dict())
+    parts = parse_parts("b 0-2", cfg.num_hidden_layers)
+
+    def scratch(amx: bool) -> int:
+        monkeypatch.setattr(kernels, "_AMX", [amx])
+        return off.footprint(ckpt, cfg, parts, torch.float32, 4, 1, 40).scratch
+
+    assert scratch(False) - scratch(True) == off.WIDEN_BYTES
+    monkeypatch.setattr(kernels, "_AMX", [])  # the machine's own answer
+    if not kernels.amx():
+        pytest.skip("the rest needs a CPU with AMX-BF16")
+    calls = []
+    monkeypatch.setattr(ops, "_widened", lambda *a: calls.append(1))
+    prompts = [[(7 * i + 3 * j) % 500 + 3 for j in range(40)] for i in range(8)]  # 320 rows
+    llm = layercake.load(path, percent=(0, 40, 100, 0, 100, 0), offload_dir=tmp_path / "off",
+                         batch_size=8, max_context=48)  # fmt: skip
+    llm.logits(prompts)
+    assert not calls and llm.runner.bytes_read > 0
+
+
 def test_a_model_on_the_meta_device_imports_no_compiler():
     """Building a slice on the meta device (every offloaded runner and plan does) must not pull
     in torch._dynamo and sympy (~70 MB a process that a node's plan would lose to its weights)."""

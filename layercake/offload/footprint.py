@@ -153,7 +153,7 @@ def footprint(
     return Footprint(
         weights=weights,
         compute_ratio=1.0 if compressed else dtype.itemsize / itemsize,
-        scratch=scratch if compressed else vector_scratch + WIDEN_BYTES if as_stored else 0,
+        scratch=scratch if compressed else vector_scratch + widen_bytes() if as_stored else 0,
         as_stored=as_stored,
         max_unit=max(u.nbytes for u in units),
         expert_staging=expert_slots(max(experts)) * (max(experts) + 2 * ALIGN) if experts else 0,
@@ -162,6 +162,14 @@ def footprint(
         activations=act,
         kv=kv,
     )
+
+
+def widen_bytes() -> int:
+    """The slab a prompt's bf16 weights widen into for MKL; none where they multiply on AMX tiles
+    (``ops.linear.BF16`` widens only without AMX)."""
+    from layercake.ops import kernels
+
+    return 0 if kernels.amx() else WIDEN_BYTES
 
 
 def bf16_as_stored(units: list, dtype: torch.dtype, compress: Compression | None) -> bool:
