@@ -4,11 +4,16 @@ the router chose (each once per pass), and move the hottest into RAM."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from test_moe_models import CASES, save_tiny
 
 import layercake
+from layercake.ops import kernels
+from layercake.ops import linear as ops_linear
 
 PROMPTS = [[5, 17, 33, 2, 61, 8, 40, 11], [7, 8, 9, 10, 11, 12, 13, 14], [3, 1, 4, 1, 5, 9, 2, 6]]
 STEPS = 12
@@ -315,3 +320,42 @@ def test_expert_ring_depth_follows_expert_size():
     assert expert_slots(12_582_912) == 8
     assert expert_slots(32 * 2**20) == 4
     assert expert_slots(352 * 2**20) == STAGING_SLOTS == 3
+
+
+@pytest.mark.skipif(not kernels.available() or not kernels.amx(), reason="no AMX-BF16 here")
+def test_bf16_experts_multiply_on_amx_tiles(tmp_path, monkeypatch):
+    """Offloaded bf16 experts (in RAM and read) run every product of 2 rows or more on the AMX
+    kernel (``kernels.bf16_linear``), a prompt's many rows per expert included: none is
+    widened for MKL (``ops.linear.WIDEN_ROWS``), which only serves machines without AMX."""
+    model_type, cfg, stacked = CASES["olmoe"]
+    path = save_tiny(tmp_path / "m", model_type, cfg, stacked)
+    for f in path.glob("*.safetensors"):
+        save_file({k: v.bfloat16() for k, v in load_file(f).items()}, f, {"format": "pt"})
+    conf = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**conf, "dtype": "bfloat16"}))
+    tiles, widened = (
+        _logged(monkeypatch, kernels, "bf16x3_mm"),
+        _logged(monkeypatch, ops_linear, "_widened"),
+    )
+    llm = layercake.load(path, percent=[0, 50, 100, 0, 100, 0], offload_dir=tmp_path / "o",
+                         batch_size=8)  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, conf["vocab_size"], (8, 48), generator=gen)
+    llm.generate(prompts.tolist(), max_new_tokens=2, ignore_eos=True)
+    size, hidden = cfg["intermediate_size"], cfg["hidden_size"]
+    down = [rows for rows, shape in tiles if shape == (hidden, size)]
+    assert not widened
+    assert max(down) >= ops_linear.WIDEN_ROWS  # a prompt's expert had many rows: still tiles
+    assert len(down) >= cfg["num_experts"]  # experts of the prompt's pass and of decode
+
+
+def _logged(monkeypatch, module, name: str) -> list[tuple[int, tuple]]:
+    """Wrap ``module.name(x, w, ...)`` to log (rows of x, shape of w) per call."""
+    calls, real = [], getattr(module, name)
+
+    def f(x, w, *a, **k):
+        calls.append((x.reshape(-1, x.shape[-1]).shape[0], tuple(getattr(w, "shape", ()))))
+        return real(x, w, *a, **k)
+
+    monkeypatch.setattr(module, name, f)
+    return calls
