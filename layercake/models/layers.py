@@ -25,6 +25,9 @@ class Embedding(nn.Embedding):
     table is never converted or held twice."""
 
     compute_dtype: torch.dtype | None = None  # set by the loader when storage differs
+    # rows already in memory by token id (a tied head's argmax rows, ``models.tied``): a lookup
+    # of a few tokens takes them before the table's (memory-mapped, maybe cold) pages
+    known: dict[int, torch.Tensor] | None = None
 
     def reset_parameters(self) -> None:
         """No random init on the meta device (the loader assigns the checkpoint's table): there
@@ -34,8 +37,43 @@ class Embedding(nn.Embedding):
             super().reset_parameters()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = F.embedding(ids, self.weight)
+        out = self._known(ids) if self.known else None
+        if out is None:
+            out = F.embedding(ids, self.weight)
         return out if self.compute_dtype is None else out.to(self.compute_dtype)
+
+    def remember(self, rows: dict[int, torch.Tensor]) -> None:
+        """Keep ``rows`` (token id -> its row of this table, bit for bit) for the next lookups,
+        beside the latest ones kept before (a batch's prompts may be run one by one) up to
+        ``KNOWN_BYTES``."""
+        w = self.weight
+        known = self.known or {}
+        for i, r in rows.items():
+            known.pop(i, None)  # the newest last: the oldest go first
+            known[i] = r.to(w.device, w.dtype)
+        keep = max(len(rows), KNOWN_BYTES // max(1, w.shape[1] * w.element_size()))
+        for i in list(known)[: max(0, len(known) - keep)]:
+            del known[i]
+        self.known = known or None
+
+    def _known(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """The lookup with the known rows, the others from the table; None when none is known
+        (or the lookup is a prompt's many tokens)."""
+        if ids.numel() > KNOWN_LOOKUP or ids.device != self.weight.device:
+            return None
+        flat = ids.reshape(-1)
+        got = [self.known.get(i) for i in flat.tolist()]
+        miss = [k for k, r in enumerate(got) if r is None]
+        if len(miss) == len(got):
+            return None
+        if miss:
+            for k, r in zip(miss, F.embedding(flat[miss], self.weight)):
+                got[k] = r
+        return torch.stack(got).view(*ids.shape, -1)
+
+
+KNOWN_LOOKUP = 4096  # ids of a lookup that tries the known rows (a decode step's batch)
+KNOWN_BYTES = 8 << 20  # known rows kept beyond the latest pass's (2048 of 4 KB)
 
 
 class RMSNorm(nn.Module):

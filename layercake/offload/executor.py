@@ -26,6 +26,7 @@ from layercake.config import BaseConfig
 from layercake.kv_cache import AttentionStep, KVCache
 from layercake.models import family
 from layercake.models.parts import Parts
+from layercake.models.tied import ArgmaxRows, head_is_tied, tied_embedding
 from layercake.offload.cuda import WeightStream
 from layercake.offload.experts import ExpertUnits
 from layercake.offload.kvdisk import DiskKV
@@ -81,6 +82,9 @@ class OffloadRunner(Placement, Materializer):
         self.as_stored = device.type == "cpu" and policy.w_device < 100
         self.bind_forms()
         self.bind_static(ckpt)
+        # a tied head keeps its argmax tokens' rows: the next lookup reads no table page
+        self.head_tied = parts.head and head_is_tied(self.model, set(ckpt.tensor_names()))
+        self.head_rows: dict[int, torch.Tensor] = {}  # the last head pass's, by token id
         self._place_weights(ckpt, source)
         self.scheduled = [j for j, u in enumerate(self.units) if u.kind != "expert"]
         self.experts = ExpertUnits(self) if len(self.scheduled) < len(self.units) else None
@@ -91,8 +95,8 @@ class OffloadRunner(Placement, Materializer):
         )
         # where a pass spends its time: waiting for weight reads, materializing weights,
         # waiting for KV cache reads, and in total
-        self.times = dict.fromkeys(("weights_wait_s", "materialize_s", "kv_wait_s", "forward_s"),
-                                   0.0)  # fmt: skip
+        self.times = dict.fromkeys(("weights_wait_s", "materialize_s", "kv_wait_s", "forward_s",
+                                    "embed_s"), 0.0)  # fmt: skip
         self.kv_mover = KVMover(device, options.cpu_cache_compute, self.times)
         self.kv_stream = self.kv_mover.stream
         # CUDA: weights materialized on a side stream, double-buffered
@@ -129,7 +133,9 @@ class OffloadRunner(Placement, Materializer):
         bs = self.micro_rows(T, min(cache.capacity, self.pass_tokens or cache.capacity))
         rows = [slice(a, min(a + bs, B)) for a in range(0, B, bs)]
         m = self.model
+        t0 = time.perf_counter()
         hs = [m.embed(tokens[r], positions[r]) if self.parts.embed else tokens[r] for r in rows]
+        self.times["embed_s"] += time.perf_counter() - t0
         on_disk = self.activations.on_disk(self.policy, len(rows))
         s = Pass(
             cache=cache,
@@ -148,6 +154,7 @@ class OffloadRunner(Placement, Materializer):
             cpu_steps=[AttentionStep(step.start, step.end, step.mask[r].cpu()) for r in rows]
             if self.cuda
             else [],
+            argmax=ArgmaxRows() if self.head_tied and last_only else None,
         )
         t0 = time.perf_counter()
         try:
@@ -157,10 +164,20 @@ class OffloadRunner(Placement, Materializer):
             self.kv_mover.finish()
         self.times["forward_s"] += time.perf_counter() - t0
         cache.advance(step)
+        if s.argmax is not None:
+            self.keep_head_rows(s.argmax.rows())
         if not self.parts.head:
             hs = [h.to(self.device) for h in hs]
             return torch.cat(hs) if len(hs) > 1 else hs[0]
         return torch.cat(s.logits) if len(s.logits) > 1 else s.logits[0]
+
+    def keep_head_rows(self, rows: dict[int, torch.Tensor]) -> None:
+        """The head's argmax rows of this pass, for a pipeline to send with the ids; with the
+        embeddings here too (one host), the next lookup takes them."""
+        self.head_rows = rows
+        emb = tied_embedding(self.model) if self.parts.embed else None
+        if emb is not None:
+            emb.remember(rows)
 
     def micro_rows(self, T: int, capacity: int) -> int:
         """Rows per micro-batch for a pass of T tokens: the policy's batch size, or a multiple
@@ -242,10 +259,14 @@ class OffloadRunner(Placement, Materializer):
             shape = (*s.normed[k].shape[:-1], self.vocab_size)
             s.logits[k] = torch.empty(shape, dtype=torch.float32, device=self.device)
         if isinstance(w, ops.BF16):  # multiplied as stored, into the logits
-            bf16_linear(s.normed[k], w.data, out=s.logits[k][..., col : col + w.shape[0]])
-            return
-        y = F.linear(s.normed[k], w) if isinstance(w, torch.Tensor) else w.linear(s.normed[k])
-        s.logits[k][..., col : col + y.shape[-1]] = y
+            n = w.shape[0]
+            bf16_linear(s.normed[k], w.data, out=s.logits[k][..., col : col + n])
+        else:
+            y = F.linear(s.normed[k], w) if isinstance(w, torch.Tensor) else w.linear(s.normed[k])
+            n = y.shape[-1]
+            s.logits[k][..., col : col + n] = y
+        if s.argmax is not None:  # this slab's rows are in memory now, later maybe not
+            s.argmax.update(k, s.logits[k][:, -1, col : col + n], col, w)
 
     @property
     def bytes_read(self) -> int:

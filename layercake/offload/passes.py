@@ -40,6 +40,7 @@ class Pass:
     streamed: dict[Key, tuple]  # (layer, micro-batch) -> direct I/O of its cache
     cpu_steps: list[AttentionStep]  # CUDA: the steps with their masks in host memory
     copied: dict[int, Any] = field(default_factory=dict)  # unit -> CUDA event after its copies
+    argmax: Any = None  # a tied head's ``ArgmaxRows`` (a pass of last positions), else None
 
 
 class KVMover:

@@ -24,6 +24,7 @@ import torch
 from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.kv_cache import KVCache
+from layercake.models.tied import runner_embedding
 from layercake.pipeline.node import memory_plan
 from layercake.pipeline.rendezvous import host_job, join_job, leave_job
 from layercake.pipeline.stage import Stage, pieces, receive, run_segments, serve
@@ -179,12 +180,28 @@ class PipelineRunner:
             t.flush()
         self.forwards += 1
         self.stage.end_step(t)
+        finals = self._take_rows(finals)
         out = _assemble(finals, plan, T, last_only)
         if ids_only:  # what the greedy sampler needs from the logits: their argmax
             ids = out.view(-1, 1, 1)
             logits = torch.full((len(ids), 1, self.vocab_size), -torch.inf, device=self.device)
             return logits.scatter_(2, ids.to(self.device), 0.0)
         return out.to(self.device, torch.float32)
+
+    def _take_rows(self, finals: list[Any]) -> list[Any]:
+        """The head's ids without the embedding rows that came with them (a tied head), which
+        rank 0's embeddings keep for the next step's lookup (``Embedding.remember``)."""
+        path = self.topology.path
+        emb = runner_embedding(self.stage.runners[path[0].index]) if path[0].rank == 0 else None
+        out = []
+        for f in finals:
+            if isinstance(f, tuple):
+                ids, rows = f
+                if emb is not None:
+                    emb.remember(dict(zip(ids.view(-1).tolist(), rows.unbind())))
+                f = ids
+            out.append(f)
+        return out
 
     def use_sampler(self, sampler: Any) -> None:
         """The sampler of the current cache's generation: when every row is greedy and wants no

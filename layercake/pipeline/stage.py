@@ -208,9 +208,21 @@ class Stage:
             )
         if seg.parts.head and last_only and not final:
             return out[:, :, :0]
-        if seg.parts.head:  # ids: the greedy argmax of the last position (see use_sampler)
-            return out[:, -1:].argmax(-1) if self.ids_only else out
-        return out.to(self.wire_dtype)
+        if seg.parts.head and self.ids_only:  # the greedy argmax of the last position
+            ids = out[:, -1:].argmax(-1)  # (see use_sampler), with their embedding rows
+            rows = self.head_rows(seg, ids)
+            return ids if rows is None else (ids, rows)
+        return out if seg.parts.head else out.to(self.wire_dtype)
+
+    def head_rows(self, seg: Segment, ids: torch.Tensor) -> torch.Tensor | None:
+        """The embedding rows of ``ids`` (rows, 1) as a tied head's pass kept them, for rank 0's
+        next lookup (it holds the embeddings: the table's pages need no read there), or None
+        (an untied or quantized head, a runner that keeps none, or the embeddings elsewhere)."""
+        known = getattr(self.runners[seg.index], "head_rows", None)
+        if not known or self.topology.path[0].rank != 0:
+            return None
+        got = [known.get(i) for i in ids.view(-1).tolist()]
+        return None if any(r is None for r in got) else torch.stack(got)
 
 
 def split_rows(sizes: list[int], rows: torch.Tensor) -> tuple[list[int], list[torch.Tensor | None]]:
@@ -285,8 +297,9 @@ def run_segments(stage: Stage, transport: Transport, cache_id: int, positions: t
                 finals.append(out)
             elif msg is not None:
                 transport.send(nxt, Kind.ERROR, (cache_id, p, int(lost)), [encode_text(msg)])
-            else:
-                transport.send(nxt, Kind.DATA, (cache_id, p), [out])
+            else:  # a head's ids may travel with their embedding rows
+                transport.send(nxt, Kind.DATA, (cache_id, p), list(out) if isinstance(
+                    out, tuple) else [out])  # fmt: skip
         stage.prefetch_after(seg)
     return finals, error, lost
 
@@ -305,8 +318,14 @@ def receive(stage: Stage, transport: Transport, src: int, cache_id: int, m: int,
         return None, str(e), True
     if f.kind == Kind.ERROR:
         return None, _text(f), bool(f.args[2])
-    x = f.tensors[0] if len(f.tensors) == 1 else None
+    x = f.tensors[0] if len(f.tensors) == 1 or (head and len(f.tensors) == 2) else None
     good = f.kind == Kind.DATA and f.args[:2] == [cache_id, m] and x is not None
+    if good and len(f.tensors) == 2:  # greedy ids (rows, 1) and their embedding rows
+        e = f.tensors[1]
+        good = x.dtype == torch.int64 and e.is_floating_point() and tuple(e.shape) == (
+            rows, stage.limits.hidden) and x.shape == (rows, 1)  # fmt: skip
+        if good:
+            return (x, e), None, False
     if good and x.dim() in (2, 3) and len(x) == rows and (head or x.shape[1] == T):
         return x, None, False
     what = f"{f.kind.name} {f.args[:2]} {[tuple(t.shape) for t in f.tensors]}"
