@@ -1,6 +1,7 @@
-"""The offload loader's thread at interpreter exit: a read still in progress (a pass reads the
-next pass's first units ahead) is finished and the thread joined, not left inside a native call
-while the interpreter finalizes, which aborted a benchmark's process (exit 134)."""
+"""Reads in the background: the offload loader's thread at interpreter exit (a read still in
+progress, as a pass reads the next pass's first units ahead, is finished and the thread joined,
+not left inside a native call while the interpreter finalizes, which aborted a benchmark's
+process with exit 134); a table's rows asked for all at once (``advise_rows``)."""
 
 from __future__ import annotations
 
@@ -56,3 +57,38 @@ def test_close_drops_queued_reads_and_fails_their_waits():
         assert "closed" in str(e)
     else:
         raise AssertionError("a wait on a closed loader returned")
+
+
+def test_advise_rows_reads_just_those_rows(tmp_path):
+    """The pages of the rows asked for are read (in the page cache afterwards), the others not."""
+    import ctypes
+    import mmap
+    import os
+    import time
+
+    from layercake.offload.tiers import advise_rows
+
+    page, n = mmap.PAGESIZE, 64
+    path = tmp_path / "table.bin"
+    path.write_bytes(os.urandom(page * n))
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # this file's pages leave the cache
+    table = torch.from_file(str(path), size=page * n, dtype=torch.uint8).view(n, page)
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def cached() -> list[int]:
+        vec = (ctypes.c_ubyte * n)()
+        start = table.data_ptr()
+        assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(page * n), vec) == 0
+        return [i for i in range(n) if vec[i] & 1]
+
+    if cached():  # the file system keeps it cached regardless (tmpfs): nothing to see
+        os.close(fd)
+        return
+    advise_rows(table, torch.tensor([40, 3, 40]))
+    deadline = time.monotonic() + 5
+    while cached() != [3, 40] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cached() == [3, 40]
+    os.close(fd)

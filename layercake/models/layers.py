@@ -39,8 +39,21 @@ class Embedding(nn.Embedding):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self._known(ids) if self.known else None
         if out is None:
+            self.prefetch(ids)
             out = F.embedding(ids, self.weight)
         return out if self.compute_dtype is None else out.to(self.compute_dtype)
+
+    def prefetch(self, ids: torch.Tensor) -> None:
+        """Start reading the rows of ``ids`` together (a table that is a memory map of the
+        checkpoint, maybe cold under a memory cap; elsewhere it costs a few system calls)."""
+        w = self.weight
+        if w.device.type == "cpu" and ids.numel() > 1:
+            from layercake.offload.tiers import advise_rows
+
+            flat = ids.reshape(-1)
+            if self.known:  # the known rows are read from nowhere
+                flat = flat[[i not in self.known for i in flat.tolist()]]
+            advise_rows(w, flat)
 
     def remember(self, rows: dict[int, torch.Tensor]) -> None:
         """Keep ``rows`` (token id -> its row of this table, bit for bit) for the next lookups,

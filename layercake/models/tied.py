@@ -27,8 +27,9 @@ def head_is_tied(model: nn.Module, names: Collection[str]) -> bool:
     return tied is not None and model.source_name("lm_head.weight", names) == tied
 
 
-def tied_embedding(model: nn.Module) -> Embedding | None:
-    """The token embedding that ``model``'s head is tied to, if this slice holds it."""
+def token_embedding(model: nn.Module) -> Embedding | None:
+    """The token embedding of ``model`` (the table its head reads when tied), if this slice
+    holds it."""
     tied = getattr(model, "tied", {}).get("lm_head.weight")
     if tied is None or not tied.endswith(".weight"):
         return None
@@ -40,11 +41,11 @@ def tied_embedding(model: nn.Module) -> Embedding | None:
 
 
 def runner_embedding(runner: Any) -> Embedding | None:
-    """The tied token embedding of a runner's model (an offloaded runner's ``model``, a
-    resident one's ``slices``), or None."""
+    """The token embedding of a runner's model (an offloaded runner's ``model``, a resident
+    one's ``slices``), or None."""
     models = [runner.model] if hasattr(runner, "model") else getattr(runner, "slices", [])
     for m in models:
-        emb = tied_embedding(m)
+        emb = token_embedding(m)
         if emb is not None:
             return emb
     return None

@@ -26,7 +26,7 @@ from layercake.config import BaseConfig
 from layercake.kv_cache import AttentionStep, KVCache
 from layercake.models import family
 from layercake.models.parts import Parts
-from layercake.models.tied import ArgmaxRows, head_is_tied, tied_embedding
+from layercake.models.tied import ArgmaxRows, head_is_tied, token_embedding
 from layercake.offload.cuda import WeightStream
 from layercake.offload.experts import ExpertUnits
 from layercake.offload.kvdisk import DiskKV
@@ -175,7 +175,7 @@ class OffloadRunner(Placement, Materializer):
         """The head's argmax rows of this pass, for a pipeline to send with the ids; with the
         embeddings here too (one host), the next lookup takes them."""
         self.head_rows = rows
-        emb = tied_embedding(self.model) if self.parts.embed else None
+        emb = token_embedding(self.model) if self.parts.embed else None
         if emb is not None:
             emb.remember(rows)
 

@@ -149,6 +149,20 @@ def advise_willneed(t: torch.Tensor) -> None:
     _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 3)  # MADV_WILLNEED
 
 
+def advise_rows(t: torch.Tensor, rows: torch.Tensor) -> None:
+    """Ask the kernel to start reading the pages of rows ``rows`` of a 2-D file-backed tensor,
+    all at once: the lookups after them then wait for one batch of concurrent reads, not for a
+    page fault per row in turn (each queued behind the other reads of a throttled disk)."""
+    if _libc is None or t.dim() != 2 or not t.is_contiguous() or not len(rows):
+        return
+    row = t.shape[1] * t.element_size()
+    page = mmap.PAGESIZE
+    base = t.data_ptr()
+    for r in sorted(set(rows.tolist())):
+        start = (base + r * row) // page * page
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(base + (r + 1) * row - start), 3)
+
+
 def check_writable(directory: Path, need: int) -> None:
     """Clear errors before any work: the offload dir must be writable and have room."""
     try:

@@ -157,6 +157,9 @@ class PipelineRunner:
         sizes = self.stage.sizes
         path = self.topology.path
         plan = pieces(sizes, T, chunks)
+        emb = runner_embedding(self.stage.runners[path[0].index]) if path[0].rank == 0 else None
+        if emb is not None:  # every piece's rows read together, not chunk by chunk
+            emb.prefetch(tokens)
         rows = tokens.split(sizes)
         inputs = [rows[m][:, t0:t1] for m, t0, t1 in plan]
         t = self.transport
