@@ -58,8 +58,15 @@ def test_pipeline_head_node_sends_the_rows(tmp_path, tied, monkeypatch):
     topo = topology(tmp_path, ["b 0-2", "2-3 e"], options={"pc2": off})
     with workers(topo, path, ["pc2"], "--once"), job(path, topo) as llm:
         calls = table_lookups(monkeypatch)
+        returned = []
+        inner = llm.runner.forward
+        monkeypatch.setattr(llm.runner, "forward", lambda *a, **kw: returned.append(
+            inner(*a, **kw)) or returned[-1])  # fmt: skip
         out = llm.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)
         assert [o.token_ids for o in out] == want
+        # the ids come back as finite logits (the sampler's fast path), the id's the largest
+        assert len(returned) == 6 and all(bool(x.sum().isfinite()) for x in returned)
+        assert returned[1][:, -1].argmax(-1).tolist() == [t[1] for t in want]
         assert sum(calls) == len(PROMPTS) * max(map(len, PROMPTS))  # the padded prompt alone
         # ids (8 bytes) and bf16 rows (256 bytes) for every row and step
         assert llm.runner.stats["bytes_received"] == (8 + 2 * 128) * len(PROMPTS) * 6
