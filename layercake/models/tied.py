@@ -12,7 +12,6 @@ lookup served from them equals the table's, whatever the sampler chose.
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -21,10 +20,15 @@ from torch import nn
 from layercake.models.layers import Embedding
 
 
-def head_is_tied(model: nn.Module, names: Collection[str]) -> bool:
-    """Whether ``model``'s head reads the embedding table of checkpoint ``names``."""
+def head_is_tied(model: nn.Module, ckpt: Any) -> bool:
+    """Whether ``model``'s head reads the embedding table of checkpoint ``ckpt``, stored as plain
+    floats (a block-quantized one may be dequantized differently by the head and the lookup)."""
     tied = getattr(model, "tied", {}).get("lm_head.weight")
-    return tied is not None and model.source_name("lm_head.weight", names) == tied
+    names = set(ckpt.tensor_names())
+    if tied is None or model.source_name("lm_head.weight", names) != tied:
+        return False
+    stored = ckpt.stored_dtype(tied)
+    return stored is not None and stored.is_floating_point
 
 
 def token_embedding(model: nn.Module) -> Embedding | None:

@@ -82,8 +82,9 @@ class OffloadRunner(Placement, Materializer):
         self.as_stored = device.type == "cpu" and policy.w_device < 100
         self.bind_forms()
         self.bind_static(ckpt)
-        # a tied head keeps its argmax tokens' rows: the next lookup reads no table page
-        self.head_tied = parts.head and head_is_tied(self.model, set(ckpt.tensor_names()))
+        # a tied head keeps its argmax tokens' rows: the next lookup reads no table page (not
+        # where compression holds the head in other values than the table's)
+        self.head_tied = parts.head and not compress and head_is_tied(self.model, ckpt)
         self.head_rows: dict[int, torch.Tensor] = {}  # the last head pass's, by token id
         self._place_weights(ckpt, source)
         self.scheduled = [j for j, u in enumerate(self.units) if u.kind != "expert"]
