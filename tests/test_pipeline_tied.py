@@ -87,3 +87,25 @@ def test_argmax_rows_are_the_weight_rows_of_the_argmax():
     assert sorted(got) == sorted(set(best))
     assert all(torch.equal(got[i], w[i]) for i in best)
     assert weight_rows(object(), torch.tensor([0])) is None  # a quantized form: no rows
+
+
+def test_only_a_plain_float_tied_table_is_taken_from_the_head(tied):
+    from layercake.checkpoint import open_checkpoint
+    from layercake.config import load_config
+    from layercake.models import family
+    from layercake.models.parts import Parts
+    from layercake.models.tied import head_is_tied
+
+    ckpt = open_checkpoint(tied[0])
+    config = load_config(ckpt.config_dict())
+    with torch.device("meta"):
+        model = family(config.model_type).Model(config, Parts.full(config.num_hidden_layers))
+    assert head_is_tied(model, ckpt)
+
+    class Quantized:  # the same tensors, the table block-quantized (a GGUF's Q4_K, say)
+        tensor_names = ckpt.tensor_names
+
+        def stored_dtype(self, name):
+            return None
+
+    assert not head_is_tied(model, Quantized())
