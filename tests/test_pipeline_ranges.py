@@ -15,6 +15,7 @@ import layercake.offload.footprint as off
 from layercake.checkpoint import open_checkpoint
 from layercake.config import load_config
 from layercake.errors import LayercakeError
+from layercake.offload.tiers import ALIGN
 from layercake.pipeline.pool import RangePool
 
 
@@ -158,3 +159,90 @@ def test_pool_measures_the_process_after_giving_back_its_free_heap(tmp_path, lla
     monkeypatch.setattr(off, "SAFETY", 0)
     stage_of(tmp_path, llama5, "1GB", ["b 0-1 3-5 e", "1-3"])
     assert calls[-2:] == ["trim", "rss"]
+
+
+def belady_reads(sequence: list, slots: int) -> int:
+    """Belady's minimum: the fewest reads that serve ``sequence`` through ``slots`` slots, the
+    whole sequence known (on a miss with every slot full, give up the unit used furthest
+    ahead, or never again)."""
+    held: set = set()
+    reads = 0
+    for i, key in enumerate(sequence):
+        if key in held:
+            continue
+        reads += 1
+        if len(held) == slots:
+            rest = sequence[i + 1 :]
+            held.remove(max(held, key=lambda k: rest.index(k) if k in rest else len(rest)))
+        held.add(key)
+    return reads
+
+
+def test_belady_reads_by_hand():
+    """The offline count itself, on sequences small enough to count by hand."""
+    assert belady_reads([1, 2, 3, 1, 2, 3], 3) == 3  # all fit: each read once
+    assert belady_reads([1, 2, 3, 1, 2, 3], 2) == 4  # 1 2 | 3 evicts 2 | 1 | 2 evicts 1 | 3
+    assert belady_reads([1, 2, 3, 4, 1, 2, 3, 4], 3) == 5
+
+
+@pytest.mark.parametrize("units,slots,pieces", [((3, 3), 4, 1), ((5, 5), 8, 1), ((3, 8), 8, 1),
+                                                ((2, 4), 3, 1), ((3, 4), 5, 3)])  # fmt: skip
+def test_pool_at_demand_reads_beladys_minimum(units, slots, pieces):
+    """Without read-ahead (``lead`` 0) the pool reads exactly Belady's minimum for its slots:
+    decode steps through two ranges (``units`` each: h0 of ``ranges-10`` is (5, 5) through 8),
+    and a prompt whose second range runs once per piece (``focus``)."""
+    reader = Reader()
+    keys = [(r, u) for r in range(2) for u in range(units[r])]
+    pool = RangePool([torch.zeros(8, dtype=torch.uint8) for _ in range(slots)],
+                     {k: (reader, k[0] * 10 + k[1], 8) for k in keys})  # fmt: skip
+    sequence = []
+    for step in range(6):
+        for r in range(2):
+            passes = pieces if step == 0 and r == 1 else 1
+            for p in range(passes):
+                pool.focus(r, passes - p - 1)
+                sequence += [k for k in keys if k[0] == r]
+                cycle(pool, [k for k in keys if k[0] == r])
+    assert len(reader.reads) == belady_reads(sequence, slots)
+
+
+class Disk(Reader):
+    """A file whose every page holds its own number: a unit's bytes are checkable anywhere."""
+
+    def __init__(self, pages: int) -> None:
+        super().__init__()
+        self.data = (torch.arange(pages * ALIGN) // ALIGN).to(torch.uint8)
+        self.lengths: list[int] = []
+
+    def read_into(self, buf: torch.Tensor, offset: int, length: int, streams: int = 1) -> int:
+        with self.lock:
+            self.reads.append(offset)
+            self.lengths.append(length)
+        buf[:length] = self.data[offset : offset + length]
+        return length
+
+
+def test_pool_prefix_reads_only_the_rest_and_serves_whole_units_without_a_slot():
+    """Memory beside the slots keeps the first bytes of the units used last: a unit kept
+    whole there is computed from it (no slot, no read after its first), a unit kept in part
+    copies its first bytes and reads the rest; the other units share the slots as before."""
+    disk = Disk(16)
+    keys = [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]
+    at = {k: 2 * i for i, k in enumerate(keys)}  # pages; (1, 2) is one page long
+    sources = {k: (disk, at[k] * ALIGN, (1 if k == (1, 2) else 2) * ALIGN) for k in keys}
+    pool = RangePool([torch.zeros(2 * ALIGN, dtype=torch.uint8) for _ in range(3)], sources,
+                     prefix=torch.zeros(2 * ALIGN, dtype=torch.uint8))  # fmt: skip
+    assert {k: len(v[0]) for k, v in pool.prefix.items()} == {(1, 2): ALIGN, (1, 1): ALIGN}
+    for _ in range(4):
+        for k in keys:
+            slot, (_, offset, length) = pool.wait(k), sources[k]
+            assert torch.equal(slot[:length], disk.data[offset : offset + length])
+            pool.release(k)
+            assert len(pool.kept) + len(pool.free) == 3  # (1, 2) holds no slot once kept
+    assert disk.reads[:5] == [at[k] * ALIGN for k in keys]  # the first step reads them whole
+    later = disk.reads[5:]
+    assert at[(1, 2)] * ALIGN not in later  # served from the prefix memory
+    assert at[(1, 1)] * ALIGN not in later and (at[(1, 1)] + 1) * ALIGN in later
+    tail = [n for o, n in zip(disk.reads, disk.lengths) if o == (at[(1, 1)] + 1) * ALIGN]
+    assert tail and set(tail) == {ALIGN}  # its second page only
+    assert sum(pool.bytes_read.values()) == sum(disk.lengths)

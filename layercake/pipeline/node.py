@@ -18,6 +18,7 @@ from layercake.pipeline.topology import Node, Topology
 
 OPTION_KEYS = ("percent", "device_memory", "offload_dir", "batch_size", "num_batches",
                "max_context")  # fmt: skip
+PREFIX_MIN = 1 << 20  # bytes beside the slots worth keeping units' first bytes in
 STREAM_ALL = (0, 0, 100, 0, 100, 0)  # a pooled range: weights on disk, KV and activations in RAM
 
 
@@ -106,8 +107,13 @@ def range_pool(stage: Any, ckpt: Any, config: BaseConfig, runners: dict[int, Any
             f"MB KV cache, {(fixed['activations'] + fixed['scratch']) / 1e6:.0f} MB activations"
             f" and scratch): streaming them needs {STAGING_SLOTS} slots of {slot / 1e6:.0f} MB"
         )
-    pool = RangePool([host_buffer(slot) for _ in range(n)], sources)
+    # what whole slots leave keeps the first bytes of the units read last in a cycle
+    rest = (free - n * slot) // ALIGN * ALIGN if n < len(sources) else 0
+    prefix = host_buffer(rest) if rest >= PREFIX_MIN else None
+    pool = RangePool([host_buffer(slot) for _ in range(n)], sources, lead=n, prefix=prefix)
     pool.memory = dict(process_and_safety=base, pool=n * slot, **fixed)
+    if prefix is not None:
+        pool.memory["prefix"] = len(prefix)
     for pos, s in enumerate(stage.segments):
         r = runners[s.index]
         if r.loader is not None:
