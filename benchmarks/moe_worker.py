@@ -46,10 +46,10 @@ class RouterLog:
             return
         idx = out[2]  # (tokens, k) selected experts
         j = self.layer_of.setdefault(id(module), len(self.layer_of))
-        if j == 0:  # progress on stderr: a run stopped by its timeout still says how far it got
-            n = len(self.masks[0]) if self.masks else 0
-            print(f"moe_worker: pass {n} starts at {time.perf_counter() - T0:.1f} s",
-                  file=sys.stderr, flush=True)  # fmt: skip
+        # progress on stderr: a run stopped by its timeout (or killed) still says how far it got
+        n = len(self.masks[j]) if j < len(self.masks) else 0
+        print(f"moe_worker: pass {n} layer {j} routed at {time.perf_counter() - T0:.1f} s",
+              file=sys.stderr, flush=True)  # fmt: skip
         if j == len(self.masks):
             self.masks.append([])
             self.counts.append(torch.zeros(module.num_experts, dtype=torch.long))
@@ -155,6 +155,9 @@ def probe(a: argparse.Namespace) -> None:
     if not files:
         raise SystemExit("no expert layout in the offload dir: run a layercake case first")
     rec = disk_probe(files, a.passes, budget_s=60)
+    if a.disk_only:  # a probe of the disk alone, right before or after a timed case
+        print(json.dumps(rec))
+        return
     rec["matmul_gflops"] = matmul_gflops_per_rows()
     # the process's own pages, as any engine's (torch imported, its matmul libraries paged in
     # by the peak's runs): what the bound's cap has to leave to the process
@@ -173,6 +176,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--probe", action="store_true")
     ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--disk-only", action="store_true", help="the probe: the disk's rate only")
     ap.add_argument("--engine", default="layercake")
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--skew", type=float, default=1.0)

@@ -96,6 +96,8 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
         kv_gb_written=r.kv_stream.bytes_written / 1e9 if hasattr(r, "kv_stream") else 0.0,
         times={k: round(v, 2) for k, v in getattr(r, "times", {}).items()},
         expert_stats=r.experts.stats() if getattr(r, "experts", None) else None,
+        # per pass: tokens per row, seconds, of them waiting for weights, bytes read
+        passes=[[t, round(s, 3), round(w, 3), b] for t, s, w, b in getattr(r, "passes", [])],
         memory_plan=getattr(r, "memory", None),  # the planned bytes per kind (budget runs)
         tokens=[x.token_ids for x in out],
     )
