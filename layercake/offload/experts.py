@@ -162,29 +162,38 @@ class ExpertUnits:
                 if self.passes % REBALANCE_EVERY == 0:
                     self.rebalance()
 
-    def begin_pass(self, tokens: int) -> None:
-        """Before a pass of ``tokens`` tokens per row: a prompt's pass (more than one) first
-        sends the decode steps' extra experts back to disk; a one-token pass marks the hottest
-        experts on disk to be kept when next read, up to ``decode_extra`` per layer."""
+    def begin_pass(self, tokens: int, rows: int) -> None:
+        """Before a pass of ``tokens`` tokens per row, ``rows`` tokens in all: a prompt's pass
+        (more than one per row) first sends the decode steps' extra experts back to disk; a
+        one-token pass marks the hottest experts on disk to be kept when next read, up to
+        ``decode_extra`` per layer. Then the first layer's likely cold experts are queued
+        (unless the previous pass queued them): they are read while the embedding and the
+        first attention compute."""
         if tokens > 1:
-            if any(self.grown.values()):
-                for i in self.layers:
-                    c = self.counts[i].tolist()
-                    held = sorted((e for e in range(len(c)) if not self.on_disk(self.unit[i, e])),
-                                  key=lambda e: c[e])  # fmt: skip
-                    for e in held[: self.grown.get(i, 0)]:
-                        self.to_disk(self.unit[i, e])
-                self.swaps.clear()  # their experts to replace may have gone
-                give_back_heap()
-            self.grow.clear()
-            self.grown.clear()
-            return
-        for i in self.layers:
-            want = self.decode_extra - self.grown.get(i, 0)
-            c = self.counts[i].tolist()
-            cold = sorted((e for e in range(len(c)) if self.on_disk(self.unit[i, e])),
-                          key=lambda e: -c[e])  # fmt: skip
-            self.grow[i] = {self.unit[i, e] for e in cold[: max(0, want)]}
+            self._give_back_extras()
+        else:
+            for i in self.layers:
+                want = self.decode_extra - self.grown.get(i, 0)
+                c = self.counts[i].tolist()
+                cold = sorted((e for e in range(len(c)) if self.on_disk(self.unit[i, e])),
+                              key=lambda e: -c[e])  # fmt: skip
+                self.grow[i] = {self.unit[i, e] for e in cold[: max(0, want)]}
+        if self.layers[0] not in self.ahead:
+            self._queue_likely(self.layers[0], rows)
+
+    def _give_back_extras(self) -> None:
+        """The decode steps' extra experts (each layer's least selected held ones) to disk."""
+        if any(self.grown.values()):
+            for i in self.layers:
+                c = self.counts[i].tolist()
+                held = sorted((e for e in range(len(c)) if not self.on_disk(self.unit[i, e])),
+                              key=lambda e: c[e])  # fmt: skip
+                for e in held[: self.grown.get(i, 0)]:
+                    self.to_disk(self.unit[i, e])
+            self.swaps.clear()  # their experts to replace may have gone
+            give_back_heap()
+        self.grow.clear()
+        self.grown.clear()
 
     def _read_ahead(self, layer: int, rows: int) -> None:
         """Queue the reads of the next MoE layer's cold experts that this pass's ``rows`` rows
@@ -200,12 +209,16 @@ class ExpertUnits:
             if not again:
                 return
             at = 0
-        nxt = self.layers[at]
-        p = probs_from_counts(self.counts[nxt].tolist(), self.top_k)
+        self._queue_likely(self.layers[at], rows)
+
+    def _queue_likely(self, layer: int, rows: int) -> None:
+        """Queue the reads of ``layer``'s cold experts that ``rows`` rows choose with a chance
+        of at least ``READ_AHEAD_P`` (``ahead``: in the loader's order)."""
+        p = probs_from_counts(self.counts[layer].tolist(), self.top_k)
         likely = [e for e, pe in enumerate(p) if 1.0 - (1.0 - pe) ** rows >= READ_AHEAD_P]
-        self.ahead[nxt] = [e for e in likely if self.on_disk(self.unit[nxt, e])]
-        for e in self.ahead[nxt]:
-            self.loader.submit(self.unit[nxt, e])
+        self.ahead[layer] = [e for e in likely if self.on_disk(self.unit[layer, e])]
+        for e in self.ahead[layer]:
+            self.loader.submit(self.unit[layer, e])
 
     def rebalance(self) -> None:
         """Per layer, the most selected experts on disk are to replace the least selected ones
