@@ -121,7 +121,7 @@ def _offloaded(
 
 def _decode_extra(o: Options, ckpt: Any, config: BaseConfig, parts: Parts, fp: Any,
                   runner: OffloadRunner) -> int:  # fmt: skip
-    """Experts per layer a one-token step holds besides the plan's: the room the plan gives a
+    """Experts a one-token step holds besides the plan's (in all): the room the plan gives a
     prompt's pass for activations less what a step of the whole block (one micro-batch)
     needs (``experts.decode_extra``; a prompt's pass sends them back to disk first)."""
     block = runner.policy.batch_size * runner.policy.num_batches

@@ -23,11 +23,12 @@ are marked to replace colder ones held in RAM (``rebalance``), and each move hap
 marked expert is next read anyway (``promote``): the RAM share serves the most selections and
 no byte is read to move it.
 
-Decode steps hold more experts than a prompt's pass (``decode_extra`` per layer, from the plan:
-the room a prompt's activations take that a one-token step leaves free, ``runners``): at each
-one-token pass the hottest experts on disk are marked to be kept, without replacing any, when
-next read anyway; before a pass of several tokens per row those extras (the least selected
-held experts) go back to disk, so that the prompt's activations find their room again.
+Decode steps hold more experts than a prompt's pass (``decode_extra`` in all, spread over the
+layers, from the plan: the room a prompt's activations take that a one-token step leaves free,
+``runners``): at each one-token pass the hottest experts on disk are marked to be kept, without
+replacing any, when next read anyway; before a pass of several tokens per row those extras (the
+least selected held experts) go back to disk, so that the prompt's activations find their room
+again.
 """
 
 from __future__ import annotations
@@ -90,13 +91,10 @@ def resident_bytes(
 
 
 def decode_extra(units: list[Unit], room: int) -> int:
-    """Experts per MoE layer that ``room`` bytes hold besides the plan's (one of every
-    layer's per extra, each in a page-aligned buffer of its own)."""
-    per: dict[int, int] = {}
-    for u in units:
-        if u.kind == "expert":
-            per[u.index] = max(per.get(u.index, 0), align_up(u.nbytes))
-    return int(room // sum(per.values())) if per else 0
+    """Experts that ``room`` bytes hold besides the plan's (each the size of the largest, in a
+    page-aligned buffer of its own)."""
+    largest = max((align_up(u.nbytes) for u in units if u.kind == "expert"), default=0)
+    return int(room // largest) if largest else 0
 
 
 class ExpertUnits:
@@ -122,7 +120,7 @@ class ExpertUnits:
         self.ahead: dict[int, list[int]] = {}  # layer -> experts read before its router ran
         self.last_rows = [0, 0]  # rows of the latest two passes
         self.top_k = 1
-        self.decode_extra = 0  # experts per layer held beyond the plan's at one-token passes
+        self.decode_extra = 0  # experts held beyond the plan's at one-token passes, in all
         self.grow: dict[int, set[int]] = {}  # layer -> units to keep in RAM when next read
         self.grown: dict[int, int] = {}  # layer -> experts held beyond the plan's now
         self.rows = RowsBuffer()  # ``grouped``'s choice rows, shared by every layer
@@ -166,20 +164,25 @@ class ExpertUnits:
         """Before a pass of ``tokens`` tokens per row, ``rows`` tokens in all: a prompt's pass
         (more than one per row) first sends the decode steps' extra experts back to disk; a
         one-token pass marks the hottest experts on disk to be kept when next read, up to
-        ``decode_extra`` per layer. Then the first layer's likely cold experts are queued
+        ``allowance`` per layer. Then the first layer's likely cold experts are queued
         (unless the previous pass queued them): they are read while the embedding and the
         first attention compute."""
         if tokens > 1:
             self._give_back_extras()
         else:
             for i in self.layers:
-                want = self.decode_extra - self.grown.get(i, 0)
+                want = self.allowance(i) - self.grown.get(i, 0)
                 c = self.counts[i].tolist()
                 cold = sorted((e for e in range(len(c)) if self.on_disk(self.unit[i, e])),
                               key=lambda e: -c[e])  # fmt: skip
                 self.grow[i] = {self.unit[i, e] for e in cold[: max(0, want)]}
         if self.layers[0] not in self.ahead:
             self._queue_likely(self.layers[0], rows)
+
+    def allowance(self, layer: int) -> int:
+        """Layer ``layer``'s share of ``decode_extra`` (the first layers one more)."""
+        n, left = divmod(self.decode_extra, len(self.layers))
+        return n + (self.layers.index(layer) < left)
 
     def _give_back_extras(self) -> None:
         """The decode steps' extra experts (each layer's least selected held ones) to disk."""
@@ -284,7 +287,7 @@ class ExpertUnits:
         return dict(experts_routed_per_layer=self.routed / n, experts_read_per_layer=self.reads / n,
                     expert_gb_read=self.read_bytes / 1e9, passes=self.passes,
                     experts_read_ahead=self.read_ahead, experts_moved_to_ram=self.moved,
-                    decode_extra_per_layer=self.decode_extra,
+                    decode_extra=self.decode_extra,
                     decode_extra_held=sum(self.grown.values()),
                     experts_read_ahead_unused=self.wasted)  # fmt: skip
 
