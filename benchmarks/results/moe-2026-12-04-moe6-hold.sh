@@ -9,7 +9,8 @@
 # The record keeps the hold-start probe's fraction (best of 3 passes, as before) and adds
 # fraction_of_bound_adjacent: the bound recomputed with the faster of the two adjacent probes
 # (the shorter bound: the stricter fraction). A fraction above 1 means the probe failed.
-# usage: hold.sh TAG SPEC...   SPEC = old:BATCH or new:BATCH
+# usage: hold.sh TAG SPEC...   SPEC = old:BATCH, new:BATCH or noextra:BATCH (new without the
+# decode steps' extra experts: MOE_NO_DECODE_EXTRA, read by moe_worker)
 tag=$1; shift
 W=/work/wt/moe6; NEW=${NEW:-/tmp/moe6-new}; OLD=/tmp/moe6-old; R=$W/benchmarks/results; PY=$W/.venv/bin/python
 REF=/tmp/moe6-ref-amx; OFF=/var/tmp/moe6-offload; TMP=/tmp/moe6/out
@@ -26,6 +27,7 @@ echo "probe $(cut -c1-100 $REF/probe-6l.json)" >&2
 for spec in "$@"; do
   IFS=: read which batch <<< "$spec"
   if [ $which = old ]; then src=$OLD; else src=$NEW; fi
+  if [ $which = noextra ]; then export MOE_NO_DECODE_EXTRA=1; else unset MOE_NO_DECODE_EXTRA; fi
   p0=$(dprobe); d0=$(disk); c0=$(cpu); l0=$(cut -d' ' -f1-3 /proc/loadavg); t0=$(date -u +%T)
   (cd $NEW && PYTHONPATH=$src $PY benchmarks/moe.py --batches $batch --engines layercake --gen-len 8 \
      --prompt-len 16 --offload-dir $OFF --reference-dir $REF) > $TMP/case.out
