@@ -31,6 +31,8 @@ from generation import process_read_bytes, prompts, run_transformers  # noqa: E4
 from offload_worker import cap_bytes, compare_logits, disk_probe  # noqa: E402
 from offload_worker import run_layercake as run_layercake_offload  # noqa: E402
 
+PROGRESS = [""]  # the latest router call, for ``heartbeat``
+
 
 class RouterLog:
     """Records each top-k router call (a global forward hook, filtered by the router's class):
@@ -49,8 +51,8 @@ class RouterLog:
         j = self.layer_of.setdefault(id(module), len(self.layer_of))
         # progress on stderr: a run stopped by its timeout (or killed) still says how far it got
         n = len(self.masks[j]) if j < len(self.masks) else 0
-        print(f"moe_worker: pass {n} layer {j} routed at {time.perf_counter() - T0:.1f} s",
-              file=sys.stderr, flush=True)  # fmt: skip
+        PROGRESS[0] = f"pass {n} layer {j} routed at {time.perf_counter() - T0:.1f} s"
+        print(f"moe_worker: {PROGRESS[0]}", file=sys.stderr, flush=True)
         if j == len(self.masks):
             self.masks.append([])
             self.counts.append(torch.zeros(module.num_experts, dtype=torch.long))
@@ -80,6 +82,8 @@ def run_hf(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace) -> di
         budget = int(a.accelerate_fraction * cap_bytes(a.cap))
         kw.update(device_map="auto", max_memory={"cpu": budget}, offload_folder=str(folder))
     log = RouterLog()
+    if a.engine == "accelerate":
+        heartbeat(20.0)
     r = run_transformers(path, ids, gen, False, **kw)
     r.update(log.summary())
     model = r.pop("model")
@@ -96,6 +100,24 @@ def run_hf(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace) -> di
     else:
         r["policy"] = f"whole model in memory ({a.hf_dtype})"
     return r
+
+
+def heartbeat(every: float) -> None:
+    """Every ``every`` seconds, on stderr: the bytes this process has read from storage and its
+    resident bytes (a run stopped by its timeout says whether it was still reading: working,
+    or thrashing the page cache, or idle)."""
+    import threading
+
+    def beat() -> None:
+        while True:
+            time.sleep(every)
+            rss = process_rss_bytes()
+            print(f"moe_worker: at {time.perf_counter() - T0:.0f} s: read "
+                  f"{process_read_bytes() / 1e9:.2f} GB so far, RSS {rss / 2**20:.0f} MiB "
+                  f"(last: {PROGRESS[0]})",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+    threading.Thread(target=beat, daemon=True).start()
 
 
 def run_llama(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace) -> dict:
