@@ -18,7 +18,6 @@ from layercake.errors import LayercakeError
 from layercake.models.build import build_slice
 from layercake.models.parts import Parts, parse_parts
 from layercake.offload.executor import OffloadRunner
-from layercake.offload.experts import decode_extra
 from layercake.offload.footprint import footprint, held_bytes, memory_bytes
 from layercake.offload.kvdisk import RING
 from layercake.offload.policy import STAGING_SLOTS, Policy, parse_bytes, plan_policy
@@ -113,21 +112,7 @@ def _offloaded(
     kv_budget = int(fp.kv * policy.cache_device / 100)
     runner = OffloadRunner(o, ckpt, config, source, parts, policy, kv_budget)
     runner.memory = memory_bytes(fp, policy, device.type == "cuda", 0, held)  # the plan's bytes
-    moe = runner.experts is not None and runner.expert_loader is not None
-    if moe and not runner.cuda and policy.cache_disk == 0:  # (a KV ring: activations differ)
-        runner.experts.decode_extra = _decode_extra(o, ckpt, config, parts, fp, runner)
     return runner
-
-
-def _decode_extra(o: Options, ckpt: Any, config: BaseConfig, parts: Parts, fp: Any,
-                  runner: OffloadRunner) -> int:  # fmt: skip
-    """Experts a one-token step holds besides the plan's (in all): the room the plan gives a
-    prompt's pass for activations less what a step of the whole block (one micro-batch)
-    needs (``experts.decode_extra``; a prompt's pass sends them back to disk first)."""
-    block = runner.policy.batch_size * runner.policy.num_batches
-    step = footprint(ckpt, config, parts, runner.dtype, block, 1, o.max_context or 256,
-                     compress=runner.compress, int4pack=True, pass_tokens=1)  # fmt: skip
-    return decode_extra(runner.units, max(0, fp.activations - step.activations))
 
 
 def _planned(

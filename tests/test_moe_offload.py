@@ -361,47 +361,6 @@ def _logged(monkeypatch, module, name: str) -> list[tuple[int, tuple]]:
     return calls
 
 
-def _held(xu, layer: int) -> int:
-    return sum(not xu.on_disk(xu.unit[layer, e]) for e in range(len(xu.counts[layer])))
-
-
-def test_decode_steps_hold_extra_experts_a_prompt_gives_back(tmp_path):
-    """One-token steps keep up to ``decode_extra`` more experts (spread over the layers, the
-    first ones one more), each the hottest on disk when next read anyway (nothing read for it:
-    fewer reads than without, same tokens); a pass of several tokens per row sends them back to
-    disk first (the prompt's activations take that room)."""
-    path, ref = _tiny_offloaded(tmp_path / "ref", 25)
-    ref.runner.experts.decode_extra = 0
-    want = ref.generate(PROMPTS, max_new_tokens=STEPS, ignore_eos=True)
-    _, llm = _tiny_offloaded(tmp_path / "new", 25)
-    xu = llm.runner.experts
-    base = {i: _held(xu, i) for i in xu.layers}
-    xu.decode_extra = 2 * len(xu.layers) - 1
-    out = llm.generate(PROMPTS, max_new_tokens=STEPS, ignore_eos=True)
-    assert [r.token_ids for r in out] == [r.token_ids for r in want]
-    assert xu.reads < ref.runner.experts.reads  # kept ones were not read again
-    assert sum(xu.grown.values()) > 0
-    for i in xu.layers:
-        assert xu.grown.get(i, 0) <= (2 if i != xu.layers[-1] else 1)
-        assert _held(xu, i) == base[i] + xu.grown.get(i, 0)
-    torch.testing.assert_close(llm.logits(PROMPTS), ref.logits(PROMPTS), atol=1e-5, rtol=1e-5)
-    assert not xu.grown and all(_held(xu, i) == base[i] for i in xu.layers)  # given back
-
-
-def test_decode_extra_counts_experts_of_the_largest_size():
-    from types import SimpleNamespace
-
-    from layercake.offload.experts import decode_extra
-    from layercake.offload.tiers import align_up
-
-    units = [SimpleNamespace(kind="expert", index=i, nbytes=1000 + i) for i in range(3)]
-    units.append(SimpleNamespace(kind="layer", index=0, nbytes=10**9))
-    per = align_up(1002)
-    assert decode_extra(units, 5 * per - 1) == 4
-    assert decode_extra(units, 5 * per) == 5
-    assert decode_extra(units[3:], 10**12) == 0
-
-
 def test_first_layer_is_read_ahead_of_its_router(tmp_path):
     """A pass whose rows choose every expert queues the first layer's cold experts before the
     embedding and the first attention run, as every later layer's: no read of the prompt's pass

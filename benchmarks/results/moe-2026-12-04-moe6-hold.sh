@@ -10,7 +10,8 @@
 # fraction_of_bound_adjacent: the bound recomputed with the faster of the two adjacent probes
 # (the shorter bound: the stricter fraction). A fraction above 1 means the probe failed.
 # usage: hold.sh TAG SPEC...   SPEC = old:BATCH, new:BATCH or noextra:BATCH (new without the
-# decode steps' extra experts: MOE_NO_DECODE_EXTRA, read by moe_worker)
+# decode steps' extra experts: MOE_NO_DECODE_EXTRA, read by moe_worker at 022a5cd-e850fad, the
+# snapshots of holds c-e; the extras were then dropped)
 tag=$1; shift
 W=/work/wt/moe6; NEW=${NEW:-/tmp/moe6-new}; OLD=/tmp/moe6-old; R=$W/benchmarks/results; PY=$W/.venv/bin/python
 REF=/tmp/moe6-ref-amx; OFF=/var/tmp/moe6-offload; TMP=/tmp/moe6/out

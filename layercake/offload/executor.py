@@ -128,8 +128,8 @@ class OffloadRunner(Placement, Materializer):
         B, T = positions.shape
         if token_mask is None:
             token_mask = torch.ones(B, T, dtype=torch.bool)
-        if self.experts is not None:  # a prompt's pass gives the decode steps' extras back
-            self.experts.begin_pass(T, B * T)
+        if self.experts is not None:  # the first layer's experts read from the start
+            self.experts.begin_pass(B * T)
         step = cache.begin(token_mask.to(self.device))
         bs = self.micro_rows(T, min(cache.capacity, self.pass_tokens or cache.capacity))
         rows = [slice(a, min(a + bs, B)) for a in range(0, B, bs)]
