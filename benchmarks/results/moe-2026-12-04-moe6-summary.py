@@ -1,11 +1,37 @@
-"""Medians (min-max) of the moe6 holds' B=64 cases, old and new: python3 this.py HOLD..."""
+"""Medians (min-max) of the moe6 holds' B=64 cases, old and new: python3 this.py HOLD...
 
+Beside the fractions of the bound (the hold's probe; the adjacent probes), ``frac_loader`` is a
+diagnostic, not the figure: the bound at the rate the engine's own loader got in that run
+(its bytes / its read time), i.e. what the engine loses besides the disk's rate."""
+
+import argparse
 import json
 import statistics
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+import moe  # noqa: E402  (no torch)
+
+REF = Path("/tmp/moe6-ref-amx")
+# what each hold's "new" ran: the final engine (02ccba8: the first layer read ahead) is hold
+# c's "noextra" and hold d's "new"; holds a and c's "new" held extra experts at decode
+LABEL = {("a", "new"): "new with 6 decode extras (dropped)",
+         ("c", "new"): "new with 11 decode extras (dropped)",
+         ("c", "noextra"): "new", ("d", "new"): "new"}  # fmt: skip
+MACHINE: dict = {}
+
+
+def frac_loader(r: dict) -> float | None:
+    """The bound at the loader's own rate in the run, over the run's time."""
+    if not r.get("loader_gbps") or not MACHINE:
+        return None
+    a = argparse.Namespace(layers=6, prompt_len=r["prompt_len"], gen_len=r["gen_len"])
+    ref = json.loads((REF / f"ref-6l-1-b{r['batch']}-p16-g8.json").read_text())
+    m = {**MACHINE, "disk_gbps": r["loader_gbps"]}
+    b = moe.bound(a, r["batch"], ref, m, r["cap"], moe.engine_needs(a, r["batch"], m))
+    return round(b["bound_s"] / (r["prefill_s"] + r["decode_s"]), 3)
 
 
 def fields(r: dict) -> dict:
@@ -19,6 +45,7 @@ def fields(r: dict) -> dict:
         bound_adj_s=r.get("bound_s_adjacent"), frac_adj=r.get("fraction_of_bound_adjacent"),
         peak_rss_mb=r.get("peak_rss_mb"), load1=float(r["loadavg_before"].split()[0]),
     )  # fmt: skip
+    out["frac_loader"] = frac_loader(r)
     if "cpu_s" in r:
         out.update(niced_cpu_s=r["cpu_s"]["nice"], steal_s=r["cpu_s"]["steal"])
     p = r.get("passes")
@@ -31,13 +58,15 @@ def fields(r: dict) -> dict:
 
 rows: dict[str, list[dict]] = {}
 for hold in sys.argv[1:]:
+    MACHINE.update(json.loads((HERE / f"moe-2026-12-04-moe6{hold}-probe.json").read_text()))
     for line in open(HERE / f"moe-2026-12-04-moe6{hold}.jsonl"):
         r = json.loads(line)
         if "throughput_tok_s" not in r:
             print("no result:", hold, r.get("which"), r.get("error"))
             continue
         ok = r.get("same_greedy_tokens_as_layercake_in_ram") and r.get("logits_max_abs_diff") == 0
-        rows.setdefault(r["which"], []).append({**fields(r), "equal": ok})
+        label = LABEL.get((hold, r["which"]), r["which"])
+        rows.setdefault(label, []).append({**fields(r), "equal": ok})
 for which, rs in rows.items():
     print(f"{which}: {len(rs)} runs, equal to the in-RAM run: {sum(r['equal'] for r in rs)}")
     for k in rs[0]:
