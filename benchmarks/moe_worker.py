@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -137,6 +138,10 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
     a.in_memory, a.percent, a.compress_weight, a.policy = a.cap is None, None, False, None
     if a.engine == "layercake-ram":  # every weight in RAM as stored: the capped run's math
         a.in_memory, a.percent = False, [0, 100, 100, 0, 100, 0]
+    if os.environ.get("MOE_NO_FIRST_READ_AHEAD"):  # A/B: without ``begin_pass``'s read-ahead
+        from layercake.offload.experts import ExpertUnits
+
+        ExpertUnits.begin_pass = lambda self, rows: None
     cap, a.cap = a.cap, a.budget or a.cap  # its --cpu-memory: the cap unless told less
     r = run_layercake_offload(path, ids, gen, a)
     a.cap = cap

@@ -11,7 +11,8 @@
 # (the shorter bound: the stricter fraction). A fraction above 1 means the probe failed.
 # usage: hold.sh TAG SPEC...   SPEC = old:BATCH, new:BATCH or noextra:BATCH (new without the
 # decode steps' extra experts: MOE_NO_DECODE_EXTRA, read by moe_worker at 022a5cd-e850fad, the
-# snapshots of holds c-e; the extras were then dropped)
+# snapshots of holds c-e; the extras were then dropped), or noahead:BATCH (new without the first
+# layer's read-ahead at a pass's start: MOE_NO_FIRST_READ_AHEAD, read by moe_worker)
 tag=$1; shift
 W=/work/wt/moe6; NEW=${NEW:-/tmp/moe6-new}; OLD=/tmp/moe6-old; R=$W/benchmarks/results; PY=$W/.venv/bin/python
 REF=/tmp/moe6-ref-amx; OFF=/var/tmp/moe6-offload; TMP=/tmp/moe6/out
@@ -29,6 +30,7 @@ for spec in "$@"; do
   IFS=: read which batch <<< "$spec"
   if [ $which = old ]; then src=$OLD; else src=$NEW; fi
   if [ $which = noextra ]; then export MOE_NO_DECODE_EXTRA=1; else unset MOE_NO_DECODE_EXTRA; fi
+  if [ $which = noahead ]; then export MOE_NO_FIRST_READ_AHEAD=1; else unset MOE_NO_FIRST_READ_AHEAD; fi
   p0=$(dprobe); d0=$(disk); c0=$(cpu); l0=$(cut -d' ' -f1-3 /proc/loadavg); t0=$(date -u +%T)
   (cd $NEW && PYTHONPATH=$src $PY benchmarks/moe.py --batches $batch --engines layercake --gen-len 8 \
      --prompt-len 16 --offload-dir $OFF --reference-dir $REF) > $TMP/case.out
