@@ -16,11 +16,12 @@ import moe  # noqa: E402  (no torch)
 
 REF = Path("/tmp/moe6-ref-amx")
 # what each hold's "new" ran: the final engine (02ccba8: the first layer read ahead) is hold
-# c's "noextra" and holds d, f and g's "new"; holds a and c's "new" held extra experts at decode
+# c's "noextra" and holds d, f, g and h's "new"; holds a and c's "new" held extra experts at decode
 LABEL = {("a", "new"): "new with 6 decode extras (dropped)",
          ("c", "new"): "new with 11 decode extras (dropped)",
          ("c", "noextra"): "new", ("d", "new"): "new", ("f", "new"): "new",
-         ("g", "new"): "new", ("g", "noahead"): "new without the first read-ahead"}  # fmt: skip
+         ("g", "new"): "new", ("g", "noahead"): "new without the first read-ahead",
+         ("h", "new"): "new", ("h", "noahead"): "new without the first read-ahead"}  # fmt: skip
 MACHINE: dict = {}
 
 
