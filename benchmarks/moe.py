@@ -169,7 +169,8 @@ def report(a, engine, B, cap, r, machine, ref) -> dict:
         rec["gen_gb_read_per_token"] = round(r["gen_read_bytes"] / (B * a.gen_len) / 1e9, 4)
     for k in ("accelerate_fraction", "routing_decode_distinct_per_layer_mean", "expert_stats",
               "logits_max_abs_diff", "logits_ref_std", "same_argmax", "logits_agree", "times",
-              "llama_cpp_python"):  # fmt: skip
+              "llama_cpp_python", "passes", "memory_plan", "major_faults",
+              "pass_process_read_bytes"):  # fmt: skip
         if k in r:
             rec[k] = r[k]
     if ref and "tokens" in ref and engine != "transformers":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -29,6 +30,8 @@ from decode import run_llama_cpp  # noqa: E402
 from generation import process_read_bytes, prompts, run_transformers  # noqa: E402
 from offload_worker import cap_bytes, compare_logits, disk_probe  # noqa: E402
 from offload_worker import run_layercake as run_layercake_offload  # noqa: E402
+
+PROGRESS = [""]  # the latest router call, for ``heartbeat``
 
 
 class RouterLog:
@@ -46,10 +49,10 @@ class RouterLog:
             return
         idx = out[2]  # (tokens, k) selected experts
         j = self.layer_of.setdefault(id(module), len(self.layer_of))
-        if j == 0:  # progress on stderr: a run stopped by its timeout still says how far it got
-            n = len(self.masks[0]) if self.masks else 0
-            print(f"moe_worker: pass {n} starts at {time.perf_counter() - T0:.1f} s",
-                  file=sys.stderr, flush=True)  # fmt: skip
+        # progress on stderr: a run stopped by its timeout (or killed) still says how far it got
+        n = len(self.masks[j]) if j < len(self.masks) else 0
+        PROGRESS[0] = f"pass {n} layer {j} routed at {time.perf_counter() - T0:.1f} s"
+        print(f"moe_worker: {PROGRESS[0]}", file=sys.stderr, flush=True)
         if j == len(self.masks):
             self.masks.append([])
             self.counts.append(torch.zeros(module.num_experts, dtype=torch.long))
@@ -79,6 +82,8 @@ def run_hf(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace) -> di
         budget = int(a.accelerate_fraction * cap_bytes(a.cap))
         kw.update(device_map="auto", max_memory={"cpu": budget}, offload_folder=str(folder))
     log = RouterLog()
+    if a.engine == "accelerate":
+        heartbeat(20.0)
     r = run_transformers(path, ids, gen, False, **kw)
     r.update(log.summary())
     model = r.pop("model")
@@ -95,6 +100,24 @@ def run_hf(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace) -> di
     else:
         r["policy"] = f"whole model in memory ({a.hf_dtype})"
     return r
+
+
+def heartbeat(every: float) -> None:
+    """Every ``every`` seconds, on stderr: the bytes this process has read from storage and its
+    resident bytes (a run stopped by its timeout says whether it was still reading: working,
+    or thrashing the page cache, or idle)."""
+    import threading
+
+    def beat() -> None:
+        while True:
+            time.sleep(every)
+            rss = process_rss_bytes()
+            print(f"moe_worker: at {time.perf_counter() - T0:.0f} s: read "
+                  f"{process_read_bytes() / 1e9:.2f} GB so far, RSS {rss / 2**20:.0f} MiB "
+                  f"(last: {PROGRESS[0]})",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+    threading.Thread(target=beat, daemon=True).start()
 
 
 def run_llama(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace) -> dict:
@@ -115,6 +138,10 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
     a.in_memory, a.percent, a.compress_weight, a.policy = a.cap is None, None, False, None
     if a.engine == "layercake-ram":  # every weight in RAM as stored: the capped run's math
         a.in_memory, a.percent = False, [0, 100, 100, 0, 100, 0]
+    if os.environ.get("MOE_NO_FIRST_READ_AHEAD"):  # A/B: without ``begin_pass``'s read-ahead
+        from layercake.offload.experts import ExpertUnits
+
+        ExpertUnits.begin_pass = lambda self, rows: None
     cap, a.cap = a.cap, a.budget or a.cap  # its --cpu-memory: the cap unless told less
     r = run_layercake_offload(path, ids, gen, a)
     a.cap = cap
@@ -155,6 +182,9 @@ def probe(a: argparse.Namespace) -> None:
     if not files:
         raise SystemExit("no expert layout in the offload dir: run a layercake case first")
     rec = disk_probe(files, a.passes, budget_s=60)
+    if a.disk_only:  # a probe of the disk alone, right before or after a timed case
+        print(json.dumps(rec))
+        return
     rec["matmul_gflops"] = matmul_gflops_per_rows()
     # the process's own pages, as any engine's (torch imported, its matmul libraries paged in
     # by the peak's runs): what the bound's cap has to leave to the process
@@ -173,6 +203,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--probe", action="store_true")
     ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--disk-only", action="store_true", help="the probe: the disk's rate only")
     ap.add_argument("--engine", default="layercake")
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--skew", type=float, default=1.0)

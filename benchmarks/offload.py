@@ -104,7 +104,7 @@ def spawn(cmd: list[str], cap: str | None, timeout: float | None) -> dict:
         if line.startswith("memlimit: peak_bytes="):
             peak = int(line.split("=")[1].split()[0])
     if p.returncode != 0:
-        tail = err.strip().splitlines()[-3:]
+        tail = err.strip().splitlines()[-6:]
         why = "OOM-killed" if p.returncode in (137, -9) else f"exit {p.returncode}"
         if tail and tail[-1].startswith("stopped after"):
             why = f"stopped after {timeout} s"

@@ -60,7 +60,9 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
     read0, rs0 = getattr(r, "bytes_read", 0), getattr(r, "read_s", 0.0)
     dq0, units0 = dequant_seconds(r), getattr(r, "dequant_units", 0)
     io0 = process_read_bytes()
+    pass_reads = log_pass_reads(r)
     out = llm.generate(ids.tolist(), max_new_tokens=gen, ignore_eos=True)
+    extra0["pass_process_read_bytes"] = [b - a for a, b in zip([io0, *pass_reads], pass_reads)]
     extra0["gen_read_bytes"] = process_read_bytes() - io0  # from storage while generating
     extra0["logits_fn"] = llm.logits
     s = llm.last_stats
@@ -96,9 +98,26 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
         kv_gb_written=r.kv_stream.bytes_written / 1e9 if hasattr(r, "kv_stream") else 0.0,
         times={k: round(v, 2) for k, v in getattr(r, "times", {}).items()},
         expert_stats=r.experts.stats() if getattr(r, "experts", None) else None,
+        # per pass: tokens per row, seconds, of them waiting for weights, bytes read
+        passes=[[t, round(s, 3), round(w, 3), b] for t, s, w, b in getattr(r, "passes", [])],
         memory_plan=getattr(r, "memory", None),  # the planned bytes per kind (budget runs)
         tokens=[x.token_ids for x in out],
     )
+
+
+def log_pass_reads(runner) -> list[int]:
+    """This process's read bytes after each of ``runner``'s passes from now on (appended to the
+    list returned): direct reads and page faults alike, i.e. weights and refaulted file pages."""
+    out: list[int] = []
+    forward = runner.forward
+
+    def logged(*args, **kw):
+        y = forward(*args, **kw)
+        out.append(process_read_bytes())
+        return y
+
+    runner.forward = logged
+    return out
 
 
 def dequant_seconds(r) -> float:

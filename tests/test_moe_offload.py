@@ -359,3 +359,13 @@ def _logged(monkeypatch, module, name: str) -> list[tuple[int, tuple]]:
 
     monkeypatch.setattr(module, name, f)
     return calls
+
+
+def test_first_layer_is_read_ahead_of_its_router(tmp_path):
+    """A pass whose rows choose every expert queues the first layer's cold experts before the
+    embedding and the first attention run, as every later layer's: no read of the prompt's pass
+    waits for a router."""
+    _, llm = _tiny_offloaded(tmp_path, 0)
+    xu = llm.runner.experts
+    llm.generate(PROMPTS, max_new_tokens=1, ignore_eos=True)  # the prompt's pass: 24 rows
+    assert xu.reads == xu.read_ahead == len(xu.layers) * len(xu.counts[xu.layers[0]])

@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,8 @@ class OffloadRunner(Placement, Materializer):
         self.times = dict.fromkeys(("weights_wait_s", "materialize_s", "kv_wait_s", "forward_s",
                                     "embed_s"), 0.0)  # fmt: skip
         self.kv_mover = KVMover(device, options.cpu_cache_compute, self.times)
+        # per pass: (tokens per row, seconds, of them waiting for weights, bytes read)
+        self.passes: deque[tuple[int, float, float, int]] = deque(maxlen=PASSES_KEPT)
         self.kv_stream = self.kv_mover.stream
         # CUDA: weights materialized on a side stream, double-buffered
         self.wstream = WeightStream(device, self.scratch) if self.cuda else None
@@ -130,6 +133,8 @@ class OffloadRunner(Placement, Materializer):
         B, T = positions.shape
         if token_mask is None:
             token_mask = torch.ones(B, T, dtype=torch.bool)
+        if self.experts is not None:  # the first layer's experts read from the start
+            self.experts.begin_pass(B * T)
         step = cache.begin(token_mask.to(self.device))
         bs = self.micro_rows(T, min(cache.capacity, self.pass_tokens or cache.capacity))
         rows = [slice(a, min(a + bs, B)) for a in range(0, B, bs)]
@@ -157,13 +162,15 @@ class OffloadRunner(Placement, Materializer):
             else [],
             argmax=ArgmaxRows() if self.head_tied and last_only else None,
         )
-        t0 = time.perf_counter()
+        t0, w0, b0 = time.perf_counter(), self.times["weights_wait_s"], self.bytes_read
         try:
             with _mapped_allocations(T > 1):
                 self._run_ops(s)
         finally:
             self.kv_mover.finish()
         self.times["forward_s"] += time.perf_counter() - t0
+        self.passes.append((T, time.perf_counter() - t0, self.times["weights_wait_s"] - w0,
+                            self.bytes_read - b0))  # fmt: skip
         cache.advance(step)
         if s.argmax is not None:
             self.keep_head_rows(s.argmax.rows())
@@ -282,6 +289,7 @@ class OffloadRunner(Placement, Materializer):
 # glibc's M_MMAP_THRESHOLD (mallopt parameter -3): allocations of at least this many bytes get
 # mappings of their own, which go back to the system when freed. ``llm.load`` leaves 32 MB.
 PASS_MMAP_THRESHOLD = 1 << 20
+PASSES_KEPT = 1024  # the latest passes' times (``OffloadRunner.passes``)
 HEAP_MMAP_THRESHOLD = 32 << 20
 
 

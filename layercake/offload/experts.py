@@ -143,6 +143,14 @@ class ExpertUnits:
                 if self.passes % REBALANCE_EVERY == 0:
                     self.rebalance()
 
+    def begin_pass(self, rows: int) -> None:
+        """Before a pass of ``rows`` tokens in all: the first layer's likely cold experts are
+        queued (unless the previous pass queued them), so that they are read while the
+        embedding and the first attention compute, as every later layer's are read while the
+        layer before computes."""
+        if self.layers[0] not in self.ahead:
+            self._queue_likely(self.layers[0], rows)
+
     def _read_ahead(self, layer: int, rows: int) -> None:
         """Queue the reads of the next MoE layer's cold experts that this pass's ``rows`` rows
         will almost surely choose (at large blocks: every cold expert, in file order), so that
@@ -157,12 +165,16 @@ class ExpertUnits:
             if not again:
                 return
             at = 0
-        nxt = self.layers[at]
-        p = probs_from_counts(self.counts[nxt].tolist(), self.top_k)
+        self._queue_likely(self.layers[at], rows)
+
+    def _queue_likely(self, layer: int, rows: int) -> None:
+        """Queue the reads of ``layer``'s cold experts that ``rows`` rows choose with a chance
+        of at least ``READ_AHEAD_P`` (``ahead``: in the loader's order)."""
+        p = probs_from_counts(self.counts[layer].tolist(), self.top_k)
         likely = [e for e, pe in enumerate(p) if 1.0 - (1.0 - pe) ** rows >= READ_AHEAD_P]
-        self.ahead[nxt] = [e for e in likely if self.on_disk(self.unit[nxt, e])]
-        for e in self.ahead[nxt]:
-            self.loader.submit(self.unit[nxt, e])
+        self.ahead[layer] = [e for e in likely if self.on_disk(self.unit[layer, e])]
+        for e in self.ahead[layer]:
+            self.loader.submit(self.unit[layer, e])
 
     def rebalance(self) -> None:
         """Per layer, the most selected experts on disk are to replace the least selected ones
