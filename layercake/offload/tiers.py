@@ -155,12 +155,8 @@ def advise_rows(t: torch.Tensor, rows: torch.Tensor) -> None:
     page fault per row in turn (each queued behind the other reads of a throttled disk)."""
     if _libc is None or t.dim() != 2 or not t.is_contiguous() or not len(rows):
         return
-    row = t.shape[1] * t.element_size()
-    page = mmap.PAGESIZE
-    base = t.data_ptr()
     for r in sorted(set(rows.tolist())):
-        start = (base + r * row) // page * page
-        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(base + (r + 1) * row - start), 3)
+        advise_willneed(t[r])
 
 
 def check_writable(directory: Path, need: int) -> None:

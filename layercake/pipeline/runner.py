@@ -163,7 +163,7 @@ class PipelineRunner:
         sizes = self.stage.sizes
         path = self.topology.path
         plan = pieces(sizes, T, chunks)
-        emb = runner_embedding(self.stage.runners[path[0].index]) if path[0].rank == 0 else None
+        emb = self._embedding()
         if emb is not None:  # every piece's rows read together, not chunk by chunk
             emb.prefetch(tokens)
         rows = tokens.split(sizes)
@@ -197,11 +197,16 @@ class PipelineRunner:
             return logits.scatter_(2, ids.to(self.device), 0.0)
         return out.to(self.device, torch.float32)
 
+    def _embedding(self) -> Any:
+        """The token embedding this process holds (rank 0 runs the path's first segment), or
+        None."""
+        first = self.topology.path[0]
+        return runner_embedding(self.stage.runners[first.index]) if first.rank == 0 else None
+
     def _take_rows(self, finals: list[Any]) -> list[Any]:
         """The head's ids without the embedding rows that came with them (a tied head), which
         rank 0's embeddings keep for the next step's lookup (``Embedding.remember``)."""
-        path = self.topology.path
-        emb = runner_embedding(self.stage.runners[path[0].index]) if path[0].rank == 0 else None
+        emb = self._embedding()
         out = []
         for f in finals:
             if isinstance(f, tuple):
