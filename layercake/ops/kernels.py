@@ -60,6 +60,13 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+# -ffp-contract=off: no compiler fuses a multiply and an add the source keeps apart (GCC's ISO
+# mode does not, clang's default does), so every row count and instruction set sums in the order
+# the source gives, bit for bit, whichever compiler builds the kernels
+FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC", "-fopenmp", "-mavx2",
+         "-mfma", "-mf16c")  # fmt: skip
+
+
 def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
 
@@ -86,8 +93,7 @@ def _build(target: Path, extra_flags: tuple[str, ...] = ()) -> None:
     cxx = _compiler()
     assert cxx is not None  # unsupported() said so before
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c",
-           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *extra_flags, *map(str, SOURCES)]  # fmt: skip
+    cmd = [cxx, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *extra_flags, *map(str, SOURCES)]
     cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
     libs = cpp_extension.library_paths()
     cmd += [f"-L{p}" for p in libs] + [f"-Wl,-rpath,{p}" for p in libs]
@@ -150,7 +156,8 @@ def _build_and_register() -> str | None:
     if why is not None:
         return why
     code = b"".join(s.read_bytes() for s in SOURCES)
-    key = hashlib.sha256(code + torch.__version__.encode()).hexdigest()[:16]
+    build = " ".join([torch.__version__, str(_compiler()), *FLAGS]).encode()
+    key = hashlib.sha256(code + build).hexdigest()[:16]
     target = cache_dir() / f"kernels-{key}.so"
     try:
         if not target.is_file():
