@@ -5,6 +5,7 @@ the router chose (each once per pass), and move the hottest into RAM."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from test_moe_models import CASES, save_tiny
 
 import layercake
+from layercake.offload.experts import ExpertUnits
 from layercake.ops import kernels
 from layercake.ops import linear as ops_linear
 
@@ -245,9 +247,10 @@ def _tiny_offloaded(tmp_path, percent, batch_size=3):
     return path, llm
 
 
-def test_experts_in_ram_run_before_those_read(tmp_path):
-    """Per layer call, the chosen experts held in RAM compute first (while the cold ones are
-    read), then the read ones in the loader's order."""
+def test_experts_run_as_their_reads_arrive(tmp_path):
+    """Per layer call, every chosen expert runs once: the read ones in the loader's order, each
+    as soon as its read is done, held ones while the next read is still in progress (the ring
+    is not left full while held experts compute)."""
     _, llm = _tiny_offloaded(tmp_path, 50)
     xu = llm.runner.experts
     for i in xu.layers:  # the last experts held, not the first (expert order is not the answer)
@@ -261,14 +264,30 @@ def test_experts_in_ram_run_before_those_read(tmp_path):
             _log_calls(m, lambda i=i, e=e: log.append((i, e, xu.on_disk(xu.unit[i, e]))))
     llm.generate(PROMPTS, max_new_tokens=3, ignore_eos=True)
     runs: list[list[tuple[int, bool]]] = []
-    for i, _e, cold in log:  # consecutive calls of one layer: one run_experts call
+    for i, e, cold in log:  # consecutive calls of one layer: one run_experts call
         if not runs or runs[-1][-1][0] != i:
             runs.append([])
-        runs[-1].append((i, cold))
+        runs[-1].append((e, cold))
     assert any(c for r in runs for _, c in r) and any(not c for r in runs for _, c in r)
     for r in runs:
-        flags = [c for _, c in r]
-        assert flags == sorted(flags)  # False (in RAM) before True (read)
+        reads = [e for e, c in r if c]
+        assert reads == sorted(reads)  # file order: the loader's (nothing read ahead here)
+        assert len({e for e, _ in r}) == len(r)
+
+    class Reads:  # reads done: those in ``done``
+        def __init__(self) -> None:
+            self.done: set[int] = set()
+
+        def ready(self, unit: int) -> bool:
+            return unit in self.done
+
+    stub = SimpleNamespace(loader=Reads(), unit={(0, e): e for e in range(8)}, unrun=set())
+    order = ExpertUnits.order(stub, 0, [1, 2, 3], [5, 6, 7])
+    assert next(order) == 1  # read 5 not done: a held one
+    stub.loader.done |= {5, 6}
+    assert [next(order), next(order)] == [5, 6]  # done reads first, in the loader's order
+    assert next(order) == 2  # 7 still being read
+    assert list(order) == [3, 7]  # held ones left, then the last read (waited for)
 
 
 def test_reads_ahead_not_chosen_are_handed_back(tmp_path, monkeypatch):

@@ -12,8 +12,8 @@ of the pass (at decode, the whole block is one pass: ``OffloadRunner.micro_rows`
    the next MoE layer's cold experts that the pass's rows choose with a chance of at least
    ``READ_AHEAD_P`` are queued before its router runs (at large blocks every cold expert, so
    the disk never waits for a router);
-2. ``models.moe.grouped`` runs each chosen expert once on all its rows: those held in RAM first
-   (while the reads go on), then the read ones in the loader's order; the index it looks up
+2. ``models.moe.grouped`` runs each chosen expert once on all its rows: a read one as soon as
+   its read is done, a held one while the next read goes on (``order``); the index it looks up
    binds the expert's weights first (from RAM, or from its staging buffer once read, handed
    back after its compute); one read ahead but not chosen is handed back in queue order;
 3. experts nobody chose are neither read nor run.
@@ -30,6 +30,7 @@ import ctypes
 import mmap
 import time
 from functools import partial
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -102,6 +103,7 @@ class ExpertUnits:
         self.read_ahead = 0  # experts read before their router ran
         self.wasted = 0  # of those, not chosen by the router
         self.swaps: dict[int, dict[int, int]] = {}  # layer -> {unit to RAM: unit to disk}
+        self.unrun: set[int] = set()  # held units of the running layer call not run yet
         self.moved = 0  # experts moved into RAM
         self.ahead: dict[int, list[int]] = {}  # layer -> experts read before its router ran
         self.last_rows = [0, 0]  # rows of the latest two passes
@@ -134,14 +136,35 @@ class ExpertUnits:
         self.read_ahead += len(ahead)
         view = _Bound(self, layer, moe, cold, fifo)
         held = [e for e in chosen if e not in cold]  # computed while the reads go on
+        order = self.order(layer, held, [e for e in fifo if e in cold])
         try:
-            return grouped(x, ids, weights, view, held + [e for e in fifo if e in cold], self.rows)
+            return grouped(x, ids, weights, view, order, self.rows)
         finally:
+            self.unrun = set()
             view.drain()
             if layer == self.layers[-1]:
                 self.passes += 1
                 if self.passes % REBALANCE_EVERY == 0:
                     self.rebalance()
+
+    def order(self, layer: int, held: list[int], reads: list[int]) -> Iterator[int]:
+        """The order a layer's chosen experts run in, decided as they go: a read one as soon as
+        its read is done (its staging slot is handed back after its compute, so the loader
+        reads on), a held one while the next read is still in progress, the remaining reads in
+        the loader's order once no held one is left. Held experts first (the earlier order)
+        left the ring full and the disk idle while they computed: 8 rows an expert at decode,
+        a prompt's 100+ rows. Each expert's output is its own rows', so the order changes no
+        value."""
+        h = r = 0
+        self.unrun = {self.unit[layer, e] for e in held}  # not to be moved to disk yet
+        while h < len(held) or r < len(reads):
+            if r < len(reads) and (h == len(held) or self.loader.ready(self.unit[layer, reads[r]])):
+                r += 1
+                yield reads[r - 1]
+            else:
+                h += 1
+                self.unrun.discard(self.unit[layer, held[h - 1]])
+                yield held[h - 1]
 
     def begin_pass(self, rows: int) -> None:
         """Before a pass of ``rows`` tokens in all: the first layer's likely cold experts are
@@ -195,9 +218,10 @@ class ExpertUnits:
     def promote(self, layer: int, into: int, staging: torch.Tensor) -> bool:
         """If unit ``into`` (just read into ``staging``) is to move into RAM, copy it there and
         drop the expert it replaces to disk; whether it moved."""
-        out = self.swaps.get(layer, {}).pop(into, None)
-        if out is None:
+        out = self.swaps.get(layer, {}).get(into)
+        if out is None or out in self.unrun:  # one held still to run here: at a later read
             return False
+        del self.swaps[layer][into]
         r = self.runner
         rng = self.loader.ranges[into]
         mem = host_buffer(rng[1])
