@@ -29,8 +29,8 @@ from __future__ import annotations
 import ctypes
 import mmap
 import time
-from functools import partial
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import torch
