@@ -53,8 +53,10 @@ def resident_bytes(
     """(device, cpu) bytes of each unit when routed experts are units (None otherwise): the
     policy's share of all weights, spent first on the units that always run (attention,
     router, shared expert, head), then on whole experts, the same number in every layer (in
-    index order until routing counts say which are hot). Where even the always-run units do not
-    fit, each unit keeps the policy's share (experts whole or not at all, by the same count)."""
+    index order until routing counts say which are hot) and one more in as many layers as the
+    rest holds whole experts (a B=64 OLMoE plan left 7-57 MB, up to 4 experts, unused). Where
+    even the always-run units do not fit, each unit keeps the policy's share (experts whole or
+    not at all, by the same count)."""
     experts = [j for j, u in enumerate(units) if u.kind == "expert"]
     if not experts:
         return None
@@ -67,15 +69,20 @@ def resident_bytes(
     for j in experts:
         per_layer.setdefault(units[j].index, []).append(j)
     E = max(len(v) for v in per_layer.values())
+    extra = 0  # layers (the first ones) holding one expert more
     if always <= ram:
         left = ram - always
-        n = min(E, int(left // max(1, sum(units[j].nbytes for j in experts) // E)))
+        index_bytes = max(1, sum(units[j].nbytes for j in experts) // E)  # one per layer
+        n = min(E, int(left // index_bytes))
+        if n < E:
+            extra = int((left - n * index_bytes) // max(units[j].nbytes for j in experts))
     else:
         n = int(E * ram / W) if W else 0
+    layers = sorted(per_layer)
     out = {}
     for j, u in enumerate(units):
         if u.kind == "expert":
-            held = per_layer[u.index].index(j) < n
+            held = per_layer[u.index].index(j) < n + (layers.index(u.index) < extra)
             share = 1.0 if held else 0.0
         else:
             share = 1.0 if always <= ram else ram / W
