@@ -5,6 +5,7 @@ the router chose (each once per pass), and move the hottest into RAM."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from test_moe_models import CASES, save_tiny
 
 import layercake
+from layercake.offload.experts import ExpertUnits
 from layercake.ops import kernels
 from layercake.ops import linear as ops_linear
 
@@ -130,7 +132,8 @@ def test_expert_moved_to_disk_lets_its_rows_go(tmp_path):
 
 def test_always_run_weights_before_experts():
     """The RAM share goes to attention, router and head first, then to whole experts, the
-    same count per layer; never more bytes than the policy's share."""
+    same count per layer and one more in as many layers as the rest holds; never more bytes
+    than the policy's share."""
     from layercake.offload.experts import resident_bytes
 
     units = moe_units(4)
@@ -145,6 +148,10 @@ def test_always_run_weights_before_experts():
         "layer.1.expert.0",
         "layer.1.expert.1",
     ]
+    odd = resident_bytes(units, 0, 100 * 580 / W)  # the rest (80 bytes) holds one expert more
+    held = {units[j].name for j, (d, c) in odd.items() if d + c == units[j].nbytes}
+    assert "layer.0.expert.2" in held and "layer.1.expert.2" not in held
+    assert sum(d + c for d, c in odd.values()) <= 580
     small = resident_bytes(units, 0, 100 * 200 / W)  # less than the always-run units
     assert sum(d + c for d, c in small.values()) <= 200
     assert resident_bytes(moe_units(0)[:1], 0, 50) is None
@@ -245,9 +252,10 @@ def _tiny_offloaded(tmp_path, percent, batch_size=3):
     return path, llm
 
 
-def test_experts_in_ram_run_before_those_read(tmp_path):
-    """Per layer call, the chosen experts held in RAM compute first (while the cold ones are
-    read), then the read ones in the loader's order."""
+def test_experts_run_as_their_reads_arrive(tmp_path):
+    """Per layer call, every chosen expert runs once: the read ones in the loader's order, each
+    as soon as its read is done, held ones while the next read is still in progress (the ring
+    is not left full while held experts compute)."""
     _, llm = _tiny_offloaded(tmp_path, 50)
     xu = llm.runner.experts
     for i in xu.layers:  # the last experts held, not the first (expert order is not the answer)
@@ -255,20 +263,32 @@ def test_experts_in_ram_run_before_those_read(tmp_path):
     xu.rebalance()
     llm.generate(PROMPTS, max_new_tokens=1, ignore_eos=True)  # the moves happen as they are read
     assert xu.moved > 0
-    log: list[tuple[int, int, bool]] = []
+    runs: list[list[tuple[int, bool]]] = []  # per run_experts call: (expert, read) in order
     for i in xu.layers:
-        for e, m in enumerate(llm.runner.model.layers()[str(i)].mlp.experts):
-            _log_calls(m, lambda i=i, e=e: log.append((i, e, xu.on_disk(xu.unit[i, e]))))
+        moe = llm.runner.model.layers()[str(i)].mlp
+        run = moe.run_experts
+        moe.run_experts = lambda *a, run=run: (runs.append([]), run(*a))[1]
+        for e, m in enumerate(moe.experts):
+            _log_calls(m, lambda i=i, e=e: runs[-1].append((e, xu.on_disk(xu.unit[i, e]))))
     llm.generate(PROMPTS, max_new_tokens=3, ignore_eos=True)
-    runs: list[list[tuple[int, bool]]] = []
-    for i, _e, cold in log:  # consecutive calls of one layer: one run_experts call
-        if not runs or runs[-1][-1][0] != i:
-            runs.append([])
-        runs[-1].append((i, cold))
     assert any(c for r in runs for _, c in r) and any(not c for r in runs for _, c in r)
-    for r in runs:
-        flags = [c for _, c in r]
-        assert flags == sorted(flags)  # False (in RAM) before True (read)
+    for r in runs:  # each chosen expert once a call (the order: the stub below)
+        assert len({e for e, _ in r}) == len(r)
+
+    class Reads:  # reads done: those in ``done``
+        def __init__(self) -> None:
+            self.done: set[int] = set()
+
+        def ready(self, unit: int) -> bool:
+            return unit in self.done
+
+    stub = SimpleNamespace(loader=Reads(), unit={(0, e): e for e in range(8)}, unrun=set())
+    order = ExpertUnits.order(stub, 0, [1, 2, 3], [5, 6, 7])
+    assert next(order) == 1  # read 5 not done: a held one
+    stub.loader.done |= {5, 6}
+    assert [next(order), next(order)] == [5, 6]  # done reads first, in the loader's order
+    assert next(order) == 2  # 7 still being read
+    assert list(order) == [3, 7]  # held ones left, then the last read (waited for)
 
 
 def test_reads_ahead_not_chosen_are_handed_back(tmp_path, monkeypatch):
@@ -313,12 +333,12 @@ def test_footprint_counts_the_rows_per_chosen_expert(tmp_path):
 
 
 def test_expert_ring_depth_follows_expert_size():
-    """Eight buffers for small experts (OLMoE's 12.6 MB), as many as 128 MiB holds for bigger
+    """Four buffers for small experts (OLMoE's 12.6 MB), as many as 128 MiB holds for bigger
     ones, never fewer than the three of the layers' ring (Mixtral's 352 MB experts)."""
     from layercake.offload.policy import STAGING_SLOTS, expert_slots
 
-    assert expert_slots(12_582_912) == 8
-    assert expert_slots(32 * 2**20) == 4
+    assert expert_slots(12_582_912) == 4
+    assert expert_slots(40 * 2**20) == 3
     assert expert_slots(352 * 2**20) == STAGING_SLOTS == 3
 
 

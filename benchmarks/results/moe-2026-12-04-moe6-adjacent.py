@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, "/work/wt/moe6/benchmarks")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # moe.py
 import moe  # noqa: E402  (no torch)
 
 env = os.environ

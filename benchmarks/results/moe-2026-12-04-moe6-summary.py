@@ -14,7 +14,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import moe  # noqa: E402  (no torch)
 
-REF = Path("/tmp/moe6-ref-amx")
+REF = Path("/tmp/moe6-ref-amx")  # the uncapped references (moe7 sets its own)
 # what each hold's "new" ran: the final engine (02ccba8: the first layer read ahead) is hold
 # c's "noextra" and holds d, f, g and h's "new"; holds a and c's "new" held extra experts at decode
 LABEL = {("a", "new"): "new with 6 decode extras (dropped)",
@@ -58,20 +58,30 @@ def fields(r: dict) -> dict:
     return out
 
 
-rows: dict[str, list[dict]] = {}
-for hold in sys.argv[1:]:
-    MACHINE.update(json.loads((HERE / f"moe-2026-12-04-moe6{hold}-probe.json").read_text()))
-    for line in open(HERE / f"moe-2026-12-04-moe6{hold}.jsonl"):
-        r = json.loads(line)
-        if "throughput_tok_s" not in r:
-            print("no result:", hold, r.get("which"), r.get("error"))
-            continue
-        ok = r.get("same_greedy_tokens_as_layercake_in_ram") and r.get("logits_max_abs_diff") == 0
-        label = LABEL.get((hold, r["which"]), r["which"])
-        rows.setdefault(label, []).append({**fields(r), "equal": ok})
-for which, rs in rows.items():
-    print(f"{which}: {len(rs)} runs, equal to the in-RAM run: {sum(r['equal'] for r in rs)}")
-    for k in rs[0]:
-        v = [r[k] for r in rs if r.get(k) is not None and k != "equal"]
-        if v:
-            print(f"  {k:16s} {statistics.median(v):8.3f} ({min(v):.3f}-{max(v):.3f})")
+def main() -> None:
+    rows: dict[str, list[dict]] = {}
+    for hold in sys.argv[1:]:
+        MACHINE.update(json.loads((HERE / f"moe-2026-12-04-moe6{hold}-probe.json").read_text()))
+        for line in open(HERE / f"moe-2026-12-04-moe6{hold}.jsonl"):
+            r = json.loads(line)
+            if "throughput_tok_s" not in r:
+                print("no result:", hold, r.get("which"), r.get("error"))
+                continue
+            same = r.get("same_greedy_tokens_as_layercake_in_ram")
+            ok = same and r.get("logits_max_abs_diff") == 0
+            label = LABEL.get((hold, r["which"]), r["which"])
+            rows.setdefault(label, []).append({**fields(r), "equal": ok})
+    print_medians(rows)
+
+
+def print_medians(rows: dict[str, list[dict]]) -> None:
+    for which, rs in rows.items():
+        print(f"{which}: {len(rs)} runs, equal to the in-RAM run: {sum(r['equal'] for r in rs)}")
+        for k in rs[0]:
+            v = [r[k] for r in rs if r.get(k) is not None and k != "equal"]
+            if v:
+                print(f"  {k:16s} {statistics.median(v):8.3f} ({min(v):.3f}-{max(v):.3f})")
+
+
+if __name__ == "__main__":
+    main()

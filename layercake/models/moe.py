@@ -9,6 +9,7 @@ it (whatever the batch and sequence length), and experts nobody chose are not to
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -43,13 +44,14 @@ def grouped(
     ids: torch.Tensor,
     weights: torch.Tensor,
     experts: nn.ModuleList,
-    run_order: list[int] | None = None,
+    run_order: Iterable[int] | None = None,
     rows: RowsBuffer | None = None,
 ) -> torch.Tensor:
     """sum_k weights[n, k] * experts[ids[n, k]](x[n]) for rows x (N, hidden), with the N x k
     choices sorted by expert so that each chosen expert runs once on a contiguous block of its
     rows; returns (N, hidden). ``run_order``: the order the chosen experts run in (every chosen
-    one; default expert order), e.g. those in RAM first while others are still being read.
+    one; default expert order; may be decided as it goes), e.g. those in RAM while others are
+    still being read.
 
     One (N k, hidden) buffer: each choice's row, overwritten by its expert's output (the input
     block is consumed before the output is written), then gathered back a few rows at a time:

@@ -12,8 +12,8 @@ of the pass (at decode, the whole block is one pass: ``OffloadRunner.micro_rows`
    the next MoE layer's cold experts that the pass's rows choose with a chance of at least
    ``READ_AHEAD_P`` are queued before its router runs (at large blocks every cold expert, so
    the disk never waits for a router);
-2. ``models.moe.grouped`` runs each chosen expert once on all its rows: those held in RAM first
-   (while the reads go on), then the read ones in the loader's order; the index it looks up
+2. ``models.moe.grouped`` runs each chosen expert once on all its rows: a read one as soon as
+   its read is done, a held one while the next read goes on (``order``); the index it looks up
    binds the expert's weights first (from RAM, or from its staging buffer once read, handed
    back after its compute); one read ahead but not chosen is handed back in queue order;
 3. experts nobody chose are neither read nor run.
@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import time
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -52,8 +53,10 @@ def resident_bytes(
     """(device, cpu) bytes of each unit when routed experts are units (None otherwise): the
     policy's share of all weights, spent first on the units that always run (attention,
     router, shared expert, head), then on whole experts, the same number in every layer (in
-    index order until routing counts say which are hot). Where even the always-run units do not
-    fit, each unit keeps the policy's share (experts whole or not at all, by the same count)."""
+    index order until routing counts say which are hot) and one more in as many layers as the
+    rest holds whole experts (a B=64 OLMoE plan left 7-57 MB, up to 4 experts, unused). Where
+    even the always-run units do not fit, each unit keeps the policy's share (experts whole or
+    not at all, by the same count)."""
     experts = [j for j, u in enumerate(units) if u.kind == "expert"]
     if not experts:
         return None
@@ -66,15 +69,20 @@ def resident_bytes(
     for j in experts:
         per_layer.setdefault(units[j].index, []).append(j)
     E = max(len(v) for v in per_layer.values())
+    extra = 0  # layers (the first ones) holding one expert more
     if always <= ram:
         left = ram - always
-        n = min(E, int(left // max(1, sum(units[j].nbytes for j in experts) // E)))
+        index_bytes = max(1, sum(units[j].nbytes for j in experts) // E)  # one per layer
+        n = min(E, int(left // index_bytes))
+        if n < E:
+            extra = int((left - n * index_bytes) // max(units[j].nbytes for j in experts))
     else:
         n = int(E * ram / W) if W else 0
+    layers = sorted(per_layer)
     out = {}
     for j, u in enumerate(units):
         if u.kind == "expert":
-            held = per_layer[u.index].index(j) < n
+            held = per_layer[u.index].index(j) < n + (layers.index(u.index) < extra)
             share = 1.0 if held else 0.0
         else:
             share = 1.0 if always <= ram else ram / W
@@ -102,6 +110,7 @@ class ExpertUnits:
         self.read_ahead = 0  # experts read before their router ran
         self.wasted = 0  # of those, not chosen by the router
         self.swaps: dict[int, dict[int, int]] = {}  # layer -> {unit to RAM: unit to disk}
+        self.unrun: set[int] = set()  # held units of the running layer call not run yet
         self.moved = 0  # experts moved into RAM
         self.ahead: dict[int, list[int]] = {}  # layer -> experts read before its router ran
         self.last_rows = [0, 0]  # rows of the latest two passes
@@ -134,14 +143,35 @@ class ExpertUnits:
         self.read_ahead += len(ahead)
         view = _Bound(self, layer, moe, cold, fifo)
         held = [e for e in chosen if e not in cold]  # computed while the reads go on
+        order = self.order(layer, held, [e for e in fifo if e in cold])
         try:
-            return grouped(x, ids, weights, view, held + [e for e in fifo if e in cold], self.rows)
+            return grouped(x, ids, weights, view, order, self.rows)
         finally:
+            self.unrun = set()
             view.drain()
             if layer == self.layers[-1]:
                 self.passes += 1
                 if self.passes % REBALANCE_EVERY == 0:
                     self.rebalance()
+
+    def order(self, layer: int, held: list[int], reads: list[int]) -> Iterator[int]:
+        """The order a layer's chosen experts run in, decided as they go: a read one as soon as
+        its read is done (its staging slot is handed back after its compute, so the loader
+        reads on), a held one while the next read is still in progress, the remaining reads in
+        the loader's order once no held one is left. Held experts first (the earlier order)
+        left the ring full and the disk idle while they computed: 8 rows an expert at decode,
+        a prompt's 100+ rows. Each expert's output is its own rows', so the order changes no
+        value."""
+        h = r = 0
+        self.unrun = {self.unit[layer, e] for e in held}  # not to be moved to disk yet
+        while h < len(held) or r < len(reads):
+            if r < len(reads) and (h == len(held) or self.loader.ready(self.unit[layer, reads[r]])):
+                r += 1
+                yield reads[r - 1]
+            else:
+                h += 1
+                self.unrun.discard(self.unit[layer, held[h - 1]])
+                yield held[h - 1]
 
     def begin_pass(self, rows: int) -> None:
         """Before a pass of ``rows`` tokens in all: the first layer's likely cold experts are
@@ -195,9 +225,10 @@ class ExpertUnits:
     def promote(self, layer: int, into: int, staging: torch.Tensor) -> bool:
         """If unit ``into`` (just read into ``staging``) is to move into RAM, copy it there and
         drop the expert it replaces to disk; whether it moved."""
-        out = self.swaps.get(layer, {}).pop(into, None)
-        if out is None:
+        out = self.swaps.get(layer, {}).get(into)
+        if out is None or out in self.unrun:  # one held still to run here: at a later read
             return False
+        del self.swaps[layer][into]
         r = self.runner
         rng = self.loader.ranges[into]
         mem = host_buffer(rng[1])

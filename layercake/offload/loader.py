@@ -81,6 +81,11 @@ class Loader:
             raise err
         return self.slots[slot]
 
+    def ready(self, unit: int) -> bool:
+        """Whether ``wait(unit)`` would return at once (read, or not on disk)."""
+        item = self.inflight.get(unit)
+        return unit not in self.ranges or (item is not None and item[0].is_set())
+
     def free(self, unit: int) -> None:
         item = self.inflight.pop(unit, None)
         if item is not None and item[1] is not None:

@@ -118,9 +118,11 @@ def split_bytes(total: int, policy_dev: float, policy_cpu: float) -> tuple[int, 
 STAGING_SLOTS = 3
 # routed experts (``offload.experts``) have a ring of their own: their reads are queued as soon as
 # a router has chosen them (or before, at large blocks), and a ring deeper than three keeps the
-# disk busy while a layer's attention and the experts held in RAM compute; up to EXPERT_SLOTS
-# small experts, as many as EXPERT_RING_BYTES holds, never fewer than STAGING_SLOTS
-EXPERT_SLOTS = 8
+# disk busy while a layer's attention computes; up to EXPERT_SLOTS small experts, as many as
+# EXPERT_RING_BYTES holds, never fewer than STAGING_SLOTS. Eight until a layer's experts ran as
+# their reads arrive (the held ones all first: the ring had to cover their compute); four since,
+# the other four experts' bytes held in RAM (README, "Mixture of experts", moe7)
+EXPERT_SLOTS = 4
 EXPERT_RING_BYTES = 128 * 2**20
 
 
