@@ -60,7 +60,8 @@ def main() -> None:
             if rep:
                 runs[M].append(ms)
                 print(json.dumps(dict(bench="block_mm_rows", line="run", label=a.label, env=env,
-                                      rows=M, step_ms=round(ms, 3), shape_ms=shape_ms)), flush=True)  # fmt: skip
+                                      rows=M, step_ms=round(ms, 3), shape_ms=shape_ms)),
+                      flush=True)  # fmt: skip
     for M, ms in runs.items():
         med = statistics.median(ms)
         print(json.dumps(dict(bench="block_mm_rows", line="median", label=a.label, env=env,
