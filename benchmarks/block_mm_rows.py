@@ -1,7 +1,8 @@
 """``block_mm`` alone at 1..8 rows of activations on the embedded model's shapes (SmolLM2-135M
 Q4_1: 30 layers of q|k|v 960x576, o 576x576, gate|up 3072x576, down 576x1536 in 4-bit blocks,
 and the 49152x576 8-bit output head), a distinct weight per layer so that a step's weights
-come from RAM as in a model; one JSON line per run (ms for one step's matmuls), then medians.
+come from RAM as in a model; one JSON line per run (ms for one step's matmuls, and each shape's
+in the order of SHAPES: ``shape_ms``), then medians.
 
   flock /tmp/layercake-bench.lock python benchmarks/block_mm_rows.py --repeats 3 --label new
   LAYERCAKE_NO_AVX512=1 ... --label avx2-vnni    LAYERCAKE_NO_VNNI=1 ... --label avx2
@@ -47,16 +48,20 @@ def main() -> None:
     runs: dict[int, list[float]] = {m: [] for m in a.rows}
     for rep in range(a.repeats + 1):  # the first pass warms up
         for M in a.rows:
+            shape_ms = []
             t0 = time.perf_counter()
             for bits, K, w in weights:
                 x = torch.randn(M, K, generator=g)
+                t1 = time.perf_counter()
                 for i in range(w.shape[0]):
                     kernels.block_mm(x, w[i], bits)
+                shape_ms.append(round(1e3 * (time.perf_counter() - t1), 3))
             ms = 1e3 * (time.perf_counter() - t0)
             if rep:
                 runs[M].append(ms)
                 print(json.dumps(dict(bench="block_mm_rows", line="run", label=a.label, env=env,
-                                      rows=M, step_ms=round(ms, 3))), flush=True)  # fmt: skip
+                                      rows=M, step_ms=round(ms, 3), shape_ms=shape_ms)),
+                      flush=True)  # fmt: skip
     for M, ms in runs.items():
         med = statistics.median(ms)
         print(json.dumps(dict(bench="block_mm_rows", line="median", label=a.label, env=env,

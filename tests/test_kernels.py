@@ -60,14 +60,14 @@ def test_gguf_blocks_move_exactly(qtype):
     assert torch.equal(from_blocks(blocks, spec.bits), want)
 
 
-# K: an odd number of blocks (alone at the end), one block, even; M: every row count of a pass
-# (pairs of rows and an odd one on AVX-512) and tails
+# K: an odd number of blocks, one block, even; M: every row count of a pass (up to 8 rows on
+# AVX-512, 4 on AVX2) and tails
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("K", [32, 96, 544, 576])
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 9, 33])
 def test_block_mm_equals_the_dequantized_matmul(bits, K, M):
     g = torch.Generator().manual_seed(K + M + bits)
-    N = 37  # not a multiple of the kernel's row chunks
+    N = 37  # not a multiple of the kernel's panels of weight rows (16 or 8)
     q = quantize(torch.randn(N, K, generator=g), bits, 32)
     blocks = to_blocks(q)
     W = from_blocks(blocks, bits)

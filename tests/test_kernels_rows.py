@@ -1,7 +1,8 @@
 """block_mm's many-row paths against its one-row path: each row of a many-row product is bit for
-bit that row multiplied alone (pairs of rows on 512-bit vectors, VNNI or AVX2 integer dots, any
-row count, odd numbers of blocks, weights at odd addresses), and every instruction-set path
-gives the same bits (``LAYERCAKE_NO_AVX512`` / ``LAYERCAKE_NO_VNNI`` in a fresh process)."""
+bit that row multiplied alone (panels of 16 weight rows on 512-bit vectors or 8 on AVX2, VNNI or
+AVX2 integer dots, any row count, odd numbers of blocks, weights at odd addresses), and every
+instruction-set path gives the same bits (``LAYERCAKE_NO_AVX512`` / ``LAYERCAKE_NO_VNNI`` in a
+fresh process)."""
 
 import os
 import subprocess

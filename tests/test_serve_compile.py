@@ -171,3 +171,17 @@ def test_batch_verbose_prints_path_and_roofline(tiny_chat_llama, tmp_path, monke
     _, err = capsys.readouterr()
     assert code == 0, err
     assert "[path: in memory, cpu" in err and "roofline: decode RAM" in err, err
+
+
+def test_a_lookup_of_several_tokens_compiles_in_one_graph() -> None:
+    """The embedding's read-ahead (``madvise`` per row of the ids) stays out of a compiled step:
+    traced, the ids are data and the step failed to compile at 2 rows and more (serve then ran
+    eager steps). Compiled as the runner compiles its step (one graph, static shapes)."""
+    import torch
+
+    from layercake.models.layers import Embedding
+
+    emb = Embedding(50, 8)
+    ids = torch.tensor([[3], [7]])
+    step = torch.compile(emb.forward, fullgraph=True, dynamic=False, backend="eager")
+    assert torch.equal(step(ids), emb(ids))

@@ -45,9 +45,11 @@ class Embedding(nn.Embedding):
 
     def prefetch(self, ids: torch.Tensor) -> None:
         """Start reading the rows of ``ids`` together (a table that is a memory map of the
-        checkpoint, maybe cold under a memory cap; elsewhere it costs a few system calls)."""
+        checkpoint, maybe cold under a memory cap; elsewhere it costs a few system calls). Not
+        inside a compiled step: there the ids are data, and a per-row ``madvise`` cannot be traced
+        (``torch.compile`` fails on it, and serve then falls back to eager steps)."""
         w = self.weight
-        if w.device.type == "cpu" and ids.numel() > 1:
+        if w.device.type == "cpu" and ids.numel() > 1 and not torch.compiler.is_compiling():
             from layercake.offload.tiers import advise_rows
 
             flat = ids.reshape(-1)

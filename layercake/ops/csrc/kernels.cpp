@@ -9,19 +9,28 @@
 //
 // A weight (N, K) is N rows of G = K / 32 blocks; a block has a fp16 scale d, a fp16 offset m
 // and 32 values q, w = d * q + m. A row holds its G scales, then its G offsets, then its values
-// (the fields of GGUF's blocks, regrouped so that a row's scales convert 8 at a time):
+// (the fields of GGUF's blocks, regrouped so that a row's fields load 8 at a time):
 //   4 bits (20 bytes a block, GGUF Q4_1's fields): 16 bytes of values a block; byte j holds
 //     value j (low nibble) and value j + 16 (high nibble), q in 0..15.
-//   8 bits (36 bytes a block): 32 int8 values a block, q in -127..127 (GGUF Q8_0 is m = 0).
+//   8 bits (36 bytes a block): 32 int8 values a block, q in -128..127 (GGUF Q8_0 is m = 0).
 // The activations are quantized per block of 32 to int8 (x ~ dx * xq, llama.cpp's Q8 form for
 // its dot products), and sx = dx * sum(xq) is kept for the offsets:
 //   y[n] = sum_blocks  d * dx * dot(q, xq)  +  m * sx
 // which is exactly the dequantized weight times the quantized activations. (The exact sum of x
 // for sx looks more precise but is not: the offsets then no longer cancel the error of the
 // all-positive 4-bit values, and the result's error doubles.)
-// dot(q, xq) runs on integer multiply-adds (maddubs: 32 products per instruction); the weights'
-// bytes are read once per call for up to 4 rows of activations and once per 4 rows beyond (8 on
-// the AVX-512 path, which takes rows two to a vector: see pairs_dot).
+//
+// Every output (r, n) is computed by the same chain of float operations, whatever the number of
+// rows, the instruction set or the threads: for each block g in order, its exact int32 dot
+// product s, then acc = fma(float(s), d * dx, acc) (the product d * dx rounded first) and
+// off = fma(m, sx, off), both from 0; y = acc + off. So a row gives the same bits alone or among
+// others (a server's streams do not change each other's tokens), and every path gives the same
+// bits. The lanes of a vector are outputs: a panel of 16 weight rows (AVX-512 VNNI) or 8 (AVX2)
+// is transposed by 32-bit words as it is read, so that one integer multiply-add (vpdpbusd, or
+// maddubs + madd) takes 4 values of each of the panel's rows against 4 values of one row of
+// activations, broadcast; each block's weights are unpacked once for all the rows of a pass (up
+// to 8, or 4 on AVX2). The integer dot needs no horizontal sums and its float work is three
+// instructions a block for the whole panel.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -37,9 +46,6 @@
 namespace {
 
 constexpr int64_t QK = 32;
-constexpr int64_t MT = 4;       // rows of activations per pass over a weight row
-constexpr int64_t CHUNK = 16;
-constexpr int64_t PF = 8;       // rows prefetched ahead (chosen by measurement, README)
 
 // Runs fn(0, next) .. fn(n - 1, next) on PyTorch's threads, each thread taking the next task as it
 // finishes one (not a fixed half each): a core interrupted by disk I/O or another thread then
@@ -84,11 +90,8 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// x (M, K) -> xq (M, K) int8, dx and sx (M, K / 32); AVX2, as llama.cpp's quantize_row_q8_1
-// With ``pairs``, each pair of blocks (A, B) is stored as [A 0..15, B 0..15, A 16..31, B 16..31]
-// (the order of a 4-bit row's nibbles, see row_dot); an odd last block stays in order.
-void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, float* sx,
-                   bool pairs) {
+// x (M, K) -> xq (M, K) int8 in order, dx and sx (M, K / 32); as llama.cpp's quantize_row_q8_1
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, float* sx) {
   const int64_t G = K / QK;
   const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t i = 0; i < M * G; ++i) {
@@ -116,127 +119,18 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, 
     const __m256i p16a = _mm256_packs_epi32(q[0], q[1]), p16b = _mm256_packs_epi32(q[2], q[3]);
     const __m256i p8 = _mm256_packs_epi16(p16a, p16b);
     const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    const __m256i qv = _mm256_permutevar8x32_epi32(p8, perm);
-    const int64_t g = i % G;
-    if (pairs && g + 1 - (g & 1) < G) {  // in a whole pair: scatter the halves
-      int8_t* base = xq + (i - (g & 1)) * QK + 16 * (g & 1);
-      _mm_storeu_si128((__m128i*)base, _mm256_castsi256_si128(qv));
-      _mm_storeu_si128((__m128i*)(base + 32), _mm256_extracti128_si256(qv, 1));
-    } else {
-      _mm256_storeu_si256((__m256i*)(xq + i * QK), qv);
-    }
+    _mm256_storeu_si256((__m256i*)(xq + i * QK), _mm256_permutevar8x32_epi32(p8, perm));
     dx[i] = d;
     sx[i] = d * (float)_mm_cvtsi128_si32(s4);
   }
 }
 
-// Eight blocks' scales s (blocks g..g+7) stored as the block loop reads them: 4 bits, each
-// block's 4 lanes of its pair's vector (see row_dot), so 32 floats from out + 4 g; 8 bits, one
-// float per block. store_scale: one block's.
-template <int BITS>
-inline void store_scales(float* out, int64_t g, __m256 s) {
-  if constexpr (BITS == 4) {
-    const __m256i two = _mm256_set1_epi32(2);
-    __m256i idx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-    for (int k = 0; k < 4; ++k, idx = _mm256_add_epi32(idx, two))
-      _mm256_storeu_ps(out + 4 * g + 8 * k, _mm256_permutevar8x32_ps(s, idx));
-  } else {
-    _mm256_storeu_ps(out + g, s);
-  }
-}
-
-template <int BITS>
-inline void store_scale(float* out, int64_t g, float s) {
-  if constexpr (BITS == 4) {
-    for (int k = 0; k < 4; ++k) out[4 * g + k] = s;  // block g's half of its pair's vector
-  } else {
-    out[g] = s;
-  }
-}
-
-// A row's fp16 offsets m[0..G) dotted with sx[0..G), and its fp16 scales d[0..G) times dx,
-// as the block loop reads them: 4 bits, one 8-lane vector per pair of blocks (4 lanes each);
-// 8 bits, one float per block. ``row`` may start at any byte (the fields are read unaligned).
-template <int BITS>
-inline float prepare(const uint8_t* row, int64_t G, const float* dx, const float* sx, float* scale) {
-  const uint8_t* d16 = row;          // G fp16 scales
-  const uint8_t* m16 = row + 2 * G;  // G fp16 offsets
-  __m256 o8 = _mm256_setzero_ps();
-  float o = 0.f;
-  int64_t g = 0;
-  for (; g + 8 <= G; g += 8) {
-    const __m256 m = _mm256_cvtph_ps(u16x8_at(m16 + 2 * g));
-    o8 = _mm256_fmadd_ps(m, _mm256_loadu_ps(sx + g), o8);
-    store_scales<BITS>(
-        scale, g, _mm256_mul_ps(_mm256_cvtph_ps(u16x8_at(d16 + 2 * g)), _mm256_loadu_ps(dx + g)));
-  }
-  for (; g < G; ++g) {
-    o += half_at(m16 + 2 * g) * sx[g];
-    store_scale<BITS>(scale, g, half_at(d16 + 2 * g) * dx[g]);
-  }
-  return o + hsum(o8);
-}
-
-// A weight row's fields as floats, once for all the rows of activations that pass over it: its
-// G fp16 offsets into m, its G fp16 scales into d, for 4 bits each repeated 4 times (the 4 lanes
-// of its block in a pair's vector, see row_dot). ``row`` may start at any byte (read unaligned).
-template <int BITS>
-inline void widen_fields(const uint8_t* row, int64_t G, float* d, float* m) {
-  const uint8_t* d16 = row;          // G fp16 scales
-  const uint8_t* m16 = row + 2 * G;  // G fp16 offsets
-  int64_t g = 0;
-  for (; g + 8 <= G; g += 8) {
-    _mm256_storeu_ps(m + g, _mm256_cvtph_ps(u16x8_at(m16 + 2 * g)));
-    store_scales<BITS>(d, g, _mm256_cvtph_ps(u16x8_at(d16 + 2 * g)));
-  }
-  for (; g < G; ++g) {
-    m[g] = half_at(m16 + 2 * g);
-    store_scale<BITS>(d, g, half_at(d16 + 2 * g));
-  }
-}
-
-// sum_g m[g] * sx[g]: a row's offsets against one row of activations, 8 blocks a vector.
-inline float offset_dot(const float* m, const float* sx, int64_t G) {
-  __m256 o8 = _mm256_setzero_ps();
-  float o = 0.f;
-  int64_t g = 0;
-  for (; g + 8 <= G; g += 8)
-    o8 = _mm256_fmadd_ps(_mm256_loadu_ps(m + g), _mm256_loadu_ps(sx + g), o8);
-  for (; g < G; ++g) o += m[g] * sx[g];
-  return o + hsum(o8);
-}
-
-// sum_g m[g] * sx[g] for up to 8 rows of activations at once, in the order prepare() sums one
-// row (lane j of its vector takes the blocks g = j mod 8 of the whole vectors, then hsum's
-// tree, then the last G mod 8 blocks in turn, added first): so bit for bit each row's own.
-// ``sxt``: the rows' sx transposed, 8 floats a block (lane r: row r; unused lanes any finite
-// value). Returns lane r: row r's sum.
-inline __m256 offset_dots(const float* m, const float* sxt, int64_t G) {
-  __m256 a[8];
-  for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
-  int64_t g = 0;
-  for (; g + 8 <= G; g += 8)
-    for (int j = 0; j < 8; ++j)
-      a[j] = _mm256_fmadd_ps(_mm256_set1_ps(m[g + j]), _mm256_loadu_ps(sxt + 8 * (g + j)), a[j]);
-  // hsum's tree, lane by lane: (v0 + v4) + (v2 + v6), (v1 + v5) + (v3 + v7), then their sum
-  const __m256 h = _mm256_add_ps(
-      _mm256_add_ps(_mm256_add_ps(a[0], a[4]), _mm256_add_ps(a[2], a[6])),
-      _mm256_add_ps(_mm256_add_ps(a[1], a[5]), _mm256_add_ps(a[3], a[7])));
-  // the scalar ``o += m * sx`` of the last blocks, lane by lane: a product, then a sum (the
-  // kernels are built without contracting the two into an FMA)
-  __m256 o = _mm256_setzero_ps();
-  for (; g < G; ++g)
-    o = _mm256_add_ps(o, _mm256_mul_ps(_mm256_set1_ps(m[g]), _mm256_loadu_ps(sxt + 8 * g)));
-  return _mm256_add_ps(o, h);
-}
-
-// The integer dot products' instruction: 0 AVX2 (two maddubs into int16, madd into int32),
-// 1 AVX-VNNI, 2 AVX512-VNNI on 256-bit registers (vpdpbusd: the same int32 sums in one
-// instruction). The sums are exact on every path (no int16 saturates: see row_dot), so the
-// results are bit for bit the same; VNNI only takes fewer instructions, which is what the
-// many-row steps are bound by. Chosen once, by what the CPU has (``LAYERCAKE_NO_VNNI`` forces
-// AVX2: for tests and comparisons). The instruction is written as inline assembly: the kernels
-// are built for AVX2, and a VNNI intrinsic would need the whole call tree compiled for it.
+// The integer dot products' instruction: 0 AVX2 (maddubs into int16, madd into int32), 1
+// AVX-VNNI, 2 AVX512-VNNI on 256-bit registers (vpdpbusd). The sums are exact on every path, so
+// the results are bit for bit the same; VNNI only takes fewer instructions. Chosen once, by what
+// the CPU has (``LAYERCAKE_NO_VNNI`` forces AVX2: for tests and comparisons). The instruction is
+// written as inline assembly: the kernels are built for AVX2, and a VNNI intrinsic would need
+// the whole call tree compiled for it.
 int dot_isa() {
   static const int isa = [] {
     if (std::getenv("LAYERCAKE_NO_VNNI")) return 0;
@@ -248,9 +142,9 @@ int dot_isa() {
   return isa;
 }
 
-// Whether pairs of rows run on 512-bit vectors (pairs_dot): AVX-512 with VNNI, BW and DQ.
+// Whether panels are 16 weight rows on 512-bit vectors: AVX-512 with VNNI, BW and DQ.
 // ``LAYERCAKE_NO_AVX512`` (or ``LAYERCAKE_NO_VNNI``) turns it off.
-bool wide_pairs() {
+bool wide_panels() {
   static const bool wide = [] {
     if (std::getenv("LAYERCAKE_NO_VNNI") || std::getenv("LAYERCAKE_NO_AVX512")) return false;
     __builtin_cpu_init();
@@ -271,319 +165,307 @@ inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
   return acc;
 }
 
-// R rows of activations against one weight row: y[r * ldy]. ``scale`` has room for R rows of
-// 4 * G floats. (Two weight rows at a time, for more independent chains, measured slower
-// streaming from RAM, see the README: the hardware prefetcher follows one stream per thread
-// better.)
-//
-// 4 bits, two blocks per step: one 32-byte load holds blocks A and B's values; its low nibbles
-// are [A 0..15 | B 0..15], its high nibbles [A 16..31 | B 16..31], and the activations were
-// quantized into that order (see quantize_rows), so each step is one load, two masks, two
-// integer dots, one int16 add (at most 2 * 2 * 15 * 127 = 7620: no overflow), one widening add
-// and one FMA with the pair's scales. An odd last block goes alone.
-// 8 bits: |q| times x with q's sign (maddubs takes one unsigned operand); a pair of products is
-// at most 2 * 128 * 127 = 32512, within int16.
-template <int BITS, int R, int V>
-inline void row_dot(const uint8_t* w, int64_t G, const int8_t* xq, const float* dx,
-                    const float* sx, int64_t K, float* y, int64_t ldy, float* scale) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i zero = _mm256_setzero_si256();
-  const int64_t SS = BITS == 4 ? 4 * G : G;  // scale floats per activation row
-  __m256 acc[R];
-  float off[R];
-  for (int r = 0; r < R; ++r) {
-    off[r] = prepare<BITS>(w, G, dx + r * G, sx + r * G, scale + r * SS);
-    acc[r] = _mm256_setzero_ps();
-  }
-  const uint8_t* qs = w + 4 * G;
-  if constexpr (BITS == 4) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    int64_t g = 0;
-    for (; g + 2 <= G; g += 2) {
-      const __m256i raw = _mm256_loadu_si256((const __m256i*)(qs + 16 * g));
-      const __m256i lo = _mm256_and_si256(raw, m4);
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
-      for (int r = 0; r < R; ++r) {
-        const __m256i xlo = _mm256_loadu_si256((const __m256i*)(xq + r * K + g * QK));
-        const __m256i xhi = _mm256_loadu_si256((const __m256i*)(xq + r * K + g * QK + 32));
-        __m256i p32;
-        if constexpr (V == 0)
-          p32 = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo),
-                                                   _mm256_maddubs_epi16(hi, xhi)), ones);
-        else
-          p32 = dpbusd<V>(dpbusd<V>(zero, lo, xlo), hi, xhi);
-        const __m256 p = _mm256_cvtepi32_ps(p32);
-        acc[r] = _mm256_fmadd_ps(p, _mm256_loadu_ps(scale + r * SS + 4 * g), acc[r]);
-      }
-    }
-    if (g < G) {  // one block: [0..15 | 16..31]
-      const __m128i raw = _mm_loadu_si128((const __m128i*)(qs + 16 * g));
-      const __m128i m = _mm_set1_epi8(0x0F);
-      const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m),
-                                         _mm_and_si128(raw, m));
-      for (int r = 0; r < R; ++r) {
-        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + r * K + g * QK));
-        const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones));
-        acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(scale[r * SS + 4 * g]), acc[r]);
-      }
-    }
-  } else {
-    for (int64_t g = 0; g < G; ++g) {
-      const __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * g));
-      const __m256i aq = _mm256_sign_epi8(q, q);
-      for (int r = 0; r < R; ++r) {
-        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + r * K + g * QK));
-        const __m256i sxv = _mm256_sign_epi8(xv, q);
-        __m256i p32;
-        if constexpr (V == 0)
-          p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, sxv), ones);
-        else
-          p32 = dpbusd<V>(zero, aq, sxv);
-        const __m256 p = _mm256_cvtepi32_ps(p32);
-        acc[r] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(scale + r * SS + g), acc[r]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r) y[r * ldy] = hsum(acc[r]) + off[r];
+// Four bytes of activations in every 32-bit lane.
+inline __m256i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
 }
 
-// Two rows of activations per 512-bit vector (AVX-512 with VNNI: ``wide_pairs()``): lanes
-// 0..7 hold one row's 8 lanes of row_dot, lanes 8..15 the next row's, each computed with the
-// very operations and order row_dot uses (the same integer sums, the same products d * dx, the
-// same FMA chain and the same final sum), so every output is bit for bit row_dot's, and a row
-// computes the same whether it shares a vector or not. A 512-bit instruction does two rows'
-// work: the many-row steps are bound by these instructions, not by memory. The activations come
-// interleaved by ``interleave``: per 32 bytes of a row, the pair's first row then its second.
+// A panel of 8 weight rows (AVX2): rows at base + i * stride, 16 bytes each, transposed by
+// 32-bit words: lane i of W[k] = word k of row i.
+inline void transpose8x4(const uint8_t* base, int64_t stride, __m256i* W) {
+  __m256i A[4];
+  for (int j = 0; j < 4; ++j)
+    A[j] = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)(base + j * stride))),
+        _mm_loadu_si128((const __m128i*)(base + (4 + j) * stride)), 1);
+  const __m256i t0 = _mm256_unpacklo_epi32(A[0], A[1]), t1 = _mm256_unpackhi_epi32(A[0], A[1]);
+  const __m256i t2 = _mm256_unpacklo_epi32(A[2], A[3]), t3 = _mm256_unpackhi_epi32(A[2], A[3]);
+  W[0] = _mm256_unpacklo_epi64(t0, t2);
+  W[1] = _mm256_unpackhi_epi64(t0, t2);
+  W[2] = _mm256_unpacklo_epi64(t1, t3);
+  W[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
+// The fp16 fields of a panel's L rows as floats, block-major: d[g * L + i], m[g * L + i].
+// ``tr(p, L8)``: 8 blocks' fields of every row from p (2 G bytes apart between d and m) into 8
+// vectors of L floats.
+template <int L, class Tr>
+inline void panel_fields(const uint8_t* w, int64_t rb, int64_t G, float* d, float* m,
+                         const Tr& tr) {
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) {
+    tr(w + 2 * g, d + g * L);
+    tr(w + 2 * G + 2 * g, m + g * L);
+  }
+  for (; g < G; ++g)
+    for (int i = 0; i < L; ++i) {
+      d[g * L + i] = half_at(w + i * rb + 2 * g);
+      m[g * L + i] = half_at(w + i * rb + 2 * G + 2 * g);
+    }
+}
+
+// R rows of activations against a panel of 8 weight rows (AVX2, or VNNI on 256-bit vectors):
+// y[r * ldy + i] for weight row i. Every output is its own chain (see the top of the file): lane
+// i of acc[r] and off[r] is output (r, i), block after block.
+template <int BITS, int R, int V>
+__attribute__((noinline)) void panel8(const uint8_t* w, int64_t rb, int64_t G, const int8_t* xq,
+                                      const float* dx, const float* sx, const int32_t* xc,
+                                      int64_t K, float* y, int64_t ldy, float* d, float* m,
+                                      const uint8_t* next) {
+  panel_fields<8>(w, rb, G, d, m, [&](const uint8_t* p, float* out) {
+    __m256i W[4];
+    transpose8x4(p, rb, W);
+    const __m256i lo16 = _mm256_set1_epi32(0xFFFF);
+    for (int k = 0; k < 4; ++k) {  // word k: blocks 2k (low half) and 2k + 1 (high half)
+      const __m256i h = _mm256_permute4x64_epi64(
+          _mm256_packus_epi32(_mm256_and_si256(W[k], lo16), _mm256_srli_epi32(W[k], 16)),
+          _MM_SHUFFLE(3, 1, 2, 0));
+      _mm256_storeu_ps(out + 16 * k, _mm256_cvtph_ps(_mm256_castsi256_si128(h)));
+      _mm256_storeu_ps(out + 16 * k + 8, _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)));
+    }
+  });
+  __m256 acc[R], off[R];
+  for (int r = 0; r < R; ++r) acc[r] = off[r] = _mm256_setzero_ps();
+  const uint8_t* qs = w + 4 * G;
+  const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const int64_t lines = (8 * rb + 63) / 64;
+  for (int64_t g = 0; g < G; ++g) {
+    if (next)  // the next panel, spread over this one's blocks
+      for (int64_t l = g * lines / G; l < (g + 1) * lines / G; ++l)
+        _mm_prefetch((const char*)next + 64 * l, _MM_HINT_T0);
+    __m256i a[4], b[4];  // 4 bits: low and high nibbles; 8 bits: values 0..15 and 16..31
+    if constexpr (BITS == 4) {
+      transpose8x4(qs + 16 * g, rb, a);
+      for (int k = 0; k < 4; ++k) {
+        b[k] = _mm256_and_si256(_mm256_srli_epi16(a[k], 4), m4);
+        a[k] = _mm256_and_si256(a[k], m4);
+      }
+    } else {
+      transpose8x4(qs + 32 * g, rb, a);
+      transpose8x4(qs + 32 * g + 16, rb, b);
+    }
+    const __m256 dv = _mm256_loadu_ps(d + 8 * g), mv = _mm256_loadu_ps(m + 8 * g);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* xb = xq + r * K + QK * g;
+      __m256i s;
+      if constexpr (BITS == 4 && V == 0) {  // int16 sums: at most 8 * 2 * 15 * 127 = 30480
+        __m256i s16 = _mm256_maddubs_epi16(a[0], bcast4(xb));
+        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(b[0], bcast4(xb + 16)));
+        for (int k = 1; k < 4; ++k) {
+          s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(a[k], bcast4(xb + 4 * k)));
+          s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(b[k], bcast4(xb + 16 + 4 * k)));
+        }
+        s = _mm256_madd_epi16(s16, ones);
+      } else if constexpr (BITS == 4) {
+        __m256i s0 = dpbusd<V>(_mm256_setzero_si256(), a[0], bcast4(xb));
+        __m256i s1 = dpbusd<V>(_mm256_setzero_si256(), b[0], bcast4(xb + 16));
+        for (int k = 1; k < 4; ++k) {
+          s0 = dpbusd<V>(s0, a[k], bcast4(xb + 4 * k));
+          s1 = dpbusd<V>(s1, b[k], bcast4(xb + 16 + 4 * k));
+        }
+        s = _mm256_add_epi32(s0, s1);
+      } else if constexpr (V == 0) {  // |q| times x with q's sign: pairs at most 2 * 128 * 127
+        s = _mm256_setzero_si256();
+        for (int k = 0; k < 4; ++k) {
+          s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(
+              _mm256_sign_epi8(a[k], a[k]), _mm256_sign_epi8(bcast4(xb + 4 * k), a[k])), ones));
+          s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(
+              _mm256_sign_epi8(b[k], b[k]), _mm256_sign_epi8(bcast4(xb + 16 + 4 * k), b[k])), ones));
+        }
+      } else {  // q + 128 (unsigned) times x, from -128 times x's sum
+        const __m256i bias = _mm256_set1_epi8((char)0x80);
+        __m256i s0 = _mm256_set1_epi32(xc[r * (K / QK) + g]), s1 = _mm256_setzero_si256();
+        for (int k = 0; k < 4; ++k) {
+          s0 = dpbusd<V>(s0, _mm256_xor_si256(a[k], bias), bcast4(xb + 4 * k));
+          s1 = dpbusd<V>(s1, _mm256_xor_si256(b[k], bias), bcast4(xb + 16 + 4 * k));
+        }
+        s = _mm256_add_epi32(s0, s1);
+      }
+      const __m256 sc = _mm256_mul_ps(dv, _mm256_set1_ps(dx[r * (K / QK) + g]));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc[r]);
+      off[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sx[r * (K / QK) + g]), off[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + r * ldy, _mm256_add_ps(acc[r], off[r]));
+}
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
 
-// [a | b]: a 256-bit vector in both halves of a 512-bit one
-inline __m512i both_halves(__m256i a) { return _mm512_broadcast_i64x4(a); }
-
-// Lane r (r < 2 P): hsum of row r's 8 lanes, rows 2 p and 2 p + 1 being the halves of acc[p],
-// summed in hsum's order (lanes j + j + 4, then pairs 0 + 2 and 1 + 3, then those two), all rows
-// at once: a few shuffles instead of 2 P horizontal sums.
-template <int P>
-inline __m256 pair_sums(const __m512* acc) {
-  const __m512 z = _mm512_setzero_ps();
-  const __m512 a0 = acc[0], a1 = P > 1 ? acc[1] : z, a2 = P > 2 ? acc[2] : z,
-               a3 = P > 3 ? acc[3] : z;
-  // 128-bit lane i: row i's (resp. i + 4's) v_j + v_j+4
-  const __m512 s1 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(2, 0, 2, 0)),
-                                  _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512 s2 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(2, 0, 2, 0)),
-                                  _mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(3, 1, 3, 1)));
-  // lane i: [row i: s0 + s2, s1 + s3, row i + 4: s0 + s2, s1 + s3]
-  const __m512 t = _mm512_add_ps(_mm512_shuffle_ps(s1, s2, _MM_SHUFFLE(1, 0, 1, 0)),
-                                 _mm512_shuffle_ps(s1, s2, _MM_SHUFFLE(3, 2, 3, 2)));
-  const __m512 u = _mm512_add_ps(t, _mm512_movehdup_ps(t));
-  const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
-  return _mm512_castps512_ps256(_mm512_permutexvar_ps(idx, u));
+// A panel of 16 weight rows: rows at base + i * stride, 16 bytes each, transposed by 32-bit
+// words: lane i of W[k] = word k of row i.
+inline void transpose16x4(const uint8_t* base, int64_t stride, __m512i* W) {
+  __m512i A[4];
+  for (int j = 0; j < 4; ++j) {
+    __m512i a = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i*)(base + j * stride)));
+    for (int q = 1; q < 4; ++q)
+      a = _mm512_inserti32x4(a, _mm_loadu_si128((const __m128i*)(base + (4 * q + j) * stride)), q);
+    A[j] = a;
+  }
+  const __m512i t0 = _mm512_unpacklo_epi32(A[0], A[1]), t1 = _mm512_unpackhi_epi32(A[0], A[1]);
+  const __m512i t2 = _mm512_unpacklo_epi32(A[2], A[3]), t3 = _mm512_unpackhi_epi32(A[2], A[3]);
+  W[0] = _mm512_unpacklo_epi64(t0, t2);
+  W[1] = _mm512_unpackhi_epi64(t0, t2);
+  W[2] = _mm512_unpacklo_epi64(t1, t3);
+  W[3] = _mm512_unpackhi_epi64(t1, t3);
 }
 
-// ``P`` pairs of rows (2 P rows) of activations against one weight row: y[r * ldy]. ``xi``: the
-// pairs' int8 values interleaved (2 K bytes a pair); ``dxi``: their dx interleaved by 8 floats
-// (4 bits: each block's dx 4 times; 8 bits: 8 times); ``dx``: the rows' dx as row_dot reads
-// them (an odd last 4-bit block's scale); ``sx`` their sx, ``sxt`` the same transposed (see
-// offset_dots: one pair of rows sums them row by row, more at once);
-// 8 bits: ``xc``, -128 times the sums of each 4 of their values (see the loop).
-template <int BITS, int P>
-__attribute__((noinline)) void pairs_dot(const uint8_t* w, int64_t G, const int8_t* xi,
-                                         const float* dxi, const float* dx, const float* sx,
-                                         const float* sxt, const int32_t* xc, int64_t K, float* y,
-                                         int64_t ldy, float* fields) {
-  constexpr int R = 2 * P;
-  float* d = fields;
-  float* m = d + (BITS == 4 ? 4 * G : G);
-  widen_fields<BITS>(w, G, d, m);
-  __m512 acc[P];
-  for (int p = 0; p < P; ++p) acc[p] = _mm512_setzero_ps();
-  const __m512i zero = _mm512_setzero_si512();
+inline __m512i bcast4x16(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// panel8 on 512-bit vectors, 16 weight rows (AVX-512 VNNI): the same operations per output.
+template <int BITS, int R>
+__attribute__((noinline)) void panel16(const uint8_t* w, int64_t rb, int64_t G,
+                                       const int8_t* xq, const float* dx, const float* sx,
+                                       const int32_t* xc, int64_t K, float* y, int64_t ldy,
+                                       float* d, float* m, const uint8_t* next) {
+  panel_fields<16>(w, rb, G, d, m, [&](const uint8_t* p, float* out) {
+    __m512i W[4];
+    transpose16x4(p, rb, W);
+    for (int k = 0; k < 4; ++k) {  // word k: blocks 2k (low half) and 2k + 1 (high half)
+      _mm512_storeu_ps(out + 32 * k, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(W[k])));
+      _mm512_storeu_ps(out + 32 * k + 16,
+                       _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(W[k], 16))));
+    }
+  });
+  __m512 acc[R], off[R];
+  for (int r = 0; r < R; ++r) acc[r] = off[r] = _mm512_setzero_ps();
   const uint8_t* qs = w + 4 * G;
-  const int64_t DI = BITS == 4 ? 16 * (G / 2) : 16 * G;  // dxi floats per pair of rows
-  if constexpr (BITS == 4) {
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-    int64_t g = 0;
-    for (; g + 2 <= G; g += 2) {
-      const __m512i raw = both_halves(_mm256_loadu_si256((const __m256i*)(qs + 16 * g)));
-      const __m512i lo = _mm512_and_si512(raw, m4);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
-      const __m512 dv = _mm512_broadcast_f32x8(_mm256_loadu_ps(d + 4 * g));
-      for (int p = 0; p < P; ++p) {
-        const int8_t* xp = xi + p * 2 * K + 64 * g;
-        const __m512i xlo = _mm512_loadu_si512(xp), xhi = _mm512_loadu_si512(xp + 64);
-        const __m512i p32 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xlo), hi, xhi);
-        const __m512 sv = _mm512_mul_ps(dv, _mm512_loadu_ps(dxi + p * DI + 8 * g));
-        acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p32), sv, acc[p]);
+  const __m512i m4 = _mm512_set1_epi8(0x0F), bias = _mm512_set1_epi8((char)0x80);
+  const int64_t lines = (16 * rb + 63) / 64;
+  for (int64_t g = 0; g < G; ++g) {
+    if (next)  // the next panel, spread over this one's blocks
+      for (int64_t l = g * lines / G; l < (g + 1) * lines / G; ++l)
+        _mm_prefetch((const char*)next + 64 * l, _MM_HINT_T0);
+    __m512i a[4], b[4];  // 4 bits: low and high nibbles; 8 bits: q + 128 of values 0..15, 16..31
+    if constexpr (BITS == 4) {
+      transpose16x4(qs + 16 * g, rb, a);
+      for (int k = 0; k < 4; ++k) {
+        b[k] = _mm512_and_si512(_mm512_srli_epi16(a[k], 4), m4);
+        a[k] = _mm512_and_si512(a[k], m4);
+      }
+    } else {
+      transpose16x4(qs + 32 * g, rb, a);
+      transpose16x4(qs + 32 * g + 16, rb, b);
+      for (int k = 0; k < 4; ++k) {
+        a[k] = _mm512_xor_si512(a[k], bias);
+        b[k] = _mm512_xor_si512(b[k], bias);
       }
     }
-    if (g < G) {  // one block: [0..15 | 16..31], as row_dot
-      const __m128i raw = _mm_loadu_si128((const __m128i*)(qs + 16 * g));
-      const __m128i m = _mm_set1_epi8(0x0F);
-      const __m512i q = both_halves(_mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m),
-                                                     _mm_and_si128(raw, m)));
-      for (int p = 0; p < P; ++p) {
-        const __m512i xv = _mm512_loadu_si512(xi + p * 2 * K + 64 * g);
-        const float* d0 = dx + 2 * p * G + g;
-        const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(d[4 * g] * d0[0]),
-                                             _mm256_set1_ps(d[4 * g] * d0[G]), 1);
-        const __m512 pv = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, q, xv));
-        acc[p] = _mm512_fmadd_ps(pv, sv, acc[p]);
+    const __m512 dv = _mm512_loadu_ps(d + 16 * g), mv = _mm512_loadu_ps(m + 16 * g);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* xb = xq + r * K + QK * g;
+      __m512i s0 = BITS == 4 ? _mm512_setzero_si512() : _mm512_set1_epi32(xc[r * (K / QK) + g]);
+      __m512i s1 = _mm512_setzero_si512();
+      for (int k = 0; k < 4; ++k) {
+        s0 = _mm512_dpbusd_epi32(s0, a[k], bcast4x16(xb + 4 * k));
+        s1 = _mm512_dpbusd_epi32(s1, b[k], bcast4x16(xb + 16 + 4 * k));
       }
-    }
-  } else {
-    // q + 128 (unsigned) times x, plus -128 times x's sums: q times x, the same int32 sums as
-    // row_dot's |q| times x with q's sign, one instruction fewer a pair of rows
-    const __m512i bias = _mm512_set1_epi8((char)0x80);
-    for (int64_t g = 0; g < G; ++g) {
-      const __m512i u = _mm512_xor_si512(
-          both_halves(_mm256_loadu_si256((const __m256i*)(qs + 32 * g))), bias);
-      const __m512 dv = _mm512_set1_ps(d[g]);
-      for (int p = 0; p < P; ++p) {
-        const __m512i xv = _mm512_loadu_si512(xi + p * 2 * K + 64 * g);
-        const __m512i c = _mm512_loadu_si512(xc + p * 16 * G + 16 * g);
-        const __m512 sv = _mm512_mul_ps(dv, _mm512_loadu_ps(dxi + p * DI + 16 * g));
-        acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c, u, xv)), sv, acc[p]);
-      }
+      const __m512 sc = _mm512_mul_ps(dv, _mm512_set1_ps(dx[r * (K / QK) + g]));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), sc, acc[r]);
+      off[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[r * (K / QK) + g]), off[r]);
     }
   }
-  if constexpr (P == 1) {
-    y[0] = hsum(_mm512_castps512_ps256(acc[0])) + offset_dot(m, sx, G);
-    y[ldy] = hsum(_mm512_extractf32x8_ps(acc[0], 1)) + offset_dot(m, sx + G, G);
-  } else {
-    alignas(32) float out[8];
-    _mm256_store_ps(out, _mm256_add_ps(pair_sums<P>(acc), offset_dots(m, sxt, G)));
-    for (int r = 0; r < R; ++r) y[r * ldy] = out[r];
-  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * ldy, _mm512_add_ps(acc[r], off[r]));
 }
 #pragma GCC pop_options
 
-// Pairs of rows of ``a`` (rows of ``n`` units of ``u`` elements) interleaved unit by unit:
-// [row 0 unit 0, row 1 unit 0, row 0 unit 1, ...], then rows 2 and 3, ...; an odd last row
-// is left out.
-template <class T>
-std::vector<T> interleave(const T* a, int64_t rows, int64_t n, int64_t u) {
-  std::vector<T> out((rows / 2) * 2 * n * u);
-  for (int64_t p = 0; p < rows / 2; ++p)
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t h = 0; h < 2; ++h)
-        std::memcpy(out.data() + ((p * n + i) * 2 + h) * u, a + ((2 * p + h) * n + i) * u,
-                    u * sizeof(T));
-  return out;
-}
-
-// One row alone keeps the AVX2 dots: it streams its weights from RAM, and VNNI's dependent pair
-// of instructions measured a few % slower there (README); both give the same bits.
-template <int BITS, int V>
-void rows_dot(const uint8_t* w, int64_t G, const int8_t* xq, const float* dx, const float* sx,
-              int64_t K, float* y, int64_t ldy, int64_t rows, float* fields) {
+// Up to RMAX rows of activations (a pass) against one panel of L weight rows.
+template <int BITS, int V, int L>
+void panel_rows(int64_t rows, const uint8_t* w, int64_t rb, int64_t G, const int8_t* xq,
+                const float* dx, const float* sx, const int32_t* xc, int64_t K, float* y,
+                int64_t ldy, float* d, float* m, const uint8_t* next) {
+#define LAYERCAKE_PANEL(R)                                                                    \
+  case R:                                                                                     \
+    if constexpr (L == 16)                                                                    \
+      return panel16<BITS, R>(w, rb, G, xq, dx, sx, xc, K, y, ldy, d, m, next);               \
+    else                                                                                      \
+      return panel8<BITS, (R < 4 ? R : 4), V>(w, rb, G, xq, dx, sx, xc, K, y, ldy, d, m, next);
   switch (rows) {
-    case 1: return row_dot<BITS, 1, 0>(w, G, xq, dx, sx, K, y, ldy, fields);
-    case 2: return row_dot<BITS, 2, V>(w, G, xq, dx, sx, K, y, ldy, fields);
-    case 3: return row_dot<BITS, 3, V>(w, G, xq, dx, sx, K, y, ldy, fields);
-    default: return row_dot<BITS, 4, V>(w, G, xq, dx, sx, K, y, ldy, fields);
+    LAYERCAKE_PANEL(1)
+    LAYERCAKE_PANEL(2)
+    LAYERCAKE_PANEL(3)
+    LAYERCAKE_PANEL(4)
+    LAYERCAKE_PANEL(5)
+    LAYERCAKE_PANEL(6)
+    LAYERCAKE_PANEL(7)
+    default: LAYERCAKE_PANEL(8)
   }
+#undef LAYERCAKE_PANEL
 }
 
-// The 512-bit path: pairs of rows through pairs_dot, an odd row alone through row_dot.
-template <int BITS>
-void rows_dot512(const uint8_t* w, int64_t G, const int8_t* xi, const float* dxi,
-                 const float* sxt, const int32_t* xc, const int8_t* xq, const float* dx,
-                 const float* sx, int64_t K, float* y, int64_t ldy, int64_t rows,
-                 float* fields) {
-  switch (rows / 2) {
-    case 0: break;
-    case 1: pairs_dot<BITS, 1>(w, G, xi, dxi, dx, sx, sxt, xc, K, y, ldy, fields); break;
-    case 2: pairs_dot<BITS, 2>(w, G, xi, dxi, dx, sx, sxt, xc, K, y, ldy, fields); break;
-    case 3: pairs_dot<BITS, 3>(w, G, xi, dxi, dx, sx, sxt, xc, K, y, ldy, fields); break;
-    default: pairs_dot<BITS, 4>(w, G, xi, dxi, dx, sx, sxt, xc, K, y, ldy, fields); break;
-  }
-  if (rows % 2) {
-    const int64_t r = rows - 1;
-    row_dot<BITS, 1, 0>(w, G, xq + r * K, dx + r * G, sx + r * G, K, y + r * ldy, ldy, fields);
-  }
-}
-
-template <int BITS, int V, bool WIDE>
+// L = 16 (512-bit panels) or 8 (256-bit); passes of up to 8 (16) or 4 (8) rows of activations.
+template <int BITS, int V, int L>
 void block_mm(const float* x, const uint8_t* w, float* y, int64_t M, int64_t N, int64_t K) {
-  constexpr int64_t BS = BITS == 4 ? 20 : 36;
-  const int64_t G = K / QK;
+  constexpr int64_t BS = BITS == 4 ? 20 : 36, RMAX = L == 16 ? 8 : 4;
+  const int64_t G = K / QK, rb = G * BS;
   std::vector<int8_t> xq(M * K);
   std::vector<float> dx(M * G), sx(M * G);
-  quantize_rows(x, M, K, xq.data(), dx.data(), sx.data(), BITS == 4);
-  std::vector<int8_t> xi;
-  std::vector<float> dxi, sxt;
+  quantize_rows(x, M, K, xq.data(), dx.data(), sx.data());
   std::vector<int32_t> xc;
-  const int64_t DX = BITS == 4 ? 8 * (G / 2) : 8 * G;  // dxi floats a row
-  if (WIDE && M > 1) {  // the 512-bit path's pairs of rows
-    xi = interleave(xq.data(), M, G, QK);
-    // each block's dx as many times as it has lanes in a vector: 4 bits, 4 (a pair's vector
-    // holds two blocks: whole pairs only, an odd last block reads dx); 8 bits, 8
-    const int64_t lanes = BITS == 4 ? 4 : 8, blocks = BITS == 4 ? G / 2 * 2 : G;
-    std::vector<float> wide(M * blocks * lanes);
-    for (int64_t r = 0; r < M; ++r)
-      for (int64_t g = 0; g < blocks; ++g)
-        for (int64_t k = 0; k < lanes; ++k) wide[(r * blocks + g) * lanes + k] = dx[r * G + g];
-    dxi = interleave(wide.data(), M, blocks * lanes / 8, 8);
-    // each pass's sx transposed (offset_dots), 8 lanes a block, lanes past its rows 0
-    sxt.assign((M + 2 * MT - 1) / (2 * MT) * 2 * MT * G, 0.f);
-    for (int64_t r = 0; r < M; ++r)
-      for (int64_t g = 0; g < G; ++g) sxt[(r / 8 * G + g) * 8 + r % 8] = sx[r * G + g];
-    if (BITS == 8) {  // -128 times the sum of each 4 interleaved values (pairs_dot's 8 bits)
-      xc.resize(xi.size() / 4);
-      for (size_t i = 0; i < xc.size(); ++i)
-        xc[i] = -128 * (xi[4 * i] + xi[4 * i + 1] + xi[4 * i + 2] + xi[4 * i + 3]);
+  if (BITS == 8) {  // -128 times each block's sum of values (8 bits, VNNI: q + 128 times x)
+    xc.resize(M * G);
+    for (int64_t i = 0; i < M * G; ++i) {
+      int32_t s = 0;
+      for (int64_t j = 0; j < QK; ++j) s += xq[i * QK + j];
+      xc[i] = -128 * s;
     }
   }
-  const int64_t mt = WIDE ? 2 * MT : MT;  // rows of activations a pass
-  const int64_t row_bytes = G * BS;
-  // Up to mt rows of activations pass over the weights once: each thread then streams long runs
-  // of rows (two tasks a thread), which the hardware prefetcher follows far better than 16-row
-  // pieces taken in turns. More rows pass over each piece several times, so it must stay small
-  // enough to remain in cache between passes.
-  const int64_t threads = at::get_num_threads();
-  const int64_t chunk = M > mt ? CHUNK
-                               : std::max<int64_t>(CHUNK, (N + 2 * threads - 1) / (2 * threads));
-  parallel_tasks((N + chunk - 1) / chunk, [&](int64_t c, int64_t) {
-    thread_local std::vector<float> fields;  // row_dot's scales d * dx, or pairs_dot's fields
-    fields.resize(4 * MT * G);
-    const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
-    for (int64_t m0 = 0; m0 < M; m0 += mt) {
-      const int64_t rows = std::min(mt, M - m0);
-      const int8_t* xr = xq.data() + m0 * K;
-      const float *dr = dx.data() + m0 * G, *sr = sx.data() + m0 * G;
-      float* yr = y + m0 * N;
-      for (int64_t n = n0; n < n1; ++n) {
-        if (m0 == 0 && n + PF < N) {  // the row PF ahead, while this one computes
-          const char* next = (const char*)(w + (n + PF) * row_bytes);
-          for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
-        }
-        const uint8_t* wn = w + n * row_bytes;
-        if (WIDE && M > 1)
-          rows_dot512<BITS>(wn, G, xi.data() + m0 * K, dxi.data() + m0 * DX, sxt.data() + m0 * G,
-                            xc.empty() ? nullptr : xc.data() + m0 * 8 * G, xr, dr, sr, K, yr + n,
-                            N, rows, fields.data());
-        else
-          rows_dot<BITS, V>(wn, G, xr, dr, sr, K, yr + n, N, rows, fields.data());
+  // Up to RMAX rows pass over the weights once: each thread then streams long runs of panels
+  // (two tasks a thread), which the hardware prefetcher follows far better than pieces taken in
+  // turns; more rows pass over each panel several times, so a task is one panel, small enough
+  // to stay in cache between passes.
+  const int64_t threads = at::get_num_threads(), panels = (N + L - 1) / L;
+  const int64_t chunk = M > RMAX ? 1 : std::max<int64_t>(1, (panels + 2 * threads - 1) / (2 * threads));
+  parallel_tasks((panels + chunk - 1) / chunk, [&](int64_t c, int64_t) {
+    thread_local std::vector<float> fields;  // the panel's d and m as floats
+    thread_local std::vector<uint8_t> pad;   // a last panel of fewer than L rows, zero-filled
+    fields.resize(2 * L * G);
+    float *d = fields.data(), *m = d + L * G;
+    const int64_t p0 = c * chunk, p1 = std::min(panels, p0 + chunk);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * L, nr = std::min<int64_t>(L, N - n0);
+      const uint8_t* wp = w + n0 * rb;
+      if (nr < L) {
+        pad.assign(L * rb, 0);
+        std::memcpy(pad.data(), wp, nr * rb);
+        wp = pad.data();
+      }
+      const uint8_t* next = p + 1 < p1 && (p + 2) * L <= N ? w + (n0 + L) * rb : nullptr;
+      for (int64_t m0 = 0; m0 < M; m0 += RMAX) {
+        const int64_t rows = std::min(RMAX, M - m0);
+        float tmp[RMAX * L];
+        float* yr = nr < L ? tmp : y + m0 * N + n0;
+        const int64_t ldy = nr < L ? L : N;
+        panel_rows<BITS, V, L>(rows, wp, rb, G, xq.data() + m0 * K, dx.data() + m0 * G,
+                               sx.data() + m0 * G, xc.empty() ? nullptr : xc.data() + m0 * G, K,
+                               yr, ldy, d, m, m0 == 0 ? next : nullptr);
+        if (nr < L)
+          for (int64_t r = 0; r < rows; ++r)
+            std::memcpy(y + (m0 + r) * N + n0, tmp + r * L, nr * sizeof(float));
       }
     }
   });
 }
 
-// block_mm with the dot-product instruction and row pairing this CPU has (dot_isa, wide_pairs).
+// block_mm with the dot-product instruction and panel width this CPU has (dot_isa,
+// wide_panels).
 template <int BITS>
 void block_mm_isa(const float* x, const uint8_t* w, float* y, int64_t M, int64_t N, int64_t K) {
   const int isa = dot_isa();
-  if (wide_pairs() && isa == 1)
-    block_mm<BITS, 1, true>(x, w, y, M, N, K);
-  else if (wide_pairs())
-    block_mm<BITS, 2, true>(x, w, y, M, N, K);
+  if (wide_panels())
+    block_mm<BITS, 2, 16>(x, w, y, M, N, K);
   else if (isa == 1)
-    block_mm<BITS, 1, false>(x, w, y, M, N, K);
+    block_mm<BITS, 1, 8>(x, w, y, M, N, K);
   else if (isa == 2)
-    block_mm<BITS, 2, false>(x, w, y, M, N, K);
+    block_mm<BITS, 2, 8>(x, w, y, M, N, K);
   else
-    block_mm<BITS, 0, false>(x, w, y, M, N, K);
+    block_mm<BITS, 0, 8>(x, w, y, M, N, K);
 }
 
 // What both matmuls take: CPU tensors, x (M, K) float32 and w 2-D of ``wtype`` (``wname``).
