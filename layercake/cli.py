@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--no-compile", dest="compile", action="store_false",
         help="serve with eager steps: no compile at start (serve compiles its one-token step "
-        "by default where the model runs in memory in steps of <= 8 rows)",
+        "by default on CUDA where the model runs in memory in steps of <= 8 rows; on the CPU "
+        "eager steps are the default, --compile asks for compiled ones)",
     )  # fmt: skip
     s.set_defaults(func=cmd_serve, compile=None)
     return parser

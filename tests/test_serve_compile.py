@@ -26,15 +26,18 @@ def parse(*args: str) -> argparse.Namespace:
 
 
 def test_serve_compiles_by_default_where_a_compiled_step_runs() -> None:
+    """By default on CUDA in memory; on the CPU eager steps are faster, so only with --compile."""
     assert parse("serve").compile is None  # decided by serve_compiles
     assert parse("serve", "--no-compile").compile is False
     assert parse("serve", "--compile").compile is True
     assert parse("generate", "--prompt", "x").compile is False
-    assert serve_compiles(parse("serve"))
-    assert serve_compiles(parse("serve", "--compress-weight", "--packed"))
+    cuda = ["--device", "cuda"]
+    assert serve_compiles(parse("serve", *cuda))
+    assert serve_compiles(parse("serve", *cuda, "--compress-weight", "--packed"))
     percent = ["--percent", "100", "0", "100", "0", "100", "0"]
-    for flags in (["--cpu-memory", "1GB"], ["--batch-size", "16"], ["--compress-weight"], percent,
-                  ["--device", "mps"]):  # fmt: skip
+    for flags in (["--cpu-memory", "1GB"], ["--batch-size", "16"], ["--compress-weight"], percent):
+        assert not serve_compiles(parse("serve", *cuda, *flags)), flags
+    for flags in ([], ["--device", "cpu"], ["--packed"], ["--device", "mps"]):
         assert not serve_compiles(parse("serve", *flags)), flags
 
 

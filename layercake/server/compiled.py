@@ -1,7 +1,13 @@
-"""``serve`` compiles its one-token step by default: a server runs for hours, so the tens of
-seconds a compile costs once buy every later step. Where a compiled step cannot run (offloaded
-weights, compressed ones, steps of more rows than a compiled graph takes) the default is off;
-``--no-compile`` turns it off, ``--compile`` insists (a failure is then an error, not a note).
+"""Whether ``serve`` compiles its one-token step. On CUDA, in memory, it does by default: a
+server runs for hours, so the tens of seconds a compile costs once buy every later step (a GPU
+step of a small batch is bound by kernel launches, which a graph cuts). On the CPU it serves
+eager steps by default: with the block kernels (``ops/csrc``) an eager step is faster than the
+compiled one at one row and at eight (README, issue 18's figures: 70 against 58-62 tok/s for one
+stream, 307-311 against 201-205 for eight), since the eager ``decode_step`` skips unwritten cache
+slots while a compiled step attends over its whole static cache. Where a compiled step cannot
+run (offloaded weights, compressed ones, steps of more rows than a compiled graph takes) it is
+off; ``--no-compile`` turns it off, ``--compile`` asks for it anywhere it can run (a failure is
+then an error, not a note).
 
 The step is compiled before the server listens (``engine_loop.warm_up``), so the first request
 never waits for it; progress lines say so while it compiles."""
@@ -23,8 +29,9 @@ DEFAULT_SLOTS = 8  # serve's rows decoded together without --batch-size
 
 
 def serve_compiles(a: argparse.Namespace) -> bool:
-    """Whether ``serve`` compiles its step without being told: in memory on the CPU or CUDA,
-    weights not re-compressed, steps of at most ``MAX_STATIC_BATCH`` rows."""
+    """Whether ``serve`` compiles its step without being told: in memory on CUDA, weights not
+    re-compressed, steps of at most ``MAX_STATIC_BATCH`` rows (on the CPU eager steps are
+    faster: see the module's doc)."""
     from layercake.runner import MAX_STATIC_BATCH
 
     offloaded = any(getattr(a, k, None) is not None for k in
@@ -36,7 +43,7 @@ def serve_compiles(a: argparse.Namespace) -> bool:
         not offloaded
         and not compressed
         and rows <= MAX_STATIC_BATCH
-        and device.split(":")[0] in ("cpu", "cuda")
+        and device.split(":")[0] == "cuda"
     )
 
 
