@@ -182,10 +182,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
     for k, v in limits.items():
         if v is not None and v < (0 if k == "max_queue" else 1):
             raise LayercakeError(f"--{k.replace('_', '-')} is too small: {v}")
-    from layercake.server.compiled import serve_compiles, warmed_up
+    from layercake.server.compiled import serve_compiles, step_mode, warmed_up
 
     explicit = a.compile is True  # --compile; None: serve's default, decided here
-    if a.compile is None:
+    default = a.compile is None
+    if default:
         a.compile = serve_compiles(a)
     serve_threads(a)
     llm = load_from_args(a)
@@ -196,6 +197,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         from layercake.bench.limits import machine_limits
 
         print_path(llm)
+        print(f"[steps: {step_mode(a, default)}]", file=sys.stderr, flush=True)
         machine_limits(getattr(llm.runner, "offload_dir", None))  # measured now, not mid-serve
     serve(
         llm, slots, a.max_context, a.host, a.port, a.api_key, verbose=a.verbose,

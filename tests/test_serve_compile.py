@@ -16,7 +16,7 @@ from layercake.cli import build_parser, main
 from layercake.engine import Engine, Request
 from layercake.errors import LayercakeError
 from layercake.sampling import SamplingParams
-from layercake.server.compiled import serve_compiles, warmed_up
+from layercake.server.compiled import serve_compiles, step_mode, warmed_up
 from layercake.server.engine_loop import EngineLoop, warm_up
 from layercake.server.metrics import Metrics
 
@@ -39,6 +39,23 @@ def test_serve_compiles_by_default_where_a_compiled_step_runs() -> None:
         assert not serve_compiles(parse("serve", *cuda, *flags)), flags
     for flags in ([], ["--device", "cpu"], ["--packed"], ["--device", "mps"]):
         assert not serve_compiles(parse("serve", *flags)), flags
+
+
+def test_serve_says_why_its_steps_are_compiled_or_eager() -> None:
+    """``serve -v`` names the step mode and the reason (issue 18: -v says which path and why)."""
+
+    def mode(*flags: str) -> str:
+        a = parse("serve", *flags)
+        default = a.compile is None
+        if default:
+            a.compile = serve_compiles(a)
+        return step_mode(a, default)
+
+    assert mode().startswith("eager (the default on the CPU")
+    assert mode("--compile") == "compiled (--compile)"
+    assert mode("--no-compile") == "eager (--no-compile)"
+    assert mode("--device", "cuda") == "compiled (the default on CUDA in memory)"
+    assert mode("--device", "cuda", "--cpu-memory", "1GB").startswith("eager (a compiled step")
 
 
 @pytest.fixture

@@ -47,6 +47,19 @@ def serve_compiles(a: argparse.Namespace) -> bool:
     )
 
 
+def step_mode(a: argparse.Namespace, default: bool) -> str:
+    """What ``serve -v`` says of its steps: compiled or eager, and why (after ``warmed_up``, whose
+    failed compile turns ``a.compile`` off)."""
+    device = str(getattr(a, "device", "cpu") or "cpu").split(":")[0]
+    if a.compile:
+        return "compiled (" + ("the default on CUDA in memory" if default else "--compile") + ")"
+    if not default:
+        return "eager (--no-compile)"
+    if device == "cpu":
+        return "eager (the default on the CPU, faster than compiled steps here; --compile asks)"
+    return "eager (a compiled step cannot run here: offloaded, compressed or > 8 slots)"
+
+
 def warmed_up(
     llm: LLM, a: argparse.Namespace, slots: int, explicit: bool, reload: Callable[[], LLM]
 ) -> LLM:
