@@ -29,7 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from generation import model_path, process_read_bytes  # noqa: E402
+from generation import model_path, process_read_bytes, prompts  # noqa: E402
 
 # (W_DEV, W_CPU, KV_DEV, KV_CPU, ACT_DEV, ACT_CPU): disk gets the weights' rest
 PLACEMENTS = {
@@ -116,9 +116,7 @@ def case(a: argparse.Namespace) -> None:
 
     path = model_path(a.model)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
-    g = torch.Generator().manual_seed(0)
-    low = min(100, vocab // 2)  # ids as generation.prompts draws them; tiny vocabularies too
-    ids = torch.randint(low, min(vocab, 32000), (a.batch, a.prompt_len), generator=g)
+    ids = prompts(a.batch, a.prompt_len, vocab)
     cuda = a.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
