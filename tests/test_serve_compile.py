@@ -56,6 +56,10 @@ def test_serve_says_why_its_steps_are_compiled_or_eager() -> None:
     assert mode("--no-compile") == "eager (--no-compile)"
     assert mode("--device", "cuda") == "compiled (the default on CUDA in memory)"
     assert mode("--device", "cuda", "--cpu-memory", "1GB").startswith("eager (a compiled step")
+    assert mode("--device", "mps") == "eager (the default on mps)"
+    failed = parse("serve", "--device", "cuda")
+    failed.compile = False  # what ``warmed_up`` leaves when the default's compile fails
+    assert step_mode(failed, default=True) == "eager (the compile failed: see the warning above)"
 
 
 @pytest.fixture

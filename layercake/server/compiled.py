@@ -38,26 +38,30 @@ def serve_compiles(a: argparse.Namespace) -> bool:
                     ("percent", "device_memory", "cpu_memory"))  # fmt: skip
     compressed = getattr(a, "compress_weight", False) and not getattr(a, "packed", False)
     rows = a.batch_size or DEFAULT_SLOTS
-    device = str(getattr(a, "device", "cpu") or "cpu")
-    return (
-        not offloaded
-        and not compressed
-        and rows <= MAX_STATIC_BATCH
-        and device.split(":")[0] == "cuda"
-    )
+    return not offloaded and not compressed and rows <= MAX_STATIC_BATCH and _device(a) == "cuda"
+
+
+def _device(a: argparse.Namespace) -> str:
+    return str(getattr(a, "device", "cpu") or "cpu").split(":")[0]
 
 
 def step_mode(a: argparse.Namespace, default: bool) -> str:
     """What ``serve -v`` says of its steps: compiled or eager, and why (after ``warmed_up``, whose
     failed compile turns ``a.compile`` off)."""
-    device = str(getattr(a, "device", "cpu") or "cpu").split(":")[0]
+    from layercake.runner import MAX_STATIC_BATCH
+
     if a.compile:
         return "compiled (" + ("the default on CUDA in memory" if default else "--compile") + ")"
     if not default:
         return "eager (--no-compile)"
-    if device == "cpu":
+    if serve_compiles(a):  # the default would compile: ``warmed_up`` fell back
+        return "eager (the compile failed: see the warning above)"
+    if _device(a) == "cuda":
+        return ("eager (a compiled step cannot run here: offloaded, compressed or more than "
+                f"{MAX_STATIC_BATCH} slots)")  # fmt: skip
+    if _device(a) == "cpu":
         return "eager (the default on the CPU, faster than compiled steps here; --compile asks)"
-    return "eager (a compiled step cannot run here: offloaded, compressed or > 8 slots)"
+    return f"eager (the default on {_device(a)})"
 
 
 def warmed_up(
