@@ -124,3 +124,51 @@ def test_weights_at_odd_addresses_are_clean_under_ubsan(tmp_path):
     r = subprocess.run([sys.executable, "-c", UBSAN_CASES, str(target)], env=env,
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0 and r.stdout.strip() == "clean", r.stderr[-3000:]
+
+
+def _needed(path) -> list[str]:
+    """The shared libraries an ELF file names (``readelf -d``); skips where binutils is absent."""
+    try:
+        r = subprocess.run(["readelf", "-d", str(path)], capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no readelf here")
+    return [line.split("[")[1].rstrip("]") for line in r.stdout.splitlines() if "(NEEDED)" in line]
+
+
+def test_the_kernels_share_the_processes_cxx_runtime():
+    """The built kernels name the shared ``libstdc++.so.6`` PyTorch runs on, never a private
+    static copy: on a GPU machine whose g++ found only ``libstdc++.a``, every ``TORCH_CHECK``
+    from the kernels segfaulted the process (or lost its message)."""
+    if not kernels.available():
+        pytest.skip(f"no CPU kernels here: {kernels.unavailable_reason()}")
+    assert kernels._cxx_runtime(), "this process has no libstdc++ mapped"
+    built = sorted(kernels.cache_dir().glob("kernels-*.so"))
+    assert built and any(n.startswith("libstdc++.so") for n in _needed(built[-1]))
+
+
+BAD_SHAPES = """
+import sys, torch
+torch.ops.load_library(sys.argv[1])
+try:
+    torch.ops.layercake.bf16_mm(torch.zeros(1, 8), torch.zeros(4, 9, dtype=torch.bfloat16))
+except RuntimeError as e:
+    print(str(e).splitlines()[0])
+"""
+
+
+@pytest.mark.slow
+def test_a_static_libstdcxx_toolchain_still_links_the_shared_runtime(tmp_path):
+    """``-static-libstdc++`` stands in for a toolchain that has only ``libstdc++.a``: the build
+    still links the process's shared runtime, and an error raised in the kernels reaches Python
+    whole (with a static copy its message came back as ``bf16_mm: `` here)."""
+    why = kernels.unsupported()
+    if why is not None:
+        pytest.skip(f"the kernels are not built here: {why}")
+    target = tmp_path / "kernels-static.so"
+    kernels._build(target, ("-static-libstdc++",))
+    assert any(n.startswith("libstdc++.so") for n in _needed(target))
+    r = subprocess.run([sys.executable, "-c", BAD_SHAPES, str(target)], capture_output=True,
+                       text=True)  # fmt: skip
+    assert (
+        r.returncode == 0 and r.stdout.strip() == "bf16_mm: shapes do not match: x [1, 8], w [4, 9]"
+    ), r.stderr[-2000:]

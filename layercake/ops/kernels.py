@@ -86,6 +86,22 @@ def unsupported() -> str | None:
     return None
 
 
+def _cxx_runtime() -> tuple[str, ...]:
+    """The C++ runtime this process already runs (PyTorch loaded it), to link by its path. A
+    toolchain whose g++ finds only ``libstdc++.a`` (seen on a GPU machine) otherwise links a
+    private copy into the kernels, and a ``TORCH_CHECK`` then throws across two runtimes: its
+    message came back empty here and the process segfaulted there."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and "/libstdc++.so" in fields[5]:
+                    return (fields[5].strip(),)
+    except OSError:
+        pass
+    return ()
+
+
 def _build(target: Path, extra_flags: tuple[str, ...] = ()) -> None:
     """Compile ``SOURCE`` into ``target`` (``extra_flags``: e.g. a sanitizer, for tests)."""
     from torch.utils import cpp_extension
@@ -94,6 +110,7 @@ def _build(target: Path, extra_flags: tuple[str, ...] = ()) -> None:
     assert cxx is not None  # unsupported() said so before
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [cxx, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *extra_flags, *map(str, SOURCES)]
+    cmd += _cxx_runtime()
     cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
     libs = cpp_extension.library_paths()
     cmd += [f"-L{p}" for p in libs] + [f"-Wl,-rpath,{p}" for p in libs]
@@ -156,7 +173,7 @@ def _build_and_register() -> str | None:
     if why is not None:
         return why
     code = b"".join(s.read_bytes() for s in SOURCES)
-    build = " ".join([torch.__version__, str(_compiler()), *FLAGS]).encode()
+    build = " ".join([torch.__version__, str(_compiler()), *FLAGS, *_cxx_runtime()]).encode()
     key = hashlib.sha256(code + build).hexdigest()[:16]
     target = cache_dir() / f"kernels-{key}.so"
     try:
