@@ -21,6 +21,6 @@ timeout "${2:-200}" $PY benchmarks/offload_cuda.py --batch 32 --gen-len 16 --rep
     --timeout 90 --out "$out/offload-cuda.jsonl" 2>&1 | tee "$out/offload-cuda.log"
 echo "benchmark: $(( $(date +%s) - t0 )) s"; t0=$(date +%s)
 xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 12")
-timeout "${3:-120}" $PY -m pytest -q -p no:cacheprovider $xdist -rfE tests 2>&1 \
-    | tail -150 > "$out/suite.log"
+timeout "${3:-120}" $PY -m pytest -q -p no:cacheprovider $xdist -rfE --tb=short tests \
+    > "$out/suite.log" 2>&1  # whole: a tail cut the reasons of the failures off
 echo "suite: $(( $(date +%s) - t0 )) s"; tail -40 "$out/suite.log"
