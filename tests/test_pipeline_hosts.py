@@ -5,6 +5,7 @@ process's. Skipped where hostsim cannot run (not root, no ``ip netns``, no hosts
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -41,10 +42,18 @@ def usable() -> str | None:
 
 @pytest.fixture(scope="module")
 def hosts():
-    """Two hosts up for the module; taken down after unless they were up already."""
+    """Two hosts up for the module; taken down after unless they were up already. The module
+    holds the benchmarks' lock (``benchmarks/pipeline.py``'s ``LOCK``) meanwhile: hostsim's
+    hosts are one set per machine, and a timed run must not see this test bring them up or down."""
     tool = usable()
     if tool is None:
         pytest.skip("needs root, `ip netns` and shared/tools/hostsim")
+    with open("/tmp/layercake-bench.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield from _up(tool)
+
+
+def _up(tool: str):
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     were_up = {"lc-h0", "lc-h1"} <= {line.split()[0] for line in listed.splitlines() if line}
     up = subprocess.run([tool, "up", "2"], capture_output=True, text=True)
