@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from layercake.errors import LayercakeError
+from layercake.offload.tiers import mapped_empty
 from layercake.pipeline.topology import Node
 
 MAGIC = 0x4C43_5031  # "LCP1"
@@ -26,6 +27,7 @@ MAX_PAYLOADS = 4
 MAX_DIMS = 3
 MAX_FRAME_BYTES = 1 << 36  # a header asking for more is corrupt, not allocated
 TEXT_BYTES = 4096  # an ERROR frame's message, at most
+MAPPED_PAYLOAD = 1 << 20  # payloads of this many bytes and more: in a mapping of their own
 FOREVER = 30 * 24 * 3600.0  # an idle worker waits for the next job as long as rank 0 lives
 
 DTYPE_CODES = {
@@ -150,7 +152,10 @@ class Transport:
         tensors = []
         wire = self.wire_device(src)
         for shape, dtype in specs:
-            t = torch.empty(shape, dtype=dtype, device=wire)
+            big = wire.type == "cpu" and dtype.itemsize * math.prod(shape) >= MAPPED_PAYLOAD
+            # a large payload (logits, a prompt piece's hidden states) in a mapping of its own:
+            # one a step from the heap leaves holes that grow it (``tiers.mapped_empty``)
+            t = mapped_empty(shape, dtype) if big else torch.empty(shape, dtype=dtype, device=wire)
             self._wait(self._irecv(t, src), src, limit, "waiting for")
             tensors.append(t)
         self.bytes_received += total
