@@ -10,7 +10,9 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 class _MallInfo2(ctypes.Structure):
@@ -88,6 +90,16 @@ class MemTrace:
             self.since = 0.0
             self.marks.append(s)
             self._peak(s)
+
+    def after(self, fn: Callable, label: str) -> Callable:
+        """``fn`` that marks ``label`` each time it returns."""
+
+        def marked(*a: Any, **kw: Any) -> Any:
+            out = fn(*a, **kw)
+            self.mark(label)
+            return out
+
+        return marked
 
     def _peak(self, s: dict) -> None:
         if s["anon_mb"] > self.peak["anon_mb"]:

@@ -79,8 +79,7 @@ def role_main(a: argparse.Namespace) -> None:
     marks = None if a.topology else mark_passes(llm.runner)
     if trace is not None:
         trace.mark("loaded")
-        inner = llm.runner.forward
-        llm.runner.forward = lambda *x, **k: (out := inner(*x, **k), trace.mark("pass"))[0]
+        llm.runner.forward = trace.after(llm.runner.forward, "pass")
     out = llm.generate(ids, max_new_tokens=a.gen_len, ignore_eos=True, temperature=0)
     s = llm.last_stats
     r = dict(load_s=load_s, prefill_s=s.prefill_s, decode_s=s.decode_s,
