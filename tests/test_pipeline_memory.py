@@ -136,17 +136,3 @@ def test_a_model_on_the_meta_device_imports_no_compiler():
             "print('torch._dynamo' in sys.modules)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
-
-
-def test_activations_count_a_fused_gated_mlps_product(llama5):  # noqa: F811
-    """A fused gate/up's (tokens, 2 I) output and its (tokens, I) product are live at once
-    (``models.llama.MLP``): 3 x I a token, besides the hidden states in and out."""
-    ckpt = open_checkpoint(llama5)
-    cfg = load_config(ckpt.config_dict())
-    fp = off.footprint(ckpt, cfg, parse_parts("b 0-2", cfg.num_hidden_layers), torch.float32,
-                       8, 1, 64, pass_tokens=16)  # fmt: skip
-    units = off.streamed_units(ckpt, cfg, parse_parts("b 0-2", 5), torch.float32, None)[1]
-    assert any(e.members and "gate_proj" in e.members[0][0] for u in units for e in u.entries)
-    tokens = 8 * 16
-    want = 4 * (tokens * 3 * cfg.intermediate_size + tokens * 2 * cfg.hidden_size)
-    assert fp.activations == want

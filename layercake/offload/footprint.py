@@ -135,13 +135,9 @@ def footprint(
         if any(u.kind == "layer" for u in units)
         else config.hidden_size
     )
-    # a fused gate/up (``models.llama.MLP``): its (tokens, 2 x I) output and the (tokens, I)
-    # product live at once, 3 x I a token; unfused, the product is made in place (2 x I)
-    gated = any(e.members and e.members[0][0].endswith("gate_proj.weight")
-                for u in units for e in u.entries)  # fmt: skip
     tokens = min(context, pass_tokens) if pass_tokens else context
     micro = batch_size * tokens  # intermediates: one micro-batch at a time
-    act = 4 * (micro * (3 if gated else 2) * widest + block * tokens * 2 * config.hidden_size)
+    act = 4 * (micro * 2 * widest + block * tokens * 2 * config.hidden_size)
     if parts.head:
         act += 4 * block * config.vocab_size  # the logits of a step
     if experts:  # ``models.moe.grouped``: each token's row once per chosen expert (one buffer,
