@@ -60,6 +60,11 @@ def role_main(a: argparse.Namespace) -> None:
     import layercake
 
     torch.set_num_threads(1)
+    trace = None
+    if a.mem_trace:
+        from memtrace import MemTrace
+
+        trace = MemTrace()
     path = model_path("llama1b")
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     ids = prompts(a.batch, a.prompt_len, vocab)[: a.batch].tolist()
@@ -72,6 +77,9 @@ def role_main(a: argparse.Namespace) -> None:
     llm = layercake.load(path, **kw)
     load_s = time.perf_counter() - t0
     marks = None if a.topology else mark_passes(llm.runner)
+    if trace is not None:
+        trace.mark("loaded")
+        llm.runner.forward = trace.after(llm.runner.forward, "pass")
     out = llm.generate(ids, max_new_tokens=a.gen_len, ignore_eos=True, temperature=0)
     s = llm.last_stats
     r = dict(load_s=load_s, prefill_s=s.prefill_s, decode_s=s.decode_s,
@@ -88,7 +96,11 @@ def role_main(a: argparse.Namespace) -> None:
         mem["streamed"] = round(getattr(llm.runner, "disk_bytes", 0) / 1e6, 1)
         r.update(forwards=len(marks), host0=dict(single_report(llm.runner), memory={"0": mem},
                                                  marks=list(marks)))  # fmt: skip
+    if trace is not None:
+        trace.mark("generated")
     r["logits_file"] = str(save_logits(llm.runner, ids[:4], a))
+    if trace is not None:
+        r["mem_trace"] = trace.result()
     if a.topology:
         llm.close()
     print(json.dumps(r), flush=True)
@@ -228,6 +240,7 @@ def _host(a: argparse.Namespace, i: int, cmd: list[str]) -> list[str]:
 def _main_cmd(a: argparse.Namespace, *extra: str) -> list[str]:
     cmd = [sys.executable, __file__, "--role", "main", "--batch", str(a.batch)]
     cmd += ["--prompt-len", str(a.prompt_len), "--gen-len", str(a.gen_len)]
+    cmd += ["--mem-trace"] if a.mem_trace else []
     return cmd + ["--budget", a.budget, "--offload-dir", str(a.offload_dir / "h0"), *extra]
 
 
@@ -349,6 +362,8 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=16)
     ap.add_argument("--offload-dir", type=Path, default=Path("/var/tmp/layercake-pipeline"))
     ap.add_argument("--case-timeout", type=float, default=1800)
+    ap.add_argument("--mem-trace", action="store_true", help="rank 0 (or the one host) samples "
+                    "its anonymous memory and glibc heap (benchmarks/memtrace.py)")  # fmt: skip
     a = ap.parse_args()
     a.node_budget = None if a.node_budget == "none" else binary(a.node_budget or a.mem)
     a.budget = binary(a.budget)

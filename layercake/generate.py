@@ -236,6 +236,7 @@ def _stream(
             logits = runner.forward(tokens, positions, cache, token_mask=mask, last_only=True)
             logits = logits[:, -1]
         step = sampler.sample(logits)
+        del logits  # not held through the next step's forward, which makes the next (B, V)
         pos = torch.tensor([[len(p)] for p in prompts], device=dev)  # (B, 1) next position
     events = [rows[r].push(t, lp) for r, t, lp in zip(live, step.token_ids, step.logprobs)]
     stats.prefill_s += time.perf_counter() - t0
@@ -262,6 +263,7 @@ def _stream(
             mask = None if active is None else active.view(-1, 1)
             logits = runner.forward(next_tokens, pos, cache, token_mask=mask, last_only=True)
             step = sampler.sample(logits[:, -1])
+            del logits
             pos += 1 if active is None else mask
         events = [
             rows[r].push(t, lp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import mmap
 import os
 import sys
@@ -42,6 +43,20 @@ def host_buffer(nbytes: int, pin: bool = False) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     mm = mmap.mmap(-1, nbytes)  # anonymous mapping: page-aligned, given back to the OS on free
     return torch.frombuffer(mm, dtype=torch.uint8)
+
+
+def mapped_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized CPU tensor in a private anonymous mapping of its own, unmapped when the
+    tensor is freed. For the large tensors made anew every step (a pipeline's output logits,
+    received frames): from glibc's heap (below its 32 MB mapping threshold) each left a hole
+    that the small allocations made meanwhile split, so the next one grew the heap instead, by
+    a varying number of such holes from run to run (rank 0 of a pipeline: 3 holes of 33 MB,
+    OOM-killed at its cap in 3 of 11 runs)."""
+    n = math.prod(shape) * dtype.itemsize
+    if n == 0:
+        return torch.empty(shape, dtype=dtype)
+    mm = mmap.mmap(-1, align_up(n), flags=mmap.MAP_PRIVATE)
+    return torch.frombuffer(mm, dtype=dtype, count=math.prod(shape)).view(shape)
 
 
 class DirectReader:

@@ -25,6 +25,7 @@ from layercake.config import BaseConfig
 from layercake.errors import LayercakeError
 from layercake.kv_cache import KVCache
 from layercake.models.tied import runner_embedding
+from layercake.offload.tiers import mapped_empty
 from layercake.pipeline.node import memory_plan
 from layercake.pipeline.rendezvous import host_job, join_job, leave_job
 from layercake.pipeline.stage import Stage, pieces, receive, run_segments, serve
@@ -193,8 +194,11 @@ class PipelineRunner:
         out = _assemble(finals, plan, T, last_only)
         if ids_only:  # what the greedy sampler needs from the logits: their argmax
             ids = out.view(-1, 1, 1)
-            logits = torch.full((len(ids), 1, self.vocab_size), NOT_CHOSEN, device=self.device)
-            return logits.scatter_(2, ids.to(self.device), 0.0)
+            shape = (len(ids), 1, self.vocab_size)
+            # a mapping of its own, gone when the caller drops it (``mapped_empty``)
+            logits = (mapped_empty(shape, torch.float32) if self.device.type == "cpu"
+                      else torch.empty(shape, device=self.device))  # fmt: skip
+            return logits.fill_(NOT_CHOSEN).scatter_(2, ids.to(self.device), 0.0)
         return out.to(self.device, torch.float32)
 
     def _embedding(self) -> Any:

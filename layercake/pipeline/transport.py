@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from layercake.errors import LayercakeError
+from layercake.offload.tiers import mapped_empty
 from layercake.pipeline.topology import Node
 
 MAGIC = 0x4C43_5031  # "LCP1"
@@ -26,6 +27,7 @@ MAX_PAYLOADS = 4
 MAX_DIMS = 3
 MAX_FRAME_BYTES = 1 << 36  # a header asking for more is corrupt, not allocated
 TEXT_BYTES = 4096  # an ERROR frame's message, at most
+MAPPED_PAYLOAD = 1 << 20  # payloads of this many bytes and more: in a mapping of their own
 FOREVER = 30 * 24 * 3600.0  # an idle worker waits for the next job as long as rank 0 lives
 
 DTYPE_CODES = {
@@ -109,8 +111,20 @@ class Transport:
             works = [dist.isend(header, dst)] + [dist.isend(t, dst) for t in out]
         except RuntimeError as e:
             raise self._peer_error(dst, e, "sending to") from None
+        self.pending = [f for f in self.pending if not self._sent(f)]
         self.pending.append((dst, works, [header, *out]))
         self.frames_sent += 1
+
+    def _sent(self, frame: tuple[int, list[dist.Work], list[torch.Tensor]]) -> bool:
+        """Whether a queued frame is out (its errors raised as ``flush`` would): its tensors are
+        then let go, so a prompt's pieces sent one after another are not all held until the
+        pass ends (4 x 4 MB per segment on rank 0 at batch 64)."""
+        dst, works, _ = frame
+        if not all(w.is_completed() for w in works):
+            return False
+        for w in works:
+            self._wait(w, dst, self.timeout, "sending to")
+        return True
 
     def flush(self, timeout: float | None = None) -> None:
         deadline = time.monotonic() + (timeout or self.timeout)
@@ -150,7 +164,10 @@ class Transport:
         tensors = []
         wire = self.wire_device(src)
         for shape, dtype in specs:
-            t = torch.empty(shape, dtype=dtype, device=wire)
+            big = wire.type == "cpu" and dtype.itemsize * math.prod(shape) >= MAPPED_PAYLOAD
+            # a large payload (logits, a prompt piece's hidden states) in a mapping of its own:
+            # one a step from the heap leaves holes that grow it (``tiers.mapped_empty``)
+            t = mapped_empty(shape, dtype) if big else torch.empty(shape, dtype=dtype, device=wire)
             self._wait(self._irecv(t, src), src, limit, "waiting for")
             tensors.append(t)
         self.bytes_received += total
