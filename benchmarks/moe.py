@@ -54,6 +54,8 @@ def worker_cmd(a: argparse.Namespace, engine: str, batch: int, *extra: str) -> l
     cmd += ["--layers", str(a.layers), "--skew", str(a.skew), "--threads", str(a.threads)]
     cmd += ["--prompt-len", str(a.prompt_len), "--gen-len", str(a.gen_len)]
     cmd += ["--offload-dir", str(a.offload_dir), "--hf-dtype", a.hf_dtype, *extra]
+    if engine == "layercake":  # the job's prompt length: the plan's activations for that pass
+        cmd += ["--pass-tokens", str(a.prompt_len if a.pass_tokens is None else a.pass_tokens)]
     return cmd
 
 
@@ -202,6 +204,13 @@ def parse_args() -> argparse.Namespace:
         "--layercake-budget",
         default="",
         help="layercake's --cpu-memory under the cap (default: the cap itself)",
+    )
+    ap.add_argument(
+        "--pass-tokens",
+        type=int,
+        help="layercake's pass_tokens: the tokens per sequence its plan's activations are for "
+        "(default: --prompt-len, the job's prompt in one pass; 0: the whole context, as before "
+        "moe8)",
     )
     ap.add_argument("--layers", type=int, default=6, help="6: 5.45 GB, over 2x the cap")
     ap.add_argument("--skew", type=float, default=1.0, help="router skew (0: uniform)")
