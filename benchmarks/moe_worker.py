@@ -212,12 +212,13 @@ def best_reader_probe(files: list[Path], passes: int) -> dict:
         gbps, kib = loader_pass(files)
         out["loader"].append(round(gbps, 3))
         out["loader_kib"].append(kib)
-    best = max(out["files"] + out["loader"])
-    return {"disk_gbps": best, "disk_gbps_passes": out["files"] + out["loader"],
-            "disk_gb_per_pass": round(sum(f.stat().st_size for f in files) / 1e9, 2),
-            "files_gbps": max(out["files"]), "files_gbps_passes": out["files"],
-            "files_request_kib": out["files_kib"], "loader_gbps": max(out["loader"]),
-            "loader_gbps_passes": out["loader"], "loader_request_kib": out["loader_kib"]}  # fmt: skip
+    rec = {"disk_gbps": max(out["files"] + out["loader"]),
+           "disk_gbps_passes": out["files"] + out["loader"],
+           "disk_gb_per_pass": round(sum(f.stat().st_size for f in files) / 1e9, 2)}  # fmt: skip
+    for k in ("files", "loader"):
+        rec.update({f"{k}_gbps": max(out[k]), f"{k}_gbps_passes": out[k],
+                    f"{k}_request_kib": out[f"{k}_kib"]})  # fmt: skip
+    return rec
 
 
 def loader_pass(files: list[Path]) -> tuple[float, int | None]:
@@ -297,8 +298,12 @@ def main() -> None:
     ap.add_argument("--cap")
     ap.add_argument("--accelerate-fraction", type=float, default=0.5)
     ap.add_argument("--budget", help="layercake's --cpu-memory under the cap (default: the cap)")
-    ap.add_argument("--pass-tokens", type=int, default=0,
-                    help="layercake's pass_tokens (0: not given, the plan's pass is the context)")
+    ap.add_argument(
+        "--pass-tokens",
+        type=int,
+        default=0,
+        help="layercake's pass_tokens (0: not given, the plan's pass is the context)",
+    )
     ap.add_argument("--hf-dtype", default="bfloat16", help="transformers' dtype (as stored)")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--gen-len", type=int, default=16)
