@@ -17,8 +17,9 @@ decode times, the cgroup's peak, bytes read from storage per generated token, di
 per layer and step (the oracle's routing at that batch, and the engine's own reads where it
 reports them), greedy tokens and logits against the in-memory run, and the fraction of the bound.
 
-The bound is computed from an independent probe (direct reads of the checkpoint, cold, best of
-``--probe-passes``; matmul peak per row count) and the oracle's routing at the same batch: per
+The bound is computed from an independent probe (its own process: direct reads of every expert
+file, cold, by the best of two readers, file by file and the engine's own expert loader, best of
+``--probe-passes`` each; matmul peak per row count) and the oracle's routing at the same batch: per
 step, max(bytes / disk rate, FLOPs / peak), where bytes are the distinct experts the step routed
 to that are not among the hottest ones (by the oracle's decode counts) that fit in RAM (the cap
 less the non-expert weights and what every engine holds besides weights, ``engine_needs``: the
