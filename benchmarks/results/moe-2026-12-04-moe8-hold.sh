@@ -11,7 +11,7 @@
 # be no slower than what the run itself got).
 # Before the first hold (untimed): the offload layout under OFF and the uncapped references in
 # REF (benchmarks/moe.py --engines transformers layercake-ram --batches 64 8 1 ...).
-# Holds a-d ran NEW at 1f5842c (/tmp/moe8-new), holds e and f at e4b24fa (NEW=/tmp/moe8-new2:
+# Holds a-d ran NEW at 1f5842c (/tmp/moe8-new), holds e and f at e4b24fa, g at e71e225 (NEW=/tmp/moe8-new2:
 # EXPERT_DECODE_ROOM; B=64's plan unchanged). Hold c's two thrashing B=8 runs were killed by hand
 # (exit 143); in e and f a watchdog would have killed any worker past 60 GB read (none was).
 # usage: hold.sh TAG SPEC...   SPEC = old:BATCH or new:BATCH
