@@ -17,8 +17,9 @@ decode times, the cgroup's peak, bytes read from storage per generated token, di
 per layer and step (the oracle's routing at that batch, and the engine's own reads where it
 reports them), greedy tokens and logits against the in-memory run, and the fraction of the bound.
 
-The bound is computed from an independent probe (direct reads of the checkpoint, cold, best of
-``--probe-passes``; matmul peak per row count) and the oracle's routing at the same batch: per
+The bound is computed from an independent probe (its own process: direct reads of every expert
+file, cold, by the best of two readers, file by file and the engine's own expert loader, best of
+``--probe-passes`` each; matmul peak per row count) and the oracle's routing at the same batch: per
 step, max(bytes / disk rate, FLOPs / peak), where bytes are the distinct experts the step routed
 to that are not among the hottest ones (by the oracle's decode counts) that fit in RAM (the cap
 less the non-expert weights and what every engine holds besides weights, ``engine_needs``: the
@@ -54,6 +55,8 @@ def worker_cmd(a: argparse.Namespace, engine: str, batch: int, *extra: str) -> l
     cmd += ["--layers", str(a.layers), "--skew", str(a.skew), "--threads", str(a.threads)]
     cmd += ["--prompt-len", str(a.prompt_len), "--gen-len", str(a.gen_len)]
     cmd += ["--offload-dir", str(a.offload_dir), "--hf-dtype", a.hf_dtype, *extra]
+    if engine == "layercake":  # the job's prompt length: the plan's activations for that pass
+        cmd += ["--pass-tokens", str(a.prompt_len if a.pass_tokens is None else a.pass_tokens)]
     return cmd
 
 
@@ -202,6 +205,13 @@ def parse_args() -> argparse.Namespace:
         "--layercake-budget",
         default="",
         help="layercake's --cpu-memory under the cap (default: the cap itself)",
+    )
+    ap.add_argument(
+        "--pass-tokens",
+        type=int,
+        help="layercake's pass_tokens: the tokens per sequence its plan's activations are for "
+        "(default: --prompt-len, the job's prompt in one pass; 0: the whole context, as before "
+        "moe8)",
     )
     ap.add_argument("--layers", type=int, default=6, help="6: 5.45 GB, over 2x the cap")
     ap.add_argument("--skew", type=float, default=1.0, help="router skew (0: uniform)")

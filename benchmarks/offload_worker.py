@@ -41,6 +41,8 @@ def load_options(ids: torch.Tensor, gen: int, a: argparse.Namespace) -> dict:
     else:
         kw["cpu_memory"] = cap_bytes(a.cap)  # all of the cap memlimit enforces
         kw["max_context"] = ids.shape[1] + gen
+        if getattr(a, "pass_tokens", 0):  # the job's prompt: activations planned for its pass
+            kw["pass_tokens"] = a.pass_tokens
     if a.compress_weight:
         kw.update(compress_weight=True, compress_bits=a.compress_bits)
     return kw

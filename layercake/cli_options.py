@@ -69,6 +69,13 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         type=int,
         help="prompt + generated tokens the memory budget plans the KV cache for (default 256)",
     )
+    o.add_argument(
+        "--pass-tokens",
+        type=int,
+        help="the most prompt tokens per sequence one pass brings, which the memory budget "
+        "plans the activations for (default: --max-context; a longer prompt runs in passes "
+        "of this many): the job's longest prompt leaves the rest of the budget to weights",
+    )
     add_pipeline_options(p)
 
 

@@ -319,7 +319,7 @@ def test_footprint_counts_the_rows_per_chosen_expert(tmp_path):
     from layercake.checkpoint import open_checkpoint
     from layercake.config import load_config
     from layercake.models.parts import parse_parts
-    from layercake.offload.footprint import EXPERT_CACHE_HEADROOM, footprint
+    from layercake.offload.footprint import EXPERT_CACHE_HEADROOM, EXPERT_DECODE_ROOM, footprint
 
     model_type, cfg, stacked = CASES["olmoe"]
     path = save_tiny(tmp_path / "m", model_type, cfg, stacked)
@@ -329,7 +329,38 @@ def test_footprint_counts_the_rows_per_chosen_expert(tmp_path):
     small, big = (footprint(ckpt, config, parts, torch.float32, bs, 1, 24) for bs in (1, 8))
     rows = 4 * 24 * cfg["num_experts_per_tok"] * cfg["hidden_size"]
     assert big.activations - small.activations >= 7 * rows
-    assert big.headroom == EXPERT_CACHE_HEADROOM > 0  # kept free of the plan: see footprint
+    # kept free for the page cache: 100 MiB, and with a prompt's activations (free at decode)
+    # at least EXPERT_DECODE_ROOM (a small block's decode thrashed with less; see footprint)
+    assert big.headroom == max(EXPERT_CACHE_HEADROOM, EXPERT_DECODE_ROOM - big.activations)
+    assert big.headroom + big.activations >= EXPERT_DECODE_ROOM
+
+
+def test_plan_for_the_jobs_prompt_leaves_more_to_experts(tmp_path):
+    """``pass_tokens`` (``--pass-tokens``: the job's longest prompt) plans the activations of a
+    pass of that many tokens, not of the whole context: at B=64 with a 16-token prompt and 8
+    generated, 50 MB of OLMoE's plan go to weights (4 experts; moe8). A prompt of that length
+    runs in one pass: the same tokens as in memory."""
+    from layercake.checkpoint import open_checkpoint
+    from layercake.config import load_config
+    from layercake.models.parts import parse_parts
+    from layercake.offload.footprint import footprint
+
+    model_type, cfg, stacked = CASES["olmoe"]
+    path = save_tiny(tmp_path / "m", model_type, cfg, stacked)
+    ckpt = open_checkpoint(path)
+    config = load_config(ckpt.config_dict())
+    parts = parse_parts("f", config.num_hidden_layers)
+    whole, job = (footprint(ckpt, config, parts, torch.float32, 64, 1, 24, pass_tokens=t)
+                  for t in (None, 16))  # fmt: skip
+    rows = 64 * 8 * (cfg["num_experts_per_tok"] + 2 + 2) * cfg["hidden_size"] * 4
+    # per token and row not planned: its k expert rows, its hidden states and intermediates
+    assert whole.activations - job.activations >= rows
+    ref = layercake.load(path).generate(PROMPTS, max_new_tokens=4, ignore_eos=True)
+    llm = layercake.load(path, percent=[0, 0, 100, 0, 100, 0], offload_dir=tmp_path / "o",
+                         batch_size=3, max_context=12, pass_tokens=len(PROMPTS[0]))  # fmt: skip
+    out = llm.generate(PROMPTS, max_new_tokens=4, ignore_eos=True)
+    assert [r.token_ids for r in out] == [r.token_ids for r in ref]
+    assert llm.runner.experts.passes == 4  # the prompt in one pass, then 3 steps
 
 
 def test_expert_ring_depth_follows_expert_size():

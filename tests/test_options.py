@@ -27,10 +27,12 @@ def test_every_engine_flag_is_an_option(command):
     names = {f.name for f in fields(Options)}
     assert _engine_flags(command) <= names
     required = {"generate": ["--prompt", "x"], "batch": ["--input", "i", "--output", "o"]}
-    flags = ["--device", "cpu", "--cpu-memory", "1GB", "--batch-size", "4", "--compress-cache"]
+    flags = ["--device", "cpu", "--cpu-memory", "1GB", "--batch-size", "4", "--compress-cache",
+             "--pass-tokens", "16"]  # fmt: skip
     a = build_parser().parse_args([command, *required.get(command, []), *flags])
     o = Options.from_args(a, max_sequences=3)
     assert (o.cpu_memory, o.batch_size, o.max_sequences, o.offloaded) == ("1GB", 4, 3, True)
+    assert o.pass_tokens == 16
     assert o.compression == compression(False, True)
 
 

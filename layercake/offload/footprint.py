@@ -37,6 +37,12 @@ SAFETY = 96 * 2**20  # allocator slack, thread stacks, the tokenizer's growth: k
 # files read outside the resident set); a MoE plan filling a cap to SAFETY was OOM-killed, one
 # leaving this much more ran at full speed (README, MoE offload)
 EXPERT_CACHE_HEADROOM = 100 * 2**20
+# ... and at least this much free for the page cache at decode together with the room a prompt's
+# activations leave once the prompt has run: B=64 ran clean with 235 MB there (130 MB of a
+# 16-token prompt's activations and the headroom; moe8), thrashed with 160 MB and less (moe6's
+# experts held in that room); B=8 and B=1, whose activations are 20-40 MB, had only ~140 MB
+# and were OOM-killed or thrashed (240 GB refaulted in 3 min; moe8 hold c)
+EXPERT_DECODE_ROOM = 224 * 2**20
 WIDEN_BYTES = 4 * WIDEN_SLAB  # the fp32 slab a prompt's bf16 weights widen into (``ops.linear``)
 MAX_ENTRIES = 16  # tensors of a unit that a staging slot's alignment slack allows for
 
@@ -158,7 +164,7 @@ def footprint(
         max_unit=max(u.nbytes for u in units),
         expert_staging=expert_slots(max(experts)) * (max(experts) + 2 * ALIGN) if experts else 0,
         always=weights - sum(experts),
-        headroom=EXPERT_CACHE_HEADROOM if experts else 0,
+        headroom=max(EXPERT_CACHE_HEADROOM, EXPERT_DECODE_ROOM - act) if experts else 0,
         activations=act,
         kv=kv,
     )
