@@ -190,20 +190,56 @@ inline void transpose8x4(const uint8_t* base, int64_t stride, __m256i* W) {
 
 // The fp16 fields of a panel's L rows as floats, block-major: d[g * L + i], m[g * L + i].
 // ``tr(p, L8)``: 8 blocks' fields of every row from p (2 G bytes apart between d and m) into 8
-// vectors of L floats.
+// vectors of L floats. The last G mod 8 blocks take the same 8-field reads into a scratch
+// buffer: a row's 8 fields from any block stay inside the row (its values follow its offsets).
 template <int L, class Tr>
-inline void panel_fields(const uint8_t* w, int64_t rb, int64_t G, float* d, float* m,
-                         const Tr& tr) {
+inline void panel_fields(const uint8_t* w, int64_t G, float* d, float* m, const Tr& tr) {
   int64_t g = 0;
   for (; g + 8 <= G; g += 8) {
     tr(w + 2 * g, d + g * L);
     tr(w + 2 * G + 2 * g, m + g * L);
   }
-  for (; g < G; ++g)
-    for (int i = 0; i < L; ++i) {
-      d[g * L + i] = half_at(w + i * rb + 2 * g);
-      m[g * L + i] = half_at(w + i * rb + 2 * G + 2 * g);
-    }
+  if (g < G) {
+    float tail[8 * L];
+    tr(w + 2 * g, tail);
+    std::memcpy(d + g * L, tail, (G - g) * L * sizeof(float));
+    tr(w + 2 * G + 2 * g, tail);
+    std::memcpy(m + g * L, tail, (G - g) * L * sizeof(float));
+  }
+}
+
+// The lines of the panel two ahead, spread over this panel's G blocks: at block g, up to line
+// (g + 1) * lines / G (counted without a division in the block loop). Two panels ahead, not one:
+// one panel's work is shorter than the memory's latency under load (at one row and two threads
+// one ahead measured ~7 % slower than the kernel before panels, two ahead level with it; three
+// or four no better), and a burst at the start of a panel measured slower at one row.
+constexpr int64_t AHEAD = 2;
+struct Spread {
+  const char* next;
+  int64_t G, step, rem, line = 0, end = 0, r = 0;
+  Spread(const uint8_t* next, int64_t bytes, int64_t G)
+      : next((const char*)next), G(G), step((bytes + 63) / 64 / G), rem((bytes + 63) / 64 % G) {}
+  inline void at() {
+    if (!next) return;
+    end += step;
+    r += rem;
+    if (r >= G) r -= G, ++end;
+    for (; line < end; ++line) _mm_prefetch(next + 64 * line, _MM_HINT_T0);
+  }
+};
+
+// 8 blocks' fp16 fields of 8 rows (from p, rows rb apart) as floats, block-major: out[8 g + i].
+inline void fields8(const uint8_t* p, int64_t rb, float* out) {
+  __m256i W[4];
+  transpose8x4(p, rb, W);
+  const __m256i lo16 = _mm256_set1_epi32(0xFFFF);
+  for (int k = 0; k < 4; ++k) {  // word k: blocks 2k (low half) and 2k + 1 (high half)
+    const __m256i h = _mm256_permute4x64_epi64(
+        _mm256_packus_epi32(_mm256_and_si256(W[k], lo16), _mm256_srli_epi32(W[k], 16)),
+        _MM_SHUFFLE(3, 1, 2, 0));
+    _mm256_storeu_ps(out + 16 * k, _mm256_cvtph_ps(_mm256_castsi256_si128(h)));
+    _mm256_storeu_ps(out + 16 * k + 8, _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)));
+  }
 }
 
 // R rows of activations against a panel of 8 weight rows (AVX2, or VNNI on 256-bit vectors):
@@ -214,27 +250,14 @@ __attribute__((noinline)) void panel8(const uint8_t* w, int64_t rb, int64_t G, c
                                       const float* dx, const float* sx, const int32_t* xc,
                                       int64_t K, float* y, int64_t ldy, float* d, float* m,
                                       const uint8_t* next) {
-  panel_fields<8>(w, rb, G, d, m, [&](const uint8_t* p, float* out) {
-    __m256i W[4];
-    transpose8x4(p, rb, W);
-    const __m256i lo16 = _mm256_set1_epi32(0xFFFF);
-    for (int k = 0; k < 4; ++k) {  // word k: blocks 2k (low half) and 2k + 1 (high half)
-      const __m256i h = _mm256_permute4x64_epi64(
-          _mm256_packus_epi32(_mm256_and_si256(W[k], lo16), _mm256_srli_epi32(W[k], 16)),
-          _MM_SHUFFLE(3, 1, 2, 0));
-      _mm256_storeu_ps(out + 16 * k, _mm256_cvtph_ps(_mm256_castsi256_si128(h)));
-      _mm256_storeu_ps(out + 16 * k + 8, _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)));
-    }
-  });
+  panel_fields<8>(w, G, d, m, [&](const uint8_t* p, float* out) { fields8(p, rb, out); });
   __m256 acc[R], off[R];
   for (int r = 0; r < R; ++r) acc[r] = off[r] = _mm256_setzero_ps();
   const uint8_t* qs = w + 4 * G;
   const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  const int64_t lines = (8 * rb + 63) / 64;
+  Spread ahead(next, 8 * rb, G);
   for (int64_t g = 0; g < G; ++g) {
-    if (next)  // the next panel, spread over this one's blocks
-      for (int64_t l = g * lines / G; l < (g + 1) * lines / G; ++l)
-        _mm_prefetch((const char*)next + 64 * l, _MM_HINT_T0);
+    ahead.at();
     __m256i a[4], b[4];  // 4 bits: low and high nibbles; 8 bits: values 0..15 and 16..31
     if constexpr (BITS == 4) {
       transpose8x4(qs + 16 * g, rb, a);
@@ -324,7 +347,7 @@ __attribute__((noinline)) void panel16(const uint8_t* w, int64_t rb, int64_t G,
                                        const int8_t* xq, const float* dx, const float* sx,
                                        const int32_t* xc, int64_t K, float* y, int64_t ldy,
                                        float* d, float* m, const uint8_t* next) {
-  panel_fields<16>(w, rb, G, d, m, [&](const uint8_t* p, float* out) {
+  panel_fields<16>(w, G, d, m, [&](const uint8_t* p, float* out) {
     __m512i W[4];
     transpose16x4(p, rb, W);
     for (int k = 0; k < 4; ++k) {  // word k: blocks 2k (low half) and 2k + 1 (high half)
@@ -337,11 +360,9 @@ __attribute__((noinline)) void panel16(const uint8_t* w, int64_t rb, int64_t G,
   for (int r = 0; r < R; ++r) acc[r] = off[r] = _mm512_setzero_ps();
   const uint8_t* qs = w + 4 * G;
   const __m512i m4 = _mm512_set1_epi8(0x0F), bias = _mm512_set1_epi8((char)0x80);
-  const int64_t lines = (16 * rb + 63) / 64;
+  Spread ahead(next, 16 * rb, G);
   for (int64_t g = 0; g < G; ++g) {
-    if (next)  // the next panel, spread over this one's blocks
-      for (int64_t l = g * lines / G; l < (g + 1) * lines / G; ++l)
-        _mm_prefetch((const char*)next + 64 * l, _MM_HINT_T0);
+    ahead.at();
     __m512i a[4], b[4];  // 4 bits: low and high nibbles; 8 bits: q + 128 of values 0..15, 16..31
     if constexpr (BITS == 4) {
       transpose16x4(qs + 16 * g, rb, a);
@@ -436,7 +457,8 @@ void block_mm(const float* x, const uint8_t* w, float* y, int64_t M, int64_t N, 
         std::memcpy(pad.data(), wp, nr * rb);
         wp = pad.data();
       }
-      const uint8_t* next = p + 1 < p1 && (p + 2) * L <= N ? w + (n0 + L) * rb : nullptr;
+      const uint8_t* next =
+          p + AHEAD < p1 && (p + AHEAD + 1) * L <= N ? w + (n0 + AHEAD * L) * rb : nullptr;
       for (int64_t m0 = 0; m0 < M; m0 += RMAX) {
         const int64_t rows = std::min(RMAX, M - m0);
         float tmp[RMAX * L];
