@@ -1,19 +1,13 @@
 #!/bin/bash
-# One hold of issue 20's measurement (helper moe9; copied from moe8's): old (main at dbe5abb, a copy at OLD, the same plan as new)
-# activations for the whole context: --pass-tokens 0) alternating with new (this branch at a
-# commit, a copy at NEW: the job's prompt length as pass_tokens); the harness is NEW's
-# benchmarks/moe.py (PYTHONPATH picks the engine). Per case, in their own processes, right before
-# and right after: the best-reader disk probe (moe_worker.py --probe --disk-only --passes 1: one
-# cold pass file by file and one of the engine's own loader; its whole record kept), and
-# /proc/diskstats (reads, sectors, ms), /proc/stat's CPU time and loadavg.
-# The record (moe-2026-12-04-moe8-adjacent.py) adds the bound at the faster adjacent probe and
-# at max(adjacent probes, the run's own loader rate): the honest fraction (a bound's disk can
-# be no slower than what the run itself got).
-# Before the first hold (untimed): the offload layout under OFF and the uncapped references in
-# REF (benchmarks/moe.py --engines transformers layercake-ram --batches 64 8 1 ...).
-# Holds a-d ran NEW at 1f5842c (/tmp/moe8-new), holds e and f at e4b24fa, g at e71e225 (NEW=/tmp/moe8-new2:
-# EXPERT_DECODE_ROOM; B=64's plan unchanged). Hold c's two thrashing B=8 runs were killed by hand
-# (exit 143); in e and f a watchdog would have killed any worker past 60 GB read (none was).
+# One hold of issue 20's measurement (helper moe9; moe8's hold script with other paths): old
+# (main at dbe5abb, a copy at OLD: git archive dbe5abb) alternating with new (this branch at a
+# commit, a copy at NEW: hold a ran 5629107's layercake/ and benchmarks/), both with the same
+# plan (the job's prompt length as pass_tokens); the harness is NEW's benchmarks/moe.py
+# (PYTHONPATH picks the engine). Per case, in their own processes, right before and right after:
+# the best-reader disk probe (moe_worker.py --probe --disk-only --passes 1), /proc/diskstats,
+# /proc/stat's CPU time and loadavg; the record (moe-2026-12-04-moe8-adjacent.py) adds the honest
+# fraction (the bound at max(adjacent probes, the run's own loader rate)). REF: a copy of moe8's
+# reference dir (/tmp/moe8-ref: the uncapped in-RAM oracle and transformers' routing).
 # usage: hold.sh TAG SPEC...   SPEC = old:BATCH or new:BATCH
 tag=$1; shift
 W=${W:-/work/wt/moe9}; NEW=${NEW:-/tmp/moe9-new}; OLD=${OLD:-/tmp/moe9-old}
