@@ -1,4 +1,5 @@
-"""Medians (min-max) of moe8's holds: python3 this.py HOLD...  (lines moe-2026-12-04-moe8HOLD.jsonl)
+"""Medians (min-max) of moe8's holds: python3 this.py HOLD...  (lines moe-2026-12-04-moe8HOLD.jsonl;
+NAME=moe9: moe9's holds, its old being main at dbe5abb with the same plan as new)
 
 Per engine (old: main at fe18076, its plan's pass the whole context; new: this branch, the job's
 prompt as pass_tokens) and batch: tok/s, the prompt's pass and decode, the run's loader rate and
@@ -10,12 +11,14 @@ other helpers' niced work took under QUIET_NICE_S CPU seconds. Then new against 
 pair (the k-th run of each in a hold)."""
 
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 QUIET_NICE_S = 5.0
+NAME = os.environ.get("NAME", "moe8")
 
 
 def med(xs):
@@ -29,7 +32,7 @@ def med(xs):
 rows: dict[tuple, list[dict]] = {}
 seq = []
 for hold in sys.argv[1:]:
-    for line in open(HERE / f"moe-2026-12-04-moe8{hold}.jsonl"):
+    for line in open(HERE / f"moe-2026-12-04-{NAME}{hold}.jsonl"):
         r = json.loads(line)
         if "throughput_tok_s" not in r:
             print("no result:", hold, r.get("which"), r.get("batch"), str(r.get("error"))[:200])
