@@ -36,12 +36,14 @@ def align_up(n: int, a: int = ALIGN) -> int:
     return (n + a - 1) // a * a
 
 
-def host_buffer(nbytes: int, pin: bool = False) -> torch.Tensor:
-    """A page-aligned uint8 host buffer (page-locked when ``pin``, for async copies to CUDA)."""
+def host_buffer(nbytes: int, pin: bool = False, private: bool = False) -> torch.Tensor:
+    """A page-aligned uint8 host buffer (page-locked when ``pin``, for async copies to CUDA); an
+    anonymous mapping of its own otherwise, given back to the OS on free: shared memory, or
+    private (anonymous) memory when ``private``."""
     nbytes = align_up(max(nbytes, 1))
     if pin:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    mm = mmap.mmap(-1, nbytes)  # anonymous mapping: page-aligned, given back to the OS on free
+    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE if private else mmap.MAP_SHARED)
     return torch.frombuffer(mm, dtype=torch.uint8)
 
 
@@ -55,8 +57,7 @@ def mapped_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     n = math.prod(shape) * dtype.itemsize
     if n == 0:
         return torch.empty(shape, dtype=dtype)
-    mm = mmap.mmap(-1, align_up(n), flags=mmap.MAP_PRIVATE)
-    return torch.frombuffer(mm, dtype=dtype, count=math.prod(shape)).view(shape)
+    return host_buffer(n, private=True)[:n].view(dtype).view(shape)
 
 
 class DirectReader:
