@@ -220,18 +220,12 @@ def worker(a: argparse.Namespace) -> None:
     print(json.dumps(r))
 
 
-def disk_probe(files: list[Path], passes: int, budget_s: float | None = None) -> dict:
+def disk_probe(files: list[Path], passes: int) -> dict:
     """Direct reads of ``files`` as the loader reads them, the page cache dropped before each
-    pass: the best pass's GB/s and every pass (stopping early once a pass has run ``budget_s``
-    seconds)."""
+    pass: the best pass's GB/s and every pass."""
     from layercake.offload.measure import direct_read_gbps
 
-    rates = []
-    for _ in range(passes):
-        t0 = time.perf_counter()
-        rates.append(round(direct_read_gbps(files, passes=1, drop_caches=True), 3))
-        if budget_s is not None and time.perf_counter() - t0 > budget_s:
-            break
+    rates = [round(direct_read_gbps(files, passes=1, drop_caches=True), 3) for _ in range(passes)]
     return {"disk_gbps": max(rates), "disk_gbps_passes": rates,
             "disk_gb_per_pass": round(sum(f.stat().st_size for f in files) / 1e9, 2)}  # fmt: skip
 
