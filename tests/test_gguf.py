@@ -172,10 +172,18 @@ def test_dequantize_every_type(typed_file):
     path, expected = typed_file
     ckpt = GGUFCheckpoint(path)
     values = np.random.default_rng(0).standard_normal((ROWS, COLS)).astype(np.float32)
+    unchecked = []  # types the installed transformers has no dequantizer for (older releases)
     for name, (qtype, raw) in expected.items():
         ours = ckpt.load(name)
         assert ours.shape == (ROWS, COLS) and ours.dtype == torch.float32, qtype.name
-        torch.testing.assert_close(ours, independent_dequant(qtype, raw), rtol=1e-6, atol=1e-6)
+        try:
+            reference = independent_dequant(qtype, raw)
+        except ValueError as e:
+            if "not supported" not in str(e):
+                raise
+            unchecked.append(qtype.name)
+        else:
+            torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
         if qtype not in (QType.Q4_K, QType.Q6_K):  # round trip: close to what was quantized
             tolerance = {QType.Q4_0: 0.5, QType.Q4_1: 0.3, QType.Q8_0: 0.03}.get(qtype, 0.02)
             assert (ours - torch.from_numpy(values)).abs().max() < tolerance, qtype.name
@@ -183,6 +191,8 @@ def test_dequantize_every_type(typed_file):
         plain = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
         assert ckpt.stored_dtype(name) == plain.get(qtype)  # None: block-quantized
         assert ckpt.load(name, torch.float16).dtype == torch.float16
+    if unchecked:  # every other check ran on them
+        pytest.skip(f"this transformers cannot dequantize {unchecked}: not compared with it")
 
 
 def test_bf16_loads_bit_exact(tmp_path):

@@ -94,8 +94,15 @@ def test_oversized_body_is_413_before_it_is_read(url):
 
 
 def test_hostile_json_is_400(url):
-    r = httpx.post(f"{url}/v1/completions", content=b"[" * 4000)  # within --max-body
-    assert "nested too deeply" in _error(r, 400)["message"]
+    deep = b"[" * 4000  # within --max-body
+    try:  # Python 3.11's decoder gives up on this depth; 3.12's C limit is deeper than 4000
+        json.loads(deep)
+    except RecursionError:
+        why = "nested too deeply"
+    except ValueError:
+        why = "not valid JSON"
+    r = httpx.post(f"{url}/v1/completions", content=deep)
+    assert why in _error(r, 400)["message"]
     r = httpx.post(f"{url}/v1/completions", content=b'{"prompt": "w1 \\ud800", "max_tokens": 1}')
     _error(r, 400, param="prompt")
     body = b'{"messages": [{"role": "user", "content": "\\udfff"}]}'
