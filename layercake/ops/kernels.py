@@ -26,6 +26,7 @@ build is reported the same way (and fails the test suite: ``tests/test_kernel_bu
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -86,6 +87,7 @@ def unsupported() -> str | None:
     return None
 
 
+@functools.cache  # read once: what a process has mapped stays mapped
 def _cxx_runtime() -> tuple[str, ...]:
     """The C++ runtime this process already runs (PyTorch loaded it), to link by its path. A
     toolchain whose g++ finds only ``libstdc++.a`` (seen on a GPU machine) otherwise links a
