@@ -26,8 +26,6 @@ no byte is read to move it.
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -39,7 +37,7 @@ from layercake.models.moe import RowsBuffer, grouped
 from layercake.offload.policy import split_bytes
 from layercake.offload.routing import probs_from_counts
 from layercake.offload.store import Unit, disk_range
-from layercake.offload.tiers import _libc, host_buffer
+from layercake.offload.tiers import _libc, host_buffer, let_go
 
 REBALANCE_EVERY = 4  # passes between moves of hot experts into RAM
 # a cold expert of the next layer is read before its router ran when the pass's rows choose it
@@ -242,7 +240,7 @@ class ExpertUnits:
         first = {p.entry.param: 0 for p in r.placed[out]}
         self.loader.ranges[out] = r.disk_ranges[out] = disk_range(r.units[out], first)
         for p in r.placed[out]:
-            unlock(p.cpu)
+            let_go(p.cpu)
             p.cpu, p.b = None, 0
             if p.owner is not None:  # its module's binding would keep the rows until it is
                 # next read: a pass's moves at once would sit on top of the budget
@@ -323,13 +321,3 @@ def give_back_heap() -> None:
     would add its expert's bytes to the process for good."""
     if _libc is not None and hasattr(_libc, "malloc_trim"):
         _libc.malloc_trim(0)
-
-
-def unlock(t: torch.Tensor | None) -> None:
-    """Undo ``tiers.keep_in_ram``'s lock of a file-mapped view (a no-op on owned memory), so
-    that an expert moved to disk gives its RAM back."""
-    if t is None or _libc is None or not t.numel():
-        return
-    start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
-    end = t.data_ptr() + t.numel() * t.element_size()
-    _libc.munlock(ctypes.c_void_p(start), ctypes.c_size_t(end - start))
