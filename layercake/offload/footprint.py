@@ -170,6 +170,21 @@ def footprint(
     )
 
 
+def decode_room(fp: Footprint, step: Footprint) -> int:
+    """Bytes a one-token step of the block leaves free of what the plan (``fp``, for a prompt's
+    pass) keeps besides the weights, for extra routed experts at decode (``experts``): the
+    prompt's activations less the step's (``step``: the same block, ``pass_tokens=1``), and
+    the page-cache headroom, which a prompt's pass needs (at B=64 the cgroup is at the cap
+    through it, its heap 0.17 GB over a step's) and a step does not: the files its code maps
+    are in the process's pages the plan counts (``held_bytes``), the experts are read past the
+    page cache, and the moved-out experts' pages, which took that room and more at decode
+    (0.28 GB at B=64, B=8 alike), now go (``tiers.let_go``). Measured at B=64, B=8, B=1 under
+    the 2.5 GiB cap (README, MoE offload, moe10): no file page refaulted at decode."""
+    if not fp.expert_staging:
+        return 0
+    return max(0, fp.activations - step.activations + fp.headroom)
+
+
 def widen_bytes() -> int:
     """The slab a prompt's bf16 weights widen into for MKL; none where they multiply on AMX tiles
     (``ops.linear.BF16`` widens only without AMX)."""
