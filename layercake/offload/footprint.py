@@ -41,7 +41,10 @@ EXPERT_CACHE_HEADROOM = 100 * 2**20
 # activations leave once the prompt has run: B=64 ran clean with 235 MB there (130 MB of a
 # 16-token prompt's activations and the headroom; moe8), thrashed with 160 MB and less (moe6's
 # experts held in that room); B=8 and B=1, whose activations are 20-40 MB, had only ~140 MB
-# and were OOM-killed or thrashed (240 GB refaulted in 3 min; moe8 hold c)
+# and were OOM-killed or thrashed (240 GB refaulted in 3 min; moe8 hold c). Those runs also kept
+# the moved-out experts' pages (0.28 GB, fixed in moe10: ``tiers.let_go``), most likely the
+# cause; kept for the prompt's pass (not re-measured without it): decode steps get this room
+# back as extra experts (``decode_room``)
 EXPERT_DECODE_ROOM = 224 * 2**20
 WIDEN_BYTES = 4 * WIDEN_SLAB  # the fp32 slab a prompt's bf16 weights widen into (``ops.linear``)
 MAX_ENTRIES = 16  # tensors of a unit that a staging slot's alignment slack allows for
