@@ -116,9 +116,7 @@ def _offloaded(
     xu = runner.experts
     if xu is not None and runner.expert_loader is not None and not runner.cuda:
         if policy.cache_disk == 0:  # (a KV ring on disk: the activations are not these)
-            step = footprint(ckpt, config, parts, dtype, **kw, context=o.max_context or 256,
-                             compress=compress, int4pack=True, pass_tokens=1)  # fmt: skip
-            xu.decode_extra = decode_extra(runner.units, decode_room(fp, step))
+            xu.decode_extra = decode_extra(runner.units, decode_room(fp))
     return runner
 
 

@@ -51,12 +51,35 @@ def test_decode_extra_counts_experts_of_the_largest_size():
 
 def test_decode_room_is_the_prompts_activations_and_headroom_a_step_leaves():
     fp = Footprint(weights=10**9, compute_ratio=2.0, max_unit=10**7, activations=130 * 10**6,
-                   kv=0, expert_staging=5 * 10**7, headroom=100 * 2**20)  # fmt: skip
-    step = Footprint(weights=10**9, compute_ratio=2.0, max_unit=10**7, activations=38 * 10**6,
-                     kv=0, expert_staging=5 * 10**7, headroom=100 * 2**20)  # fmt: skip
-    assert decode_room(fp, step) == 92 * 10**6 + 100 * 2**20
+                   kv=0, expert_staging=5 * 10**7, headroom=100 * 2**20,
+                   step_activations=38 * 10**6)  # fmt: skip
+    assert decode_room(fp) == 92 * 10**6 + 100 * 2**20
     dense = Footprint(weights=10**9, compute_ratio=2.0, max_unit=10**7, activations=10**8, kv=0)
-    assert decode_room(dense, dense) == 0  # no routed experts: nothing held at decode
+    assert decode_room(dense) == 0  # no routed experts: nothing held at decode
+
+
+def test_step_activations_are_a_one_token_pass_of_the_block(tmp_path):
+    """``footprint``'s step figure is what it plans for a pass of one token per row of the
+    whole block (a decode step runs the block as one micro-batch)."""
+    import json
+
+    from test_moe_models import CASES, save_tiny
+
+    from layercake.checkpoint import open_checkpoint
+    from layercake.config import load_config
+    from layercake.models.parts import Parts
+    from layercake.offload.footprint import footprint
+
+    model_type, cfg, stacked = CASES["olmoe"]
+    path = save_tiny(tmp_path / "m", model_type, cfg, stacked)
+    ck = open_checkpoint(path)
+    c = load_config(json.loads((path / "config.json").read_text()))
+    parts = Parts.full(c.num_hidden_layers)
+    kw = dict(int4pack=True)
+    fp = footprint(ck, c, parts, torch.float32, 3, 2, 24, pass_tokens=8, **kw)
+    one = footprint(ck, c, parts, torch.float32, 6, 1, 24, pass_tokens=1, **kw)
+    assert fp.step_activations == one.activations < fp.activations
+    assert decode_room(fp) == fp.activations - one.activations + fp.headroom
 
 
 def test_first_step_after_a_prompt_trims_the_heap(tmp_path, monkeypatch):

@@ -72,6 +72,7 @@ class Footprint:
     expert_staging: int = 0
     always: int = 0
     headroom: int = 0  # kept free for the page cache (``EXPERT_CACHE_HEADROOM``)
+    step_activations: int = 0  # routed experts: a one-token step's (``decode_room``)
 
     def layers_stream(self, ram: float) -> bool:
         """Whether units other than routed experts have rows on disk when ``ram`` bytes of
@@ -145,14 +146,21 @@ def footprint(
         else config.hidden_size
     )
     tokens = min(context, pass_tokens) if pass_tokens else context
-    micro = batch_size * tokens  # intermediates: one micro-batch at a time
-    act = 4 * (micro * 2 * widest + block * tokens * 2 * config.hidden_size)
-    if parts.head:
-        act += 4 * block * config.vocab_size  # the logits of a step
-    if experts:  # ``models.moe.grouped``: each token's row once per chosen expert (one buffer,
-        # the experts' outputs written over their inputs), gathered back a chunk at a time
-        choices = micro * getattr(config, "num_experts_per_tok", 1)
-        act += 4 * (choices + GATHER_CHOICES) * config.hidden_size
+
+    def activations(rows: int, tokens: int) -> int:
+        """Activations of a pass of ``tokens`` per row, ``rows`` rows per micro-batch."""
+        micro = rows * tokens  # intermediates: one micro-batch at a time
+        act = 4 * (micro * 2 * widest + block * tokens * 2 * config.hidden_size)
+        if parts.head:
+            act += 4 * block * config.vocab_size  # the logits of a step
+        if experts:  # ``models.moe.grouped``: each token's row once per chosen expert (one
+            # buffer, the experts' outputs written over their inputs), gathered back a chunk
+            # at a time
+            choices = micro * getattr(config, "num_experts_per_tok", 1)
+            act += 4 * (choices + GATHER_CHOICES) * config.hidden_size
+        return act
+
+    act = activations(batch_size, tokens)
     spec = compress.cache_spec(config.head_dim) if compress is not None else None
     if spec is not None:  # the two dequantized work buffers of one layer (shared by every layer)
         act += kv_bytes(config, block, context, 1, dtype.itemsize)
@@ -170,22 +178,23 @@ def footprint(
         headroom=max(EXPERT_CACHE_HEADROOM, EXPERT_DECODE_ROOM - act) if experts else 0,
         activations=act,
         kv=kv,
+        step_activations=activations(block, 1) if experts else 0,  # a step: the block at once
     )
 
 
-def decode_room(fp: Footprint, step: Footprint) -> int:
+def decode_room(fp: Footprint) -> int:
     """Bytes a one-token step of the block leaves free of what the plan (``fp``, for a prompt's
     pass) keeps besides the weights, for extra routed experts at decode (``experts``): the
-    prompt's activations less the step's (``step``: the same block, ``pass_tokens=1``), and
-    the page-cache headroom, which a prompt's pass needs (at B=64 the cgroup is at the cap
-    through it, its heap 0.17 GB over a step's) and a step does not: the files its code maps
-    are in the process's pages the plan counts (``held_bytes``), the experts are read past the
-    page cache, and the moved-out experts' pages, which took that room and more at decode
-    (0.28 GB at B=64, B=8 alike), now go (``tiers.let_go``). Measured at B=64, B=8, B=1 under
-    the 2.5 GiB cap (README, MoE offload, moe10): no file page refaulted at decode."""
+    prompt's activations less the step's (``step_activations``), and the page-cache headroom,
+    which a prompt's pass needs (at B=64 the cgroup is at the cap through it, its heap 0.17 GB
+    over a step's) and a step does not: the files its code maps are in the process's pages the
+    plan counts (``held_bytes``), the experts are read past the page cache, and the moved-out
+    experts' pages, which took that room and more at decode (0.28 GB at B=64, B=8 alike), now
+    go (``tiers.let_go``). Measured at B=64, B=8, B=1 under the 2.5 GiB cap (README, MoE
+    offload, moe10): no file page refaulted at decode."""
     if not fp.expert_staging:
         return 0
-    return max(0, fp.activations - step.activations + fp.headroom)
+    return max(0, fp.activations - fp.step_activations + fp.headroom)
 
 
 def widen_bytes() -> int:
