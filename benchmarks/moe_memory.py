@@ -51,6 +51,56 @@ def smaps_groups(pid: int) -> dict[str, int]:
     return out
 
 
+STAT = ("cache", "rss", "shmem", "mapped_file", "unevictable", "inactive_anon", "active_anon",
+        "inactive_file", "active_file", "workingset_refault_file", "pgmajfault")  # fmt: skip
+ROLLUP = ("Rss", "Anonymous", "Shared_Clean", "Private_Clean", "Shared_Dirty", "Private_Dirty",
+          "Locked")  # fmt: skip
+
+
+def rollup(pid: int) -> dict[str, int]:
+    """The worker's ``/proc/PID/smaps_rollup`` (bytes): resident, anonymous, clean/dirty file
+    and shared pages, locked."""
+    out = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        k, v = line.split()[:2]
+        if k.rstrip(":") in ROLLUP:
+            out[k.rstrip(":")] = int(v) * 1024
+    return out
+
+
+def mappings(pid: int, least: int = 2**20) -> list[list]:
+    """The worker's mappings of at least ``least`` resident bytes: [path or "anon", size MiB,
+    Rss MiB, Anonymous MiB, Locked MiB]; the smaller ones summed per path kind."""
+    out, cur = [], None
+    small: dict[str, list] = {}
+
+    def flush() -> None:
+        if cur is None:
+            return
+        if cur[2] >= least:
+            out.append([cur[0], *(round(x / 2**20, 1) for x in cur[1:5])])
+        else:
+            key = "small:" + next((g for g, test in GROUPS if test(cur[5])), "other")
+            acc = small.setdefault(key, [key, 0, 0, 0, 0])
+            for i in range(1, 5):
+                acc[i] += cur[i]
+
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if not head:
+            continue
+        if "-" in head[0] and not head[0].endswith(":"):
+            flush()
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            path = head[5] if len(head) > 5 else ""
+            cur = [path or "anon", hi - lo, 0, 0, 0, path]
+        elif head[0] in ("Rss:", "Anonymous:", "Locked:") and cur is not None:
+            cur[{"Rss:": 2, "Anonymous:": 3, "Locked:": 4}[head[0]]] += int(head[1]) * 1024
+    flush()
+    out += [[k, *(round(x / 2**20, 1) for x in v[1:])] for k, v in small.items()]
+    return sorted(out, key=lambda m: -m[2])
+
+
 def cgroup_stat(cg: Path) -> dict[str, int]:
     keep = ("cache", "rss", "mapped_file", "unevictable", "total_inactive_file",
             "total_active_file")  # fmt: skip
@@ -59,6 +109,14 @@ def cgroup_stat(cg: Path) -> dict[str, int]:
         k, v = line.split()
         if k in keep:
             stat[k] = int(v)
+    stat["usage"] = int((cg / "memory.usage_in_bytes").read_text())
+    return stat
+
+
+def stat_all(cg: Path) -> dict[str, int]:
+    """The cgroup's ``memory.stat`` fields of ``STAT`` and its usage (bytes; events: counts)."""
+    stat = {k: int(v) for k, v in (ln.split() for ln in (cg / "memory.stat").read_text()
+                                    .splitlines()) if k in STAT}  # fmt: skip
     stat["usage"] = int((cg / "memory.usage_in_bytes").read_text())
     return stat
 
@@ -72,6 +130,11 @@ def sample(proc: subprocess.Popen, every: float, found: dict) -> None:
             worker = max(pids)  # the python worker (memlimit's bash execs it)
             s = {"t": round(time.perf_counter() - found["t0"], 1), **cgroup_stat(cg)}
             s["smaps"] = smaps_groups(worker)
+            if found["series"] is not None:  # every sample: cgroup's stat, the worker's rollup
+                found["series"].append({"unix": round(time.time(), 2), **stat_all(cg),
+                                        **rollup(worker), "smaps": s["smaps"]})  # fmt: skip
+                if len(found["series"]) % 10 == 1:  # and about once a second, by mapping
+                    found["series"][-1]["mappings"] = mappings(worker)
         except (OSError, ValueError):
             time.sleep(every)
             continue
@@ -97,14 +160,21 @@ def main() -> None:
     ap.add_argument("--offload-dir", default="/var/tmp/layercake-offload")
     ap.add_argument("--every", type=float, default=0.5)
     ap.add_argument("--trace", action="store_true", help="every sample: t, MiB per group")
+    ap.add_argument(
+        "--series",
+        help="write every sample's memory.stat and smaps_rollup here "
+        "(JSON lines; the worker's phase times in the last line)",
+    )
+    ap.add_argument("--pass-tokens", type=int, help="layercake's (default: --prompt-len)")
     a = ap.parse_args()
     cmd = [str(MEMLIMIT), "--drop-caches", a.cap, sys.executable, str(HERE / "moe_worker.py"),
            "--engine", "layercake", "--batch", str(a.batch), "--gen-len", str(a.gen_len),
            "--prompt-len", str(a.prompt_len), "--offload-dir", a.offload_dir,
-           "--cap", a.cap]  # fmt: skip
+           "--cap", a.cap, "--pass-tokens",
+           str(a.prompt_len if a.pass_tokens is None else a.pass_tokens)]  # fmt: skip
     if a.budget:
         cmd += ["--budget", a.budget]
-    found: dict = {"t0": time.perf_counter(), "max": {}}
+    found: dict = {"t0": time.perf_counter(), "max": {}, "series": [] if a.series else None}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t = threading.Thread(target=sample, args=(proc, a.every, found), daemon=True)
     t.start()
@@ -118,10 +188,16 @@ def main() -> None:
     if proc.returncode == 0:
         r = json.loads(out.strip().splitlines()[-1])
         keep = ("memory_plan", "policy", "prefill_s", "decode_s", "rss_hwm_bytes", "times",
-                "expert_stats")  # fmt: skip
+                "expert_stats", "phase_unix", "major_faults", "pass_process_read_bytes",
+                "passes")  # fmt: skip
         rec["worker"] = {k: r[k] for k in keep if k in r}
     else:
         rec["stderr_tail"] = err.strip().splitlines()[-4:]
+    if a.series:
+        with open(a.series, "w") as f:
+            for x in found["series"]:
+                f.write(json.dumps(x) + "\n")
+            f.write(json.dumps({"phase_unix": rec.get("worker", {}).get("phase_unix")}) + "\n")
     print(json.dumps(rec), flush=True)
 
 

@@ -141,7 +141,7 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
     if os.environ.get("MOE_NO_FIRST_READ_AHEAD"):  # A/B: without ``begin_pass``'s read-ahead
         from layercake.offload.experts import ExpertUnits
 
-        ExpertUnits.begin_pass = lambda self, rows: None
+        ExpertUnits.begin_pass = lambda self, *a: None
     cap, a.cap = a.cap, a.budget or a.cap  # its --cpu-memory: the cap unless told less
     r = run_layercake_offload(path, ids, gen, a)
     a.cap = cap

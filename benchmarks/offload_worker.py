@@ -51,7 +51,7 @@ def load_options(ids: torch.Tensor, gen: int, a: argparse.Namespace) -> dict:
 def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace) -> dict:
     import layercake
 
-    t0 = time.perf_counter()
+    t0, unix0 = time.perf_counter(), time.time()
     llm = layercake.load(path, **load_options(ids, gen, a))
     load_s = time.perf_counter() - t0
     r = llm.runner
@@ -62,7 +62,8 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
     read0, rs0 = getattr(r, "bytes_read", 0), getattr(r, "read_s", 0.0)
     dq0, units0 = dequant_seconds(r), getattr(r, "dequant_units", 0)
     io0 = process_read_bytes()
-    pass_reads = log_pass_reads(r)
+    pass_reads, pass_unix = log_pass_reads(r)
+    extra0["phase_unix"] = {"load": [round(unix0, 2), round(time.time(), 2)], "passes": pass_unix}
     out = llm.generate(ids.tolist(), max_new_tokens=gen, ignore_eos=True)
     extra0["pass_process_read_bytes"] = [b - a for a, b in zip([io0, *pass_reads], pass_reads)]
     extra0["gen_read_bytes"] = process_read_bytes() - io0  # from storage while generating
@@ -107,19 +108,22 @@ def run_layercake(path: Path, ids: torch.Tensor, gen: int, a: argparse.Namespace
     )
 
 
-def log_pass_reads(runner) -> list[int]:
+def log_pass_reads(runner) -> tuple[list[int], list[float]]:
     """This process's read bytes after each of ``runner``'s passes from now on (appended to the
-    list returned): direct reads and page faults alike, i.e. weights and refaulted file pages."""
+    first list returned): direct reads and page faults alike, i.e. weights and refaulted file
+    pages; and when each pass ended (the second, Unix time: for a memory trace's phases)."""
     out: list[int] = []
+    ends: list[float] = []
     forward = runner.forward
 
     def logged(*args, **kw):
         y = forward(*args, **kw)
         out.append(process_read_bytes())
+        ends.append(round(time.time(), 2))
         return y
 
     runner.forward = logged
-    return out
+    return out, ends
 
 
 def dequant_seconds(r) -> float:

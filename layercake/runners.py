@@ -18,7 +18,8 @@ from layercake.errors import LayercakeError
 from layercake.models.build import build_slice
 from layercake.models.parts import Parts, parse_parts
 from layercake.offload.executor import OffloadRunner
-from layercake.offload.footprint import footprint, held_bytes, memory_bytes
+from layercake.offload.experts import decode_extra
+from layercake.offload.footprint import decode_room, footprint, held_bytes, memory_bytes
 from layercake.offload.kvdisk import RING
 from layercake.offload.policy import STAGING_SLOTS, Policy, parse_bytes, plan_policy
 from layercake.options import Options
@@ -112,6 +113,10 @@ def _offloaded(
     kv_budget = int(fp.kv * policy.cache_device / 100)
     runner = OffloadRunner(o, ckpt, config, source, parts, policy, kv_budget)
     runner.memory = memory_bytes(fp, policy, device.type == "cuda", 0, held)  # the plan's bytes
+    xu = runner.experts
+    if xu is not None and runner.expert_loader is not None and not runner.cuda:
+        if policy.cache_disk == 0:  # (a KV ring on disk: the activations are not these)
+            xu.decode_extra = decode_extra(runner.units, decode_room(fp))
     return runner
 
 

@@ -133,8 +133,8 @@ class OffloadRunner(Placement, Materializer):
         B, T = positions.shape
         if token_mask is None:
             token_mask = torch.ones(B, T, dtype=torch.bool)
-        if self.experts is not None:  # the first layer's experts read from the start
-            self.experts.begin_pass(B * T)
+        if self.experts is not None:  # a prompt's pass gives the decode steps' extras back;
+            self.experts.begin_pass(T, B * T)  # the first layer's experts read from the start
         step = cache.begin(token_mask.to(self.device))
         bs = self.micro_rows(T, min(cache.capacity, self.pass_tokens or cache.capacity))
         rows = [slice(a, min(a + bs, B)) for a in range(0, B, bs)]
@@ -163,11 +163,18 @@ class OffloadRunner(Placement, Materializer):
             argmax=ArgmaxRows() if self.head_tied and last_only else None,
         )
         t0, w0, b0 = time.perf_counter(), self.times["weights_wait_s"], self.bytes_read
+        after_prompt = T == 1 and bool(self.passes) and self.passes[-1][0] > 1
         try:
             with _pass_allocations(T > 1, self.experts is not None):
                 self._run_ops(s)
         finally:
             self.kv_mover.finish()
+        if after_prompt and self.experts is not None:
+            # the first step after a prompt let go of what the prompt's pass kept for its
+            # layers (``models.moe.RowsBuffer``: 64 MiB at B=64) on the heap after the pass's
+            # trim; glibc keeps a freed block that is not at the heap's top (0.07 GB held
+            # through the decode steps of a B=64 run, README MoE offload, moe10)
+            trim_heap()
         self.times["forward_s"] += time.perf_counter() - t0
         self.passes.append((T, time.perf_counter() - t0, self.times["weights_wait_s"] - w0,
                             self.bytes_read - b0))  # fmt: skip

@@ -22,12 +22,19 @@ Routing counts are kept per layer; every ``REBALANCE_EVERY`` passes the hottest 
 are marked to replace colder ones held in RAM (``rebalance``), and each move happens when the
 marked expert is next read anyway (``promote``): the RAM share serves the most selections and
 no byte is read to move it.
+
+Decode steps hold more experts than a prompt's pass (``decode_extra`` in all, spread over the
+layers; ``footprint.decode_room``: the room the plan gives a prompt's activations that a
+one-token step leaves free, and the page-cache headroom a prompt's pass needs and a step does
+not): at each one-token pass the hottest experts on disk are marked to be kept, without
+replacing any, when next read anyway; before a pass of several tokens per row those extras (the
+least selected held experts) go back to disk, so that the prompt finds its room again. (Tried
+in moe6 and dropped: the runs thrashed at decode; the cause was the moved-out experts' pages
+that stayed resident, ``tiers.let_go``.)
 """
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -39,7 +46,7 @@ from layercake.models.moe import RowsBuffer, grouped
 from layercake.offload.policy import split_bytes
 from layercake.offload.routing import probs_from_counts
 from layercake.offload.store import Unit, disk_range
-from layercake.offload.tiers import _libc, host_buffer
+from layercake.offload.tiers import _libc, align_up, host_buffer, let_go
 
 REBALANCE_EVERY = 4  # passes between moves of hot experts into RAM
 # a cold expert of the next layer is read before its router ran when the pass's rows choose it
@@ -91,6 +98,13 @@ def resident_bytes(
     return out
 
 
+def decode_extra(units: list[Unit], room: int) -> int:
+    """Experts that ``room`` bytes hold besides the plan's (each the size of the largest, in a
+    page-aligned buffer of its own)."""
+    largest = max((align_up(u.nbytes) for u in units if u.kind == "expert"), default=0)
+    return int(room // largest) if largest else 0
+
+
 class ExpertUnits:
     """The routed experts of an ``OffloadRunner``'s MoE layers."""
 
@@ -115,6 +129,9 @@ class ExpertUnits:
         self.ahead: dict[int, list[int]] = {}  # layer -> experts read before its router ran
         self.last_rows = [0, 0]  # rows of the latest two passes
         self.top_k = 1
+        self.decode_extra = 0  # experts held beyond the plan's at one-token passes, in all
+        self.grow: dict[int, set[int]] = {}  # layer -> units to keep in RAM when next read
+        self.grown: dict[int, int] = {}  # layer -> experts held beyond the plan's now
         self.rows = RowsBuffer()  # ``grouped``'s choice rows, shared by every layer
         for i in self.layers:
             moe = runner.model.layers()[str(i)].mlp
@@ -173,13 +190,44 @@ class ExpertUnits:
                 self.unrun.discard(self.unit[layer, held[h - 1]])
                 yield held[h - 1]
 
-    def begin_pass(self, rows: int) -> None:
-        """Before a pass of ``rows`` tokens in all: the first layer's likely cold experts are
-        queued (unless the previous pass queued them), so that they are read while the
-        embedding and the first attention compute, as every later layer's are read while the
-        layer before computes."""
+    def begin_pass(self, tokens: int, rows: int) -> None:
+        """Before a pass of ``tokens`` tokens per row, ``rows`` tokens in all: a prompt's pass
+        (more than one per row) first sends the decode steps' extra experts back to disk; a
+        one-token pass marks the hottest experts on disk to be kept when next read, up to
+        ``allowance`` per layer. Then the first layer's likely cold experts are queued (unless
+        the previous pass queued them), so that they are read while the embedding and the
+        first attention compute, as every later layer's are read while the layer before
+        computes."""
+        if tokens > 1:
+            self._give_back_extras()
+        else:
+            for i in self.layers:
+                want = self.allowance(i) - self.grown.get(i, 0)
+                c = self.counts[i].tolist()
+                cold = sorted((e for e in range(len(c)) if self.on_disk(self.unit[i, e])),
+                              key=lambda e: -c[e])  # fmt: skip
+                self.grow[i] = {self.unit[i, e] for e in cold[: max(0, want)]}
         if self.layers[0] not in self.ahead:
             self._queue_likely(self.layers[0], rows)
+
+    def allowance(self, layer: int) -> int:
+        """Layer ``layer``'s share of ``decode_extra`` (the first layers one more)."""
+        n, left = divmod(self.decode_extra, len(self.layers))
+        return n + (self.layers.index(layer) < left)
+
+    def _give_back_extras(self) -> None:
+        """The decode steps' extra experts (each layer's least selected held ones) to disk."""
+        if any(self.grown.values()):
+            for i in self.layers:
+                c = self.counts[i].tolist()
+                held = sorted((e for e in range(len(c)) if not self.on_disk(self.unit[i, e])),
+                              key=lambda e: c[e])  # fmt: skip
+                for e in held[: self.grown.get(i, 0)]:
+                    self.to_disk(self.unit[i, e])
+            self.swaps.clear()  # their experts to replace may have gone
+            give_back_heap()
+        self.grow.clear()
+        self.grown.clear()
 
     def _read_ahead(self, layer: int, rows: int) -> None:
         """Queue the reads of the next MoE layer's cold experts that this pass's ``rows`` rows
@@ -223,12 +271,15 @@ class ExpertUnits:
                 self.swaps[i][self.unit[i, into]] = self.unit[i, out]
 
     def promote(self, layer: int, into: int, staging: torch.Tensor) -> bool:
-        """If unit ``into`` (just read into ``staging``) is to move into RAM, copy it there and
-        drop the expert it replaces to disk; whether it moved."""
+        """If unit ``into`` (just read into ``staging``) is to move into RAM (to replace a held
+        expert, or as a decode step's extra), copy it there and drop the expert it replaces to
+        disk; whether it moved."""
         out = self.swaps.get(layer, {}).get(into)
-        if out is None or out in self.unrun:  # one held still to run here: at a later read
+        extra = out is None and into in self.grow.get(layer, ())
+        if not extra and (out is None or out in self.unrun):  # one held still to run: later
             return False
-        del self.swaps[layer][into]
+        if out is not None:
+            del self.swaps[layer][into]
         r = self.runner
         rng = self.loader.ranges[into]
         mem = host_buffer(rng[1])
@@ -239,10 +290,22 @@ class ExpertUnits:
             p.cpu = mem[lo : lo + e.nbytes].view(e.shape[0], -1).view(e.torch_dtype)
             p.b = e.shape[0]
         del self.loader.ranges[into]
+        if extra:
+            self.grow[layer].discard(into)
+            self.grown[layer] = self.grown.get(layer, 0) + 1
+        else:
+            self.to_disk(out)
+            give_back_heap()
+        self.moved += 1
+        return True
+
+    def to_disk(self, out: int) -> None:
+        """Unit ``out`` (held in RAM) lives on disk from now on: its RAM goes at once."""
+        r = self.runner
         first = {p.entry.param: 0 for p in r.placed[out]}
         self.loader.ranges[out] = r.disk_ranges[out] = disk_range(r.units[out], first)
         for p in r.placed[out]:
-            unlock(p.cpu)
+            let_go(p.cpu)
             p.cpu, p.b = None, 0
             if p.owner is not None:  # its module's binding would keep the rows until it is
                 # next read: a pass's moves at once would sit on top of the budget
@@ -250,9 +313,6 @@ class ExpertUnits:
                     p.owner._parameters[p.attr] = None
                 else:
                     setattr(p.owner, p.attr, None)
-        give_back_heap()
-        self.moved += 1
-        return True
 
     def stats(self) -> dict[str, float]:
         """Per pass and MoE layer: experts chosen, experts read from disk; bytes read."""
@@ -260,6 +320,8 @@ class ExpertUnits:
         return dict(experts_routed_per_layer=self.routed / n, experts_read_per_layer=self.reads / n,
                     expert_gb_read=self.read_bytes / 1e9, passes=self.passes,
                     experts_read_ahead=self.read_ahead, experts_moved_to_ram=self.moved,
+                    decode_extra=self.decode_extra,
+                    decode_extra_held=sum(self.grown.values()),
                     experts_read_ahead_unused=self.wasted)  # fmt: skip
 
 
@@ -323,13 +385,3 @@ def give_back_heap() -> None:
     would add its expert's bytes to the process for good."""
     if _libc is not None and hasattr(_libc, "malloc_trim"):
         _libc.malloc_trim(0)
-
-
-def unlock(t: torch.Tensor | None) -> None:
-    """Undo ``tiers.keep_in_ram``'s lock of a file-mapped view (a no-op on owned memory), so
-    that an expert moved to disk gives its RAM back."""
-    if t is None or _libc is None or not t.numel():
-        return
-    start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
-    end = t.data_ptr() + t.numel() * t.element_size()
-    _libc.munlock(ctypes.c_void_p(start), ctypes.c_size_t(end - start))

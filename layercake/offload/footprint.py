@@ -41,7 +41,10 @@ EXPERT_CACHE_HEADROOM = 100 * 2**20
 # activations leave once the prompt has run: B=64 ran clean with 235 MB there (130 MB of a
 # 16-token prompt's activations and the headroom; moe8), thrashed with 160 MB and less (moe6's
 # experts held in that room); B=8 and B=1, whose activations are 20-40 MB, had only ~140 MB
-# and were OOM-killed or thrashed (240 GB refaulted in 3 min; moe8 hold c)
+# and were OOM-killed or thrashed (240 GB refaulted in 3 min; moe8 hold c). Those runs also kept
+# the moved-out experts' pages (0.28 GB, fixed in moe10: ``tiers.let_go``), most likely the
+# cause; kept for the prompt's pass (not re-measured without it): decode steps get this room
+# back as extra experts (``decode_room``)
 EXPERT_DECODE_ROOM = 224 * 2**20
 WIDEN_BYTES = 4 * WIDEN_SLAB  # the fp32 slab a prompt's bf16 weights widen into (``ops.linear``)
 MAX_ENTRIES = 16  # tensors of a unit that a staging slot's alignment slack allows for
@@ -69,6 +72,7 @@ class Footprint:
     expert_staging: int = 0
     always: int = 0
     headroom: int = 0  # kept free for the page cache (``EXPERT_CACHE_HEADROOM``)
+    step_activations: int = 0  # routed experts: a one-token step's (``decode_room``)
 
     def layers_stream(self, ram: float) -> bool:
         """Whether units other than routed experts have rows on disk when ``ram`` bytes of
@@ -142,14 +146,21 @@ def footprint(
         else config.hidden_size
     )
     tokens = min(context, pass_tokens) if pass_tokens else context
-    micro = batch_size * tokens  # intermediates: one micro-batch at a time
-    act = 4 * (micro * 2 * widest + block * tokens * 2 * config.hidden_size)
-    if parts.head:
-        act += 4 * block * config.vocab_size  # the logits of a step
-    if experts:  # ``models.moe.grouped``: each token's row once per chosen expert (one buffer,
-        # the experts' outputs written over their inputs), gathered back a chunk at a time
-        choices = micro * getattr(config, "num_experts_per_tok", 1)
-        act += 4 * (choices + GATHER_CHOICES) * config.hidden_size
+
+    def activations(rows: int, tokens: int) -> int:
+        """Activations of a pass of ``tokens`` per row, ``rows`` rows per micro-batch."""
+        micro = rows * tokens  # intermediates: one micro-batch at a time
+        act = 4 * (micro * 2 * widest + block * tokens * 2 * config.hidden_size)
+        if parts.head:
+            act += 4 * block * config.vocab_size  # the logits of a step
+        if experts:  # ``models.moe.grouped``: each token's row once per chosen expert (one
+            # buffer, the experts' outputs written over their inputs), gathered back a chunk
+            # at a time
+            choices = micro * getattr(config, "num_experts_per_tok", 1)
+            act += 4 * (choices + GATHER_CHOICES) * config.hidden_size
+        return act
+
+    act = activations(batch_size, tokens)
     spec = compress.cache_spec(config.head_dim) if compress is not None else None
     if spec is not None:  # the two dequantized work buffers of one layer (shared by every layer)
         act += kv_bytes(config, block, context, 1, dtype.itemsize)
@@ -167,7 +178,23 @@ def footprint(
         headroom=max(EXPERT_CACHE_HEADROOM, EXPERT_DECODE_ROOM - act) if experts else 0,
         activations=act,
         kv=kv,
+        step_activations=activations(block, 1) if experts else 0,  # a step: the block at once
     )
+
+
+def decode_room(fp: Footprint) -> int:
+    """Bytes a one-token step of the block leaves free of what the plan (``fp``, for a prompt's
+    pass) keeps besides the weights, for extra routed experts at decode (``experts``): the
+    prompt's activations less the step's (``step_activations``), and the page-cache headroom,
+    which a prompt's pass needs (at B=64 the cgroup is at the cap through it, its heap 0.17 GB
+    over a step's) and a step does not: the files its code maps are in the process's pages the
+    plan counts (``held_bytes``), the experts are read past the page cache, and the moved-out
+    experts' pages, which took that room and more at decode (0.28 GB at B=64, B=8 alike), now
+    go (``tiers.let_go``). Measured at B=64, B=8, B=1 under the 2.5 GiB cap (README, MoE
+    offload, moe10): no file page refaulted at decode."""
+    if not fp.expert_staging:
+        return 0
+    return max(0, fp.activations - fp.step_activations + fp.headroom)
 
 
 def widen_bytes() -> int:

@@ -144,16 +144,41 @@ def file_tensor(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch
     return t.view(shape)
 
 
+_LOCKED: set[tuple[int, int]] = set()  # (start, end) of the views ``keep_in_ram`` locked
+
+
 def keep_in_ram(t: torch.Tensor) -> torch.Tensor:
-    """``t`` held in RAM for good. A view of a file's map is locked there (``mlock``): under a
-    memory cap the kernel would otherwise drop those clean pages first and fault them back in on
-    every step. Where locking is not allowed (``RLIMIT_MEMLOCK``), a private copy."""
+    """``t`` held in RAM until ``let_go``. A view of a file's map is locked there (``mlock``):
+    under a memory cap the kernel would otherwise drop those clean pages first and fault them
+    back in on every step. Where locking is not allowed (``RLIMIT_MEMLOCK``), a private copy."""
     if _libc is not None and t.numel():
         start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
         end = t.data_ptr() + t.numel() * t.element_size()
         if _libc.mlock(ctypes.c_void_p(start), ctypes.c_size_t(end - start)) == 0:
+            _LOCKED.add((t.data_ptr(), end))
             return t
     return t.clone()
+
+
+def let_go(t: torch.Tensor | None) -> None:
+    """Undo ``keep_in_ram`` for a view it locked (a no-op on any other tensor, owned memory
+    included): unlocked, and its whole pages dropped from this process (``MADV_DONTNEED``; read
+    from the file again if touched). A checkpoint's map is private and writable (copy-on-write),
+    so locking it made private copies of its pages, which unlocking alone keeps for good: at
+    B=64 an OLMoE run's moves of hot experts into RAM left 0.28 GB of the moved-out experts'
+    down projections resident, on top of the ones moved in (README, MoE offload, moe10). The
+    pages it shares with a neighbouring tensor (its first and last, partly) stay."""
+    if t is None or _libc is None or not t.numel():
+        return
+    lo, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    if (lo, end) not in _LOCKED:
+        return
+    _LOCKED.discard((lo, end))
+    start = lo // mmap.PAGESIZE * mmap.PAGESIZE
+    _libc.munlock(ctypes.c_void_p(start), ctypes.c_size_t(end - start))
+    inner, stop = align_up(lo, mmap.PAGESIZE), end // mmap.PAGESIZE * mmap.PAGESIZE
+    if stop > inner:
+        _libc.madvise(ctypes.c_void_p(inner), ctypes.c_size_t(stop - inner), 4)  # DONTNEED
 
 
 def advise_willneed(t: torch.Tensor) -> None:
