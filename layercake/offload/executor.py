@@ -164,8 +164,7 @@ class OffloadRunner(Placement, Materializer):
         )
         t0, w0, b0 = time.perf_counter(), self.times["weights_wait_s"], self.bytes_read
         try:
-            huge = HUGE_ACTIVATIONS * bs * T * self.config.hidden_size * 4
-            with _pass_allocations(T > 1, self.experts is not None, huge):
+            with _pass_allocations(T > 1, self.experts is not None):
                 self._run_ops(s)
         finally:
             self.kv_mover.finish()
@@ -297,12 +296,12 @@ DEFAULT_TRIM_THRESHOLD = 128 << 10  # glibc's default M_TRIM_THRESHOLD
 
 
 @contextlib.contextmanager
-def _pass_allocations(many: bool, experts: bool, huge: int = 0) -> Iterator[None]:
+def _pass_allocations(many: bool, experts: bool) -> Iterator[None]:
     """The allocator of a pass: a pass of many tokens of a model with routed experts on glibc's
     heap (``_heap_pass``), of other models on mappings of their own (``_mapped_allocations``);
     one-token steps as they are."""
     if many and experts:
-        with _heap_pass(huge):
+        with _heap_pass():
             yield
     else:
         with _mapped_allocations(many):
@@ -310,7 +309,7 @@ def _pass_allocations(many: bool, experts: bool, huge: int = 0) -> Iterator[None
 
 
 @contextlib.contextmanager
-def _heap_pass(huge: int = 0) -> Iterator[None]:
+def _heap_pass() -> Iterator[None]:
     """A prompt's pass of a mixture of experts allocates per expert its intermediates (1-7 MB at
     B=64) and per layer the attention's (8-25 MB), each a fresh mapping under
     ``_mapped_allocations``: ~290k page faults a pass of the B=64 x 16 OLMoE-shaped benchmark,
@@ -318,15 +317,13 @@ def _heap_pass(huge: int = 0) -> Iterator[None]:
     after another's, freed before the next), so on the heap, kept (trim threshold raised) while
     the pass runs, each later layer reuses the first one's memory without faults; at the end of
     the pass the heap's free pages go back (``trim_heap``), so the pass's high-water mark is not
-    kept (the cap's page cache gets it back between passes). ``huge``: bytes of the heap to
-    fault in 2 MB pages (``huge_heap_ahead``)."""
+    kept (the cap's page cache gets it back between passes)."""
     libc = glibc()
     if libc is None:
         yield
         return
     libc.mallopt(-3, HEAP_MMAP_THRESHOLD)
     libc.mallopt(-1, HEAP_TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
-    huge_heap_ahead(libc, huge)
     try:
         yield
     finally:
@@ -351,39 +348,6 @@ def _mapped_allocations(on: bool) -> Iterator[None]:
         yield
     finally:
         libc.mallopt(-3, HEAP_MMAP_THRESHOLD)
-
-
-# a pass's activations on the heap in hidden-state-sized (rows x hidden fp32) units: its q/k/v
-# (3), attention's output and o_proj's (2), the residual and norms (3), the experts' rows
-# gathered back and their sum (3), and the experts' intermediates: ~16 at B=64 x 16 (moe11)
-HUGE_ACTIVATIONS = 16
-HUGE_CHUNK = 16 << 20  # the heap is grown ahead of a pass in chunks of this many bytes
-MADV_HUGEPAGE = 14
-
-
-def huge_heap_ahead(libc: Any, nbytes: int) -> None:
-    """Grow glibc's heap by about ``nbytes`` (untouched: nothing resident yet) and advise huge
-    pages on that range, so a pass's fresh activations there fault in 2 MB pages instead of
-    4 KB ones: a B=64 prompt's pass of the OLMoE-shaped benchmark faulted 30-90k pages at ~7 us
-    each on this VM (moe11). The heap then serves the pass from that range (freed chunks merge
-    into its top, kept by the raised trim threshold); ``trim_heap`` gives it back at the end.
-    A no-op where the kernel or libc refuses (no THP: plain pages, as before)."""
-    if nbytes < HUGE_CHUNK or not hasattr(libc, "sbrk") or not hasattr(libc, "madvise"):
-        return
-    libc.sbrk.restype = libc.malloc.restype = ctypes.c_void_p
-    libc.sbrk.argtypes, libc.malloc.argtypes = [ctypes.c_ssize_t], [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    start = libc.sbrk(0)
-    blocks = [libc.malloc(HUGE_CHUNK) for _ in range(nbytes // HUGE_CHUNK)]
-    end = libc.sbrk(0)
-    for b in blocks:
-        libc.free(b)
-    if not start or not end:
-        return
-    lo, hi = -(-start // (2 << 20)) * (2 << 20), end // (2 << 20) * (2 << 20)
-    if hi > lo:
-        libc.madvise(lo, hi - lo, MADV_HUGEPAGE)
 
 
 def trim_heap() -> None:
