@@ -1,15 +1,16 @@
 """A prompt's attention on fused q/k/v: the norms and RoPE in place (``kernels.qk_norm_rope``)
 give the bits of the separate ops they replace (``Attention.normed`` then ``Rope.apply``), for
-q/k norms over the projection (OLMoE), per head (Qwen3) and none (Llama), GQA included, and a
-prompt's pass allocates none of their temporaries."""
+q/k norms over the projection (OLMoE), per head (Qwen3) and none (Llama), GQA included; and
+``moe.grouped`` writes bf16 experts' outputs over their rows (``MLP.forward_into``), same values."""
 
 import pytest
 import torch
 
 from layercake.kv_cache import AttentionStep
-from layercake.models import llama
+from layercake.models import llama, moe
 from layercake.models.layers import Rotary
 from layercake.ops import kernels
+from layercake.ops.linear import Linear, from_float
 
 pytestmark = pytest.mark.skipif(
     not kernels.available(), reason=f"no CPU kernels here: {kernels.unavailable_reason()}"
@@ -82,3 +83,29 @@ def test_qk_norm_rope_rejects_bad_arguments():
         kernels.qk_norm_rope(qkv, torch.ones(5), e, 1e-5, cs, cs, 2, 1)
     with pytest.raises(RuntimeError, match="contiguous"):
         kernels.qk_norm_rope(torch.zeros(4 * 8, 2).t(), e, e, 1e-5, cs, cs, 2, 1)
+
+
+def test_grouped_writes_each_experts_output_over_its_rows(monkeypatch):
+    """bf16 experts with fused gate/up: ``grouped`` takes ``MLP.forward_into`` (no output
+    copy), with the values of ``forward``."""
+    c = llama.Config(model_type="llama", hidden_size=64, num_attention_heads=2,
+                     num_key_value_heads=2, head_dim=32, intermediate_size=48, vocab_size=8,
+                     num_hidden_layers=1, max_position_embeddings=16)  # fmt: skip
+    g = torch.Generator().manual_seed(4)
+    experts = torch.nn.ModuleList()
+    for _ in range(4):
+        m = llama.MLP(c)
+        gu = (torch.randn(96, 64, generator=g) / 8).bfloat16()
+        m.gate_up_proj = Linear(from_float("bf16", gu))
+        m.down_proj = Linear(from_float("bf16", (torch.randn(64, 48, generator=g) / 7).bfloat16()))
+        experts.append(m)
+    x = torch.randn(40, 64, generator=g)
+    ids = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(40)])
+    w = torch.rand(40, 2, generator=g)
+    calls = []
+    real = llama.MLP.forward_into
+    monkeypatch.setattr(llama.MLP, "forward_into", lambda *a: calls.append(1) or real(*a))
+    got = moe.grouped(x, ids, w, experts)
+    assert len(calls) == 4
+    monkeypatch.setattr(llama.MLP, "forward_into", lambda *a: False)
+    assert torch.equal(got, moe.grouped(x, ids, w, experts))
