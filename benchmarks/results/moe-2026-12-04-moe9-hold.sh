@@ -8,7 +8,8 @@
 # /proc/stat's CPU time and loadavg; the record (moe-2026-12-04-moe8-adjacent.py) adds the honest
 # fraction (the bound at max(adjacent probes, the run's own loader rate)). REF: a copy of moe8's
 # reference dir (/tmp/moe8-ref: the uncapped in-RAM oracle and transformers' routing).
-# usage: hold.sh TAG SPEC...   SPEC = old:BATCH or new:BATCH
+# usage: hold.sh TAG SPEC...   SPEC = old:BATCH or new:BATCH (or new2:BATCH: the tree at NEW2, a
+# third engine; moe11's hold a)
 tag=$1; shift
 W=${W:-/work/wt/moe9}; NEW=${NEW:-/tmp/moe9-new}; OLD=${OLD:-/tmp/moe9-old}
 R=$W/benchmarks/results; PY=$W/.venv/bin/python; NAME=${NAME:-moe9}
@@ -26,7 +27,7 @@ rm -f $REF/probe-6l.json
 echo "probe $(cut -c1-160 $REF/probe-6l.json)" >&2
 for spec in "$@"; do
   IFS=: read which batch <<< "$spec"
-  case $which in old) src=$OLD; pt="";; *) src=$NEW; pt="";; esac
+  case $which in old) src=$OLD; pt="";; new2) src=$NEW2; pt="";; *) src=$NEW; pt="";; esac
   p0=$(dprobe before); d0=$(disk); c0=$(cpu); l0=$(cut -d' ' -f1-3 /proc/loadavg); t0=$(date -u +%T)
   (cd $NEW && PYTHONPATH=$src $PY benchmarks/moe.py --batches $batch --engines layercake --gen-len 8 \
      --prompt-len 16 $pt --offload-dir $OFF --reference-dir $REF) > $TMP/case.out

@@ -27,6 +27,8 @@ from layercake.models.layers import (
 from layercake.models.parts import Parts
 from layercake.ops import kernels
 
+_NONE = torch.empty(0)  # no q/k norm (``kernels.qk_norm_rope``)
+
 
 @dataclass(frozen=True)
 class Config(BaseConfig):
@@ -95,9 +97,16 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         if fused is not None:
             qkv = fused.forward(x)  # (B, T, (H + 2 KV) hd)
-            if self.qk_norm:
-                qkv = self.normed(qkv)
-            qk = rope.apply(qkv[..., : (H + KV) * hd].view(B, T, H + KV, hd))
+            if self.in_place(qkv, rope):  # norms and RoPE in place: no temporaries
+                qn, kn = (self.q_norm, self.k_norm) if self.qk_norm else (None, None)
+                qw, kw = (qn.weight, kn.weight) if qn is not None else (_NONE, _NONE)
+                eps = qn.eps if qn is not None else 0.0
+                kernels.qk_norm_rope(qkv, qw, kw, eps, rope.cos, rope.sin, H, KV)
+                qk = qkv[..., : (H + KV) * hd].view(B, T, H + KV, hd)
+            else:
+                if self.qk_norm:
+                    qkv = self.normed(qkv)
+                qk = rope.apply(qkv[..., : (H + KV) * hd].view(B, T, H + KV, hd))
             q, k = qk[:, :, :H], qk[:, :, H:]  # (B, T, H, hd), (B, T, KV, hd)
             v = qkv[..., (H + KV) * hd :].view(B, T, KV, hd)
         else:
@@ -109,6 +118,23 @@ class Attention(nn.Module):
             v = self.v_proj(x).view(B, T, KV, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         return self.o_proj.forward(cached_attention(q, k, v, cache_k, cache_v, step))
+
+    def in_place(self, qkv: torch.Tensor, rope: Rope) -> bool:
+        """Whether fused projections ``qkv`` of several tokens take their q/k norms and RoPE in
+        place (``kernels.qk_norm_rope``): eager fp32 on the CPU, contiguous, fp32 norms of one
+        eps. Same values as ``normed`` then ``rope.apply``; their temporaries were most of a
+        prompt's fresh pages (moe11)."""
+        if rope.one_token or not qkv.is_contiguous() or not kernels.eager_cpu_fp32(qkv):
+            return False
+        cos = rope.cos  # (B, T, 1, hd): one row per token (not broadcast over the batch)
+        if cos.dtype != torch.float32 or cos.device != qkv.device:
+            return False
+        if cos.numel() * qkv.shape[-1] != qkv.numel() * self.hd:
+            return False
+        if not self.qk_norm:
+            return True
+        qn, kn = self.q_norm, self.k_norm
+        return qn.weight.dtype == kn.weight.dtype == torch.float32 and qn.eps == kn.eps
 
     def qkv(self, x: torch.Tensor) -> torch.Tensor:
         """q, k, v side by side, from separate weights (a streamed layer)."""
@@ -152,6 +178,20 @@ class MLP(nn.Module):
         else:  # in place on the fresh intermediate: no second (tokens x I) allocation
             act = F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x))
         return self.down_proj.forward(act)
+
+    def forward_into(self, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """``forward(x)`` written into ``out`` (N, hidden), which may be ``x`` itself (read
+        first), where the fused gate/up and a ``bf16`` down projection run on our kernels (an
+        expert of a prompt's pass: ``moe.grouped`` then copies no output); False (nothing
+        written) elsewhere. The same values as ``forward``."""
+        fused, down = self.gate_up_proj, self.down_proj
+        w = getattr(down, "weight", None)
+        if fused is None or not hasattr(w, "linear_into") or not kernels.eager_cpu_fp32(x):
+            return False
+        if w.widens(x.numel() // x.shape[-1]):  # the down projection's rows: x's
+            return False
+        gu = fused.forward(x)  # (N, 2 I)
+        return w.linear_into(kernels.silu_mul(gu), out, down._parameters["bias"])
 
 
 class Layer(nn.Module):

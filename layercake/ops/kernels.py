@@ -8,6 +8,7 @@
 - ``decode_step``: a one-token step's RoPE, cache write and attention from fused q/k/v.
 - ``silu_mul``: SwiGLU's ``silu(gate) * up`` from the fused gate|up output in one op.
 - ``rms_norm``: RMSNorm in one op (two a layer in a one-token step).
+- ``qk_norm_rope``: a prompt's q/k norms and RoPE in place in the fused q/k/v projections.
 - ``bf16_mm``: fp32 activations times bf16 weights, widened in registers: an offloaded bf16
   layer needs no fp32 copy, and it outruns converting to fp32 and then MKL's GEMM (README,
   "Offloading").
@@ -158,6 +159,10 @@ def _fake_bf16_mm_out(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> None
     return None
 
 
+def _fake_qk_norm_rope(qkv, qw, kw, eps: float, cos, sin, H: int, KV: int) -> None:
+    return None
+
+
 _STATE: list[str | None] = []  # _load's answer once it has run
 
 
@@ -195,6 +200,7 @@ def _build_and_register() -> str | None:
     torch.library.register_fake("layercake::decode_step")(_fake_decode_step)
     torch.library.register_fake("layercake::amx_bf16x3_mm")(_fake_bf16_mm)
     torch.library.register_fake("layercake::amx_bf16x3_mm_out")(_fake_bf16_mm_out)
+    torch.library.register_fake("layercake::qk_norm_rope")(_fake_qk_norm_rope)
     for name in OPS:  # every op looked up now: a compiled graph never sees _OPS change
         _OPS[name] = getattr(torch.ops.layercake, name).default
     return None
@@ -223,7 +229,8 @@ def require() -> None:
 
 
 OPS = ("block_mm", "decode_attention", "bf16_mm", "bf16_mm_out", "rms_norm", "silu_mul",
-       "decode_step", "amx_available", "amx_bf16x3_mm", "amx_bf16x3_mm_out")  # fmt: skip
+       "decode_step", "qk_norm_rope", "amx_available", "amx_bf16x3_mm",
+       "amx_bf16x3_mm_out")  # fmt: skip
 _OPS: dict = {}  # name -> torch.ops.layercake.<name>.default, filled when the kernels load
 
 
@@ -285,6 +292,24 @@ def decode_step(
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU's product for fp32 ``x`` (.., 2 I) holding gate | up: ``silu(gate) * up`` (.., I)."""
     return _op("silu_mul")(x)
+
+
+def qk_norm_rope(
+    qkv: torch.Tensor,
+    qw: torch.Tensor,
+    kw: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+) -> None:
+    """In place on contiguous fp32 ``qkv`` (.., (H + 2 KV) D) (q, k, v of each row): q and k
+    through their RMS norms (weights ``qw``, ``kw`` of the projection's or one head's length;
+    empty: no norm), then rotate-half RoPE (``cos``/``sin``: one D row per qkv row), with the
+    values of ``rms_norm`` and PyTorch's ``x * cos + rotated * sin`` bit for bit, and none of
+    their temporaries (a prompt's pass)."""
+    _op("qk_norm_rope")(qkv, qw, kw, eps, cos, sin, heads, kv_heads)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

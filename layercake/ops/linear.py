@@ -92,9 +92,23 @@ class BF16:
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # with AMX, ``bf16_linear`` multiplies many rows on the tiles, faster than MKL's fp32
-        if self.widen and x.is_cpu and x.numel() >= WIDEN_ROWS * x.shape[-1] and not kernels.amx():
+        if x.is_cpu and self.widens(x.numel() // x.shape[-1]):
             return _widened(x, self.data, bias)
         return kernels.bf16_linear(x, self.data, bias)
+
+    def widens(self, rows: int) -> bool:
+        """Whether ``linear`` of ``rows`` CPU rows widens the weight for MKL (many rows where
+        AMX is absent)."""
+        return self.widen and rows >= WIDEN_ROWS and not kernels.amx()
+
+    def linear_into(self, x: torch.Tensor, out: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> bool:  # fmt: skip
+        """``linear(x)`` written into ``out`` (.., N; unit column stride), the same values, where
+        it multiplies on our kernels; False (nothing written) where it would widen."""
+        if x.is_cpu and self.widens(x.numel() // x.shape[-1]):
+            return False
+        kernels.bf16_linear(x, self.data, bias, out=out)
+        return True
 
 
 def bf16_kernel() -> str:
