@@ -33,6 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from generation import model_path, prompts  # noqa: E402
+from offload import raised  # noqa: E402
 
 ROOT = HERE.parent
 LOCK = "/tmp/layercake-bench.lock"
@@ -220,21 +221,11 @@ def _peak(stderr: str) -> int | None:
     return None
 
 
-# Linux's autogroups give every session an equal share of a core whatever its processes' nice
-# values, so other sessions' niced work would take half of a host's core: each host's command
-# runs in a session of its own (start_new_session) with its autogroup raised (bench lock held).
-FIRST = """import os, sys
-try:
-    with open("/proc/self/autogroup", "w") as f:
-        f.write("-20")
-except OSError:
-    pass
-os.execvp(sys.argv[1], sys.argv[1:])"""
-
-
 def _host(a: argparse.Namespace, i: int, cmd: list[str]) -> list[str]:
+    """Host ``i``'s command, in a session of its own (start_new_session) with its autogroup
+    raised (``offload.raised``: other sessions' niced work would take half of a host's core)."""
     return [hostsim(), "run", str(i), "--mem", a.mem, "--disk-rate", a.disk_rate,
-            "--drop-caches", "--", sys.executable, "-c", FIRST, *cmd]  # fmt: skip
+            "--drop-caches", "--", *raised(cmd)]  # fmt: skip
 
 
 def _main_cmd(a: argparse.Namespace, *extra: str) -> list[str]:
