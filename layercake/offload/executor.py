@@ -38,6 +38,7 @@ from layercake.offload.placement import Placement
 from layercake.offload.policy import STAGING_SLOTS, Policy
 from layercake.offload.schedule import zigzag
 from layercake.offload.store import plan_units
+from layercake.offload.tiers import trim_heap
 from layercake.ops import linear as ops
 from layercake.ops.kernels import bf16_linear
 from layercake.options import Options
@@ -355,14 +356,6 @@ def _mapped_allocations(on: bool) -> Iterator[None]:
         yield
     finally:
         libc.mallopt(-3, HEAP_MMAP_THRESHOLD)
-
-
-def trim_heap() -> None:
-    """Give the free pages of glibc's heap back to the system (``malloc_trim``), so that the
-    process's resident bytes measured next are what it holds."""
-    libc = glibc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
 
 
 def glibc() -> Any:

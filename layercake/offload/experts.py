@@ -46,7 +46,7 @@ from layercake.models.moe import RowsBuffer, grouped
 from layercake.offload.policy import split_bytes
 from layercake.offload.routing import probs_from_counts
 from layercake.offload.store import Unit, disk_range
-from layercake.offload.tiers import _libc, align_up, host_buffer, let_go
+from layercake.offload.tiers import align_up, host_buffer, let_go, trim_heap
 
 REBALANCE_EVERY = 4  # passes between moves of hot experts into RAM
 # a cold expert of the next layer is read before its router ran when the pass's rows choose it
@@ -225,7 +225,7 @@ class ExpertUnits:
                 for e in held[: self.grown.get(i, 0)]:
                     self.to_disk(self.unit[i, e])
             self.swaps.clear()  # their experts to replace may have gone
-            give_back_heap()
+            trim_heap()
         self.grow.clear()
         self.grown.clear()
 
@@ -295,7 +295,7 @@ class ExpertUnits:
             self.grown[layer] = self.grown.get(layer, 0) + 1
         else:
             self.to_disk(out)
-            give_back_heap()
+            trim_heap()
         self.moved += 1
         return True
 
@@ -376,12 +376,3 @@ class _Bound:
         if self.held is not None:
             self.xu.loader.free(self.held)
             self.held = None
-
-
-def give_back_heap() -> None:
-    """Return the C heap's free pages to the OS (glibc's ``malloc_trim``): the rows of an
-    expert moved to disk were allocated at load, often from the heap (glibc's mmap threshold
-    rises with the sizes freed), and a freed block amid the heap is otherwise kept: each move
-    would add its expert's bytes to the process for good."""
-    if _libc is not None and hasattr(_libc, "malloc_trim"):
-        _libc.malloc_trim(0)

@@ -147,13 +147,17 @@ def file_tensor(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch
 _LOCKED: set[tuple[int, int]] = set()  # (start, end) of the views ``keep_in_ram`` locked
 
 
+def _pages(t: torch.Tensor) -> tuple[int, int]:
+    """The address of the page ``t``'s bytes start in, and the address just past them."""
+    return t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE, t.data_ptr() + t.nbytes
+
+
 def keep_in_ram(t: torch.Tensor) -> torch.Tensor:
     """``t`` held in RAM until ``let_go``. A view of a file's map is locked there (``mlock``):
     under a memory cap the kernel would otherwise drop those clean pages first and fault them
     back in on every step. Where locking is not allowed (``RLIMIT_MEMLOCK``), a private copy."""
     if _libc is not None and t.numel():
-        start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
-        end = t.data_ptr() + t.numel() * t.element_size()
+        start, end = _pages(t)
         if _libc.mlock(ctypes.c_void_p(start), ctypes.c_size_t(end - start)) == 0:
             _LOCKED.add((t.data_ptr(), end))
             return t
@@ -170,23 +174,30 @@ def let_go(t: torch.Tensor | None) -> None:
     pages it shares with a neighbouring tensor (its first and last, partly) stay."""
     if t is None or _libc is None or not t.numel():
         return
-    lo, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    start, end = _pages(t)
+    lo = t.data_ptr()
     if (lo, end) not in _LOCKED:
         return
     _LOCKED.discard((lo, end))
-    start = lo // mmap.PAGESIZE * mmap.PAGESIZE
     _libc.munlock(ctypes.c_void_p(start), ctypes.c_size_t(end - start))
     inner, stop = align_up(lo, mmap.PAGESIZE), end // mmap.PAGESIZE * mmap.PAGESIZE
     if stop > inner:
         _libc.madvise(ctypes.c_void_p(inner), ctypes.c_size_t(stop - inner), 4)  # DONTNEED
 
 
+def trim_heap() -> None:
+    """Give the free pages of glibc's heap back to the system (``malloc_trim``): a freed block
+    amid the heap is otherwise kept (the rows of an expert moved to disk, allocated at load; a
+    prompt's pass's buffers), and the process's resident bytes measured next are what it holds."""
+    if _libc is not None and hasattr(_libc, "malloc_trim"):
+        _libc.malloc_trim(0)
+
+
 def advise_willneed(t: torch.Tensor) -> None:
     """Ask the kernel to start reading a file-backed tensor's pages in the background."""
     if _libc is None or t.numel() == 0:
         return
-    start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
-    end = t.data_ptr() + t.numel() * t.element_size()
+    start, end = _pages(t)
     _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 3)  # MADV_WILLNEED
 
 
