@@ -228,6 +228,7 @@ def loader_pass(files: list[Path]) -> tuple[float, int | None]:
     import re
 
     from layercake.offload.loader import Loader
+    from layercake.offload.measure import drop_page_cache
     from layercake.offload.policy import expert_slots
     from layercake.offload.tiers import ALIGN, DirectReader, host_buffer
 
@@ -238,8 +239,7 @@ def loader_pass(files: list[Path]) -> tuple[float, int | None]:
     readers = {j: DirectReader(f) for j, f in enumerate(files)}
     ranges = {j: (0, f.stat().st_size) for j, f in enumerate(files)}
     size = max(n for _, n in ranges.values())
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("1")
+    drop_page_cache()
     # the ring allocated after the drop, as the engine's is after memlimit's: its pages then
     # come from the memory the drop freed (physically contiguous runs; see the docstring)
     loader = Loader(readers, ranges, [host_buffer(size + ALIGN) for _ in range(expert_slots(size))])

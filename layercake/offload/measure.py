@@ -40,6 +40,12 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
     return best
 
 
+def drop_page_cache() -> None:
+    """Write dirty pages out and empty the page cache (root): the next reads are cold."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("1")
+
+
 def direct_read_gbps(files: list[Path], passes: int = 2, drop_caches: bool = False) -> float:
     """GB/s reading ``files`` whole with the executor's direct reader and number of concurrent
     reads (the rate the loader gets); the faster of ``passes`` passes. ``drop_caches`` (root)
@@ -50,8 +56,7 @@ def direct_read_gbps(files: list[Path], passes: int = 2, drop_caches: bool = Fal
     best = 0.0
     for _ in range(passes):
         if drop_caches:
-            os.sync()
-            Path("/proc/sys/vm/drop_caches").write_text("1")
+            drop_page_cache()
         t0, n = time.perf_counter(), 0
         for f in files:
             r = DirectReader(f)
