@@ -101,22 +101,16 @@ def mappings(pid: int, least: int = 2**20) -> list[list]:
     return sorted(out, key=lambda m: -m[2])
 
 
-def cgroup_stat(cg: Path) -> dict[str, int]:
-    keep = ("cache", "rss", "mapped_file", "unevictable", "total_inactive_file",
-            "total_active_file")  # fmt: skip
+KEEP = ("cache", "rss", "mapped_file", "unevictable", "total_inactive_file", "total_active_file")
+
+
+def cgroup_stat(cg: Path, keep: tuple[str, ...] = KEEP) -> dict[str, int]:
+    """The cgroup's ``memory.stat`` fields in ``keep`` and its usage (bytes; events: counts)."""
     stat = {}
     for line in (cg / "memory.stat").read_text().splitlines():
         k, v = line.split()
         if k in keep:
             stat[k] = int(v)
-    stat["usage"] = int((cg / "memory.usage_in_bytes").read_text())
-    return stat
-
-
-def stat_all(cg: Path) -> dict[str, int]:
-    """The cgroup's ``memory.stat`` fields of ``STAT`` and its usage (bytes; events: counts)."""
-    stat = {k: int(v) for k, v in (ln.split() for ln in (cg / "memory.stat").read_text()
-                                    .splitlines()) if k in STAT}  # fmt: skip
     stat["usage"] = int((cg / "memory.usage_in_bytes").read_text())
     return stat
 
@@ -131,7 +125,7 @@ def sample(proc: subprocess.Popen, every: float, found: dict) -> None:
             s = {"t": round(time.perf_counter() - found["t0"], 1), **cgroup_stat(cg)}
             s["smaps"] = smaps_groups(worker)
             if found["series"] is not None:  # every sample: cgroup's stat, the worker's rollup
-                found["series"].append({"unix": round(time.time(), 2), **stat_all(cg),
+                found["series"].append({"unix": round(time.time(), 2), **cgroup_stat(cg, STAT),
                                         **rollup(worker), "smaps": s["smaps"]})  # fmt: skip
                 if len(found["series"]) % 10 == 1:  # and about once a second, by mapping
                     found["series"][-1]["mappings"] = mappings(worker)
